@@ -1,0 +1,1 @@
+"""The credit ledger: the source of truth for credits, holds, usage and access state."""

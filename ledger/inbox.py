@@ -1,0 +1,220 @@
+"""The inbox: every raw Stripe event we were sent or fetched, stored verbatim and once.
+
+Store first, process second. The unique event id makes a redelivery a no-op at the database, and the event's
+status is changed in the same transaction as its ledger effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from ledger.db import Base, BigId
+from ledger.models import _enum
+
+
+class EventStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSED = "processed"
+    FAILED = "failed"
+    IGNORED = "ignored"
+    # A prerequisite (the payment a refund refers to, say) has not been processed yet.
+    WAITING = "waiting"
+
+
+class EventSource(StrEnum):
+    WEBHOOK = "webhook"
+    BACKFILL = "backfill"
+
+
+class StripeEvent(Base):
+    """One Stripe event, as received: the raw body and what we did with it."""
+
+    __tablename__ = "stripe_events"
+    __table_args__ = (
+        Index("ix_stripe_events_status_received_at", "status", "received_at"),
+        Index("ix_stripe_events_object_id", "object_id"),
+        Index("ix_stripe_events_customer_id", "customer_id"),
+        Index("ix_stripe_events_created", "created"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    type: Mapped[str] = mapped_column(String(128))
+    api_version: Mapped[str | None] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    livemode: Mapped[bool] = mapped_column(Boolean, default=False)
+    connected_account: Mapped[str | None] = mapped_column(String(255))
+    # "event" (snapshot) or "v2.core.event" (thin).
+    object_kind: Mapped[str] = mapped_column(String(32), default="event")
+    object_id: Mapped[str | None] = mapped_column(String(255))
+    customer_id: Mapped[str | None] = mapped_column(String(255))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    source: Mapped[EventSource] = mapped_column(_enum(EventSource, "event_source"), default=EventSource.WEBHOOK)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    status: Mapped[EventStatus] = mapped_column(
+        _enum(EventStatus, "event_status"), default=EventStatus.PENDING, server_default=EventStatus.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Why an event was ignored or what it waits for.
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Bumped by every attempt, so concurrent processors of one event can be told apart.
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class NotAStripeEvent(ValueError):
+    """The JSON body does not have the shape of a Stripe event."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventEnvelope:
+    """What we index of an event, read from its JSON without trusting anything else in it."""
+
+    event_id: str
+    type: str
+    api_version: str | None
+    created: datetime
+    livemode: bool
+    connected_account: str | None
+    object_kind: str
+    object_id: str | None
+    customer_id: str | None
+
+
+def _created(value: object) -> datetime:
+    if isinstance(value, bool):
+        raise NotAStripeEvent("created must be a timestamp")
+    if isinstance(value, int):
+        return datetime.fromtimestamp(value, tz=UTC)
+    if isinstance(value, str):  # thin (v2) events carry an ISO 8601 string
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise NotAStripeEvent("created is not an ISO 8601 time") from exc
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise NotAStripeEvent("created is missing")
+
+
+def parse_envelope(event: object) -> EventEnvelope:
+    """Read the envelope of a decoded Stripe event (snapshot or thin); raise NotAStripeEvent if it is none."""
+    if not isinstance(event, Mapping):
+        raise NotAStripeEvent("body is not a JSON object")
+    kind = event.get("object")
+    event_id = event.get("id")
+    event_type = event.get("type")
+    if kind not in ("event", "v2.core.event"):
+        raise NotAStripeEvent("object is not 'event' or 'v2.core.event'")
+    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 255:
+        raise NotAStripeEvent("id is not a Stripe event id")
+    if not isinstance(event_type, str) or not event_type or len(event_type) > 128:
+        raise NotAStripeEvent("type is missing")
+    object_id: str | None = None
+    customer_id: str | None = None
+    if kind == "event":
+        data = event.get("data")
+        obj = data.get("object") if isinstance(data, Mapping) else None
+        if not isinstance(obj, Mapping):
+            raise NotAStripeEvent("data.object is missing")
+        object_id = _str_or_none(obj.get("id"))
+        customer = obj.get("customer")
+        customer_id = _str_or_none(customer.get("id") if isinstance(customer, Mapping) else customer)
+        if obj.get("object") == "customer":
+            customer_id = object_id
+    else:
+        related = event.get("related_object")
+        if isinstance(related, Mapping):
+            object_id = _str_or_none(related.get("id"))
+    api_version = event.get("api_version")
+    account = event.get("account") or event.get("context")
+    return EventEnvelope(
+        event_id=event_id,
+        type=event_type,
+        api_version=api_version if isinstance(api_version, str) else None,
+        created=_created(event.get("created")),
+        livemode=bool(event.get("livemode", False)),
+        connected_account=account if isinstance(account, str) else None,
+        object_kind=str(kind),
+        object_id=object_id,
+        customer_id=customer_id,
+    )
+
+
+def _str_or_none(value: object) -> str | None:
+    return value[:255] if isinstance(value, str) else None
+
+
+def _insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(StripeEvent)
+
+
+def _row(raw: bytes, envelope: EventEnvelope, source: EventSource) -> dict[str, Any]:
+    return {
+        "event_id": envelope.event_id,
+        "type": envelope.type,
+        "api_version": envelope.api_version,
+        "created": envelope.created,
+        "livemode": envelope.livemode,
+        "connected_account": envelope.connected_account,
+        "object_kind": envelope.object_kind,
+        "object_id": envelope.object_id,
+        "customer_id": envelope.customer_id,
+        "payload": raw,
+        "source": source,
+        "status": EventStatus.PENDING,
+        "received_at": datetime.now(UTC),
+    }
+
+
+def store_event(
+    session: Session, raw: bytes, envelope: EventEnvelope, *, source: EventSource = EventSource.WEBHOOK
+) -> int | None:
+    """Store a raw event once; return its row id, or None when it was stored before (a redelivery)."""
+    stmt = (
+        _insert(session)
+        .values(_row(raw, envelope, source))
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(StripeEvent.id)
+    )
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def store_events(
+    session: Session, items: Sequence[tuple[bytes, EventEnvelope]], *, source: EventSource = EventSource.WEBHOOK
+) -> dict[str, int]:
+    """Store many raw events in one statement; return ``{event_id: row id}`` for those that were new."""
+    if not items:
+        return {}
+    stmt = (
+        _insert(session)
+        .values([_row(raw, env, source) for raw, env in items])
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(StripeEvent.event_id, StripeEvent.id)
+    )
+    return {event_id: row_id for event_id, row_id in session.execute(stmt).all()}
+
+
+def get_event(session: Session, event_id: str) -> StripeEvent | None:
+    """The stored event with this Stripe id (evt_...), if any."""
+    return session.scalars(select(StripeEvent).where(StripeEvent.event_id == event_id)).one_or_none()

@@ -1,0 +1,232 @@
+"""ledger and inbox
+
+Revision ID: 0001
+Revises: 
+Create Date: 2026-11-23 04:00:48.147468
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+
+revision = '0001'
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    
+    op.create_table('accounts',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('customer_id', sa.String(length=255), nullable=False),
+    sa.Column('external_id', sa.String(length=255), nullable=True),
+    sa.Column('balance', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('held', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('debt', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('overdraft_limit', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('access_state', sa.Enum('active', 'trialing', 'past_due', 'suspended', 'canceled', name='access_state', native_enum=False, length=32), server_default='active', nullable=False),
+    sa.Column('grace_until', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('access_as_of', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('access_source', sa.String(length=255), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.CheckConstraint('debt >= 0', name=op.f('ck_accounts_debt_not_negative')),
+    sa.CheckConstraint('held >= 0', name=op.f('ck_accounts_held_not_negative')),
+    sa.CheckConstraint('overdraft_limit >= 0', name=op.f('ck_accounts_overdraft_not_negative')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_accounts')),
+    sa.UniqueConstraint('customer_id', name=op.f('uq_accounts_customer_id'))
+    )
+    with op.batch_alter_table('accounts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_accounts_external_id'), ['external_id'], unique=False)
+
+    op.create_table('stripe_events',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('event_id', sa.String(length=255), nullable=False),
+    sa.Column('type', sa.String(length=128), nullable=False),
+    sa.Column('api_version', sa.String(length=64), nullable=True),
+    sa.Column('created', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('livemode', sa.Boolean(), nullable=False),
+    sa.Column('connected_account', sa.String(length=255), nullable=True),
+    sa.Column('object_kind', sa.String(length=32), nullable=False),
+    sa.Column('object_id', sa.String(length=255), nullable=True),
+    sa.Column('customer_id', sa.String(length=255), nullable=True),
+    sa.Column('payload', sa.LargeBinary(), nullable=False),
+    sa.Column('source', sa.Enum('webhook', 'backfill', name='event_source', native_enum=False, length=32), nullable=False),
+    sa.Column('received_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.Column('status', sa.Enum('pending', 'processed', 'failed', 'ignored', 'waiting', name='event_status', native_enum=False, length=32), server_default='pending', nullable=False),
+    sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('last_error', sa.Text(), nullable=True),
+    sa.Column('status_reason', sa.Text(), nullable=True),
+    sa.Column('next_attempt_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('processed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('version', sa.BigInteger(), server_default='0', nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_stripe_events')),
+    sa.UniqueConstraint('event_id', name=op.f('uq_stripe_events_event_id'))
+    )
+    with op.batch_alter_table('stripe_events', schema=None) as batch_op:
+        batch_op.create_index('ix_stripe_events_created', ['created'], unique=False)
+        batch_op.create_index('ix_stripe_events_customer_id', ['customer_id'], unique=False)
+        batch_op.create_index('ix_stripe_events_object_id', ['object_id'], unique=False)
+        batch_op.create_index('ix_stripe_events_status_received_at', ['status', 'received_at'], unique=False)
+
+    op.create_table('grants',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('source', sa.Enum('top_up', 'renewal', 'promotion', 'adjustment', name='grant_source', native_enum=False, length=32), nullable=False),
+    sa.Column('units', sa.BigInteger(), nullable=False),
+    sa.Column('remaining', sa.BigInteger(), nullable=False),
+    sa.Column('frozen', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('priority', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('expired_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('stripe_object_id', sa.String(length=255), nullable=True),
+    sa.Column('stripe_object_type', sa.String(length=64), nullable=True),
+    sa.Column('amount_minor', sa.BigInteger(), nullable=True),
+    sa.Column('currency', sa.String(length=3), nullable=True),
+    sa.Column('clawed_back', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('refunded_minor', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('idempotency_key', sa.String(length=255), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('actor', sa.String(length=255), nullable=False),
+    sa.Column('period_start', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('period_end', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.CheckConstraint('frozen >= 0', name=op.f('ck_grants_frozen_not_negative')),
+    sa.CheckConstraint('remaining >= 0', name=op.f('ck_grants_remaining_not_negative')),
+    sa.CheckConstraint('units > 0', name=op.f('ck_grants_units_positive')),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_grants_account_id_accounts')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_grants')),
+    sa.UniqueConstraint('idempotency_key', name=op.f('uq_grants_idempotency_key'))
+    )
+    with op.batch_alter_table('grants', schema=None) as batch_op:
+        batch_op.create_index('ix_grants_drawdown', ['account_id', 'priority', 'expires_at', 'id'], unique=False)
+        batch_op.create_index('ix_grants_stripe_object', ['stripe_object_id'], unique=False)
+
+    op.create_table('usage_records',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('request_id', sa.String(length=255), nullable=False),
+    sa.Column('user_id', sa.String(length=255), nullable=True),
+    sa.Column('workspace', sa.String(length=255), nullable=True),
+    sa.Column('feature', sa.String(length=255), nullable=True),
+    sa.Column('provider', sa.String(length=64), nullable=True),
+    sa.Column('model', sa.String(length=255), nullable=True),
+    sa.Column('operation', sa.String(length=64), nullable=True),
+    sa.Column('input_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('output_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('cached_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('provider_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('units', sa.BigInteger(), nullable=False),
+    sa.Column('billable', sa.Boolean(), nullable=False),
+    sa.Column('environment', sa.Enum('production', 'test', 'internal', name='usage_environment', native_enum=False, length=32), nullable=False),
+    sa.Column('occurred_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_usage_records_account_id_accounts')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_usage_records')),
+    sa.UniqueConstraint('request_id', name=op.f('uq_usage_records_request_id'))
+    )
+    with op.batch_alter_table('usage_records', schema=None) as batch_op:
+        batch_op.create_index('ix_usage_account_occurred', ['account_id', 'occurred_at'], unique=False)
+        batch_op.create_index('ix_usage_provider_model_occurred', ['provider', 'model', 'occurred_at'], unique=False)
+
+    op.create_table('holds',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('request_id', sa.String(length=255), nullable=False),
+    sa.Column('units', sa.BigInteger(), nullable=False),
+    sa.Column('captured_units', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('status', sa.Enum('open', 'captured', 'released', 'expired', name='hold_status', native_enum=False, length=32), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('usage_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.Column('settled_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint('units >= 0', name=op.f('ck_holds_units_not_negative')),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_holds_account_id_accounts')),
+    sa.ForeignKeyConstraint(['usage_id'], ['usage_records.id'], name=op.f('fk_holds_usage_id_usage_records')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_holds')),
+    sa.UniqueConstraint('request_id', name=op.f('uq_holds_request_id'))
+    )
+    with op.batch_alter_table('holds', schema=None) as batch_op:
+        batch_op.create_index('ix_holds_status_expires_at', ['status', 'expires_at'], unique=False)
+
+    op.create_table('entries',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('kind', sa.Enum('grant', 'consume', 'hold', 'capture', 'release', 'expire', 'clawback', 'adjustment', 'freeze', 'unfreeze', 'debt_settlement', name='entry_kind', native_enum=False, length=32), nullable=False),
+    sa.Column('units', sa.BigInteger(), nullable=False),
+    sa.Column('balance_after', sa.BigInteger(), nullable=False),
+    sa.Column('debt_delta', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('idempotency_key', sa.String(length=255), nullable=False),
+    sa.Column('request_hash', sa.String(length=64), nullable=True),
+    sa.Column('grant_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('hold_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('usage_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('stripe_object_id', sa.String(length=255), nullable=True),
+    sa.Column('actor', sa.String(length=255), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_entries_account_id_accounts')),
+    sa.ForeignKeyConstraint(['grant_id'], ['grants.id'], name=op.f('fk_entries_grant_id_grants')),
+    sa.ForeignKeyConstraint(['hold_id'], ['holds.id'], name=op.f('fk_entries_hold_id_holds')),
+    sa.ForeignKeyConstraint(['usage_id'], ['usage_records.id'], name=op.f('fk_entries_usage_id_usage_records')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_entries')),
+    sa.UniqueConstraint('idempotency_key', name=op.f('uq_entries_idempotency_key'))
+    )
+    with op.batch_alter_table('entries', schema=None) as batch_op:
+        batch_op.create_index('ix_entries_account_id_id', ['account_id', 'id'], unique=False)
+
+    op.create_table('allocations',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('entry_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('grant_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('units', sa.BigInteger(), nullable=False),
+    sa.ForeignKeyConstraint(['entry_id'], ['entries.id'], name=op.f('fk_allocations_entry_id_entries')),
+    sa.ForeignKeyConstraint(['grant_id'], ['grants.id'], name=op.f('fk_allocations_grant_id_grants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_allocations'))
+    )
+    with op.batch_alter_table('allocations', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_allocations_entry_id'), ['entry_id'], unique=False)
+        batch_op.create_index('ix_allocations_grant_id', ['grant_id'], unique=False)
+
+    
+
+
+def downgrade() -> None:
+    
+    with op.batch_alter_table('allocations', schema=None) as batch_op:
+        batch_op.drop_index('ix_allocations_grant_id')
+        batch_op.drop_index(batch_op.f('ix_allocations_entry_id'))
+
+    op.drop_table('allocations')
+    with op.batch_alter_table('entries', schema=None) as batch_op:
+        batch_op.drop_index('ix_entries_account_id_id')
+
+    op.drop_table('entries')
+    with op.batch_alter_table('holds', schema=None) as batch_op:
+        batch_op.drop_index('ix_holds_status_expires_at')
+
+    op.drop_table('holds')
+    with op.batch_alter_table('usage_records', schema=None) as batch_op:
+        batch_op.drop_index('ix_usage_provider_model_occurred')
+        batch_op.drop_index('ix_usage_account_occurred')
+
+    op.drop_table('usage_records')
+    with op.batch_alter_table('grants', schema=None) as batch_op:
+        batch_op.drop_index('ix_grants_stripe_object')
+        batch_op.drop_index('ix_grants_drawdown')
+
+    op.drop_table('grants')
+    with op.batch_alter_table('stripe_events', schema=None) as batch_op:
+        batch_op.drop_index('ix_stripe_events_status_received_at')
+        batch_op.drop_index('ix_stripe_events_object_id')
+        batch_op.drop_index('ix_stripe_events_customer_id')
+        batch_op.drop_index('ix_stripe_events_created')
+
+    op.drop_table('stripe_events')
+    with op.batch_alter_table('accounts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_accounts_external_id'))
+
+    op.drop_table('accounts')
+    

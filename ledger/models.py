@@ -1,0 +1,244 @@
+"""The credit ledger's tables.
+
+Invariants, kept in the same transaction as every movement and proved by :mod:`ledger.check`:
+
+* ``account.balance == sum(entry.units)`` over the account's entries (entries are append-only);
+* ``account.balance == sum(grant.remaining) - account.debt`` over the account's grants, where units on hold are
+  already drawn from their grants (a hold is a movement, a release gives them back);
+* ``grant.remaining >= 0`` and ``grant.frozen >= 0`` and ``account.debt >= 0``;
+* ``account.held == sum(hold.units - hold.captured_units)`` over the account's open holds.
+
+``balance`` is the spendable balance: what consumption may take, plus ``overdraft_limit``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ledger.db import Base, BigId
+
+# Money from providers is USD with sub-cent precision (per-token prices); never a float.
+UsdAmount = Numeric(20, 10)
+
+
+def _enum(cls: type[StrEnum], name: str) -> Enum:
+    # Stored by value, as a plain string column with a CHECK, so SQLite and PostgreSQL agree.
+    return Enum(cls, name=name, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+
+
+class AccessState(StrEnum):
+    ACTIVE = "active"
+    TRIALING = "trialing"
+    PAST_DUE = "past_due"
+    SUSPENDED = "suspended"
+    CANCELED = "canceled"
+
+
+class GrantSource(StrEnum):
+    TOP_UP = "top_up"
+    RENEWAL = "renewal"
+    PROMOTION = "promotion"
+    ADJUSTMENT = "adjustment"
+
+
+class EntryKind(StrEnum):
+    GRANT = "grant"
+    CONSUME = "consume"
+    HOLD = "hold"
+    CAPTURE = "capture"
+    RELEASE = "release"
+    EXPIRE = "expire"
+    CLAWBACK = "clawback"
+    ADJUSTMENT = "adjustment"
+    FREEZE = "freeze"
+    UNFREEZE = "unfreeze"
+    DEBT_SETTLEMENT = "debt_settlement"
+
+
+class HoldStatus(StrEnum):
+    OPEN = "open"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+class UsageEnvironment(StrEnum):
+    PRODUCTION = "production"
+    TEST = "test"
+    INTERNAL = "internal"
+
+
+class Account(Base):
+    """A customer's credit account, keyed by Stripe customer id."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("debt >= 0", name="debt_not_negative"),
+        CheckConstraint("held >= 0", name="held_not_negative"),
+        CheckConstraint("overdraft_limit >= 0", name="overdraft_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(255), unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    held: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    debt: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    overdraft_limit: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    access_state: Mapped[AccessState] = mapped_column(
+        _enum(AccessState, "access_state"), default=AccessState.ACTIVE, server_default=AccessState.ACTIVE.value
+    )
+    grace_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The Stripe time of the newest state change applied, so older events never overwrite newer state.
+    access_as_of: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    access_source: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class Grant(Base):
+    """Credits added to an account, drawn down by consumption in priority, expiry, age order."""
+
+    __tablename__ = "grants"
+    __table_args__ = (
+        CheckConstraint("units > 0", name="units_positive"),
+        CheckConstraint("remaining >= 0", name="remaining_not_negative"),
+        CheckConstraint("frozen >= 0", name="frozen_not_negative"),
+        # The consumption order: priority, then earliest expiry (NULL last), then oldest.
+        Index("ix_grants_drawdown", "account_id", "priority", "expires_at", "id"),
+        Index("ix_grants_stripe_object", "stripe_object_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    source: Mapped[GrantSource] = mapped_column(_enum(GrantSource, "grant_source"))
+    units: Mapped[int] = mapped_column(BigInteger)
+    remaining: Mapped[int] = mapped_column(BigInteger)
+    # Units set aside while a dispute is open: neither spendable nor yet clawed back.
+    frozen: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What paid for it: a payment intent, charge, invoice or checkout session id, and the money.
+    stripe_object_id: Mapped[str | None] = mapped_column(String(255))
+    stripe_object_type: Mapped[str | None] = mapped_column(String(64))
+    amount_minor: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    # Units refunded or lost to disputes so far, so repeated refund events claw back only what is new.
+    clawed_back: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(255), default="system")
+    period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    period_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Entry(Base):
+    """One movement of credits: append-only, never updated, never deleted."""
+
+    __tablename__ = "entries"
+    __table_args__ = (Index("ix_entries_account_id_id", "account_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    kind: Mapped[EntryKind] = mapped_column(_enum(EntryKind, "entry_kind"))
+    units: Mapped[int] = mapped_column(BigInteger)
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    # Change to the account's recorded debt (positive: debt recorded; negative: settled).
+    debt_delta: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    # A digest of the request's parameters: the same key with other parameters is refused.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    grant_id: Mapped[int | None] = mapped_column(ForeignKey("grants.id"))
+    hold_id: Mapped[int | None] = mapped_column(ForeignKey("holds.id"))
+    usage_id: Mapped[int | None] = mapped_column(ForeignKey("usage_records.id"))
+    stripe_object_id: Mapped[str | None] = mapped_column(String(255))
+    actor: Mapped[str] = mapped_column(String(255), default="system")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Allocation(Base):
+    """Which grant funded (or received back) how many units of an entry."""
+
+    __tablename__ = "allocations"
+    __table_args__ = (Index("ix_allocations_grant_id", "grant_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"), index=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"))
+    # Signed like the entry: negative when drawn from the grant, positive when returned to it.
+    units: Mapped[int] = mapped_column(BigInteger)
+
+
+class Hold(Base):
+    """Units reserved for an AI call that may time out, captured or released later."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint("units >= 0", name="units_not_negative"),
+        Index("ix_holds_status_expires_at", "status", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    request_id: Mapped[str] = mapped_column(String(255), unique=True)
+    units: Mapped[int] = mapped_column(BigInteger)
+    captured_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    status: Mapped[HoldStatus] = mapped_column(_enum(HoldStatus, "hold_status"), default=HoldStatus.OPEN)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    usage_id: Mapped[int | None] = mapped_column(ForeignKey("usage_records.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UsageRecord(Base):
+    """What an AI call did and cost, attributed for reporting, margin and provider reconciliation."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_account_occurred", "account_id", "occurred_at"),
+        Index("ix_usage_provider_model_occurred", "provider", "model", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    request_id: Mapped[str] = mapped_column(String(255), unique=True)
+    user_id: Mapped[str | None] = mapped_column(String(255))
+    workspace: Mapped[str | None] = mapped_column(String(255))
+    feature: Mapped[str | None] = mapped_column(String(255))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(255))
+    operation: Mapped[str | None] = mapped_column(String(64))
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    provider_cost_usd: Mapped[Decimal] = mapped_column(UsdAmount, default=Decimal(0))
+    units: Mapped[int] = mapped_column(BigInteger, default=0)
+    billable: Mapped[bool] = mapped_column(Boolean, default=True)
+    environment: Mapped[UsageEnvironment] = mapped_column(
+        _enum(UsageEnvironment, "usage_environment"), default=UsageEnvironment.PRODUCTION
+    )
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

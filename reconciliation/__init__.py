@@ -1,0 +1,1 @@
+"""Nightly reconciliation of the ledger against Stripe and AI provider cost reports."""

@@ -1,0 +1,1 @@
+"""HTTP edge: the Stripe webhook receiver, the usage API and the review pages."""

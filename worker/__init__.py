@@ -1,0 +1,1 @@
+"""Celery app and tasks that turn stored Stripe events into ledger effects."""

@@ -1,0 +1,48 @@
+"""The ``billing-reconciler`` command: one Typer app, each package registering its own commands."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from pydantic import ValidationError
+
+from ledger.config import ConfigError, get_billing_config
+from ledger.settings import get_settings
+
+app = typer.Typer(
+    name="billing-reconciler",
+    help="A Stripe-synchronized credit ledger and billing reconciler for AI products.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _startup() -> None:
+    """Read and validate settings and the billing config once, before any command runs."""
+    try:
+        get_settings()
+        get_billing_config()
+    except (ConfigError, ValidationError) as exc:
+        typer.echo(f"error: configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _register_all() -> None:
+    from ledger import cli as ledger_cli
+    from reconciliation import cli as reconciliation_cli
+    from webhooks import cli as webhooks_cli
+    from worker import commands as worker_commands
+
+    for module in (ledger_cli, webhooks_cli, worker_commands, reconciliation_cli):
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
