@@ -1,0 +1,1 @@
+"""Review pages: mismatches, reconciliation runs and customers, for finance and support staff."""
