@@ -8,6 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from ledger.config import ConfigError, get_billing_config
+from ledger.logs import configure_logging
 from ledger.settings import get_settings
 
 app = typer.Typer(
@@ -23,11 +24,12 @@ app = typer.Typer(
 def _startup() -> None:
     """Read and validate settings and the billing config once, before any command runs."""
     try:
-        get_settings()
+        settings = get_settings()
         get_billing_config()
     except (ConfigError, ValidationError) as exc:
         typer.echo(f"error: configuration: {exc}", err=True)
         raise typer.Exit(2) from exc
+    configure_logging(settings.log_level, json=settings.log_json)
 
 
 def _register_all() -> None:

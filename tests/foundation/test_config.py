@@ -94,3 +94,15 @@ class TestSettings:
         settings = Settings()
         assert settings.database_url.startswith("sqlite")
         assert not settings.is_postgres
+
+
+class TestLogging:
+    def test_credentials_are_redacted(self, capsys: pytest.CaptureFixture[str]) -> None:
+        from ledger.logs import configure_logging, get_logger
+
+        configure_logging("INFO", json=True)
+        get_logger("t").info("calling stripe", key="sk_live_abc123", header="Bearer tok_1", secret="whsec_zz9")
+        err = capsys.readouterr().err
+        assert "calling stripe" in err
+        assert "sk_live_abc123" not in err and "tok_1" not in err and "whsec_zz9" not in err
+        assert err.count("[redacted]") == 3
