@@ -49,6 +49,8 @@ class Settings(BaseSettings):
 
     # Review pages: signs session cookies and CSRF tokens.
     secret_key: SecretStr = SecretStr("change-me-in-production")
+    # Review users as "name:scrypt$...,name2:scrypt$..." (hash with `python -m webhooks.review hash-password`).
+    review_users: SecretStr = SecretStr("")
 
     billing_config: Path | None = None
 
