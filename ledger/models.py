@@ -207,6 +207,8 @@ class Hold(Base):
     request_id: Mapped[str] = mapped_column(String(255), unique=True)
     units: Mapped[int] = mapped_column(BigInteger)
     captured_units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Units a capture asked for beyond what the balance allowed (reported, never charged).
+    shortfall: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     status: Mapped[HoldStatus] = mapped_column(_enum(HoldStatus, "hold_status"), default=HoldStatus.OPEN)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     usage_id: Mapped[int | None] = mapped_column(ForeignKey("usage_records.id"))

@@ -137,6 +137,7 @@ def upgrade() -> None:
     sa.Column('request_id', sa.String(length=255), nullable=False),
     sa.Column('units', sa.BigInteger(), nullable=False),
     sa.Column('captured_units', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('shortfall', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('status', sa.Enum('open', 'captured', 'released', 'expired', name='hold_status', native_enum=False, length=32), nullable=False),
     sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('usage_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),

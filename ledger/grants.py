@@ -1,0 +1,176 @@
+"""Grants: credits added to an account (top-ups, renewals, promotions, adjustments), and their expiry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from ledger.accounts import ensure_account_id
+from ledger.errors import IdempotencyConflict, InvalidRequest
+from ledger.models import EntryKind, Grant, GrantSource
+from ledger.posting import (
+    ENTRIES,
+    GRANTS,
+    as_utc,
+    drawable_grants,
+    expire_lapsed,
+    insert_entry,
+    lock_account,
+    lock_account_by_id,
+    request_hash,
+    require_key,
+    require_positive,
+    save_account,
+)
+
+
+@dataclass(frozen=True)
+class GrantResult:
+    grant_id: int
+    customer_id: str
+    units: int
+    balance_after: int
+    replayed: bool
+
+
+def _aware(name: str, value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise InvalidRequest(f"{name} must be a timezone-aware datetime")
+    return as_utc(value)
+
+
+def grant_credits(
+    session: Session,
+    customer_id: str,
+    *,
+    units: int,
+    source: GrantSource,
+    idempotency_key: str,
+    reason: str = "",
+    actor: str = "system",
+    priority: int = 0,
+    expires_at: datetime | None = None,
+    stripe_object_id: str | None = None,
+    stripe_object_type: str | None = None,
+    amount_minor: int | None = None,
+    currency: str | None = None,
+    period_start: datetime | None = None,
+    period_end: datetime | None = None,
+) -> GrantResult:
+    """Add credits to a customer's account (opening it if needed); the same key returns the original grant.
+
+    Outstanding debt (from clawbacks or overdraft) is settled from the new grant first, in a DEBT_SETTLEMENT
+    entry, so ``balance == sum(remaining) - debt`` keeps holding.
+    """
+    require_positive("units", units)
+    require_key("idempotency_key", idempotency_key)
+    try:
+        source = GrantSource(source)
+    except ValueError as exc:
+        raise InvalidRequest(f"unknown grant source {source!r}") from exc
+    if not isinstance(priority, int):
+        raise InvalidRequest("priority must be an integer")
+    expires_at = _aware("expires_at", expires_at)
+    digest = request_hash(
+        customer_id=customer_id,
+        units=units,
+        source=source.value,
+        priority=priority,
+        expires_at=expires_at,
+        stripe_object_id=stripe_object_id,
+    )
+    entry_key = f"grant:{idempotency_key}"
+    ensure_account_id(session, customer_id)
+    account = lock_account(session, customer_id)
+
+    original = session.execute(
+        select(ENTRIES.c.grant_id, ENTRIES.c.units, ENTRIES.c.balance_after, ENTRIES.c.request_hash).where(
+            ENTRIES.c.idempotency_key == entry_key
+        )
+    ).one_or_none()
+    if original is not None:
+        if original.request_hash != digest:
+            raise IdempotencyConflict(f"grant key {idempotency_key!r} was used with other parameters")
+        return GrantResult(original.grant_id, customer_id, original.units, original.balance_after, replayed=True)
+
+    settle = min(units, account.debt)
+    grant_id: int = session.execute(
+        insert(GRANTS)
+        .values(
+            account_id=account.id,
+            source=source,
+            units=units,
+            remaining=units - settle,
+            priority=priority,
+            expires_at=expires_at,
+            stripe_object_id=stripe_object_id,
+            stripe_object_type=stripe_object_type,
+            amount_minor=amount_minor,
+            currency=currency.lower() if currency else None,
+            idempotency_key=idempotency_key,
+            reason=reason,
+            actor=actor,
+            period_start=_aware("period_start", period_start),
+            period_end=_aware("period_end", period_end),
+        )
+        .returning(GRANTS.c.id)
+    ).scalar_one()
+    _, balance_after = insert_entry(
+        session,
+        account,
+        kind=EntryKind.GRANT,
+        units=units,
+        key=entry_key,
+        request_hash=digest,
+        grant_id=grant_id,
+        stripe_object_id=stripe_object_id,
+        actor=actor,
+        reason=reason,
+        allocations=[(grant_id, units)],
+    )
+    if settle:
+        insert_entry(
+            session,
+            account,
+            kind=EntryKind.DEBT_SETTLEMENT,
+            units=0,
+            debt_delta=-settle,
+            key=f"settle:{idempotency_key}",
+            grant_id=grant_id,
+            actor=actor,
+            reason="outstanding debt settled from a new grant",
+            allocations=[(grant_id, -settle)],
+        )
+    save_account(session, account)
+    return GrantResult(grant_id, customer_id, units, balance_after, replayed=False)
+
+
+def find_grants_for_payment(session: Session, stripe_object_id: str) -> list[Grant]:
+    """The grants a Stripe payment (payment intent, charge, invoice or checkout session) paid for."""
+    return list(
+        session.scalars(select(Grant).where(Grant.stripe_object_id == stripe_object_id).order_by(Grant.id)).all()
+    )
+
+
+def expire_grants(session: Session, *, now: datetime) -> int:
+    """Expire every grant whose expiry has passed and that still has units; return how many grants expired."""
+    now_utc = _aware("now", now)
+    assert now_utc is not None
+    account_ids = session.execute(
+        select(GRANTS.c.account_id)
+        .where(GRANTS.c.remaining > 0, GRANTS.c.expires_at.is_not(None), GRANTS.c.expires_at <= now_utc)
+        .distinct()
+        .order_by(GRANTS.c.account_id)
+    ).scalars()
+    expired = 0
+    for account_id in list(account_ids):
+        account = lock_account_by_id(session, account_id)
+        _, lapsed = drawable_grants(session, account.id, now_utc)
+        if lapsed:
+            expire_lapsed(session, account, lapsed, now_utc)
+            save_account(session, account)
+            expired += len(lapsed)
+    return expired
