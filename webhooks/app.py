@@ -1,0 +1,111 @@
+"""The ASGI application: Stripe webhook receiver, usage API (/v1), health, metrics and the review pages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ledger.settings import get_settings
+from webhooks import health
+from webhooks.inbox_writer import InboxWriter
+from webhooks.responses import error_response
+from webhooks.review.app import create_review_app
+from webhooks.stripe_webhook import StripeWebhookEndpoint
+
+WEBHOOK_PATH = "/webhooks/stripe"
+
+
+def _webhook_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    json_error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        },
+    }
+    schema["paths"][WEBHOOK_PATH] = {
+        "post": {
+            "summary": "Receive a Stripe webhook delivery",
+            "description": "Verifies Stripe-Signature over the raw body, stores the event once, answers after commit.",
+            "operationId": "receive_stripe_webhook",
+            "tags": ["webhooks"],
+            "parameters": [
+                {"name": "Stripe-Signature", "in": "header", "required": True, "schema": {"type": "string"}}
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {
+                "200": {"description": "Stored (or already stored)"},
+                "400": {"description": "Bad signature or not a Stripe event", "content": json_error},
+                "413": {"description": "Body too large", "content": json_error},
+                "503": {"description": "Cannot store now; retry", "content": json_error},
+            },
+        }
+    }
+    return schema
+
+
+def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
+    """Build the application from settings; ``writer`` replaces the inbox writer (tests)."""
+    settings = get_settings()
+    writer = writer or InboxWriter()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await writer.aclose()
+
+    app = FastAPI(
+        title="billing-reconciler",
+        version="0.1.0",
+        summary="Stripe webhook receiver and usage API of the credit ledger",
+        lifespan=lifespan,
+    )
+    app.state.inbox_writer = writer
+    endpoint = StripeWebhookEndpoint(
+        writer,
+        secrets=[s.get_secret_value().encode() for s in settings.stripe_webhook_secrets],
+        tolerance_seconds=settings.stripe_webhook_tolerance_seconds,
+        max_body_bytes=settings.webhook_max_body_bytes,
+    )
+    # First in the route table: the hot path matches before anything else.
+    app.router.routes.insert(0, Route(WEBHOOK_PATH, endpoint, methods=["POST"], name="stripe_webhook"))
+    app.include_router(health.router)
+    app.mount("/review", create_review_app())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(422, "invalid_request", "the request is invalid", details=_jsonable(exc.errors()))
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _webhook_openapi(base_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _jsonable(errors: Any) -> Any:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(errors, custom_encoder={Exception: str})

@@ -1,0 +1,229 @@
+"""Group commit for the webhook inbox.
+
+Concurrent deliveries are collected while the previous transaction is in flight, written together with one
+``INSERT ... ON CONFLICT DO NOTHING RETURNING`` in one transaction, and each request is answered only after that
+transaction has committed. The new rows are then handed to the worker in one ``hand_over`` call per batch (or
+fewer: hand-overs that pile up while one is in flight are merged). Batching is what makes thousands of events per
+second possible: one transaction and one broker round trip per request cost more than the rest of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import structlog
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from ledger.db import unit_of_work
+from ledger.inbox import EventEnvelope, EventSource, store_events
+from webhooks import metrics
+
+log = structlog.get_logger(__name__)
+
+StoreBatch = Callable[[Sequence[tuple[bytes, EventEnvelope]]], tuple[dict[str, int], dict[str, Exception]]]
+HandOver = Callable[[Sequence[int]], None]
+
+
+class StoreOutcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+class InboxUnavailable(Exception):
+    """The event could not be stored now (database unreachable, write failed or timed out); try again later."""
+
+
+@dataclass(slots=True)
+class _Delivery:
+    raw: bytes
+    envelope: EventEnvelope
+    future: asyncio.Future[StoreOutcome] = field(repr=False)
+
+
+def store_batch(items: Sequence[tuple[bytes, EventEnvelope]]) -> tuple[dict[str, int], dict[str, Exception]]:
+    """Store events in one transaction; return the new row ids by event id and the events that cannot be stored.
+
+    If the batch fails for a reason other than the connection, each event is retried in its own transaction, so
+    one event the database refuses cannot fail the deliveries that happened to share its batch.
+    """
+    try:
+        with unit_of_work() as session:
+            return store_events(session, items, source=EventSource.WEBHOOK), {}
+    except (OperationalError, InterfaceError):
+        raise  # the database is unreachable: every delivery in the batch fails alike
+    except DBAPIError as exc:
+        if len(items) == 1:
+            return {}, {items[0][1].event_id: exc}
+    stored: dict[str, int] = {}
+    failed: dict[str, Exception] = {}
+    for item in items:
+        try:
+            with unit_of_work() as session:
+                stored.update(store_events(session, [item], source=EventSource.WEBHOOK))
+        except (OperationalError, InterfaceError):
+            raise
+        except DBAPIError as exc:
+            failed[item[1].event_id] = exc
+    return stored, failed
+
+
+def default_hand_over(event_row_ids: Sequence[int]) -> None:
+    """Hand over through ``worker.enqueue.hand_over``, looked up at call time."""
+    from worker import enqueue
+
+    enqueue.hand_over(event_row_ids)
+
+
+class InboxWriter:
+    """Collects concurrent deliveries into group-committed batches; one per event loop (server process)."""
+
+    def __init__(
+        self,
+        *,
+        store: StoreBatch = store_batch,
+        hand_over: HandOver = default_hand_over,
+        writers: int = 2,
+        max_batch: int = 256,
+        max_handover: int = 2000,
+        timeout_seconds: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._hand_over = hand_over
+        self._writers = writers
+        self._max_batch = max_batch
+        self._max_handover = max_handover
+        self._timeout = timeout_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Delivery] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handover_ids: list[int] = []
+        self._handover_wakeup: asyncio.Event | None = None
+        self._handover_busy = False
+        self._db_pool: ThreadPoolExecutor | None = None
+        self._broker_pool: ThreadPoolExecutor | None = None
+
+    def _start(self) -> asyncio.Queue[_Delivery]:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._queue is not None:
+            return self._queue
+        # First use, or a new event loop (a test client's): start the writers on this loop.
+        self._loop = loop
+        self._queue = asyncio.Queue()
+        self._handover_wakeup = asyncio.Event()
+        self._handover_ids = []
+        self._db_pool = self._db_pool or ThreadPoolExecutor(self._writers, thread_name_prefix="inbox-writer")
+        self._broker_pool = self._broker_pool or ThreadPoolExecutor(1, thread_name_prefix="inbox-handover")
+        self._tasks = [loop.create_task(self._run_writer()) for _ in range(self._writers)]
+        self._tasks.append(loop.create_task(self._run_handover()))
+        return self._queue
+
+    async def submit(self, raw: bytes, envelope: EventEnvelope) -> StoreOutcome:
+        """Store one delivery; return once its row (or the earlier one) is committed. Raises InboxUnavailable."""
+        queue = self._start()
+        future: asyncio.Future[StoreOutcome] = asyncio.get_running_loop().create_future()
+        queue.put_nowait(_Delivery(raw, envelope, future))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+        except TimeoutError as exc:
+            # The write may still commit later; answering 503 then only costs Stripe a redelivery (a no-op).
+            raise InboxUnavailable(f"storing the event took longer than {self._timeout:g}s") from exc
+
+    async def _run_writer(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self._max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    queue.task_done()
+
+    async def _commit(self, batch: list[_Delivery]) -> None:
+        loop = asyncio.get_running_loop()
+        first: dict[str, _Delivery] = {}
+        for delivery in batch:
+            first.setdefault(delivery.envelope.event_id, delivery)
+        items = [(d.raw, d.envelope) for d in first.values()]
+        try:
+            stored, failed = await loop.run_in_executor(self._db_pool, self._store, items)
+        except Exception as exc:
+            log.warning("inbox write failed", events=len(items), error=repr(exc))
+            for delivery in batch:
+                if not delivery.future.done():
+                    delivery.future.set_exception(InboxUnavailable("the database cannot store events right now"))
+            return
+        metrics.COMMIT_BATCH_SIZE.observe(len(items))
+        new_ids: list[int] = []
+        for delivery in batch:
+            event_id = delivery.envelope.event_id
+            if delivery.future.done():
+                continue
+            if event_id in failed:
+                log.error("event could not be stored", event_id=event_id, error=repr(failed[event_id]))
+                delivery.future.set_exception(InboxUnavailable(f"event {event_id} could not be stored"))
+            elif event_id in stored and first[event_id] is delivery:
+                new_ids.append(stored[event_id])
+                delivery.future.set_result(StoreOutcome.STORED)
+            else:
+                delivery.future.set_result(StoreOutcome.DUPLICATE)
+        if new_ids:
+            self._handover_ids.extend(new_ids)
+            assert self._handover_wakeup is not None
+            self._handover_wakeup.set()
+
+    async def _run_handover(self) -> None:
+        assert self._handover_wakeup is not None
+        wakeup = self._handover_wakeup
+        loop = asyncio.get_running_loop()
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            while self._handover_ids:
+                ids = self._handover_ids[: self._max_handover]
+                del self._handover_ids[: self._max_handover]
+                self._handover_busy = True
+                try:
+                    await loop.run_in_executor(self._broker_pool, self._hand_over, ids)
+                except Exception as exc:
+                    # Stored and acknowledged all the same: the worker's sweep picks up stored, unhandled events.
+                    metrics.HANDOVER_FAILED.inc(len(ids))
+                    log.warning("hand-over to the worker failed", events=len(ids), error=repr(exc))
+                else:
+                    metrics.EVENTS_HANDED_OVER.inc(len(ids))
+                finally:
+                    self._handover_busy = False
+
+    async def drain(self, timeout_seconds: float = 10.0) -> None:
+        """Wait until every queued delivery is written and every new row handed over."""
+        if self._queue is None or self._loop is not asyncio.get_running_loop():
+            return
+        deadline = time.monotonic() + timeout_seconds
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout_seconds)
+        while (self._handover_ids or self._handover_busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def aclose(self) -> None:
+        """Drain, then stop the writer tasks and their threads."""
+        await self.drain()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await task
+        self._tasks = []
+        self._queue = None
+        self._loop = None
+        for pool in (self._db_pool, self._broker_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._db_pool = self._broker_pool = None
