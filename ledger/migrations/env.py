@@ -10,7 +10,14 @@ from sqlalchemy import Connection
 from ledger.db import Base, make_engine
 
 # Every package's models share one metadata; import them so autogenerate sees all tables.
-for _module in ("ledger.models", "ledger.inbox", "worker.models", "reconciliation.models", "webhooks.models", "webhooks.review.models"):
+for _module in (
+    "ledger.models",
+    "ledger.inbox",
+    "worker.models",
+    "reconciliation.models",
+    "webhooks.models",
+    "webhooks.review.models",
+):
     try:
         importlib.import_module(_module)
     except ModuleNotFoundError as exc:
