@@ -168,6 +168,8 @@ class Entry(Base):
     balance_after: Mapped[int] = mapped_column(BigInteger)
     # Change to the account's recorded debt (positive: debt recorded; negative: settled).
     debt_delta: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Change to the grant's frozen units (positive: set aside for a dispute; negative: given back or clawed).
+    frozen_delta: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
     # A digest of the request's parameters: the same key with other parameters is refused.
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -159,6 +159,7 @@ def upgrade() -> None:
     sa.Column('units', sa.BigInteger(), nullable=False),
     sa.Column('balance_after', sa.BigInteger(), nullable=False),
     sa.Column('debt_delta', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('frozen_delta', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('idempotency_key', sa.String(length=255), nullable=False),
     sa.Column('request_hash', sa.String(length=64), nullable=True),
     sa.Column('grant_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),

@@ -1,0 +1,185 @@
+"""Clawbacks (refunds, lost disputes) and freezes (open disputes) of a grant's units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ledger.errors import IdempotencyConflict, InvalidRequest
+from ledger.models import EntryKind, Grant
+from ledger.posting import (
+    ENTRIES,
+    GRANTS,
+    LockedAccount,
+    forget,
+    insert_entry,
+    lock_account_by_id,
+    request_hash,
+    require_key,
+    require_positive,
+    save_account,
+)
+
+
+@dataclass(frozen=True)
+class ClawbackResult:
+    grant_id: int
+    customer_id: str
+    requested: int
+    clawed: int  # units taken from the grant's remaining and frozen units
+    debt: int  # units already spent, recorded as account debt
+    replayed: bool
+
+
+def _lock_grant(session: Session, grant_id: int) -> tuple[LockedAccount, Any]:
+    """Lock the account owning ``grant_id`` and read the grant under that lock."""
+    account_id = session.execute(select(GRANTS.c.account_id).where(GRANTS.c.id == grant_id)).scalar_one_or_none()
+    if account_id is None:
+        raise InvalidRequest(f"unknown grant {grant_id}")
+    account = lock_account_by_id(session, account_id)
+    grant = session.execute(select(GRANTS).where(GRANTS.c.id == grant_id)).one()
+    return account, grant
+
+
+def _original(session: Session, key: str, digest: str, what: str) -> Any:
+    row = session.execute(
+        select(ENTRIES.c.units, ENTRIES.c.debt_delta, ENTRIES.c.frozen_delta, ENTRIES.c.request_hash).where(
+            ENTRIES.c.idempotency_key == key
+        )
+    ).one_or_none()
+    if row is not None and row.request_hash != digest:
+        raise IdempotencyConflict(f"{what} key was used with other parameters")
+    return row
+
+
+def _set_grant(session: Session, account: LockedAccount, grant_id: int, **values: Any) -> None:
+    session.execute(update(GRANTS).where(GRANTS.c.id == grant_id).values(**values))
+    account.moved_grants.add(grant_id)
+    forget(session, Grant, [grant_id])
+
+
+def clawback(
+    session: Session,
+    grant_id: int,
+    *,
+    units: int,
+    idempotency_key: str,
+    reason: str,
+    actor: str = "system",
+    stripe_object_id: str | None = None,
+) -> ClawbackResult:
+    """Take ``units`` back from a grant: its remaining units first, then its frozen ones; the rest was spent
+    and becomes recorded debt. Never more than the grant gave, net of earlier clawbacks."""
+    require_positive("units", units)
+    require_key("idempotency_key", idempotency_key)
+    key = f"clawback:{idempotency_key}"
+    digest = request_hash(grant_id=grant_id, units=units)
+    account, grant = _lock_grant(session, grant_id)
+    original = _original(session, key, digest, "clawback")
+    if original is not None:
+        debt = original.debt_delta
+        return ClawbackResult(
+            grant_id, account.customer_id, units, -original.units - debt - original.frozen_delta, debt, replayed=True
+        )
+    wanted = min(units, grant.units - grant.clawed_back)
+    from_remaining = min(wanted, grant.remaining)
+    from_frozen = min(wanted - from_remaining, grant.frozen)
+    debt = wanted - from_remaining - from_frozen
+    if wanted:
+        insert_entry(
+            session,
+            account,
+            kind=EntryKind.CLAWBACK,
+            units=-(from_remaining + debt),
+            debt_delta=debt,
+            frozen_delta=-from_frozen,
+            key=key,
+            request_hash=digest,
+            grant_id=grant_id,
+            stripe_object_id=stripe_object_id,
+            actor=actor,
+            reason=reason,
+            allocations=[(grant_id, -from_remaining)],
+        )
+        _set_grant(
+            session,
+            account,
+            grant_id,
+            remaining=GRANTS.c.remaining - from_remaining,
+            frozen=GRANTS.c.frozen - from_frozen,
+            clawed_back=GRANTS.c.clawed_back + wanted,
+        )
+    else:
+        # Nothing left to take: record the request anyway so a replay is recognised as one.
+        insert_entry(
+            session,
+            account,
+            kind=EntryKind.CLAWBACK,
+            units=0,
+            key=key,
+            request_hash=digest,
+            grant_id=grant_id,
+            stripe_object_id=stripe_object_id,
+            actor=actor,
+            reason=reason,
+        )
+    save_account(session, account)
+    return ClawbackResult(grant_id, account.customer_id, units, from_remaining + from_frozen, debt, replayed=False)
+
+
+def freeze_grant(session: Session, grant_id: int, *, idempotency_key: str, reason: str) -> int:
+    """A dispute opened: set aside what remains of the grant (not spendable, not yet lost); return units frozen."""
+    require_key("idempotency_key", idempotency_key)
+    key = f"freeze:{idempotency_key}"
+    digest = request_hash(grant_id=grant_id, action="freeze")
+    account, grant = _lock_grant(session, grant_id)
+    original = _original(session, key, digest, "freeze")
+    if original is not None:
+        frozen: int = original.frozen_delta
+        return frozen
+    units = grant.remaining
+    insert_entry(
+        session,
+        account,
+        kind=EntryKind.FREEZE,
+        units=-units,
+        frozen_delta=units,
+        key=key,
+        request_hash=digest,
+        grant_id=grant_id,
+        reason=reason,
+        allocations=[(grant_id, -units)],
+    )
+    _set_grant(session, account, grant_id, remaining=GRANTS.c.remaining - units, frozen=GRANTS.c.frozen + units)
+    save_account(session, account)
+    return int(units)
+
+
+def unfreeze_grant(session: Session, grant_id: int, *, idempotency_key: str, reason: str) -> int:
+    """A dispute won: give the grant's frozen units back; return units unfrozen."""
+    require_key("idempotency_key", idempotency_key)
+    key = f"unfreeze:{idempotency_key}"
+    digest = request_hash(grant_id=grant_id, action="unfreeze")
+    account, grant = _lock_grant(session, grant_id)
+    original = _original(session, key, digest, "unfreeze")
+    if original is not None:
+        return int(-original.frozen_delta)
+    units = grant.frozen
+    insert_entry(
+        session,
+        account,
+        kind=EntryKind.UNFREEZE,
+        units=units,
+        frozen_delta=-units,
+        key=key,
+        request_hash=digest,
+        grant_id=grant_id,
+        reason=reason,
+        allocations=[(grant_id, units)],
+    )
+    _set_grant(session, account, grant_id, remaining=GRANTS.c.remaining + units, frozen=GRANTS.c.frozen - units)
+    save_account(session, account)
+    return int(units)
