@@ -1,0 +1,865 @@
+"""The checks: each a small function that compares one thing and yields :class:`Finding` s of a named kind.
+
+They read the staged Stripe rows of the run and the ledger with streamed SELECTs (server-side cursors on
+PostgreSQL), so memory does not grow with the window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Date, and_, case, cast, func, literal_column, select
+from sqlalchemy.orm import Session, aliased
+
+from ledger.config import BillingConfig, Tolerance
+from ledger.inbox import EventStatus, StripeEvent
+from ledger.models import AccessState, Account, Entry, EntryKind, Grant, GrantSource, UsageEnvironment, UsageRecord
+from reconciliation.models import MismatchKind, StagedStripeAlias, StagedStripeObject
+from reconciliation.providers import ProviderReport, ReportKind
+from reconciliation.services import Finding
+from reconciliation.staging import SUBSCRIPTION_RANK
+from reconciliation.stripe_source import StripeSource, is_not_found, object_type_of, stripe_id
+
+STREAM = {"yield_per": 1000}
+PAID_SOURCES = (GrantSource.TOP_UP, GrantSource.RENEWAL)
+
+
+@dataclass
+class CheckContext:
+    """What every check may read: the run, its window, the config, Stripe, and the provider reports."""
+
+    session: Session
+    run_id: int
+    since: datetime
+    until: datetime
+    now: datetime
+    config: BillingConfig
+    stripe: StripeSource
+    reports: Sequence[ProviderReport] = ()
+    # Filled by the provider checks: "provider:day" keys this run had a report for.
+    provider_scope_keys: set[str] = field(default_factory=set)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat()
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _grant_evidence(g: Any) -> dict[str, Any]:
+    return {
+        "grant_id": g.id,
+        "units": g.units,
+        "remaining": g.remaining,
+        "frozen": g.frozen,
+        "clawed_back": g.clawed_back,
+        "amount_minor": g.amount_minor,
+        "currency": g.currency,
+        "stripe_object_id": g.stripe_object_id,
+        "idempotency_key": g.idempotency_key,
+        "created_at": _iso(g.created_at),
+    }
+
+
+def _grant_entry_ids(session: Session, grant_ids: Sequence[int]) -> list[int]:
+    return list(session.scalars(select(Entry.id).where(Entry.grant_id.in_(list(grant_ids))).order_by(Entry.id)))
+
+
+# --- payments against grants ----------------------------------------------------------------------------------
+
+
+def _payment_grants(run_id: int) -> Any:
+    """Per staged payment: how many grants name any of its ids, and the first of them."""
+    A = StagedStripeAlias
+    return (
+        select(
+            A.payment_id.label("payment_id"),
+            func.count(Grant.id).label("n"),
+            func.min(Grant.id).label("first_id"),
+        )
+        .join(Grant, Grant.stripe_object_id == A.key)
+        .where(A.run_id == run_id)
+        .group_by(A.payment_id)
+        .subquery()
+    )
+
+
+def check_payments(ctx: CheckContext) -> Iterator[Finding]:
+    """payment_without_grant, duplicate_grant and amount_mismatch, from one pass over the staged payments."""
+    P = StagedStripeObject
+    agg = _payment_grants(ctx.run_id)
+    G = aliased(Grant)
+    stmt = (
+        select(P, agg.c.n, G)
+        .outerjoin(agg, agg.c.payment_id == P.object_id)
+        .outerjoin(G, G.id == agg.c.first_id)
+        .where(P.run_id == ctx.run_id, P.object_type == "payment")
+        .order_by(P.id)
+        .execution_options(**STREAM)
+    )
+    for p, n, g in ctx.session.execute(stmt):
+        stripe_side = {
+            "object": p.detail.get("source"),
+            "id": p.object_id,
+            "payment_intent": p.detail.get("payment_intent"),
+            "charge": p.detail.get("charge"),
+            "amount": p.amount,
+            "currency": p.currency,
+            "created": _iso(p.created),
+            "prices": p.detail.get("prices"),
+            "expected_credits": p.expected_credits,
+        }
+        if not n:
+            yield Finding(
+                kind=MismatchKind.PAYMENT_WITHOUT_GRANT,
+                identity=p.object_id,
+                summary=f"{p.detail.get('source')} {p.object_id} was paid ({p.amount} {p.currency}) "
+                "but the ledger has no grant for it",
+                customer_id=p.customer_id,
+                currency=p.currency,
+                unit="credits",
+                expected=p.expected_credits,
+                actual=0,
+                evidence={"stripe": stripe_side, "ledger": {"grants": []}},
+                occurred_at=_utc(p.created),
+            )
+            continue
+        if n > 1:
+            grants = list(
+                ctx.session.scalars(
+                    select(Grant)
+                    .join(StagedStripeAlias, StagedStripeAlias.key == Grant.stripe_object_id)
+                    .where(StagedStripeAlias.run_id == ctx.run_id, StagedStripeAlias.payment_id == p.object_id)
+                    .order_by(Grant.id)
+                )
+            )
+            yield Finding(
+                kind=MismatchKind.DUPLICATE_GRANT,
+                identity=p.object_id,
+                summary=f"{p.detail.get('source')} {p.object_id} was granted {n} times",
+                customer_id=p.customer_id,
+                currency=p.currency,
+                unit="count",
+                expected=1,
+                actual=n,
+                evidence={
+                    "stripe": stripe_side,
+                    "ledger": {
+                        "grants": [_grant_evidence(x) for x in grants],
+                        "entry_ids": _grant_entry_ids(ctx.session, [x.id for x in grants]),
+                    },
+                },
+                occurred_at=_utc(p.created),
+            )
+        if p.expected_credits is not None and g.units != p.expected_credits:
+            yield Finding(
+                kind=MismatchKind.AMOUNT_MISMATCH,
+                identity=p.object_id,
+                summary=f"{p.detail.get('source')} {p.object_id} should grant {p.expected_credits} credits "
+                f"by the billing config; grant {g.id} gave {g.units}",
+                customer_id=p.customer_id,
+                currency=p.currency,
+                unit="credits",
+                expected=p.expected_credits,
+                actual=g.units,
+                evidence={
+                    "stripe": stripe_side,
+                    "ledger": {"grants": [_grant_evidence(g)], "entry_ids": _grant_entry_ids(ctx.session, [g.id])},
+                },
+                occurred_at=_utc(p.created),
+            )
+
+
+def _is_paid(object_type: str, obj: Mapping[str, Any]) -> bool:
+    if object_type == "checkout_session":
+        return obj.get("payment_status") in ("paid", "no_payment_required")
+    if object_type == "invoice":
+        return obj.get("status") == "paid"
+    if object_type == "payment_intent":
+        return obj.get("status") == "succeeded"
+    if object_type == "charge":
+        return bool(obj.get("paid")) and obj.get("status") == "succeeded"
+    return False
+
+
+def check_grants(ctx: CheckContext) -> Iterator[Finding]:
+    """grant_without_payment: paid-for grants of the window whose Stripe payment is missing or unpaid."""
+    A = StagedStripeAlias
+    stmt = (
+        select(Grant, Account.customer_id)
+        .join(Account, Account.id == Grant.account_id)
+        .outerjoin(A, and_(A.run_id == ctx.run_id, A.key == Grant.stripe_object_id))
+        .where(
+            Grant.source.in_(PAID_SOURCES),
+            Grant.created_at >= ctx.since,
+            Grant.created_at < ctx.until,
+            A.key.is_(None),
+        )
+        .order_by(Grant.id)
+        .execution_options(**STREAM)
+    )
+    for g, customer_id in ctx.session.execute(stmt):
+        # Not among this window's payments: it may have been paid before the window. Ask Stripe.
+        problem: str | None = None
+        stripe_side: dict[str, Any] = {"id": g.stripe_object_id}
+        if not g.stripe_object_id:
+            problem = "names no Stripe payment"
+        else:
+            object_type = g.stripe_object_type or object_type_of(g.stripe_object_id)
+            if object_type not in ("checkout_session", "invoice", "payment_intent", "charge"):
+                problem = f"names {g.stripe_object_id}, which is not a payment"
+            else:
+                try:
+                    obj = ctx.stripe.retrieve(object_type, g.stripe_object_id)
+                except Exception as exc:
+                    if not is_not_found(exc):
+                        raise
+                    problem = f"names {object_type} {g.stripe_object_id}, which does not exist in Stripe"
+                else:
+                    stripe_side.update(
+                        {
+                            "object": object_type,
+                            "status": obj.get("status"),
+                            "payment_status": obj.get("payment_status"),
+                            "amount": obj.get("amount_total") or obj.get("amount_paid") or obj.get("amount"),
+                            "currency": obj.get("currency"),
+                        }
+                    )
+                    if not _is_paid(object_type, obj):
+                        problem = f"names {object_type} {g.stripe_object_id}, which is not paid"
+        if problem is None:
+            continue
+        yield Finding(
+            kind=MismatchKind.GRANT_WITHOUT_PAYMENT,
+            identity=str(g.id),
+            summary=f"grant {g.id} ({g.units} credits, {g.source.value}) {problem}",
+            customer_id=customer_id,
+            currency=g.currency,
+            unit="credits",
+            expected=0,
+            actual=g.units,
+            evidence={
+                "stripe": stripe_side,
+                "ledger": {"grants": [_grant_evidence(g)], "entry_ids": _grant_entry_ids(ctx.session, [g.id])},
+            },
+            occurred_at=_utc(g.created_at),
+        )
+
+
+def _grants_for_charge(ctx: CheckContext, charge_id: str, payment_intent: str | None) -> tuple[list[Grant], dict]:
+    """The grants funded by a charge: through this run's aliases, or (for an older payment) by asking Stripe."""
+    A = StagedStripeAlias
+    payment_id = ctx.session.scalar(select(A.payment_id).where(A.run_id == ctx.run_id, A.key == charge_id))
+    if payment_id is None and payment_intent:
+        payment_id = ctx.session.scalar(select(A.payment_id).where(A.run_id == ctx.run_id, A.key == payment_intent))
+    charge: dict[str, Any] = {}
+    if payment_id is not None:
+        keys = list(ctx.session.scalars(select(A.key).where(A.run_id == ctx.run_id, A.payment_id == payment_id)))
+    else:
+        charge = ctx.stripe.retrieve("charge", charge_id)
+        pi = stripe_id(charge.get("payment_intent")) or payment_intent
+        keys = [k for k in (charge_id, pi, stripe_id(charge.get("invoice"))) if k]
+        if pi:
+            keys += [cs["id"] for cs in ctx.stripe.list_checkout_sessions(payment_intent=pi)]
+    grants = list(
+        ctx.session.scalars(
+            select(Grant).where(Grant.stripe_object_id.in_(keys), Grant.source.in_(PAID_SOURCES)).order_by(Grant.id)
+        )
+    )
+    return grants, charge
+
+
+def _units_for(grant: Grant, amount_minor: int, paid_minor: int | None) -> int:
+    paid = grant.amount_minor or paid_minor or 0
+    if paid <= 0:
+        return 0
+    return min(grant.units, grant.units * min(amount_minor, paid) // paid)
+
+
+def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
+    """refund_not_clawed_back: a charge refunded in the window whose grant was not clawed back to match."""
+    R = StagedStripeObject
+    C = aliased(StagedStripeObject)
+    stmt = (
+        select(
+            R.ref,
+            func.count(R.id),
+            func.sum(R.amount),
+            func.max(R.created),
+            func.min(R.object_id),
+            func.max(R.object_id),
+            func.max(R.customer_id),
+            func.max(R.currency),
+            func.max(C.amount),
+            func.max(C.amount_refunded),
+            func.max(C.customer_id),
+        )
+        .outerjoin(C, and_(C.run_id == R.run_id, C.object_type == "charge", C.object_id == R.ref))
+        .where(R.run_id == ctx.run_id, R.object_type == "refund", R.ref.is_not(None))
+        .group_by(R.ref)
+        .order_by(R.ref)
+        .execution_options(**STREAM)
+    )
+    for charge_id, n, window_refunded, last_at, first_re, last_re, cust, currency, paid, refunded, ch_cust in list(
+        ctx.session.execute(stmt)
+    ):
+        charge_id = str(charge_id)
+        grants, charge = _grants_for_charge(ctx, charge_id, None)
+        if not grants:
+            continue  # no grant at all: payment_without_grant reports the payment itself
+        if refunded is None:
+            charge = charge or ctx.stripe.retrieve("charge", charge_id)
+            paid = int(charge.get("amount_captured") or charge.get("amount") or 0)
+            refunded = int(charge.get("amount_refunded") or 0)
+        g = grants[0]
+        expected = _units_for(g, int(refunded), paid)
+        if g.clawed_back >= expected:
+            continue
+        customer_id = ch_cust or cust or stripe_id(charge.get("customer"))
+        yield Finding(
+            kind=MismatchKind.REFUND_NOT_CLAWED_BACK,
+            identity=charge_id,
+            summary=f"charge {charge_id} was refunded {refunded} of {paid} {currency}: "
+            f"grant {g.id} should have {expected} credits clawed back, has {g.clawed_back}",
+            customer_id=customer_id,
+            currency=currency,
+            unit="credits",
+            expected=expected,
+            actual=g.clawed_back,
+            evidence={
+                "stripe": {
+                    "charge": charge_id,
+                    "amount": paid,
+                    "amount_refunded": refunded,
+                    "refunds_in_window": n,
+                    "refunded_in_window": int(window_refunded or 0),
+                    "refund_ids": sorted({first_re, last_re}),
+                },
+                "ledger": {
+                    "grants": [_grant_evidence(x) for x in grants],
+                    "entry_ids": _grant_entry_ids(ctx.session, [x.id for x in grants]),
+                },
+            },
+            occurred_at=_utc(last_at),
+        )
+
+
+OPEN_DISPUTE = ("needs_response", "under_review")
+WON_DISPUTE = ("won", "warning_closed")
+
+
+def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
+    """dispute_not_applied: an open dispute with nothing frozen, a lost one not clawed back, a won one still
+    frozen."""
+    D = StagedStripeObject
+    stmt = (
+        select(D)
+        .where(D.run_id == ctx.run_id, D.object_type == "dispute", D.ref.is_not(None))
+        .order_by(D.id)
+        .execution_options(**STREAM)
+    )
+    for d in list(ctx.session.scalars(stmt)):
+        assert d.ref is not None
+        grants, _ = _grants_for_charge(ctx, d.ref, d.detail.get("payment_intent"))
+        if not grants:
+            continue
+        g = grants[0]
+        status = d.status or ""
+        problem: str | None = None
+        expected: int = 0
+        actual: int = 0
+        if status in OPEN_DISPUTE:
+            froze = ctx.session.scalar(
+                select(func.count(Entry.id)).where(Entry.grant_id == g.id, Entry.kind == EntryKind.FREEZE)
+            )
+            if not froze and g.frozen == 0 and g.clawed_back == 0:
+                problem = "is open but the grant was never frozen"
+                expected, actual = 1, 0
+        elif status == "lost":
+            expected = _units_for(g, int(d.amount or 0), None)
+            actual = g.clawed_back
+            if actual < expected:
+                problem = f"was lost but only {actual} of {expected} credits were clawed back"
+        elif status in WON_DISPUTE and g.frozen > 0:
+            problem = f"was won but {g.frozen} credits are still frozen"
+            expected, actual = 0, g.frozen
+        if problem is None:
+            continue
+        yield Finding(
+            kind=MismatchKind.DISPUTE_NOT_APPLIED,
+            identity=d.object_id,
+            summary=f"dispute {d.object_id} ({status}) on charge {d.ref} {problem} (grant {g.id})",
+            customer_id=d.customer_id,
+            currency=d.currency,
+            unit="credits",
+            expected=expected,
+            actual=actual,
+            evidence={
+                "stripe": {"dispute": d.object_id, "charge": d.ref, "status": status, "amount": d.amount},
+                "ledger": {"grants": [_grant_evidence(g)], "entry_ids": _grant_entry_ids(ctx.session, [g.id])},
+            },
+            occurred_at=_utc(d.created),
+        )
+
+
+# --- state -----------------------------------------------------------------------------------------------------
+
+_RANK_NAME = {rank: name for name, rank in SUBSCRIPTION_RANK.items()}
+# Which access states are consistent with a customer's best subscription status.
+ALLOWED_ACCESS: dict[str, tuple[AccessState, ...]] = {
+    "active": (AccessState.ACTIVE,),
+    "trialing": (AccessState.TRIALING, AccessState.ACTIVE),
+    "past_due": (AccessState.PAST_DUE, AccessState.SUSPENDED),
+    "unpaid": (AccessState.SUSPENDED, AccessState.PAST_DUE),
+    "paused": (AccessState.SUSPENDED,),
+    "canceled": (AccessState.CANCELED, AccessState.SUSPENDED),
+    "incomplete_expired": (AccessState.CANCELED, AccessState.SUSPENDED),
+}
+
+
+def check_access_state(ctx: CheckContext) -> Iterator[Finding]:
+    """access_state_drift: the account's access state against the customer's best Stripe subscription."""
+    S = StagedStripeObject
+    best = (
+        select(S.customer_id.label("customer_id"), func.min(S.amount).label("rank"))
+        .where(S.run_id == ctx.run_id, S.object_type == "subscription", S.customer_id.is_not(None))
+        .group_by(S.customer_id)
+        .subquery()
+    )
+    stmt = (
+        select(best.c.customer_id, best.c.rank, Account.access_state, Account.access_as_of, Account.id)
+        .outerjoin(Account, Account.customer_id == best.c.customer_id)
+        .order_by(best.c.customer_id)
+        .execution_options(**STREAM)
+    )
+    for customer_id, rank, state, as_of, account_id in list(ctx.session.execute(stmt)):
+        status = _RANK_NAME.get(int(rank), "unknown")
+        allowed = ALLOWED_ACCESS.get(status)
+        if allowed is None:
+            continue  # incomplete: no paid state yet, nothing to compare
+        if state is None and status not in ("active", "trialing", "past_due"):
+            continue  # never had an account and Stripe says they should not have access: consistent
+        if state in allowed:
+            continue
+        subs = [
+            {"id": s.object_id, "status": s.status, "created": _iso(s.created)}
+            for s in ctx.session.scalars(
+                select(S).where(S.run_id == ctx.run_id, S.object_type == "subscription", S.customer_id == customer_id)
+            )
+        ]
+        yield Finding(
+            kind=MismatchKind.ACCESS_STATE_DRIFT,
+            identity=customer_id,
+            summary=f"customer {customer_id}: Stripe subscription is {status}, "
+            f"ledger access state is {state.value if state else 'missing (no account)'}",
+            customer_id=customer_id,
+            unit="state",
+            evidence={
+                "stripe": {"subscriptions": subs, "best_status": status},
+                "ledger": {
+                    "account_id": account_id,
+                    "access_state": state.value if state else None,
+                    "access_as_of": _iso(as_of),
+                    "allowed": [a.value for a in allowed],
+                },
+            },
+        )
+
+
+def check_unprocessed_events(ctx: CheckContext) -> Iterator[Finding]:
+    """unprocessed_event: stored events failed, waiting or pending for longer than the configured hours."""
+    cutoff = ctx.now - timedelta(hours=ctx.config.reconciliation.unprocessed_event_hours)
+    stmt = (
+        select(
+            StripeEvent.id,
+            StripeEvent.event_id,
+            StripeEvent.type,
+            StripeEvent.status,
+            StripeEvent.customer_id,
+            StripeEvent.object_id,
+            StripeEvent.attempts,
+            StripeEvent.last_error,
+            StripeEvent.status_reason,
+            StripeEvent.received_at,
+            StripeEvent.created,
+        )
+        .where(
+            StripeEvent.status.in_([EventStatus.FAILED, EventStatus.WAITING, EventStatus.PENDING]),
+            StripeEvent.received_at < cutoff,
+        )
+        .order_by(StripeEvent.id)
+        .execution_options(**STREAM)
+    )
+    for row in ctx.session.execute(stmt):
+        yield Finding(
+            kind=MismatchKind.UNPROCESSED_EVENT,
+            identity=row.event_id,
+            summary=f"stored event {row.event_id} ({row.type}) is {row.status.value} since {_iso(row.received_at)}",
+            customer_id=row.customer_id,
+            unit="state",
+            evidence={
+                "stripe": {"event_id": row.event_id, "type": row.type, "object_id": row.object_id},
+                "ledger": {
+                    "stored_event_id": row.id,
+                    "status": row.status.value,
+                    "attempts": row.attempts,
+                    "last_error": row.last_error,
+                    "status_reason": row.status_reason,
+                    "received_at": _iso(row.received_at),
+                },
+            },
+        )
+
+
+def check_missed_events(ctx: CheckContext) -> Iterator[Finding]:
+    """missed_event: an event in Stripe's Events API for the window that was never stored."""
+    E = StagedStripeObject
+    stmt = (
+        select(E.object_id, E.status, E.created, E.customer_id, E.ref)
+        .outerjoin(StripeEvent, StripeEvent.event_id == E.object_id)
+        .where(E.run_id == ctx.run_id, E.object_type == "event", StripeEvent.id.is_(None))
+        .order_by(E.id)
+        .execution_options(**STREAM)
+    )
+    for event_id, event_type, created, customer_id, object_id in ctx.session.execute(stmt):
+        yield Finding(
+            kind=MismatchKind.MISSED_EVENT,
+            identity=event_id,
+            summary=f"Stripe event {event_id} ({event_type}) was never stored",
+            customer_id=customer_id,
+            unit="state",
+            evidence={
+                "stripe": {"event_id": event_id, "type": event_type, "object_id": object_id, "created": _iso(created)},
+                "ledger": {"stored_event_id": None},
+            },
+            occurred_at=_utc(created),
+        )
+
+
+def check_customer_totals(ctx: CheckContext) -> Iterator[Finding]:
+    """customer_total_mismatch: per customer and currency, what Stripe was paid against what the grants record.
+
+    Compares the window's payments that have a grant (a payment with none is a payment_without_grant), by the
+    money each grant records; refunds are compared per charge by refund_not_clawed_back.
+    """
+    P = StagedStripeObject
+    agg = _payment_grants(ctx.run_id)
+    G = aliased(Grant)
+    stmt = (
+        select(
+            P.customer_id,
+            P.currency,
+            func.count(P.id),
+            func.sum(P.amount),
+            func.sum(func.coalesce(G.amount_minor, 0)),
+            func.min(P.created),
+        )
+        .join(agg, agg.c.payment_id == P.object_id)
+        .join(G, G.id == agg.c.first_id)
+        .where(P.run_id == ctx.run_id, P.object_type == "payment")
+        .group_by(P.customer_id, P.currency)
+        .order_by(P.customer_id, P.currency)
+        .execution_options(**STREAM)
+    )
+    for customer_id, currency, n, stripe_total, ledger_total, _first in list(ctx.session.execute(stmt)):
+        if int(stripe_total or 0) == int(ledger_total or 0):
+            continue
+        payments = [
+            {"id": pid, "amount": amt, "grant_id": gid, "grant_amount_minor": gam}
+            for pid, amt, gid, gam in ctx.session.execute(
+                select(P.object_id, P.amount, G.id, G.amount_minor)
+                .join(agg, agg.c.payment_id == P.object_id)
+                .join(G, G.id == agg.c.first_id)
+                .where(
+                    P.run_id == ctx.run_id,
+                    P.object_type == "payment",
+                    P.customer_id == customer_id,
+                    P.currency == currency,
+                )
+                .order_by(P.id)
+            )
+            if amt != gam
+        ]
+        yield Finding(
+            kind=MismatchKind.CUSTOMER_TOTAL_MISMATCH,
+            identity=f"{customer_id}|{currency}|{ctx.since.isoformat()}|{ctx.until.isoformat()}",
+            summary=f"customer {customer_id}: Stripe was paid {stripe_total} {currency} over {n} payments, "
+            f"the ledger's grants record {ledger_total}",
+            customer_id=customer_id,
+            currency=currency,
+            unit="minor",
+            expected=int(stripe_total or 0),
+            actual=int(ledger_total or 0),
+            evidence={
+                "stripe": {"payments": n, "total": int(stripe_total or 0)},
+                "ledger": {"total": int(ledger_total or 0), "differing_payments": payments},
+            },
+            occurred_at=ctx.since,
+        )
+
+
+# --- providers -------------------------------------------------------------------------------------------------
+
+
+def _usage_day(session: Session) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return cast(func.timezone("UTC", UsageRecord.occurred_at), Date)
+    return func.date(UsageRecord.occurred_at)
+
+
+def _as_date(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
+def _beyond(diff: Decimal, reference: Decimal, absolute: Decimal, relative: Decimal) -> bool:
+    diff = abs(diff)
+    return diff > absolute and diff > relative * abs(reference)
+
+
+@dataclass
+class _Side:
+    cost: Decimal = Decimal(0)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_providers(ctx: CheckContext) -> Iterator[Finding]:
+    """provider_cost_drift and provider_usage_drift, per provider, day, model (and project/workspace)."""
+    tol: Tolerance = ctx.config.reconciliation.provider_tolerance
+    # One report per (provider, kind, day): a second report for the same day would double-count.
+    covered: dict[tuple[str, ReportKind, date], str] = {}
+    groups: dict[tuple[str, ReportKind, bool], dict[tuple[date, str | None, str | None], _Side]] = {}
+    for report in ctx.reports:
+        by_key = groups.setdefault((report.provider, report.kind, report.has_scope), {})
+        fresh = {d for d in report.days if (report.provider, report.kind, d) not in covered}
+        for d in fresh:
+            covered[(report.provider, report.kind, d)] = str(report.path)
+            by_key.setdefault((d, None, None), _Side())  # a covered day with no rows still counts as covered
+        for row in report.rows:
+            if row.day not in fresh:
+                continue
+            side = by_key.setdefault((row.day, row.model, row.scope if report.has_scope else None), _Side())
+            side.cost += row.cost_usd
+            side.input_tokens += row.input_tokens
+            side.output_tokens += row.output_tokens
+            side.cached_tokens += row.cached_tokens
+            side.rows.append(row.evidence())
+    for (provider, _kind, _scope), by_key in groups.items():
+        for d, _m, _s in by_key:
+            ctx.provider_scope_keys.add(f"{provider}:{d.isoformat()}")
+    day = _usage_day(ctx.session)
+    for (provider, kind, has_scope), reported in groups.items():
+        days = sorted({k[0] for k in reported})
+        if not days:
+            continue
+        start = datetime.combine(days[0], time(), tzinfo=UTC)
+        end = datetime.combine(days[-1] + timedelta(days=1), time(), tzinfo=UTC)
+        scope_col = UsageRecord.workspace if has_scope else literal_column("NULL")
+        stmt = (
+            select(
+                day.label("day"),
+                UsageRecord.model,
+                scope_col.label("scope"),
+                func.sum(UsageRecord.provider_cost_usd),
+                func.sum(UsageRecord.input_tokens),
+                func.sum(UsageRecord.output_tokens),
+                func.sum(UsageRecord.cached_tokens),
+                func.count(UsageRecord.id),
+            )
+            .where(UsageRecord.provider == provider, UsageRecord.occurred_at >= start, UsageRecord.occurred_at < end)
+            .group_by(day, UsageRecord.model, scope_col)
+            .execution_options(**STREAM)
+        )
+        ledger: dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]] = {}
+        for d, model, scope, cost, inp, out, cached, n in ctx.session.execute(stmt):
+            dd = _as_date(d)
+            if dd not in days:
+                continue
+            ledger[(dd, model, scope)] = (Decimal(cost or 0), int(inp or 0), int(out or 0), int(cached or 0), int(n))
+        keys = sorted(set(reported) | set(ledger), key=lambda k: (k[0], k[1] or "", k[2] or ""))
+        for key in keys:
+            d, model, scope = key
+            rep = reported.get(key, _Side())
+            led = ledger.get(key, (Decimal(0), 0, 0, 0, 0))
+            if model is None and scope is None and not rep.rows and led[4] == 0:
+                continue  # the placeholder for a covered day
+            ident = f"{provider}|{d.isoformat()}|{model}|{scope}"
+            occurred_at = datetime.combine(d, time(), tzinfo=UTC)
+            scope_key = f"{provider}:{d.isoformat()}"
+            evidence = {
+                "provider": {
+                    "provider": provider,
+                    "day": d.isoformat(),
+                    "model": model,
+                    "scope": scope,
+                    "rows": rep.rows,
+                },
+                "ledger": {
+                    "usage_records": led[4],
+                    "provider_cost_usd": str(led[0]),
+                    "input_tokens": led[1],
+                    "output_tokens": led[2],
+                    "cached_tokens": led[3],
+                },
+            }
+            if kind is ReportKind.COST:
+                if _beyond(led[0] - rep.cost, rep.cost, tol.absolute_usd, tol.relative):
+                    yield Finding(
+                        kind=MismatchKind.PROVIDER_COST_DRIFT,
+                        identity=ident,
+                        summary=f"{provider} {d} {model or '(no model)'}{' ' + scope if scope else ''}: "
+                        f"provider billed ${rep.cost}, the ledger recorded ${led[0]}",
+                        currency="usd",
+                        unit="usd",
+                        expected=rep.cost,
+                        actual=led[0],
+                        evidence=evidence,
+                        occurred_at=occurred_at,
+                        scope_key=scope_key,
+                    )
+            else:
+                pairs = {
+                    "input_tokens": (rep.input_tokens, led[1]),
+                    "output_tokens": (rep.output_tokens, led[2]),
+                    "cached_tokens": (rep.cached_tokens, led[3]),
+                }
+                drifted = {
+                    name: {"provider": r, "ledger": lg}
+                    for name, (r, lg) in pairs.items()
+                    if _beyond(Decimal(lg - r), Decimal(r), Decimal(tol.absolute_tokens), tol.relative)
+                }
+                if drifted:
+                    evidence["drifted"] = drifted
+                    yield Finding(
+                        kind=MismatchKind.PROVIDER_USAGE_DRIFT,
+                        identity=ident,
+                        summary=f"{provider} {d} {model or '(no model)'}{' ' + scope if scope else ''}: "
+                        + ", ".join(
+                            f"{k} provider {v['provider']} vs ledger {v['ledger']}" for k, v in drifted.items()
+                        ),
+                        unit="tokens",
+                        expected=sum(r for r, _ in pairs.values()),
+                        actual=sum(lg for _, lg in pairs.values()),
+                        evidence=evidence,
+                        occurred_at=occurred_at,
+                        scope_key=scope_key,
+                    )
+
+
+# --- margin ----------------------------------------------------------------------------------------------------
+
+
+def check_margin(ctx: CheckContext) -> Iterator[Finding]:
+    """Review items: customers whose usage cost more than the credits they spent were worth, and production
+    usage marked non-billable, for the window."""
+    U = UsageRecord
+    in_window = and_(U.occurred_at >= ctx.since, U.occurred_at < ctx.until)
+    prod_free = and_(U.billable.is_(False), U.environment == UsageEnvironment.PRODUCTION)
+    usage = (
+        select(
+            U.account_id.label("account_id"),
+            func.sum(U.units).label("units"),
+            func.sum(U.provider_cost_usd).label("cost"),
+            func.sum(case((prod_free, 1), else_=0)).label("free_n"),
+            func.sum(case((prod_free, U.provider_cost_usd), else_=0)).label("free_cost"),
+            func.count(U.id).label("n"),
+        )
+        .where(in_window)
+        .group_by(U.account_id)
+        .subquery()
+    )
+    paid = (
+        select(
+            Grant.account_id.label("account_id"),
+            func.sum(Grant.amount_minor).label("minor"),
+            func.sum(Grant.units).label("units"),
+        )
+        .where(Grant.source.in_(PAID_SOURCES), Grant.amount_minor.is_not(None), func.lower(Grant.currency) == "usd")
+        .group_by(Grant.account_id)
+        .subquery()
+    )
+    stmt = (
+        select(
+            Account.customer_id,
+            usage.c.account_id,
+            usage.c.units,
+            usage.c.cost,
+            usage.c.free_n,
+            usage.c.free_cost,
+            usage.c.n,
+            paid.c.minor,
+            paid.c.units.label("paid_units"),
+        )
+        .join(usage, usage.c.account_id == Account.id)
+        .outerjoin(paid, paid.c.account_id == Account.id)
+        .order_by(Account.id)
+        .execution_options(**STREAM)
+    )
+    window = f"{ctx.since.isoformat()}|{ctx.until.isoformat()}"
+    for row in ctx.session.execute(stmt):
+        cost = Decimal(row.cost or 0)
+        units = int(row.units or 0)
+        minor, paid_units = int(row.minor or 0), int(row.paid_units or 0)
+        revenue = (Decimal(units) * Decimal(minor) / Decimal(paid_units) / 100) if paid_units else Decimal(0)
+        revenue = revenue.quantize(Decimal("0.0000000001"))
+        if cost > 0 and revenue < cost:
+            breakdown = [
+                {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
+                for f, m, u, c in ctx.session.execute(
+                    select(U.feature, U.model, func.sum(U.units), func.sum(U.provider_cost_usd))
+                    .where(U.account_id == row.account_id, in_window)
+                    .group_by(U.feature, U.model)
+                    .order_by(U.feature, U.model)
+                )
+            ]
+            yield Finding(
+                kind=MismatchKind.NEGATIVE_MARGIN,
+                identity=f"{row.customer_id}|{window}",
+                summary=f"customer {row.customer_id}: usage cost ${cost} but the credits it used were worth ${revenue}",
+                customer_id=row.customer_id,
+                currency="usd",
+                unit="usd",
+                expected=revenue,
+                actual=cost,
+                evidence={
+                    "ledger": {
+                        "usage_records": int(row.n),
+                        "units": units,
+                        "provider_cost_usd": str(cost),
+                        "paid_minor": minor,
+                        "paid_units": paid_units,
+                        "by_feature_model": breakdown,
+                    },
+                },
+                occurred_at=ctx.since,
+            )
+        if row.free_n:
+            yield Finding(
+                kind=MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
+                identity=f"{row.customer_id}|{window}",
+                summary=f"customer {row.customer_id}: {row.free_n} production usage records marked non-billable "
+                f"(provider cost ${Decimal(row.free_cost or 0)})",
+                customer_id=row.customer_id,
+                currency="usd",
+                unit="usd",
+                expected=Decimal(0),
+                actual=Decimal(row.free_cost or 0),
+                evidence={
+                    "ledger": {"records": int(row.free_n), "provider_cost_usd": str(Decimal(row.free_cost or 0))}
+                },
+                occurred_at=ctx.since,
+            )

@@ -1,0 +1,230 @@
+"""The reconciliation run: parse provider reports, page Stripe into staging, run every check, record what was
+found, close what disappeared.
+
+Provider reports are parsed before anything is written, so a bad file leaves no trace. The run row is committed
+first (so a failed run is visible), staging and the checks follow, and staging rows are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from ledger.config import BillingConfig, get_billing_config
+from reconciliation import checks
+from reconciliation.models import MismatchKind, ReconciliationRun, RunStatus
+from reconciliation.providers import ProviderReport, parse_reports
+from reconciliation.services import Finding, close_unseen, record_finding
+from reconciliation.staging import Stager, clear_staging
+from reconciliation.stripe_source import StripeSource
+
+# Kinds whose mismatches belong to a point in time (closed by a later run over the same window).
+WINDOWED_KINDS = (
+    MismatchKind.PAYMENT_WITHOUT_GRANT,
+    MismatchKind.GRANT_WITHOUT_PAYMENT,
+    MismatchKind.AMOUNT_MISMATCH,
+    MismatchKind.DUPLICATE_GRANT,
+    MismatchKind.REFUND_NOT_CLAWED_BACK,
+    MismatchKind.DISPUTE_NOT_APPLIED,
+    MismatchKind.MISSED_EVENT,
+    MismatchKind.CUSTOMER_TOTAL_MISMATCH,
+    MismatchKind.NEGATIVE_MARGIN,
+    MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
+)
+# Kinds about the current state: every run sees all of it.
+GLOBAL_KINDS = (MismatchKind.ACCESS_STATE_DRIFT, MismatchKind.UNPROCESSED_EVENT)
+
+CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ...] = (
+    ("payments", checks.check_payments),
+    ("grants", checks.check_grants),
+    ("refunds", checks.check_refunds),
+    ("disputes", checks.check_disputes),
+    ("access_state", checks.check_access_state),
+    ("unprocessed_events", checks.check_unprocessed_events),
+    ("missed_events", checks.check_missed_events),
+    ("customer_totals", checks.check_customer_totals),
+    ("providers", checks.check_providers),
+    ("margin", checks.check_margin),
+)
+
+
+class ReconcileError(Exception):
+    """The run could not complete; the run row records the error."""
+
+
+@dataclass
+class RunSummary:
+    """What a run did: its id and window, counts per kind, and what changed among stored mismatches."""
+
+    run_id: int
+    since: datetime
+    until: datetime
+    status: RunStatus
+    counts: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    closed: int = 0
+    stripe_objects: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    provider_reports: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Mismatches observed by the run."""
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "run_id": self.run_id,
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "status": self.status.value,
+            "mismatches": self.total,
+            "counts": dict(sorted(self.counts.items())),
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "closed": self.closed,
+            "stripe_objects": self.stripe_objects,
+            "timings_seconds": {k: round(v, 3) for k, v in self.timings.items()},
+            "provider_reports": self.provider_reports,
+        }
+
+
+Progress = Callable[[str, int], None]
+
+
+def _aware(name: str, value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware")
+    return value.astimezone(UTC)
+
+
+@contextmanager
+def _unit(target: Session | sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction from a factory (committed at the end), or the caller's session (flushed, never committed)."""
+    if isinstance(target, Session):
+        yield target
+        target.flush()
+        return
+    with target.begin() as session:
+        yield session
+
+
+def reconcile(
+    target: Session | sessionmaker[Session],
+    stripe: StripeSource,
+    *,
+    since: datetime,
+    until: datetime,
+    provider_reports: Sequence[Path | str] = (),
+    actor: str = "system",
+    now: datetime | None = None,
+    config: BillingConfig | None = None,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Reconcile the window [since, until) of the ledger against Stripe and the given provider reports."""
+    since, until = _aware("since", since), _aware("until", until)
+    if until <= since:
+        raise ValueError("until must be after since")
+    reports: list[ProviderReport] = parse_reports(provider_reports)  # raises before anything is written
+    config = config or get_billing_config()
+    now = _aware("now", now) if now else datetime.now(UTC)
+    tick: Progress = progress or (lambda _step, _n: None)
+
+    with _unit(target) as session:
+        run = ReconciliationRun(
+            since=since,
+            until=until,
+            started_at=datetime.now(UTC),
+            status=RunStatus.RUNNING,
+            actor=actor,
+            counts={},
+            stats={},
+            provider_reports=[
+                {
+                    "path": str(r.path),
+                    "format": r.format.value,
+                    "rows": len(r.rows),
+                    "days": sorted(d.isoformat() for d in r.days),
+                }
+                for r in reports
+            ],
+        )
+        session.add(run)
+        session.flush()
+        run_id = run.id
+
+    summary = RunSummary(run_id=run_id, since=since, until=until, status=RunStatus.RUNNING)
+    summary.provider_reports = list(run.provider_reports)
+    try:
+        with _unit(target) as session:
+            stager = Stager(session, run_id, stripe, config, on_page=lambda kind, n: tick(f"stripe:{kind}", n))
+            stats = stager.stage_all(since, until)
+            summary.stripe_objects = dict(stats.counts)
+            summary.timings["stripe_paging"] = stats.seconds
+
+        with _unit(target) as session:
+            run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]
+            assert run is not None
+            ctx = checks.CheckContext(
+                session=session,
+                run_id=run_id,
+                since=since,
+                until=until,
+                now=now,
+                config=config,
+                stripe=stripe,
+                reports=reports,
+            )
+            for name, check in CHECKS:
+                started = time.perf_counter()
+                for finding in check(ctx):
+                    outcome = record_finding(session, run, finding, now=now)
+                    summary.counts[finding.kind.value] = summary.counts.get(finding.kind.value, 0) + 1
+                    summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
+                    tick(f"check:{name}", 1)
+                summary.timings[f"check:{name}"] = time.perf_counter() - started
+                tick(f"check:{name}", 0)
+            summary.closed = close_unseen(
+                session,
+                run,
+                windowed_kinds=WINDOWED_KINDS,
+                global_kinds=GLOBAL_KINDS,
+                scope_keys=sorted(ctx.provider_scope_keys),
+                now=now,
+            )
+            clear_staging(session, run_id)
+            run.status = RunStatus.SUCCEEDED
+            run.finished_at = datetime.now(UTC)
+            run.counts = dict(sorted(summary.counts.items()))
+            run.stats = {
+                "stripe_objects": summary.stripe_objects,
+                "outcomes": summary.outcomes,
+                "closed": summary.closed,
+                "timings_seconds": {k: round(v, 3) for k, v in summary.timings.items()},
+            }
+        summary.status = RunStatus.SUCCEEDED
+        return summary
+    except Exception as exc:
+        if isinstance(target, Session):
+            raise
+        with _unit(target) as session:
+            clear_staging(session, run_id)
+            failed = session.get(ReconciliationRun, run_id)
+            if failed is not None:
+                failed.status = RunStatus.FAILED
+                failed.finished_at = datetime.now(UTC)
+                failed.error = f"{type(exc).__name__}: {exc}"[:4000]
+        raise
+
+
+def previous_utc_day(now: datetime) -> tuple[datetime, datetime]:
+    """The window [yesterday 00:00, today 00:00) in UTC."""
+    today = _aware("now", now).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=1), today

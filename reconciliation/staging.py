@@ -1,0 +1,368 @@
+"""Page Stripe's lists for a window into the per-run staging tables, one page at a time.
+
+Nothing is kept in memory beyond one page: each page becomes one multi-row INSERT, and the checks then compare
+the staged rows with the ledger in SQL. A paid Checkout Session (``mode=payment``) or a paid invoice is a
+*payment*; each id a grant may carry for it (session, invoice, payment intent, charge) becomes an alias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any
+
+from sqlalchemy import delete, insert, literal, select, true
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ledger.config import BillingConfig
+from reconciliation.models import StagedStripeAlias, StagedStripeObject
+from reconciliation.stripe_source import StripeSource, stripe_id
+
+PAGE_ROWS = 500
+
+# Subscription statuses, best first: a customer's access follows their best subscription.
+SUBSCRIPTION_RANK = {
+    "active": 0,
+    "trialing": 1,
+    "past_due": 2,
+    "unpaid": 3,
+    "paused": 4,
+    "incomplete": 5,
+    "canceled": 6,
+    "incomplete_expired": 7,
+}
+
+
+@dataclass
+class StagingStats:
+    """How many Stripe objects of each kind were paged in, and how long paging took."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+
+def _ts(value: Any) -> datetime | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, tz=UTC)
+    return None
+
+
+def _price_keys(price: Any) -> list[str]:
+    if isinstance(price, str):
+        return [price]
+    if isinstance(price, Mapping):
+        return [k for k in (price.get("id"), price.get("lookup_key")) if isinstance(k, str)]
+    return []
+
+
+def _fallback_credits(amount_minor: int, config: BillingConfig) -> int:
+    credits = Decimal(amount_minor) * config.credits.fallback_credits_per_minor_unit
+    return int(credits.to_integral_value(rounding=ROUND_FLOOR))
+
+
+def expected_topup_credits(line_items: Iterable[Mapping[str, Any]], amount_total: int, config: BillingConfig) -> int:
+    """Credits a paid top-up should grant: packs by price id or lookup key, else the fallback rate per minor unit."""
+    total = 0
+    matched_any = False
+    unmatched_amount = 0
+    for item in line_items:
+        quantity = int(item.get("quantity") or 1)
+        pack = next((p for k in _price_keys(item.get("price")) if (p := config.pack_for_price(k))), None)
+        if pack is None:
+            unmatched_amount += int(item.get("amount_total") or 0)
+            continue
+        matched_any = True
+        total += pack.credits * quantity
+    if not matched_any:
+        return _fallback_credits(amount_total, config)
+    return total + _fallback_credits(unmatched_amount, config)
+
+
+def expected_invoice_credits(invoice: Mapping[str, Any], config: BillingConfig) -> int:
+    """Credits a paid invoice should grant: each plan line's credits per period, else the fallback rate."""
+    lines = invoice.get("lines")
+    data = lines.get("data", []) if isinstance(lines, Mapping) else []
+    total = 0
+    matched = False
+    for line in data:
+        if not isinstance(line, Mapping):
+            continue
+        price = line.get("price")
+        if price is None and isinstance(line.get("pricing"), Mapping):
+            details = line["pricing"].get("price_details") or {}
+            price = details.get("price")
+        plan = next((p for k in _price_keys(price) if (p := config.plan_for_price(k))), None)
+        if plan is not None:
+            matched = True
+            total += plan.credits_per_period * int(line.get("quantity") or 1)
+    if not matched:
+        return _fallback_credits(int(invoice.get("amount_paid") or 0), config)
+    return total
+
+
+def _invoice_refs(invoice: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(payment intent, charge) of an invoice, from the classic fields or the newer ``payments`` list."""
+    pi = stripe_id(invoice.get("payment_intent"))
+    charge = stripe_id(invoice.get("charge"))
+    payments = invoice.get("payments")
+    if (pi is None or charge is None) and isinstance(payments, Mapping):
+        for p in payments.get("data") or []:
+            payment = p.get("payment") if isinstance(p, Mapping) else None
+            if isinstance(payment, Mapping):
+                pi = pi or stripe_id(payment.get("payment_intent"))
+                charge = charge or stripe_id(payment.get("charge"))
+    return pi, charge
+
+
+class Stager:
+    """Writes one run's Stripe pages into the staging tables."""
+
+    def __init__(
+        self,
+        session: Session,
+        run_id: int,
+        stripe: StripeSource,
+        config: BillingConfig,
+        *,
+        on_page: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.run_id = run_id
+        self.stripe = stripe
+        self.config = config
+        self.stats = StagingStats()
+        self._on_page = on_page or (lambda _kind, _n: None)
+        dialect = session.get_bind().dialect.name
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    # --- writing ---------------------------------------------------------------------------------------------
+
+    def _flush(self, kind: str, objects: list[dict[str, Any]], aliases: list[dict[str, Any]]) -> None:
+        if objects:
+            self.session.execute(insert(StagedStripeObject), objects)
+        if aliases:
+            stmt = self._insert(StagedStripeAlias).on_conflict_do_nothing(index_elements=["run_id", "key"])
+            self.session.execute(stmt, aliases)
+        self.stats.add(kind, len(objects))
+        self._on_page(kind, len(objects))
+
+    def _pages(self, items: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        page: list[dict[str, Any]] = []
+        for item in items:
+            page.append(item)
+            if len(page) >= PAGE_ROWS:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def _row(self, object_type: str, obj: Mapping[str, Any], **values: Any) -> dict[str, Any]:
+        row = {
+            "run_id": self.run_id,
+            "object_type": object_type,
+            "object_id": obj["id"],
+            "customer_id": stripe_id(obj.get("customer")),
+            "ref": None,
+            "status": obj.get("status"),
+            "amount": None,
+            "amount_refunded": None,
+            "currency": (obj.get("currency") or None),
+            "created": _ts(obj.get("created")),
+            "expected_credits": None,
+            "detail": {},
+        }
+        row.update(values)
+        return row
+
+    def _alias(self, key: str | None, payment_id: str) -> dict[str, Any] | None:
+        return {"run_id": self.run_id, "key": key, "payment_id": payment_id} if key else None
+
+    # --- each list ---------------------------------------------------------------------------------------------
+
+    def stage_checkout_sessions(self, since: datetime, until: datetime) -> None:
+        items = self.stripe.list_checkout_sessions(created_gte=since, created_lt=until, expand=["data.line_items"])
+        for page in self._pages(items):
+            objects: list[dict[str, Any]] = []
+            aliases: list[dict[str, Any] | None] = []
+            for cs in page:
+                if cs.get("mode") != "payment" or cs.get("payment_status") != "paid":
+                    continue
+                line_items = cs.get("line_items")
+                if isinstance(line_items, Mapping) and not line_items.get("has_more"):
+                    items_data = list(line_items.get("data") or [])
+                else:
+                    items_data = self.stripe.retrieve_checkout_session_line_items(cs["id"])
+                amount = int(cs.get("amount_total") or 0)
+                pi = stripe_id(cs.get("payment_intent"))
+                objects.append(
+                    self._row(
+                        "payment",
+                        cs,
+                        ref=pi,
+                        status="paid",
+                        amount=amount,
+                        expected_credits=expected_topup_credits(items_data, amount, self.config),
+                        detail={
+                            "source": "checkout_session",
+                            "payment_intent": pi,
+                            "prices": [k for it in items_data for k in _price_keys(it.get("price"))[:1]],
+                        },
+                    )
+                )
+                aliases += [self._alias(cs["id"], cs["id"]), self._alias(pi, cs["id"])]
+            self._flush("checkout_session", objects, [a for a in aliases if a])
+
+    def stage_invoices(self, since: datetime, until: datetime) -> None:
+        for page in self._pages(self.stripe.list_invoices(created_gte=since, created_lt=until)):
+            objects: list[dict[str, Any]] = []
+            aliases: list[dict[str, Any] | None] = []
+            for inv in page:
+                paid = int(inv.get("amount_paid") or 0)
+                if inv.get("status") != "paid" or paid <= 0:
+                    continue
+                pi, charge = _invoice_refs(inv)
+                objects.append(
+                    self._row(
+                        "payment",
+                        inv,
+                        ref=pi,
+                        amount=paid,
+                        expected_credits=expected_invoice_credits(inv, self.config),
+                        detail={
+                            "source": "invoice",
+                            "payment_intent": pi,
+                            "charge": charge,
+                            "subscription": stripe_id(inv.get("subscription")),
+                            "billing_reason": inv.get("billing_reason"),
+                        },
+                    )
+                )
+                aliases += [self._alias(inv["id"], inv["id"]), self._alias(pi, inv["id"])]
+                aliases.append(self._alias(charge, inv["id"]))
+            self._flush("invoice", objects, [a for a in aliases if a])
+
+    def stage_charges(self, since: datetime, until: datetime) -> None:
+        for page in self._pages(self.stripe.list_charges(created_gte=since, created_lt=until)):
+            objects = []
+            for ch in page:
+                if not ch.get("paid") or ch.get("status") != "succeeded":
+                    continue
+                pi = stripe_id(ch.get("payment_intent"))
+                objects.append(
+                    self._row(
+                        "charge",
+                        ch,
+                        ref=stripe_id(ch.get("invoice")) or pi,
+                        amount=int(ch.get("amount_captured") or ch.get("amount") or 0),
+                        amount_refunded=int(ch.get("amount_refunded") or 0),
+                        detail={"payment_intent": pi, "disputed": bool(ch.get("disputed"))},
+                    )
+                )
+            self._flush("charge", objects, [])
+        # A charge's own id is an alias of the payment it belongs to (a grant may name the charge).
+        charges = StagedStripeObject
+        aliases = StagedStripeAlias
+        resolved = (
+            select(literal(self.run_id), charges.object_id, aliases.payment_id)
+            .join(aliases, (aliases.run_id == charges.run_id) & (aliases.key == charges.ref))
+            .where(charges.run_id == self.run_id, charges.object_type == "charge", true())
+        )
+        stmt = (
+            self._insert(StagedStripeAlias)
+            .from_select(["run_id", "key", "payment_id"], resolved)
+            .on_conflict_do_nothing(index_elements=["run_id", "key"])
+        )
+        self.session.execute(stmt)
+
+    def stage_refunds(self, since: datetime, until: datetime) -> None:
+        for page in self._pages(self.stripe.list_refunds(created_gte=since, created_lt=until)):
+            objects = []
+            for re in page:
+                if re.get("status") not in ("succeeded", "pending"):
+                    continue
+                charge = stripe_id(re.get("charge"))
+                objects.append(
+                    self._row(
+                        "refund",
+                        re,
+                        ref=charge,
+                        amount=int(re.get("amount") or 0),
+                        detail={"payment_intent": stripe_id(re.get("payment_intent")), "charge": charge},
+                    )
+                )
+            self._flush("refund", objects, [])
+
+    def stage_disputes(self, since: datetime, until: datetime) -> None:
+        for page in self._pages(self.stripe.list_disputes(created_gte=since, created_lt=until)):
+            objects = []
+            for dp in page:
+                charge = stripe_id(dp.get("charge"))
+                objects.append(
+                    self._row(
+                        "dispute",
+                        dp,
+                        ref=charge,
+                        amount=int(dp.get("amount") or 0),
+                        detail={"payment_intent": stripe_id(dp.get("payment_intent")), "charge": charge},
+                    )
+                )
+            self._flush("dispute", objects, [])
+
+    def stage_subscriptions(self) -> None:
+        # Every subscription, whatever its age: access state is a property of now, not of the window.
+        for page in self._pages(self.stripe.list_subscriptions(status="all")):
+            objects = [
+                self._row(
+                    "subscription",
+                    sub,
+                    amount=SUBSCRIPTION_RANK.get(str(sub.get("status")), len(SUBSCRIPTION_RANK)),
+                    detail={"current_period_end": sub.get("current_period_end")},
+                )
+                for sub in page
+            ]
+            self._flush("subscription", objects, [])
+
+    def stage_events(self, since: datetime, until: datetime) -> None:
+        for page in self._pages(self.stripe.list_events(created_gte=since, created_lt=until)):
+            objects = []
+            for ev in page:
+                data = ev.get("data")
+                obj = data.get("object") if isinstance(data, Mapping) else None
+                objects.append(
+                    self._row(
+                        "event",
+                        ev,
+                        customer_id=stripe_id(obj.get("customer")) if isinstance(obj, Mapping) else None,
+                        ref=stripe_id(obj.get("id")) if isinstance(obj, Mapping) else None,
+                        status=str(ev.get("type") or "")[:64],
+                        currency=None,
+                    )
+                )
+            self._flush("event", objects, [])
+
+    def stage_all(self, since: datetime, until: datetime) -> StagingStats:
+        """Page in every list the checks use."""
+        import time
+
+        started = time.perf_counter()
+        self.stage_checkout_sessions(since, until)
+        self.stage_invoices(since, until)
+        self.stage_charges(since, until)
+        self.stage_refunds(since, until)
+        self.stage_disputes(since, until)
+        self.stage_subscriptions()
+        self.stage_events(since, until)
+        self.stats.seconds = time.perf_counter() - started
+        return self.stats
+
+
+def clear_staging(session: Session, run_id: int) -> None:
+    """Delete a run's staged Stripe rows (they are scratch space, not history)."""
+    session.execute(delete(StagedStripeObject).where(StagedStripeObject.run_id == run_id))
+    session.execute(delete(StagedStripeAlias).where(StagedStripeAlias.run_id == run_id))
