@@ -1,20 +1,61 @@
-"""PostgreSQL's one-round-trip consumption (a plpgsql function created by migration 0001)."""
+"""PostgreSQL's consumption in one round trip: the ``ledger_consume`` function created by migration 0001.
+
+The function applies the same rules as :func:`ledger.consume.consume_in_python` (lock the account, replay by
+key, access, expire lapsed grants, refuse or draw, record debt, usage, entry, allocations), server-side, so a
+consumption costs one statement instead of seven. The property tests run the same scenarios through both.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
+import weakref
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+
+from ledger.errors import AccessRefused, IdempotencyConflict, InsufficientCredits, UnknownCustomer
+from ledger.models import Account, Grant
+from ledger.posting import forget
 
 if TYPE_CHECKING:
     from ledger.consume import ConsumeResult
     from ledger.pricing import UsageInput
 
+SIGNATURE = "ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb)"
+_CALL = (
+    "SELECT status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
+    "grant_ids, grant_units FROM ledger_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+)
+
+_switch = threading.local()
+_installed: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+
+
+def use_function(flag: bool) -> None:
+    """Route this thread's PostgreSQL consumption through the function (default) or the portable Python path."""
+    _switch.on = flag
+
+
+def _installed_on(session: Session) -> bool:
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    known = _installed.get(engine)
+    if known is None:
+        known = bool(
+            session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (SIGNATURE,)).scalar()
+        )
+        _installed[engine] = known
+    return known
+
 
 def enabled(session: Session) -> bool:
-    """Whether consumption goes through the PostgreSQL function."""
-    return False
+    """Whether this session's consumption goes through the PostgreSQL function."""
+    if session.get_bind().dialect.name != "postgresql" or not getattr(_switch, "on", True):
+        return False
+    return _installed_on(session)
 
 
 def consume(
@@ -29,5 +70,52 @@ def consume(
     reason: str,
     now: datetime,
 ) -> ConsumeResult:
-    """Consume in one round trip."""
-    raise NotImplementedError
+    """Consume through ``ledger_consume``; translate its status into the ledger's result or error."""
+    from ledger.consume import ConsumeResult, consume_key, usage_row
+
+    usage_json = None
+    if usage is not None:
+        row = usage_row(0, request_id, usage, charge, now)
+        usage_json = json.dumps(row, default=_json_default)
+    result: Any = (
+        session.connection()
+        .exec_driver_sql(
+            _CALL, (customer_id, request_id, consume_key(request_id), charge, digest, actor, reason, now, usage_json)
+        )
+        .one()
+    )
+    status = result.status
+    if status == "unknown_customer":
+        raise UnknownCustomer(customer_id)
+    if status == "access_refused":
+        raise AccessRefused(customer_id, result.access_state)
+    if status == "insufficient":
+        raise InsufficientCredits(customer_id, charge, result.available)
+    if status == "replay" and result.request_hash != digest:
+        raise IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
+    if status == "ok":
+        _forget_moved(session, result.grant_ids)
+    return ConsumeResult(
+        request_id=request_id,
+        customer_id=customer_id,
+        units=result.units,
+        balance_after=result.balance_after,
+        entry_id=result.entry_id,
+        usage_id=result.usage_id,
+        replayed=status == "replay",
+        funded_by=tuple(zip(result.grant_ids, result.grant_units, strict=True)),
+    )
+
+
+def _forget_moved(session: Session, grant_ids: list[int]) -> None:
+    if session.identity_map:  # nothing loaded, nothing stale: the usual case on the hot path
+        for obj in list(session.identity_map.values()):
+            if isinstance(obj, Account):
+                session.expire(obj)
+        forget(session, Grant, grant_ids)
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)

@@ -17,6 +17,126 @@ branch_labels = None
 depends_on = None
 
 
+# PostgreSQL's consumption in one round trip. It follows the same rules as ledger.consume.consume_in_python (the
+# portable path); the property tests run both against the same scenarios, so they cannot drift apart.
+CONSUME_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION ledger_consume(
+    p_customer text, p_request_id text, p_key text, p_units bigint, p_hash text,
+    p_actor text, p_reason text, p_now timestamptz, p_usage jsonb
+) RETURNS TABLE (
+    status text, entry_id bigint, balance_after bigint, usage_id bigint, units bigint, available bigint,
+    access_state text, request_hash text, grant_ids bigint[], grant_units bigint[]
+) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_account bigint;
+    v_balance bigint;
+    v_debt bigint;
+    v_overdraft bigint;
+    v_state text;
+    v_grace timestamptz;
+    g record;
+    o record;
+    v_lapsed bigint := 0;
+    v_need bigint := 0;
+    v_take bigint;
+    v_ids bigint[] := '{}';
+    v_takes bigint[] := '{}';
+    v_lapsed_ids bigint[] := '{}';
+    v_lapsed_units bigint[] := '{}';
+    v_entry bigint;
+    v_usage bigint;
+    i int;
+BEGIN
+    -- The row lock serializes every movement on this account: no read-then-write race.
+    SELECT a.id, a.balance, a.debt, a.overdraft_limit, a.access_state, a.grace_until
+      INTO v_account, v_balance, v_debt, v_overdraft, v_state, v_grace
+      FROM accounts a WHERE a.customer_id = p_customer FOR UPDATE;
+    IF v_account IS NULL THEN
+        RETURN QUERY SELECT 'unknown_customer'::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+            NULL::bigint, NULL::text, NULL::text, NULL::bigint[], NULL::bigint[];
+        RETURN;
+    END IF;
+    -- Looked up after the lock (a fresh snapshot), so a concurrent first attempt is seen once it committed.
+    SELECT e.id, e.units, e.balance_after, e.usage_id, e.request_hash INTO o
+      FROM entries e WHERE e.idempotency_key = p_key;
+    IF o.id IS NOT NULL THEN
+        RETURN QUERY SELECT 'replay'::text, o.id, o.balance_after, o.usage_id, -o.units, NULL::bigint, v_state,
+            o.request_hash::text,
+            coalesce((SELECT array_agg(al.grant_id ORDER BY al.id) FROM allocations al WHERE al.entry_id = o.id), '{}'),
+            coalesce((SELECT array_agg(-al.units ORDER BY al.id) FROM allocations al WHERE al.entry_id = o.id), '{}');
+        RETURN;
+    END IF;
+    IF NOT (v_state IN ('active', 'trialing') OR (v_state = 'past_due' AND (v_grace IS NULL OR p_now < v_grace))) THEN
+        RETURN QUERY SELECT 'access_refused'::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+            NULL::bigint, v_state, NULL::text, NULL::bigint[], NULL::bigint[];
+        RETURN;
+    END IF;
+    IF p_units > 0 THEN
+        v_need := p_units;
+        -- Draw order: higher priority first, then earliest expiry (never-expiring last), then oldest.
+        FOR g IN SELECT gr.id, gr.remaining, gr.expires_at FROM grants gr
+                  WHERE gr.account_id = v_account AND gr.remaining > 0
+                  ORDER BY gr.priority DESC, gr.expires_at ASC NULLS LAST, gr.id LOOP
+            IF g.expires_at IS NOT NULL AND g.expires_at <= p_now THEN
+                v_lapsed_ids := v_lapsed_ids || g.id;
+                v_lapsed_units := v_lapsed_units || g.remaining;
+                v_lapsed := v_lapsed + g.remaining;
+            ELSIF v_need > 0 THEN
+                v_take := least(v_need, g.remaining);
+                v_ids := v_ids || g.id;
+                v_takes := v_takes || v_take;
+                v_need := v_need - v_take;
+            END IF;
+        END LOOP;
+        IF v_balance - v_lapsed + v_overdraft < p_units THEN
+            RETURN QUERY SELECT 'insufficient'::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+                greatest(0, v_balance - v_lapsed + v_overdraft), v_state, NULL::text, NULL::bigint[], NULL::bigint[];
+            RETURN;
+        END IF;
+        FOR i IN 1 .. coalesce(array_length(v_lapsed_ids, 1), 0) LOOP
+            UPDATE grants SET remaining = 0, expired_at = p_now WHERE id = v_lapsed_ids[i];
+            v_balance := v_balance - v_lapsed_units[i];
+            INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
+                                 grant_id, actor, reason)
+                 VALUES (v_account, 'expire', -v_lapsed_units[i], v_balance, 0, 0,
+                         'expire:' || v_lapsed_ids[i] || ':' || v_lapsed_units[i] || ':' || p_now::text,
+                         v_lapsed_ids[i], 'system', 'grant expired')
+              RETURNING id INTO v_entry;
+            INSERT INTO allocations (entry_id, grant_id, units) VALUES (v_entry, v_lapsed_ids[i], -v_lapsed_units[i]);
+        END LOOP;
+        IF array_length(v_ids, 1) IS NOT NULL THEN
+            UPDATE grants SET remaining = grants.remaining - t.take
+              FROM unnest(v_ids, v_takes) AS t(id, take) WHERE grants.id = t.id;
+        END IF;
+    END IF;
+    IF p_usage IS NOT NULL THEN
+        INSERT INTO usage_records (account_id, request_id, user_id, workspace, feature, provider, model, operation,
+                                   input_tokens, output_tokens, cached_tokens, provider_cost_usd, units, billable,
+                                   environment, occurred_at)
+             VALUES (v_account, p_request_id, p_usage->>'user_id', p_usage->>'workspace', p_usage->>'feature',
+                     p_usage->>'provider', p_usage->>'model', p_usage->>'operation',
+                     (p_usage->>'input_tokens')::bigint, (p_usage->>'output_tokens')::bigint,
+                     (p_usage->>'cached_tokens')::bigint, (p_usage->>'provider_cost_usd')::numeric, p_units,
+                     (p_usage->>'billable')::boolean, p_usage->>'environment',
+                     coalesce((p_usage->>'occurred_at')::timestamptz, p_now))
+          RETURNING id INTO v_usage;
+    END IF;
+    v_balance := v_balance - p_units;
+    INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
+                         request_hash, usage_id, actor, reason)
+         VALUES (v_account, 'consume', -p_units, v_balance, v_need, 0, p_key, p_hash, v_usage, p_actor, p_reason)
+      RETURNING id INTO v_entry;
+    IF array_length(v_ids, 1) IS NOT NULL THEN
+        INSERT INTO allocations (entry_id, grant_id, units)
+             SELECT v_entry, t.id, -t.take FROM unnest(v_ids, v_takes) WITH ORDINALITY AS t(id, take, n) ORDER BY t.n;
+    END IF;
+    UPDATE accounts SET balance = v_balance, debt = v_debt + v_need, updated_at = p_now WHERE id = v_account;
+    RETURN QUERY SELECT 'ok'::text, v_entry, v_balance, v_usage, p_units, NULL::bigint, v_state, p_hash, v_ids, v_takes;
+END
+$fn$
+"""
+
+
 def upgrade() -> None:
     
     op.create_table('accounts',
@@ -192,11 +312,14 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_allocations_entry_id'), ['entry_id'], unique=False)
         batch_op.create_index('ix_allocations_grant_id', ['grant_id'], unique=False)
 
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(CONSUME_FUNCTION)
     
 
 
 def downgrade() -> None:
-    
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION IF EXISTS ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb)")
     with op.batch_alter_table('allocations', schema=None) as batch_op:
         batch_op.drop_index('ix_allocations_grant_id')
         batch_op.drop_index(batch_op.f('ix_allocations_entry_id'))
