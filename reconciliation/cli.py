@@ -1,9 +1,278 @@
-"""Command-line commands of this package."""
+"""Reconciliation commands: ``reconcile`` and the ``mismatches`` review workflow.
+
+Exit codes (ledger.cli): 0 done and nothing found; 1 the run found mismatches; 2 a usage, report or config
+error; 5 an unknown mismatch.
+"""
 
 from __future__ import annotations
 
+import getpass
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE
+from ledger.db import session_factory, unit_of_work
+from ledger.errors import InvalidRequest
+from reconciliation import services
+from reconciliation.engine import RunSummary, previous_utc_day, reconcile
+from reconciliation.models import MismatchKind, MismatchStatus
+from reconciliation.providers import ReportError
+from reconciliation.stripe_source import StripeSource
+
+mismatches_app = typer.Typer(help="Review reconciliation mismatches.", no_args_is_help=True)
+
+ActorOption = Annotated[
+    str | None, typer.Option("--actor", help="Who is acting (default: the OS user).", show_default=False)
+]
+NoteOption = Annotated[str, typer.Option("--note", help="Why (required; kept in the audit trail).")]
+
+
+def _actor(actor: str | None) -> str:
+    if actor and actor.strip():
+        return actor.strip()
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (containers): still say something true
+        return "unknown"
+
+
+def _parse_time(value: str, option: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 date or time", param_hint=option) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _gateway() -> StripeSource:
+    # Wired here, not at import: reconciliation must not depend on the worker package.
+    from worker.gateway import get_gateway
+
+    return get_gateway()
+
+
+def _print_summary(summary: RunSummary) -> None:
+    console = Console()
+    console.print(
+        f"run {summary.run_id} [{summary.since.isoformat()}, {summary.until.isoformat()}): "
+        f"{summary.status.value}, {summary.total} mismatch(es), {summary.closed} closed"
+    )
+    if summary.counts:
+        table = Table("kind", "count")
+        for kind, n in sorted(summary.counts.items()):
+            table.add_row(kind, str(n))
+        console.print(table)
+    if summary.outcomes:
+        console.print("changes: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())))
+
+
+def reconcile_command(
+    since: Annotated[str, typer.Option("--since", help="Window start (ISO 8601, UTC if no offset).")],
+    until: Annotated[str, typer.Option("--until", help="Window end, exclusive (ISO 8601).")],
+    provider_report: Annotated[
+        list[Path] | None,
+        typer.Option("--provider-report", help="An OpenAI or Anthropic cost/usage report (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    actor: ActorOption = None,
+) -> None:
+    """Reconcile the ledger against Stripe and provider reports for [since, until)."""
+    start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
+    if end <= start:
+        raise _fail("--until must be after --since", EXIT_USAGE)
+    err = Console(stderr=True)
+    try:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TextColumn("{task.completed} rows"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
+        ) as bar:
+            tasks: dict[str, Any] = {}
+
+            def tick(step: str, n: int) -> None:
+                if step not in tasks:
+                    tasks[step] = bar.add_task(step, total=None)
+                bar.advance(tasks[step], n)
+
+            summary = reconcile(
+                session_factory(),
+                _gateway(),
+                since=start,
+                until=end,
+                provider_reports=provider_report or [],
+                actor=_actor(actor),
+                progress=tick,
+            )
+    except ReportError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from exc
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from exc
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
+    else:
+        _print_summary(summary)
+    if summary.total:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def run_nightly(now: datetime | None = None) -> RunSummary:
+    """Reconcile the previous UTC day (the beat task's job); provider reports are not fetched here."""
+    since, until = previous_utc_day(now or datetime.now(UTC))
+    return reconcile(session_factory(), _gateway(), since=since, until=until, actor="nightly")
+
+
+# --- mismatches ------------------------------------------------------------------------------------------------
+
+
+@mismatches_app.command("list")
+def list_command(
+    status: Annotated[MismatchStatus | None, typer.Option("--status")] = None,
+    kind: Annotated[MismatchKind | None, typer.Option("--kind")] = None,
+    customer: Annotated[str | None, typer.Option("--customer")] = None,
+    run: Annotated[int | None, typer.Option("--run", help="Last seen by this run.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List mismatches, oldest first."""
+    with unit_of_work() as session:
+        rows = services.list_mismatches(
+            session, status=status, kind=kind, customer_id=customer, run_id=run, limit=limit
+        )
+        data = [services.mismatch_dict(m) for m in rows]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    table = Table("id", "kind", "status", "customer", "expected", "actual", "unit", "summary")
+    for m in data:
+        table.add_row(
+            str(m["id"]),
+            m["kind"],
+            m["status"],
+            m["customer_id"] or "",
+            m["expected"] or "",
+            m["actual"] or "",
+            m["unit"],
+            m["summary"],
+        )
+    Console(width=max(160, Console().width)).print(table)
+
+
+@mismatches_app.command("show")
+def show_command(
+    mismatch_id: Annotated[int, typer.Argument(metavar="ID")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one mismatch with its evidence and audit trail."""
+    with unit_of_work() as session:
+        try:
+            mismatch = services.get_mismatch(session, mismatch_id)
+        except services.UnknownMismatch as exc:
+            raise _fail(str(exc), EXIT_UNKNOWN) from exc
+        data = services.mismatch_dict(mismatch)
+        data["actions"] = [services.action_dict(a) for a in services.list_actions(session, mismatch_id)]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    console = Console()
+    console.print(f"[bold]mismatch {data['id']}[/bold] {data['kind']} ({data['status']})")
+    for key in (
+        "summary",
+        "customer_id",
+        "currency",
+        "unit",
+        "expected",
+        "actual",
+        "occurred_at",
+        "first_seen_run_id",
+        "last_seen_run_id",
+        "first_seen_at",
+        "last_seen_at",
+        "fingerprint",
+    ):
+        console.print(f"  {key}: {data[key]}")
+    console.print("  evidence:")
+    console.print_json(json.dumps(data["evidence"], default=str))
+    console.print("  audit trail:")
+    for a in data["actions"]:
+        console.print(f"    {a['at']} {a['actor']} {a['action']} {a['from_status']} -> {a['to_status']}: {a['note']}")
+
+
+def _act(action: str, mismatch_id: int, note: str, actor: str | None) -> None:
+    fn = {"resolve": services.resolve, "ignore": services.ignore, "reopen": services.reopen}[action]
+    try:
+        with unit_of_work() as session:
+            mismatch = fn(session, mismatch_id, actor=_actor(actor), note=note)
+            status = mismatch.status.value
+    except services.UnknownMismatch as exc:
+        raise _fail(str(exc), EXIT_UNKNOWN) from exc
+    except InvalidRequest as exc:
+        raise _fail(str(exc), EXIT_USAGE) from exc
+    typer.echo(f"mismatch {mismatch_id} is now {status}")
+
+
+@mismatches_app.command("resolve")
+def resolve_command(
+    mismatch_id: Annotated[int, typer.Argument(metavar="ID")], note: NoteOption, actor: ActorOption = None
+) -> None:
+    """Mark a mismatch resolved, with a note."""
+    _act("resolve", mismatch_id, note, actor)
+
+
+@mismatches_app.command("ignore")
+def ignore_command(
+    mismatch_id: Annotated[int, typer.Argument(metavar="ID")], note: NoteOption, actor: ActorOption = None
+) -> None:
+    """Mark a mismatch ignored, with a note."""
+    _act("ignore", mismatch_id, note, actor)
+
+
+@mismatches_app.command("reopen")
+def reopen_command(
+    mismatch_id: Annotated[int, typer.Argument(metavar="ID")], note: NoteOption, actor: ActorOption = None
+) -> None:
+    """Reopen a resolved, ignored or closed mismatch, with a note."""
+    _act("reopen", mismatch_id, note, actor)
+
+
+@mismatches_app.command("export")
+def export_command(
+    csv_path: Annotated[Path, typer.Option("--csv", help="Write mismatches to this CSV file ('-' for stdout).")],
+    status: Annotated[MismatchStatus | None, typer.Option("--status")] = None,
+    kind: Annotated[MismatchKind | None, typer.Option("--kind")] = None,
+    customer: Annotated[str | None, typer.Option("--customer")] = None,
+    run: Annotated[int | None, typer.Option("--run")] = None,
+) -> None:
+    """Export mismatches (with their evidence as JSON) to CSV."""
+    filters: dict[str, Any] = {"status": status, "kind": kind, "customer_id": customer, "run_id": run}
+    with unit_of_work() as session:
+        if str(csv_path) == "-":
+            n = services.export_csv(session, sys.stdout, **filters)
+        else:
+            try:
+                n = services.export_csv(session, csv_path, **filters)
+            except OSError as exc:
+                raise _fail(f"cannot write {csv_path}: {exc.strerror or exc}", EXIT_USAGE) from exc
+    typer.echo(f"{n} mismatch(es) exported", err=str(csv_path) == "-")
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root CLI."""
+    app.command("reconcile")(reconcile_command)
+    app.add_typer(mismatches_app, name="mismatches")

@@ -90,6 +90,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _iso(value: datetime | None) -> str | None:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
 def _audit(
     session: Session,
     mismatch: Mismatch,
@@ -408,12 +415,12 @@ def mismatch_dict(mismatch: Mismatch) -> dict[str, Any]:
         "actual": _canonical(mismatch.actual_amount) if mismatch.actual_amount is not None else None,
         "summary": mismatch.summary,
         "evidence": mismatch.evidence,
-        "occurred_at": mismatch.occurred_at.isoformat() if mismatch.occurred_at else None,
+        "occurred_at": _iso(mismatch.occurred_at),
         "first_seen_run_id": mismatch.first_seen_run_id,
         "last_seen_run_id": mismatch.last_seen_run_id,
-        "first_seen_at": mismatch.first_seen_at.isoformat(),
-        "last_seen_at": mismatch.last_seen_at.isoformat(),
-        "status_changed_at": mismatch.status_changed_at.isoformat(),
+        "first_seen_at": _iso(mismatch.first_seen_at),
+        "last_seen_at": _iso(mismatch.last_seen_at),
+        "status_changed_at": _iso(mismatch.status_changed_at),
     }
 
 
@@ -428,7 +435,7 @@ def action_dict(action: MismatchAction) -> dict[str, Any]:
         "note": action.note,
         "from_status": action.from_status.value if action.from_status else None,
         "to_status": action.to_status.value,
-        "at": action.at.isoformat(),
+        "at": _iso(action.at),
     }
 
 
