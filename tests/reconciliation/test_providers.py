@@ -253,7 +253,7 @@ class TestMalformedReports:
 
     def test_one_bad_file_among_good_ones_raises(self, tmp_path: Path) -> None:
         bad = self._write(tmp_path, "bad.json", "{")
-        with pytest.raises(ReportError, match="bad.json"):
+        with pytest.raises(ReportError, match=r"bad\.json"):
             parse_reports([COSTS_JSON, bad, ANTHROPIC_COST])
 
     def test_no_float_ever_exists(self) -> None:
