@@ -3,8 +3,64 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ledger.logs import get_logger
+from ledger.settings import get_settings
+from webhooks.review import mismatch_views, views
+from webhooks.review.security import ReviewGate, form_action
+from webhooks.review.state import review_users
+from webhooks.review.templating import STATIC_DIR
+
+SESSION_COOKIE = "review_session"
+# A working day: after that, sign in again.
+SESSION_MAX_AGE_SECONDS = 12 * 3600
+_DEFAULT_SECRET = "change-me-in-production"
+
+log = get_logger(__name__)
 
 
 def create_review_app() -> Starlette:
-    """Build the review sub-application."""
-    return Starlette(routes=[])
+    """Build the review sub-application (login, mismatches, runs, customers, events, static files)."""
+    settings = get_settings()
+    users = review_users()  # a malformed REVIEW_USERS fails here, at start-up, naming the entry
+    secret = settings.secret_key.get_secret_value()
+    if secret == _DEFAULT_SECRET:
+        log.warning("review.default_secret_key", hint="set SECRET_KEY: session cookies are signed with it")
+    if not users:
+        log.warning("review.no_users", hint="set REVIEW_USERS to name:hash pairs to allow sign-in")
+    routes = [
+        Route("/", views.home, methods=["GET"]),
+        Route("/login", views.login_form, methods=["GET"]),
+        Route("/login", form_action(views.login), methods=["POST"]),
+        Route("/logout", form_action(views.logout), methods=["POST"]),
+        Route("/mismatches", mismatch_views.mismatch_list, methods=["GET"]),
+        Route("/mismatches.csv", mismatch_views.mismatch_csv, methods=["GET"]),
+        Route("/mismatches/{mismatch_id:int}", mismatch_views.mismatch_page, methods=["GET"]),
+        Route(
+            "/mismatches/{mismatch_id:int}/{action:str}",
+            form_action(mismatch_views.mismatch_action),
+            methods=["POST"],
+        ),
+        Route("/runs", mismatch_views.run_list, methods=["GET"]),
+        Route("/customers", views.customer_search, methods=["GET"]),
+        Route("/customers/{customer_id:str}", views.customer_page, methods=["GET"], name="customer"),
+        Route("/events/{event_id:str}", views.event_page, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    middleware = [
+        Middleware(
+            SessionMiddleware,
+            secret_key=secret,
+            session_cookie=SESSION_COOKIE,
+            max_age=SESSION_MAX_AGE_SECONDS,
+            same_site="lax",
+            # Served over HTTPS in production behind a proxy that terminates TLS; the cookie is HttpOnly either way.
+            https_only=False,
+        ),
+        Middleware(ReviewGate, users=review_users),
+    ]
+    return Starlette(routes=routes, middleware=middleware)

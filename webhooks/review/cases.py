@@ -1,0 +1,515 @@
+"""Read-only queries over reconciliation's mismatches, runs and audit rows, for the review pages.
+
+Lists page by keyset ``(sort key, id)`` with row-value comparisons, so page N costs what page 1 does and each
+sort has an index to walk (see :mod:`webhooks.review.models`). Writes go through reconciliation's services.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import BigInteger, ColumnElement, Select, bindparam, func, or_, select, tuple_
+from sqlalchemy.orm import Session
+
+from ledger.inbox import StripeEvent
+from ledger.models import Account, Entry, Grant
+from reconciliation.models import (
+    Mismatch,
+    MismatchAction,
+    MismatchKind,
+    MismatchStatus,
+    ReconciliationRun,
+)
+from webhooks.review.models import amount_gap, gap_expr
+
+PAGE_SIZE = 50
+_S = TypeVar("_S", bound=Select)
+Sort = Literal["newest", "oldest", "amount", "amount_asc"]
+SORTS: tuple[Sort, ...] = ("newest", "oldest", "amount", "amount_asc")
+SORT_LABELS = {
+    "newest": "Newest first",
+    "oldest": "Oldest first (age)",
+    "amount": "Largest difference",
+    "amount_asc": "Smallest difference",
+}
+Seen = Literal["last", "first"]
+
+
+@dataclass(frozen=True, slots=True)
+class MismatchFilter:
+    """What the mismatch list shows: every field is optional; the sort decides the keyset."""
+
+    status: MismatchStatus | None = None
+    kind: MismatchKind | None = None
+    customer: str | None = None
+    run_id: int | None = None
+    seen: Seen = "last"
+    occurred_from: date | None = None
+    occurred_to: date | None = None  # inclusive day
+    sort: Sort = "newest"
+
+    def params(self) -> dict[str, str]:
+        """The filter as query parameters (for links, the CSV export and forms)."""
+        out = {
+            "status": self.status.value if self.status else "",
+            "kind": self.kind.value if self.kind else "",
+            "customer": self.customer or "",
+            "run": str(self.run_id) if self.run_id is not None else "",
+            "seen": self.seen if self.run_id is not None and self.seen != "last" else "",
+            "from": self.occurred_from.isoformat() if self.occurred_from else "",
+            "to": self.occurred_to.isoformat() if self.occurred_to else "",
+            "sort": self.sort if self.sort != "newest" else "",
+        }
+        return {k: v for k, v in out.items() if v}
+
+
+def parse_filter(params: Mapping[str, str]) -> MismatchFilter:
+    """Read a filter from query parameters; raise ValueError naming the bad one."""
+
+    def get(name: str) -> str:
+        return (params.get(name) or "").strip()
+
+    def enum_value(name: str, cls: Any) -> Any:
+        raw = get(name)
+        if not raw:
+            return None
+        try:
+            return cls(raw)
+        except ValueError:
+            raise ValueError(f"{name}: unknown value {raw!r}") from None
+
+    def day(name: str) -> date | None:
+        raw = get(name)
+        try:
+            return date.fromisoformat(raw) if raw else None
+        except ValueError:
+            raise ValueError(f"{name}: not a date (YYYY-MM-DD): {raw!r}") from None
+
+    run = get("run")
+    if run and not run.isdigit():
+        raise ValueError(f"run: not a run id: {run!r}")
+    sort = get("sort") or "newest"
+    if sort not in SORTS:
+        raise ValueError(f"sort: one of {', '.join(SORTS)}")
+    seen = get("seen") or "last"
+    if seen not in ("last", "first"):
+        raise ValueError("seen: last or first")
+    return MismatchFilter(
+        status=enum_value("status", MismatchStatus),
+        kind=enum_value("kind", MismatchKind),
+        customer=get("customer") or None,
+        run_id=int(run) if run else None,
+        seen=seen,  # type: ignore[arg-type]  # checked just above
+        occurred_from=day("from"),
+        occurred_to=day("to"),
+        sort=sort,
+    )
+
+
+def _where(stmt: _S, f: MismatchFilter, *, with_status: bool = True) -> _S:
+    if with_status and f.status is not None:
+        stmt = stmt.where(Mismatch.status == f.status)
+    if f.kind is not None:
+        stmt = stmt.where(Mismatch.kind == f.kind)
+    if f.customer:
+        stmt = stmt.where(Mismatch.customer_id == f.customer)
+    if f.run_id is not None:
+        column = Mismatch.first_seen_run_id if f.seen == "first" else Mismatch.last_seen_run_id
+        stmt = stmt.where(column == f.run_id)
+    if f.occurred_from is not None:
+        stmt = stmt.where(Mismatch.occurred_at >= datetime.combine(f.occurred_from, time(0), tzinfo=UTC))
+    if f.occurred_to is not None:
+        end = datetime.combine(f.occurred_to + timedelta(days=1), time(0), tzinfo=UTC)
+        stmt = stmt.where(Mismatch.occurred_at < end)
+    return stmt
+
+
+def _sort_key(sort: Sort) -> ColumnElement[Any]:
+    if sort in ("amount", "amount_asc"):
+        return gap_expr
+    return Mismatch.first_seen_at.expression
+
+
+def _descending(sort: Sort) -> bool:
+    return sort in ("newest", "amount")
+
+
+def encode_cursor(sort: Sort, row: Mismatch, gap: Decimal | None) -> str:
+    """An opaque-enough cursor: the row's sort value and id."""
+    if sort in ("amount", "amount_asc"):
+        value = format(gap if gap is not None else Decimal(0), "f")
+    else:
+        seen = row.first_seen_at if row.first_seen_at.tzinfo else row.first_seen_at.replace(tzinfo=UTC)
+        value = seen.isoformat()
+    return f"{value}~{row.id}"
+
+
+def decode_cursor(sort: Sort, cursor: str) -> tuple[Any, int]:
+    """The (sort value, id) a cursor names; ValueError if it is not one."""
+    value, sep, row_id = cursor.rpartition("~")
+    if not sep or not row_id.isdigit():
+        raise ValueError("cursor: not a page cursor")
+    if sort in ("amount", "amount_asc"):
+        try:
+            return Decimal(value), int(row_id)
+        except InvalidOperation:
+            raise ValueError("cursor: not a page cursor") from None
+    parsed = datetime.fromisoformat(value)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)), int(row_id)
+
+
+@dataclass(frozen=True, slots=True)
+class MismatchRow:
+    """A mismatch as listed, with its amount difference."""
+
+    mismatch: Mismatch
+    gap: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class MismatchPage:
+    """One page of the list, the cursors around it, and the counts per status for the same filter."""
+
+    rows: list[MismatchRow]
+    next_cursor: str | None
+    prev_cursor: str | None
+    total: int
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+def _page_select(f: MismatchFilter, *, after: tuple[Any, int] | None, backwards: bool) -> Select[Mismatch, Decimal]:
+    key = _sort_key(f.sort)
+    descending = _descending(f.sort) != backwards
+    stmt = _where(select(Mismatch, amount_gap), f)
+    if after is not None:
+        value, row_id = after
+        bound = tuple_(bindparam(None, value, type_=key.type), bindparam(None, row_id, type_=BigInteger()))
+        stmt = stmt.where(tuple_(key, Mismatch.id) < bound if descending else tuple_(key, Mismatch.id) > bound)
+    order = (key.desc(), Mismatch.id.desc()) if descending else (key.asc(), Mismatch.id.asc())
+    return stmt.order_by(*order)
+
+
+def list_mismatches(
+    session: Session,
+    f: MismatchFilter,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    limit: int = PAGE_SIZE,
+) -> MismatchPage:
+    """A page of mismatches matching ``f``: after a cursor (next page), before one (previous), or the first."""
+    backwards = before is not None
+    cursor = decode_cursor(f.sort, before) if before else decode_cursor(f.sort, after) if after else None
+    rows = session.execute(_page_select(f, after=cursor, backwards=backwards).limit(limit + 1)).all()
+    more = len(rows) > limit
+    found = [MismatchRow(m, Decimal(g) if g is not None else None) for m, g in rows[:limit]]
+    if backwards:
+        found.reverse()
+    next_cursor = prev_cursor = None
+    if found:
+        first, last = found[0], found[-1]
+        if more or backwards:
+            next_cursor = encode_cursor(f.sort, last.mismatch, last.gap)
+        if (more and backwards) or (after is not None and not backwards):
+            prev_cursor = encode_cursor(f.sort, first.mismatch, first.gap)
+    by_status = {
+        (status.value if isinstance(status, MismatchStatus) else str(status)): int(n)
+        for status, n in session.execute(
+            _where(select(Mismatch.status, func.count()), f, with_status=False).group_by(Mismatch.status)
+        )
+    }
+    total = by_status.get(f.status.value, 0) if f.status else sum(by_status.values())
+    return MismatchPage(rows=found, next_cursor=next_cursor, prev_cursor=prev_cursor, total=total, by_status=by_status)
+
+
+def iter_mismatches(session: Session, f: MismatchFilter, *, batch: int = 1000) -> Iterator[MismatchRow]:
+    """Every mismatch matching ``f`` in list order, read in keyset batches (the CSV export)."""
+    cursor: tuple[Any, int] | None = None
+    while True:
+        rows = session.execute(_page_select(f, after=cursor, backwards=False).limit(batch)).all()
+        for m, g in rows:
+            yield MismatchRow(m, Decimal(g) if g is not None else None)
+        if len(rows) < batch:
+            return
+        last_m, last_g = rows[-1]
+        cursor = decode_cursor(f.sort, encode_cursor(f.sort, last_m, Decimal(last_g) if last_g is not None else None))
+
+
+def latest_notes(session: Session, mismatch_ids: list[int]) -> dict[int, MismatchAction]:
+    """The newest audit row per mismatch, for a page or a batch of the export."""
+    if not mismatch_ids:
+        return {}
+    newest = (
+        select(func.max(MismatchAction.id))
+        .where(MismatchAction.mismatch_id.in_(mismatch_ids))
+        .group_by(MismatchAction.mismatch_id)
+    )
+    actions = session.scalars(select(MismatchAction).where(MismatchAction.id.in_(newest)))
+    return {a.mismatch_id: a for a in actions}
+
+
+def for_customer(session: Session, customer_id: str, limit: int = 50) -> tuple[list[MismatchRow], bool, str | None]:
+    """Mismatches naming a customer, newest first: (rows, more exist, a note when there are none)."""
+    page = list_mismatches(session, MismatchFilter(customer=customer_id), limit=limit)
+    return page.rows, page.next_cursor is not None, None
+
+
+# --- one mismatch --------------------------------------------------------------------------------------------
+
+_STRIPE_ID = re.compile(r"^(ch|py|pi|cs|in|il|re|pyr|dp|du|sub|si|cus|cn|txn|po|evt|ii|prod|price)_[A-Za-z0-9]+$")
+_STRIPE_PREFIX_TYPES = {
+    "ch": "charge",
+    "py": "charge",
+    "pi": "payment_intent",
+    "cs": "checkout.session",
+    "in": "invoice",
+    "re": "refund",
+    "pyr": "refund",
+    "dp": "dispute",
+    "du": "dispute",
+    "sub": "subscription",
+    "cus": "customer",
+    "cn": "credit_note",
+}
+_GRANT_KEYS = re.compile(r"(^|_)grants?(_ids?)?$")
+_ENTRY_KEYS = re.compile(r"(^|_)entr(y|ies)(_ids?)?$")
+_EVENT_ROW_KEYS = re.compile(r"^(stored_)?event_row_ids?$|^stripe_events?_ids?$")
+_SKIP_LOOKUP = {"cus", "evt", "prod", "price", "txn", "si", "ii", "il"}
+MAX_RELATED = 50
+
+
+@dataclass
+class EvidenceRefs:
+    """Ids found anywhere in a mismatch's evidence, by what they point to."""
+
+    stripe_ids: list[str] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
+    event_row_ids: list[int] = field(default_factory=list)
+    grant_ids: list[int] = field(default_factory=list)
+    entry_ids: list[int] = field(default_factory=list)
+
+
+def _ints(value: Any) -> list[int]:
+    values = value if isinstance(value, list | tuple) else [value]
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, int) and not isinstance(v, bool):
+            out.append(v)
+        elif isinstance(v, str) and v.isdigit():
+            out.append(int(v))
+        elif isinstance(v, Mapping) and isinstance(v.get("id"), int):
+            out.append(int(v["id"]))
+    return out
+
+
+def find_refs(evidence: Any) -> EvidenceRefs:
+    """Walk the evidence JSON and collect the Stripe ids, stored events, grants and entries it names."""
+    refs = EvidenceRefs()
+
+    def add(bucket: list[Any], value: Any) -> None:
+        if value not in bucket and len(bucket) < MAX_RELATED:
+            bucket.append(value)
+
+    def walk(node: Any, key: str = "") -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                k = str(k)
+                if _GRANT_KEYS.search(k):
+                    for i in _ints(v):
+                        add(refs.grant_ids, i)
+                elif _ENTRY_KEYS.search(k):
+                    for i in _ints(v):
+                        add(refs.entry_ids, i)
+                elif _EVENT_ROW_KEYS.search(k):
+                    for i in _ints(v):
+                        add(refs.event_row_ids, i)
+                walk(v, k)
+        elif isinstance(node, list | tuple):
+            for item in node:
+                walk(item, key)
+        elif isinstance(node, str) and _STRIPE_ID.match(node):
+            if node.startswith("evt_"):
+                add(refs.event_ids, node)
+            elif node.split("_", 1)[0] not in _SKIP_LOOKUP:
+                add(refs.stripe_ids, node)
+
+    walk(evidence)
+    return refs
+
+
+def stripe_type(object_id: str) -> str:
+    """The Stripe object type an id's prefix names."""
+    return _STRIPE_PREFIX_TYPES.get(object_id.split("_", 1)[0], "object")
+
+
+@dataclass(frozen=True, slots=True)
+class StripeSide:
+    """What we hold about one Stripe object: the stored events that carried it (newest first)."""
+
+    object_id: str
+    object_type: str
+    events: list[StripeEvent]
+
+    @property
+    def latest_payload(self) -> bytes | None:
+        """The object as Stripe last sent it to us (the newest stored event's raw JSON)."""
+        return self.events[0].payload if self.events else None
+
+
+@dataclass(frozen=True, slots=True)
+class MismatchDetail:
+    """A mismatch with its history, runs, and both sides' evidence loaded from the database."""
+
+    mismatch: Mismatch
+    gap: Decimal | None
+    actions: list[MismatchAction]
+    first_run: ReconciliationRun | None
+    last_run: ReconciliationRun | None
+    account: Account | None
+    stripe: list[StripeSide]
+    events: list[StripeEvent]
+    grants: list[Grant]
+    entries: list[Entry]
+    evidence_stripe: dict[str, Any]
+    evidence_ledger: dict[str, Any]
+    evidence_provider: dict[str, Any]
+    evidence_other: dict[str, Any]
+
+
+def _split_evidence(evidence: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    stripe: dict[str, Any] = {}
+    ledger: dict[str, Any] = {}
+    provider: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    for key, value in evidence.items():
+        k = key.lower()
+        if "provider" in k or "report" in k:
+            provider[key] = value
+        elif "stripe" in k or k in {"payment", "charge", "invoice", "refund", "dispute", "subscription", "events"}:
+            stripe[key] = value
+        elif any(w in k for w in ("ledger", "grant", "entr", "account", "usage", "access", "credits")):
+            ledger[key] = value
+        else:
+            other[key] = value
+    return stripe, ledger, provider, other
+
+
+def mismatch_detail(session: Session, mismatch_id: int) -> MismatchDetail | None:
+    """Everything the detail page shows about one mismatch."""
+    row = session.execute(select(Mismatch, amount_gap).where(Mismatch.id == mismatch_id)).one_or_none()
+    if row is None:
+        return None
+    mismatch, gap = row
+    actions = list(
+        session.scalars(
+            select(MismatchAction).where(MismatchAction.mismatch_id == mismatch.id).order_by(MismatchAction.id)
+        )
+    )
+    runs = {
+        r.id: r
+        for r in session.scalars(
+            select(ReconciliationRun).where(
+                ReconciliationRun.id.in_({mismatch.first_seen_run_id, mismatch.last_seen_run_id})
+            )
+        )
+    }
+    evidence = mismatch.evidence if isinstance(mismatch.evidence, Mapping) else {"evidence": mismatch.evidence}
+    refs = find_refs(evidence)
+    account = None
+    if mismatch.customer_id:
+        account = session.scalars(select(Account).where(Account.customer_id == mismatch.customer_id)).one_or_none()
+
+    stripe_sides: list[StripeSide] = []
+    for object_id in refs.stripe_ids:
+        carried = list(
+            session.scalars(
+                select(StripeEvent)
+                .where(StripeEvent.object_id == object_id)
+                .order_by(StripeEvent.created.desc(), StripeEvent.id.desc())
+                .limit(10)
+            )
+        )
+        stripe_sides.append(StripeSide(object_id=object_id, object_type=stripe_type(object_id), events=carried))
+
+    events: list[StripeEvent] = []
+    if refs.event_ids:
+        events += session.scalars(select(StripeEvent).where(StripeEvent.event_id.in_(refs.event_ids)))
+    if refs.event_row_ids:
+        events += session.scalars(select(StripeEvent).where(StripeEvent.id.in_(refs.event_row_ids)))
+    seen_events: set[int] = set()
+    events = [e for e in events if not (e.id in seen_events or seen_events.add(e.id))]  # type: ignore[func-returns-value]
+
+    grant_ids = set(refs.grant_ids)
+    if refs.stripe_ids:
+        grant_ids |= set(
+            session.scalars(select(Grant.id).where(Grant.stripe_object_id.in_(refs.stripe_ids)).limit(MAX_RELATED))
+        )
+    grants = list(session.scalars(select(Grant).where(Grant.id.in_(grant_ids)).order_by(Grant.id))) if grant_ids else []
+    entry_filter: list[ColumnElement[bool]] = []
+    if refs.entry_ids:
+        entry_filter.append(Entry.id.in_(refs.entry_ids))
+    if grant_ids:
+        entry_filter.append(Entry.grant_id.in_(grant_ids) & Entry.kind.in_(("grant", "clawback", "freeze", "unfreeze")))
+    if refs.stripe_ids:
+        entry_filter.append(Entry.stripe_object_id.in_(refs.stripe_ids))
+    entries: list[Entry] = []
+    if entry_filter:
+        entries = list(session.scalars(select(Entry).where(or_(*entry_filter)).order_by(Entry.id).limit(MAX_RELATED)))
+    stripe_ev, ledger_ev, provider_ev, other_ev = _split_evidence(evidence)
+    return MismatchDetail(
+        mismatch=mismatch,
+        gap=Decimal(gap) if gap is not None else None,
+        actions=actions,
+        first_run=runs.get(mismatch.first_seen_run_id),
+        last_run=runs.get(mismatch.last_seen_run_id),
+        account=account,
+        stripe=stripe_sides,
+        events=events,
+        grants=grants,
+        entries=entries,
+        evidence_stripe=stripe_ev,
+        evidence_ledger=ledger_ev,
+        evidence_provider=provider_ev,
+        evidence_other=other_ev,
+    )
+
+
+# --- runs ----------------------------------------------------------------------------------------------------
+
+RUNS_PAGE_SIZE = 50
+
+
+def list_runs(
+    session: Session, *, before_id: int | None = None, limit: int = RUNS_PAGE_SIZE
+) -> tuple[list[ReconciliationRun], int | None]:
+    """Runs newest first, keyset by id: (runs, the cursor for older ones)."""
+    stmt = select(ReconciliationRun).order_by(ReconciliationRun.id.desc()).limit(limit + 1)
+    if before_id is not None:
+        stmt = stmt.where(ReconciliationRun.id < before_id)
+    runs = list(session.scalars(stmt))
+    return runs[:limit], (runs[limit - 1].id if len(runs) > limit else None)
+
+
+def get_run(session: Session, run_id: int) -> ReconciliationRun | None:
+    """One run by id."""
+    return session.get(ReconciliationRun, run_id)
+
+
+def kinds() -> list[str]:
+    """Every mismatch kind, for filters and the runs table's columns."""
+    return [k.value for k in MismatchKind]
+
+
+def statuses() -> list[str]:
+    """Every mismatch status."""
+    return [s.value for s in MismatchStatus]
+
+
+def with_sort(f: MismatchFilter, sort: Sort) -> MismatchFilter:
+    """The same filter under another sort."""
+    return replace(f, sort=sort)

@@ -1,0 +1,252 @@
+"""Read-only queries behind the customer page: the account, its grants, debts, ledger, usage and events.
+
+Every list is bounded: the ledger pages by entry id (keyset, newest first) so the millionth entry costs what
+the first does, and usage is summed over a window on ``(account_id, occurred_at)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.orm import Session
+
+from ledger.config import BillingConfig
+from ledger.inbox import StripeEvent
+from ledger.models import Account, Entry, EntryKind, Grant, GrantSource, Hold, UsageRecord
+
+LEDGER_PAGE_SIZE = 50
+GRANTS_SHOWN = 200
+EVENTS_SHOWN = 25
+DEBT_ENTRIES_SHOWN = 50
+
+UsageDimension = Literal["model", "feature", "user"]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerLine:
+    """One ledger entry with what explains it: the usage behind a charge, the grant it touched."""
+
+    entry: Entry
+    hold_request_id: str | None
+    usage: UsageRecord | None
+    grant_source: str | None
+    grant_stripe_object_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerPage:
+    """A page of the ledger, newest first, with the cursors around it."""
+
+    lines: list[LedgerLine]
+    next_before_id: int | None  # older entries: ?before=<id>
+    newer_exist: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Usage summed under one key (a model, a feature or a user) over the window."""
+
+    key: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    credits: int
+    provider_cost_usd: Decimal
+    revenue_usd: Decimal
+    margin_usd: Decimal
+
+    @property
+    def margin_ratio(self) -> Decimal | None:
+        """Margin as a share of revenue, or None when nothing was sold."""
+        return (self.margin_usd / self.revenue_usd).quantize(Decimal("0.001")) if self.revenue_usd else None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerOverview:
+    """The account's state and what it holds."""
+
+    account: Account
+    available: int
+    grants: list[Grant]
+    grant_count: int
+    active_grant_units: int
+    debt_entries: list[Entry]
+    events: list[StripeEvent]
+
+
+def find_account(session: Session, customer_id: str) -> Account | None:
+    """The account for a Stripe customer id, or for an external (our product's) id."""
+    account = session.scalars(select(Account).where(Account.customer_id == customer_id)).one_or_none()
+    if account is None:
+        account = session.scalars(select(Account).where(Account.external_id == customer_id).limit(1)).first()
+    return account
+
+
+def customer_overview(session: Session, account: Account) -> CustomerOverview:
+    """Balance, grants (newest first), the entries that changed debt, and recent Stripe events."""
+    grants = list(
+        session.scalars(
+            select(Grant).where(Grant.account_id == account.id).order_by(Grant.id.desc()).limit(GRANTS_SHOWN)
+        )
+    )
+    grant_count, active_units = session.execute(
+        select(func.count(Grant.id), func.coalesce(func.sum(Grant.remaining), 0)).where(Grant.account_id == account.id)
+    ).one()
+    debt_entries = list(
+        session.scalars(
+            select(Entry)
+            .where(Entry.account_id == account.id, Entry.debt_delta != 0)
+            .order_by(Entry.id.desc())
+            .limit(DEBT_ENTRIES_SHOWN)
+        )
+    )
+    events = list(
+        session.scalars(
+            select(StripeEvent)
+            .where(StripeEvent.customer_id == account.customer_id)
+            .order_by(StripeEvent.created.desc(), StripeEvent.id.desc())
+            .limit(EVENTS_SHOWN)
+        )
+    )
+    return CustomerOverview(
+        account=account,
+        available=account.balance + account.overdraft_limit,
+        grants=grants,
+        grant_count=int(grant_count),
+        active_grant_units=int(active_units),
+        debt_entries=debt_entries,
+        events=events,
+    )
+
+
+def _ledger_select(account_id: int) -> Select[Entry, str, UsageRecord, GrantSource, str | None]:
+    return (
+        select(Entry, Hold.request_id, UsageRecord, Grant.source, Grant.stripe_object_id)
+        .outerjoin(Hold, Hold.id == Entry.hold_id)
+        .outerjoin(UsageRecord, UsageRecord.id == func.coalesce(Entry.usage_id, Hold.usage_id))
+        .outerjoin(Grant, Grant.id == Entry.grant_id)
+        .where(Entry.account_id == account_id)
+    )
+
+
+def ledger_page(
+    session: Session,
+    account: Account,
+    *,
+    before_id: int | None = None,
+    kind: EntryKind | None = None,
+    search: str | None = None,
+    limit: int = LEDGER_PAGE_SIZE,
+) -> LedgerPage:
+    """A page of the account's entries, newest first, older than ``before_id``.
+
+    ``search`` finds the entries behind one request or Stripe object: an idempotency key, a Stripe object id
+    (payment, refund, dispute), or the request id of a charge or hold.
+    """
+    stmt = _ledger_select(account.id)
+    if kind is not None:
+        stmt = stmt.where(Entry.kind == kind)
+    if search:
+        usage_ids = select(UsageRecord.id).where(UsageRecord.request_id == search).scalar_subquery()
+        hold_ids = select(Hold.id).where(Hold.request_id == search).scalar_subquery()
+        grant_ids = select(Grant.id).where(Grant.stripe_object_id == search, Grant.account_id == account.id)
+        stmt = stmt.where(
+            or_(
+                Entry.idempotency_key == search,
+                Entry.stripe_object_id == search,
+                Entry.usage_id == usage_ids,
+                Entry.hold_id == hold_ids,
+                Entry.grant_id.in_(grant_ids),
+            )
+        )
+    newer_exist = False
+    if before_id is not None:
+        stmt = stmt.where(Entry.id < before_id)
+        newer_exist = True
+    rows = session.execute(stmt.order_by(Entry.id.desc()).limit(limit + 1)).all()
+    lines = [
+        LedgerLine(
+            entry=entry,
+            hold_request_id=hold_request_id,
+            usage=usage,
+            grant_source=str(grant_source) if grant_source is not None else None,
+            grant_stripe_object_id=grant_object,
+        )
+        for entry, hold_request_id, usage, grant_source, grant_object in rows[:limit]
+    ]
+    next_before = lines[-1].entry.id if len(rows) > limit else None
+    return LedgerPage(lines=lines, next_before_id=next_before, newer_exist=newer_exist)
+
+
+def credit_value_usd(config: BillingConfig) -> Decimal:
+    """What one credit sells for, in USD, by the config's fallback rate (credits per cent)."""
+    rate = config.credits.fallback_credits_per_minor_unit
+    return Decimal(1) / rate / 100 if rate else Decimal(0)
+
+
+def usage_by(
+    session: Session,
+    account: Account,
+    dimension: UsageDimension,
+    *,
+    since: datetime,
+    until: datetime,
+    credit_value: Decimal,
+    limit: int = 50,
+) -> list[UsageRow]:
+    """Usage in [since, until) grouped by model, feature or user, biggest provider cost first."""
+    key = {
+        "model": func.coalesce(UsageRecord.provider, "?") + "/" + func.coalesce(UsageRecord.model, "?"),
+        "feature": func.coalesce(UsageRecord.feature, "(none)"),
+        "user": func.coalesce(UsageRecord.user_id, "(none)"),
+    }[dimension].label("key")
+    cost = func.coalesce(func.sum(UsageRecord.provider_cost_usd), 0).label("cost")
+    stmt = (
+        select(
+            key,
+            func.count(UsageRecord.id),
+            func.coalesce(func.sum(UsageRecord.input_tokens), 0),
+            func.coalesce(func.sum(UsageRecord.output_tokens), 0),
+            func.coalesce(func.sum(UsageRecord.cached_tokens), 0),
+            func.coalesce(func.sum(UsageRecord.units), 0),
+            cost,
+        )
+        .where(
+            UsageRecord.account_id == account.id,
+            UsageRecord.occurred_at >= since,
+            UsageRecord.occurred_at < until,
+        )
+        .group_by(key)
+        .order_by(cost.desc(), key)
+        .limit(limit)
+    )
+    rows: list[UsageRow] = []
+    for name, requests, tin, tout, tcached, credits, provider_cost in session.execute(stmt):
+        cost_usd = Decimal(provider_cost)
+        revenue = (Decimal(int(credits)) * credit_value).quantize(Decimal("0.0001"))
+        rows.append(
+            UsageRow(
+                key=str(name),
+                requests=int(requests),
+                input_tokens=int(tin),
+                output_tokens=int(tout),
+                cached_tokens=int(tcached),
+                credits=int(credits),
+                provider_cost_usd=cost_usd,
+                revenue_usd=revenue,
+                margin_usd=revenue - cost_usd,
+            )
+        )
+    return rows
+
+
+def stored_event(session: Session, event_id: str) -> StripeEvent | None:
+    """A stored Stripe event by its evt_ id or by our row id."""
+    if event_id.isdigit():
+        return session.get(StripeEvent, int(event_id))
+    return session.scalars(select(StripeEvent).where(StripeEvent.event_id == event_id)).one_or_none()

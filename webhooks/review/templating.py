@@ -1,0 +1,190 @@
+"""Jinja2 templates for the review pages, with the filters that format money, credits and times."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.templating import Jinja2Templates
+
+from webhooks.review.auth import csrf_token
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+# Currencies Stripe counts in whole units (no minor unit): https://docs.stripe.com/currencies#zero-decimal
+ZERO_DECIMAL = {
+    "bif",
+    "clp",
+    "djf",
+    "gnf",
+    "jpy",
+    "kmf",
+    "krw",
+    "mga",
+    "pyg",
+    "rwf",
+    "ugx",
+    "vnd",
+    "vuv",
+    "xaf",
+    "xof",
+    "xpf",
+}
+
+
+def fmt_int(value: object) -> str:
+    """1234567 -> 1,234,567 (credits, tokens, counts)."""
+    if value is None or value == "":
+        return "—"
+    try:
+        return f"{int(str(value)):,}"
+    except ValueError:
+        return str(value)
+
+
+def fmt_money(minor: object, currency: object = "usd") -> str:
+    """Minor units to a display amount: (1999, 'usd') -> 19.99 USD."""
+    if minor is None or minor == "":
+        return "—"
+    cur = str(currency or "").lower()
+    try:
+        amount = Decimal(str(minor))
+    except ArithmeticError:
+        return str(minor)
+    if cur not in ZERO_DECIMAL:
+        amount = amount / 100
+        text = f"{amount:,.2f}"
+    else:
+        text = f"{amount:,.0f}"
+    return f"{text} {cur.upper()}".strip()
+
+
+def fmt_usd(value: object, places: int = 4) -> str:
+    """A Decimal USD amount with sub-cent precision: 0.0123 USD."""
+    if value is None or value == "":
+        return "—"
+    try:
+        amount = Decimal(str(value))
+    except ArithmeticError:
+        return str(value)
+    return f"${amount:,.{places}f}"
+
+
+def fmt_dt(value: object) -> str:
+    """A time in UTC, to the second: 2026-11-23 04:05:06."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = datetime.fromtimestamp(value, tz=UTC)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # SQLite hands back naive datetimes; the ledger writes UTC
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def fmt_json(value: object) -> str:
+    """Pretty JSON for evidence and raw events (bytes are decoded as the JSON they were stored as)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value).decode("utf-8", errors="replace")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return raw
+    return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+
+
+def fmt_amount(value: object, unit: object = "minor", currency: object = None) -> str:
+    """A mismatch amount in its unit: money in minor units, credits, tokens, USD, or a plain count."""
+    if value is None or value == "":
+        return "—"
+    try:
+        amount = Decimal(str(value)).normalize()
+    except ArithmeticError:
+        return str(value)
+    if unit == "minor":
+        return fmt_money(amount, currency or "")
+    if unit == "usd":
+        return fmt_usd(amount)
+    text = f"{amount:,f}" if amount != amount.to_integral_value() else f"{int(amount):,}"
+    return f"{text} {unit}" if unit in ("credits", "tokens") else text
+
+
+def stripe_object(payload: object) -> str:
+    """The data.object of a stored event's raw JSON, pretty-printed (the whole payload if it has none)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        try:
+            doc = json.loads(bytes(payload))
+        except ValueError:
+            return bytes(payload).decode("utf-8", errors="replace")
+        data = doc.get("data") if isinstance(doc, dict) else None
+        if isinstance(data, dict) and "object" in data:
+            return fmt_json(data["object"])
+        return fmt_json(doc)
+    return fmt_json(payload)
+
+
+def query_with(request: Request, **changes: object) -> str:
+    """The current query string with some parameters replaced (None removes one)."""
+    params = {k: v for k, v in request.query_params.items() if v != ""}
+    for key, value in changes.items():
+        if value is None or value == "":
+            params.pop(key, None)
+        else:
+            params[key] = str(value)
+    return "?" + urlencode(params) if params else "?"
+
+
+def _make_templates() -> Jinja2Templates:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        int=fmt_int,
+        money=fmt_money,
+        usd=fmt_usd,
+        dt=fmt_dt,
+        pretty_json=fmt_json,
+        amount=fmt_amount,
+        stripe_object=stripe_object,
+    )
+    env.globals.update(query_with=query_with)
+    return Jinja2Templates(env=env)
+
+
+templates = _make_templates()
+
+
+def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
+    """Render a review template with the user, CSRF token, base path and flash messages in its context."""
+    user = getattr(request.state, "review_user", None)
+    flashes = request.session.pop("flash", []) if "flash" in request.session else []
+    base = request.scope.get("root_path", "")
+    full = {
+        "request": request,
+        "user": user,
+        "csrf_token": csrf_token(request),
+        "base": base,
+        "flashes": flashes,
+        **context,
+    }
+    return templates.TemplateResponse(request, name, full, status_code=status_code)
+
+
+def flash(request: Request, message: str, kind: str = "ok") -> None:
+    """Queue a message for the next page this session sees."""
+    messages = list(request.session.get("flash", []))
+    messages.append({"kind": kind, "text": message})
+    request.session["flash"] = messages[-5:]

@@ -1,0 +1,192 @@
+"""Handlers for login, customers and stored events: parse the request, run one read in a thread, render."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from ledger.config import get_billing_config
+from ledger.db import session_factory
+from ledger.models import Account, EntryKind
+from webhooks.review import cases, customers
+from webhooks.review.auth import authenticate, log_in, log_out
+from webhooks.review.security import safe_next
+from webhooks.review.state import review_users
+from webhooks.review.templating import render
+
+USAGE_WINDOW_DAYS = 30
+
+
+def not_found(request: Request, what: str) -> Response:
+    """A 404 page that says what was not found."""
+    return render(request, "review/message.html", {"heading": "Not found", "message": what, "back": None}, 404)
+
+
+def bad_request(request: Request, what: str) -> Response:
+    """A 400 page that says what was wrong with the request."""
+    return render(request, "review/message.html", {"heading": "Bad request", "message": what, "back": None}, 400)
+
+
+# --- login ---------------------------------------------------------------------------------------------------
+
+
+async def login_form(request: Request) -> Response:
+    """The sign-in form."""
+    context = {
+        "error": None,
+        "next": safe_next(request.scope, request.query_params.get("next")),
+        "username": "",
+        "users_configured": bool(review_users()),
+    }
+    return render(request, "review/login.html", context)
+
+
+async def login(request: Request, form: FormData) -> Response:
+    """Check the name and password; on success start a fresh session and go where the user was headed."""
+    name = str(form.get("username", "")).strip()
+    password = str(form.get("password", ""))
+    users = review_users()
+    user = await run_in_threadpool(authenticate, users, name, password) if name and password else None
+    if user is None:
+        context = {
+            "error": "That name and password do not match.",
+            "next": safe_next(request.scope, str(form.get("next", ""))),
+            "username": name,
+            "users_configured": bool(users),
+        }
+        return render(request, "review/login.html", context, status_code=401)
+    log_in(request, user)
+    return RedirectResponse(safe_next(request.scope, str(form.get("next", ""))), status_code=303)
+
+
+async def logout(request: Request, form: FormData) -> Response:
+    """End the session."""
+    log_out(request)
+    return RedirectResponse(f"{request.scope.get('root_path', '')}/login", status_code=303)
+
+
+async def home(request: Request) -> Response:
+    """The review app's front page is the mismatch list."""
+    return RedirectResponse(f"{request.scope.get('root_path', '')}/mismatches", status_code=303)
+
+
+# --- customers -----------------------------------------------------------------------------------------------
+
+
+def _recent_accounts(limit: int = 25) -> list[Account]:
+    from sqlalchemy import select
+
+    with session_factory()() as session:
+        return list(
+            session.scalars(select(Account).order_by(Account.updated_at.desc(), Account.id.desc()).limit(limit))
+        )
+
+
+def _find_account(q: str) -> Account | None:
+    with session_factory()() as session:
+        return customers.find_account(session, q)
+
+
+async def customer_search(request: Request) -> Response:
+    """Find a customer by Stripe or external id; without a query, list recently active accounts."""
+    q = request.query_params.get("q", "").strip()
+    if q:
+        account = await run_in_threadpool(_find_account, q)
+        if account is not None:
+            url = f"{request.scope.get('root_path', '')}/customers/{account.customer_id}"
+            return RedirectResponse(url, status_code=303)
+    recent = await run_in_threadpool(_recent_accounts)
+    return render(request, "review/customers.html", {"section": "customers", "q": q, "recent": recent})
+
+
+def _parse_day(raw: str | None, default: datetime) -> datetime:
+    if not raw:
+        return default
+    return datetime.combine(date.fromisoformat(raw), time(0), tzinfo=UTC)
+
+
+def _customer_context(
+    customer_id: str,
+    *,
+    before_id: int | None,
+    kind: EntryKind | None,
+    find: str | None,
+    since: datetime,
+    until: datetime,
+) -> dict[str, Any] | None:
+    config = get_billing_config()
+    credit_value = customers.credit_value_usd(config)
+    with session_factory()() as session:
+        account = customers.find_account(session, customer_id)
+        if account is None:
+            return None
+        overview = customers.customer_overview(session, account)
+        page = customers.ledger_page(session, account, before_id=before_id, kind=kind, search=find)
+        usage = [
+            (
+                dimension,
+                customers.usage_by(session, account, dimension, since=since, until=until, credit_value=credit_value),
+            )
+            for dimension in ("model", "feature", "user")
+        ]
+        mismatches, more, note = cases.for_customer(session, account.customer_id)
+    return {
+        "overview": overview,
+        "page": page,
+        "usage": usage,
+        "credit_value": credit_value,
+        "mismatches": mismatches,
+        "mismatches_more": more,
+        "mismatches_note": note,
+    }
+
+
+async def customer_page(request: Request) -> Response:
+    """Everything about one customer: the page that answers "why was I charged?"."""
+    customer_id = request.path_params["customer_id"]
+    params = request.query_params
+    try:
+        before_id = int(params["before"]) if params.get("before") else None
+        kind = EntryKind(params["kind"]) if params.get("kind") else None
+        now = datetime.now(UTC)
+        until = _parse_day(params.get("until"), now)
+        since = _parse_day(params.get("since"), until - timedelta(days=USAGE_WINDOW_DAYS))
+    except ValueError:
+        return bad_request(request, "before must be an entry id, kind an entry kind, since/until dates (YYYY-MM-DD).")
+    if since >= until:
+        return bad_request(request, "The usage window's start must be before its end.")
+    find = params.get("find", "").strip() or None
+    context = await run_in_threadpool(
+        _customer_context, customer_id, before_id=before_id, kind=kind, find=find, since=since, until=until
+    )
+    if context is None:
+        return not_found(request, f"No account for customer {customer_id!r}.")
+    context.update(
+        section="customers",
+        kind=kind.value if kind else "",
+        find=find or "",
+        entry_kinds=[k.value for k in EntryKind],
+        usage_since=since,
+        usage_until=until,
+        usage_since_raw=params.get("since", ""),
+        usage_until_raw=params.get("until", ""),
+    )
+    return render(request, "review/customer.html", context)
+
+
+def _load_event(event_id: str) -> Any:
+    with session_factory()() as session:
+        return customers.stored_event(session, event_id)
+
+
+async def event_page(request: Request) -> Response:
+    """One stored Stripe event with its raw payload, exactly as it was received."""
+    event = await run_in_threadpool(_load_event, request.path_params["event_id"])
+    if event is None:
+        return not_found(request, "No stored Stripe event has that id.")
+    return render(request, "review/event.html", {"event": event, "section": ""})
