@@ -1,0 +1,167 @@
+"""Which grant a payment funded, the refunds counted against it, and the events waiting for a grant.
+
+A refund or dispute names a charge or a payment intent, not our grant. Every Stripe id we learn for a paid
+grant (payment intent, charge, invoice, checkout session) is linked to it here, so later events find it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+import ledger.clawback as ledger_clawback
+from ledger import grants as ledger_grants
+from ledger.inbox import EventStatus, StripeEvent
+from ledger.models import Grant
+from worker.models import EventWait, GrantRefundState, PaymentLink, RefundRecord
+
+
+def _insert(session: Session, model: type[Any]) -> Any:
+    return (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(model)
+
+
+def link_payment(session: Session, grant_id: int, customer_id: str, object_ids: Iterable[str | None]) -> set[str]:
+    """Link Stripe ids to the grant their payment funded; return the ids (new or not)."""
+    ids = {i for i in object_ids if i}
+    if ids:
+        session.execute(
+            _insert(session, PaymentLink)
+            .values([{"object_id": i, "grant_id": grant_id, "customer_id": customer_id} for i in sorted(ids)])
+            .on_conflict_do_nothing(index_elements=["object_id"])
+        )
+    return ids
+
+
+def find_funded_grant(session: Session, object_ids: Iterable[str | None]) -> Grant | None:
+    """The grant funded by the payment any of these Stripe ids belongs to."""
+    ids = [i for i in dict.fromkeys(object_ids) if i]
+    if not ids:
+        return None
+    grant_id = session.scalars(select(PaymentLink.grant_id).where(PaymentLink.object_id.in_(ids)).limit(1)).first()
+    if grant_id is not None:
+        return session.get(Grant, grant_id)
+    for object_id in ids:
+        found = ledger_grants.find_grants_for_payment(session, object_id)
+        if found:
+            return found[0]
+    return None
+
+
+# --- waiting events ---------------------------------------------------------------------------------------
+
+
+def record_wait(session: Session, event_row_id: int, awaited_ids: Iterable[str]) -> None:
+    """Remember which Stripe ids a waiting event needs a grant for."""
+    clear_waits(session, event_row_id)
+    ids = sorted({a for a in awaited_ids if a})
+    if ids:
+        session.execute(
+            _insert(session, EventWait)
+            .values([{"event_row_id": event_row_id, "awaited_id": a} for a in ids])
+            .on_conflict_do_nothing(index_elements=["event_row_id", "awaited_id"])
+        )
+
+
+def clear_waits(session: Session, event_row_id: int) -> None:
+    """Forget what an event waited for (it ran)."""
+    session.execute(delete(EventWait).where(EventWait.event_row_id == event_row_id))
+
+
+def events_waiting_for(session: Session, object_ids: Iterable[str]) -> list[int]:
+    """Ids of waiting events whose prerequisite is one of these Stripe ids."""
+    ids = sorted(set(object_ids))
+    if not ids:
+        return []
+    stmt = (
+        select(EventWait.event_row_id)
+        .join(StripeEvent, StripeEvent.id == EventWait.event_row_id)
+        .where(EventWait.awaited_id.in_(ids), StripeEvent.status == EventStatus.WAITING)
+        .distinct()
+    )
+    return sorted(session.scalars(stmt))
+
+
+# --- refunds ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RefundApplied:
+    """What one refund event changed: the refunded total counted for the grant and the units clawed now."""
+
+    refunded_minor: int
+    clawed_now: int
+    clawed_total: int
+    debt: int
+
+
+def _lock_refund_state(session: Session, grant_id: int) -> GrantRefundState:
+    session.execute(
+        _insert(session, GrantRefundState)
+        .values(grant_id=grant_id, refunded_minor=0, clawed_units=0)
+        .on_conflict_do_nothing(index_elements=["grant_id"])
+    )
+    return session.scalars(
+        select(GrantRefundState).where(GrantRefundState.grant_id == grant_id).with_for_update()
+    ).one()
+
+
+def _refunded_total(session: Session, grant_id: int) -> int:
+    rows = session.execute(
+        select(RefundRecord.kind, func.sum(RefundRecord.amount_minor))
+        .where(RefundRecord.grant_id == grant_id)
+        .group_by(RefundRecord.kind)
+    ).all()
+    sums = {kind: int(total or 0) for kind, total in rows}
+    # One refund can reach us as its own refund.created and inside its charge's cumulative amount_refunded:
+    # both views count the same money, so take the larger one, never their sum.
+    return max(sums.get("refund", 0), sums.get("charge", 0)) + sums.get("credit_note", 0)
+
+
+def record_refund(
+    session: Session,
+    grant: Grant,
+    *,
+    refund_key: str,
+    kind: str,
+    amount_minor: int,
+    reason: str,
+    stripe_object_id: str | None,
+) -> RefundApplied:
+    """Count a refund against a grant's payment and claw back the units for what is new, in proportion.
+
+    ``kind="charge"`` carries a charge's cumulative ``amount_refunded`` (kept at its maximum); ``"refund"`` and
+    ``"credit_note"`` carry one refund by its id. Whatever order and number of deliveries, the grant ends with
+    ``units * refunded_total // amount_paid`` units clawed back.
+    """
+    state = _lock_refund_state(session, grant.id)
+    existing = session.get(RefundRecord, (grant.id, refund_key))
+    if existing is None:
+        session.add(RefundRecord(grant_id=grant.id, refund_key=refund_key, kind=kind, amount_minor=amount_minor))
+    elif kind == "charge" and amount_minor > existing.amount_minor:
+        existing.amount_minor = amount_minor
+    session.flush()
+    paid = grant.amount_minor or 0
+    total = min(_refunded_total(session, grant.id), paid) if paid > 0 else 0
+    target = grant.units * total // paid if paid > 0 else 0
+    clawed_now = 0
+    debt = 0
+    if target > state.clawed_units:
+        result = ledger_clawback.clawback(
+            session,
+            grant.id,
+            units=target - state.clawed_units,
+            # The cumulative target makes each step's key unique and a replayed step a no-op.
+            idempotency_key=f"refund:{grant.id}:{target}",
+            reason=reason,
+            stripe_object_id=stripe_object_id,
+        )
+        clawed_now = result.clawed + result.debt
+        debt = result.debt
+        state.clawed_units = target
+    state.refunded_minor = max(state.refunded_minor, total)
+    return RefundApplied(refunded_minor=total, clawed_now=clawed_now, clawed_total=state.clawed_units, debt=debt)
