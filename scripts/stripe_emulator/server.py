@@ -834,6 +834,8 @@ _ROUTES: list[tuple[str, str, Handler]] = [
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; without this, Nagle and delayed ACKs stall keep-alive clients ~40 ms.
+    disable_nagle_algorithm = True
     server_version = "stripe-emulator"
     sys_version = ""
     api: Api
