@@ -66,8 +66,44 @@ def _fallback_credits(amount_minor: int, config: BillingConfig) -> int:
     return int(credits.to_integral_value(rounding=ROUND_FLOOR))
 
 
-def expected_topup_credits(line_items: Iterable[Mapping[str, Any]], amount_total: int, config: BillingConfig) -> int:
-    """Credits a paid top-up should grant: packs by price id or lookup key, else the fallback rate per minor unit."""
+# Metadata an integration may set on a session or payment intent to say what was bought (as the worker reads it).
+CREDITS_KEYS = ("credits",)
+PRICE_KEYS = ("price_id", "price", "pack", "credit_pack")
+RENEWAL_REASONS = ("subscription_create", "subscription_cycle")
+
+
+def credits_from_metadata(meta: Any, config: BillingConfig) -> int | None:
+    """Credits named by metadata (``credits``, or a pack's price and ``quantity``), if any."""
+    if not isinstance(meta, Mapping):
+        return None
+    for key in CREDITS_KEYS:
+        if key in meta:
+            try:
+                return int(str(meta[key]))
+            except ValueError:
+                return None
+    for key in PRICE_KEYS:
+        price = meta.get(key)
+        if isinstance(price, str):
+            pack = config.pack_for_price(price)
+            if pack is None:
+                return None
+            try:
+                quantity = max(1, int(str(meta.get("quantity") or 1)))
+            except ValueError:
+                quantity = 1
+            return pack.credits * quantity
+    return None
+
+
+def expected_topup_credits(
+    line_items: Iterable[Mapping[str, Any]], amount_total: int, config: BillingConfig, metadata: Any = None
+) -> int:
+    """Credits a paid top-up should grant: metadata, else packs by price id or lookup key, else the fallback
+    rate per minor unit."""
+    from_metadata = credits_from_metadata(metadata, config)
+    if from_metadata is not None:
+        return from_metadata
     total = 0
     matched_any = False
     unmatched_amount = 0
@@ -91,7 +127,7 @@ def expected_invoice_credits(invoice: Mapping[str, Any], config: BillingConfig) 
     total = 0
     matched = False
     for line in data:
-        if not isinstance(line, Mapping):
+        if not isinstance(line, Mapping) or _is_proration(line):
             continue
         price = line.get("price")
         if price is None and isinstance(line.get("pricing"), Mapping):
@@ -104,6 +140,23 @@ def expected_invoice_credits(invoice: Mapping[str, Any], config: BillingConfig) 
     if not matched:
         return _fallback_credits(int(invoice.get("amount_paid") or 0), config)
     return total
+
+
+def _is_proration(line: Mapping[str, Any]) -> bool:
+    if line.get("proration"):
+        return True
+    parent = line.get("parent")
+    details = parent.get("subscription_item_details") if isinstance(parent, Mapping) else None
+    return isinstance(details, Mapping) and bool(details.get("proration"))
+
+
+def _invoice_subscription(invoice: Mapping[str, Any]) -> str | None:
+    found = stripe_id(invoice.get("subscription"))
+    parent = invoice.get("parent")
+    details = parent.get("subscription_details") if isinstance(parent, Mapping) else None
+    if found is None and isinstance(details, Mapping):
+        found = stripe_id(details.get("subscription"))
+    return found
 
 
 def _invoice_refs(invoice: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -207,7 +260,7 @@ class Stager:
                         ref=pi,
                         status="paid",
                         amount=amount,
-                        expected_credits=expected_topup_credits(items_data, amount, self.config),
+                        expected_credits=expected_topup_credits(items_data, amount, self.config, cs.get("metadata")),
                         detail={
                             "source": "checkout_session",
                             "payment_intent": pi,
@@ -219,13 +272,14 @@ class Stager:
             self._flush("checkout_session", objects, [a for a in aliases if a])
 
     def stage_invoices(self, since: datetime, until: datetime) -> None:
-        for page in self._pages(self.stripe.list_invoices(created_gte=since, created_lt=until)):
+        invoices = self.stripe.list_invoices(created_gte=since, created_lt=until, expand=["data.payments"])
+        for page in self._pages(invoices):
             objects: list[dict[str, Any]] = []
             aliases: list[dict[str, Any] | None] = []
             for inv in page:
                 paid = int(inv.get("amount_paid") or 0)
-                if inv.get("status") != "paid" or paid <= 0:
-                    continue
+                if inv.get("status") != "paid" or paid <= 0 or inv.get("billing_reason") not in RENEWAL_REASONS:
+                    continue  # only subscription periods buy credits
                 pi, charge = _invoice_refs(inv)
                 objects.append(
                     self._row(
@@ -238,7 +292,7 @@ class Stager:
                             "source": "invoice",
                             "payment_intent": pi,
                             "charge": charge,
-                            "subscription": stripe_id(inv.get("subscription")),
+                            "subscription": _invoice_subscription(inv),
                             "billing_reason": inv.get("billing_reason"),
                         },
                     )
@@ -261,10 +315,17 @@ class Stager:
                         ref=stripe_id(ch.get("invoice")) or pi,
                         amount=int(ch.get("amount_captured") or ch.get("amount") or 0),
                         amount_refunded=int(ch.get("amount_refunded") or 0),
-                        detail={"payment_intent": pi, "disputed": bool(ch.get("disputed"))},
+                        detail={
+                            "payment_intent": pi,
+                            "disputed": bool(ch.get("disputed")),
+                            "invoice": stripe_id(ch.get("invoice")),
+                            "description": ch.get("description"),
+                            "metadata": ch.get("metadata") or {},
+                        },
                     )
                 )
             self._flush("charge", objects, [])
+        self._stage_direct_payments()
         # A charge's own id is an alias of the payment it belongs to (a grant may name the charge).
         charges = StagedStripeObject
         aliases = StagedStripeAlias
@@ -279,6 +340,48 @@ class Stager:
             .on_conflict_do_nothing(index_elements=["run_id", "key"])
         )
         self.session.execute(stmt)
+
+    def _stage_direct_payments(self) -> None:
+        """Charges of a payment intent outside Checkout and invoices are top-ups too (the worker grants them)."""
+        charges = StagedStripeObject
+        aliases = StagedStripeAlias
+        stmt = (
+            select(charges)
+            .outerjoin(aliases, (aliases.run_id == charges.run_id) & (aliases.key == charges.ref))
+            .where(charges.run_id == self.run_id, charges.object_type == "charge", aliases.key.is_(None))
+            .order_by(charges.id)
+        )
+        objects: list[dict[str, Any]] = []
+        links: list[dict[str, Any] | None] = []
+        for ch in list(self.session.scalars(stmt)):
+            detail = ch.detail or {}
+            pi = detail.get("payment_intent")
+            description = detail.get("description") or ""
+            if detail.get("invoice") or not pi or str(description).startswith("Subscription"):
+                continue
+            # Direct payments may also belong to a session created before the window; ask Stripe once.
+            session = next(iter(self.stripe.list_checkout_sessions(payment_intent=pi)), None)
+            if session is not None:
+                continue
+            amount = int(ch.amount or 0)
+            objects.append(
+                {
+                    "run_id": self.run_id,
+                    "object_type": "payment",
+                    "object_id": pi,
+                    "customer_id": ch.customer_id,
+                    "ref": pi,
+                    "status": "paid",
+                    "amount": amount,
+                    "amount_refunded": None,
+                    "currency": ch.currency,
+                    "created": ch.created,
+                    "expected_credits": expected_topup_credits([], amount, self.config, detail.get("metadata")),
+                    "detail": {"source": "payment_intent", "payment_intent": pi, "charge": ch.object_id},
+                }
+            )
+            links += [self._alias(pi, pi), self._alias(ch.object_id, pi)]
+        self._flush("payment_intent", objects, [a for a in links if a])
 
     def stage_refunds(self, since: datetime, until: datetime) -> None:
         for page in self._pages(self.stripe.list_refunds(created_gte=since, created_lt=until)):
