@@ -261,7 +261,7 @@ def for_customer(session: Session, customer_id: str, limit: int = 50) -> tuple[l
 
 # --- one mismatch --------------------------------------------------------------------------------------------
 
-_STRIPE_ID = re.compile(r"^(ch|py|pi|cs|in|il|re|pyr|dp|du|sub|si|cus|cn|txn|po|evt|ii|prod|price)_[A-Za-z0-9]+$")
+_STRIPE_ID = re.compile(r"^(ch|py|pi|cs|in|il|re|pyr|dp|du|sub|si|cus|cn|txn|po|evt|ii|prod|price)_[A-Za-z0-9_]+$")
 _STRIPE_PREFIX_TYPES = {
     "ch": "charge",
     "py": "charge",

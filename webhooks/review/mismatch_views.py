@@ -32,8 +32,8 @@ ACTIONS = {
 # Which actions each status offers (the services enforce the same rules).
 OFFERED = {
     MismatchStatus.OPEN: ("resolve", "ignore"),
-    MismatchStatus.RESOLVED: ("reopen",),
-    MismatchStatus.IGNORED: ("reopen",),
+    MismatchStatus.RESOLVED: ("reopen", "ignore"),
+    MismatchStatus.IGNORED: ("reopen", "resolve"),
     MismatchStatus.CLOSED: ("reopen",),
 }
 

@@ -174,6 +174,7 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
     base = request.scope.get("root_path", "")
     full = {
         "request": request,
+        "section": "",
         "user": user,
         "csrf_token": csrf_token(request),
         "base": base,
