@@ -769,11 +769,13 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
     U = UsageRecord
     in_window = and_(U.occurred_at >= ctx.since, U.occurred_at < ctx.until)
     prod_free = and_(U.billable.is_(False), U.environment == UsageEnvironment.PRODUCTION)
+    # Margin is over billed production usage; free production usage is its own review item.
+    billed = and_(U.billable.is_(True), U.environment == UsageEnvironment.PRODUCTION)
     usage = (
         select(
             U.account_id.label("account_id"),
-            func.sum(U.units).label("units"),
-            func.sum(U.provider_cost_usd).label("cost"),
+            func.sum(case((billed, U.units), else_=0)).label("units"),
+            func.sum(case((billed, U.provider_cost_usd), else_=0)).label("cost"),
             func.sum(case((prod_free, 1), else_=0)).label("free_n"),
             func.sum(case((prod_free, U.provider_cost_usd), else_=0)).label("free_cost"),
             func.count(U.id).label("n"),
@@ -821,7 +823,7 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
                 {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
                 for f, m, u, c in ctx.session.execute(
                     select(U.feature, U.model, func.sum(U.units), func.sum(U.provider_cost_usd))
-                    .where(U.account_id == row.account_id, in_window)
+                    .where(U.account_id == row.account_id, in_window, billed)
                     .group_by(U.feature, U.model)
                     .order_by(U.feature, U.model)
                 )
