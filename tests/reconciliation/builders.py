@@ -6,6 +6,7 @@ freezes for open disputes, access state from subscription status), plus provider
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -234,6 +235,18 @@ def usage_groups(session: Session) -> dict[tuple[str, date, str, str], UsageGrou
     return groups
 
 
+_NUMBER = "__number__:"
+
+
+def _raw_number(value: Decimal) -> str:
+    return _NUMBER + format(value, "f")
+
+
+def _dumps(doc: Any) -> str:
+    """JSON with marked Decimals written as bare numbers (the way OpenAI sends dollar amounts)."""
+    return re.sub(rf'"{_NUMBER}([-0-9.]+)"', r"\1", json.dumps(doc))
+
+
 def _epoch(d: date) -> int:
     return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp())
 
@@ -255,7 +268,8 @@ def write_reports(
     paths: list[Path] = []
 
     # OpenAI: amounts are JSON numbers in dollars, written from Decimal text so no float is involved.
-    cost_buckets, usage_buckets = [], []
+    cost_buckets: list[dict[str, Any]] = []
+    usage_buckets: list[dict[str, Any]] = []
     for (provider, d), items in sorted(by_provider_day.items()):
         if provider != "openai":
             continue
@@ -266,9 +280,15 @@ def write_reports(
                 if token_type == "input":
                     amount += cost_drift.get(key, Decimal(0))
                 cost_results.append(
-                    '{{"object": "organization.costs.result", "amount": {{"value": {}, "currency": "usd"}}, '
-                    '"line_item": {}, "project_id": {}, "api_key_id": null, "quantity": null, '
-                    '"quantity_unit": "tokens"}}'.format(format(amount, "f"), json.dumps(f"{model}, {token_type}"), json.dumps(scope))
+                    {
+                        "object": "organization.costs.result",
+                        "amount": {"value": _raw_number(amount), "currency": "usd"},
+                        "line_item": f"{model}, {token_type}",
+                        "project_id": scope,
+                        "api_key_id": None,
+                        "quantity": None,
+                        "quantity_unit": "tokens",
+                    }
                 )
             usage_results.append(
                 {
@@ -282,19 +302,13 @@ def write_reports(
                 }
             )
         start = _epoch(d)
-        cost_buckets.append(
-            '{"object": "bucket", "start_time": %d, "end_time": %d, "results": [%s]}'
-            % (start, start + 86400, ", ".join(cost_results))
-        )
-        usage_buckets.append(
-            {"object": "bucket", "start_time": start, "end_time": start + 86400, "results": usage_results}
-        )
-    path = out / "openai_costs.json"
-    path.write_text('{{"object": "page", "data": [{}], "has_more": false, "next_page": null}}'.format(", ".join(cost_buckets)))
-    paths.append(path)
-    path = out / "openai_usage.json"
-    path.write_text(json.dumps({"object": "page", "data": usage_buckets, "has_more": False, "next_page": None}))
-    paths.append(path)
+        bounds = {"object": "bucket", "start_time": start, "end_time": start + 86400}
+        cost_buckets.append({**bounds, "results": cost_results})
+        usage_buckets.append({**bounds, "results": usage_results})
+    for name, buckets in (("openai_costs.json", cost_buckets), ("openai_usage.json", usage_buckets)):
+        path = out / name
+        path.write_text(_dumps({"object": "page", "data": buckets, "has_more": False, "next_page": None}))
+        paths.append(path)
 
     # Anthropic: amounts are decimal strings in cents.
     cost_days, usage_days = [], []

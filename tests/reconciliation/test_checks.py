@@ -447,7 +447,7 @@ class TestProviderAndMargin:
     def test_a_bad_report_writes_nothing(self, engine: Engine, emulator: Emulator, tmp_path: Path) -> None:
         bad = tmp_path / "bad.json"
         bad.write_text('{"data": [}')
-        with pytest.raises(ReportError, match="bad.json"):
+        with pytest.raises(ReportError, match=r"bad\.json"):
             _run(emulator, [bad])
         with Session(engine) as s:
             from reconciliation.models import ReconciliationRun
