@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -22,8 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--demo-customers", type=int, default=0, help="create this many customers with a top-up each at start"
     )
+    parser.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="MODULE:FUNCTION",
+        help="call FUNCTION(store) from MODULE before serving, to build a dataset (repeatable)",
+    )
+    parser.add_argument("--no-events", action="store_true", help="do not record events (smaller bulk datasets)")
     args = parser.parse_args(argv)
-    store = Store(api_version=args.api_version, seed=args.seed)
+    store = Store(api_version=args.api_version, seed=args.seed, record_events=not args.no_events)
+    for target in args.load:
+        module_name, _, function_name = target.partition(":")
+        if not function_name:
+            parser.error(f"--load takes MODULE:FUNCTION, got {target!r}")
+        getattr(importlib.import_module(module_name), function_name)(store)
     for index in range(args.demo_customers):
         customer = store.create_customer(email=f"customer{index}@example.com", name=f"Customer {index}")
         store.topup(customer)

@@ -7,10 +7,19 @@ for an event's ``data.object``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-Metadata = dict[str, str]
+# Metadata is replaced, never mutated in place, so records without any can share one empty mapping.
+Metadata = Mapping[str, str]
+NO_METADATA: Metadata = MappingProxyType({})
+
+
+def metadata_of(value: Mapping[str, str] | None) -> Metadata:
+    """A record's own copy of metadata (the shared empty one when there is none)."""
+    return dict(value) if value else NO_METADATA
 
 
 @dataclass(slots=True)
@@ -26,7 +35,7 @@ class Record:
 class Product(Record):
     name: str = ""
     description: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
     active: bool = True
 
     object_name = "product"
@@ -41,7 +50,7 @@ class Price(Record):
     interval_count: int = 1
     lookup_key: str | None = None
     nickname: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
     active: bool = True
 
     object_name = "price"
@@ -52,7 +61,7 @@ class Customer(Record):
     email: str | None = None
     name: str | None = None
     description: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
     deleted: bool = False
 
     object_name = "customer"
@@ -86,7 +95,7 @@ class CheckoutSession(Record):
     invoice: str | None = None
     client_reference_id: str | None = None
     customer_email: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
     expires_at: int = 0
     success_url: str | None = "https://example.com/success"
 
@@ -103,7 +112,7 @@ class PaymentIntent(Record):
     latest_charge: str | None = None
     invoice: str | None = None
     description: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
     last_payment_error: dict[str, Any] | None = None
     payment_method: str | None = None
 
@@ -129,7 +138,7 @@ class Charge(Record):
     refund_ids: tuple[str, ...] = ()
     dispute: str | None = None
     description: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
     payment_method: str | None = None
 
     object_name = "charge"
@@ -158,7 +167,7 @@ class Refund(Record):
     status: str = "succeeded"
     reason: str | None = None
     balance_transaction: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
 
     object_name = "refund"
 
@@ -180,7 +189,7 @@ class Subscription(Record):
     cancellation_reason: str | None = None
     latest_invoice: str | None = None
     currency: str = "usd"
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
 
     object_name = "subscription"
 
@@ -226,7 +235,7 @@ class Invoice(Record):
     pre_payment_credit_notes_amount: int = 0
     customer_email: str | None = None
     customer_name: str | None = None
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
 
     object_name = "invoice"
 
@@ -255,7 +264,7 @@ class Dispute(Record):
     reason: str = "fraudulent"
     balance_transactions: tuple[str, ...] = ()
     evidence_due_by: int = 0
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
 
     object_name = "dispute"
 
@@ -282,7 +291,7 @@ class CreditNote(Record):
     refund: str | None = None
     out_of_band_amount: int | None = None
     lines: tuple[CreditNoteLine, ...] = ()
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=lambda: NO_METADATA)
     voided_at: int | None = None
 
     object_name = "credit_note"

@@ -40,6 +40,7 @@ from .records import (
     Record,
     Refund,
     Subscription,
+    metadata_of,
 )
 from .render import Renderer
 
@@ -407,7 +408,7 @@ class Store:
                     email=email,
                     name=name,
                     description=description,
-                    metadata=dict(metadata or {}),
+                    metadata=metadata_of(metadata),
                 )
             )
             self._emit("customer.created", customer, ts)
@@ -444,8 +445,8 @@ class Store:
                     currency=currency,
                     invoice=invoice,
                     description=description,
-                    metadata=dict(metadata or {}),
-                    payment_method=self.new_id("pm"),
+                    metadata=metadata_of(metadata),
+                    payment_method="pm_card_visa",
                 )
             )
             self._emit("payment_intent.created", payment_intent, at)
@@ -459,7 +460,7 @@ class Store:
             payment_intent=payment_intent.id,
             invoice=invoice,
             description=description,
-            metadata=dict(metadata or {}),
+            metadata=metadata_of(metadata),
             payment_method=payment_intent.payment_method,
         )
         if fail:
@@ -549,7 +550,7 @@ class Store:
                 line_items=(line,),
                 client_reference_id=client_reference_id,
                 customer_email=customer_email,
-                metadata=dict(metadata or {}),
+                metadata=metadata_of(metadata),
                 expires_at=ts + 86400,
                 success_url=success_url,
             )
@@ -705,7 +706,7 @@ class Store:
             current_period_end=self._period_end(price_record, ts, ts),
             billing_cycle_anchor=ts,
             currency=price_record.currency,
-            metadata=dict(metadata or {}),
+            metadata=metadata_of(metadata),
         )
         self._add(sub)
         invoice = self._new_invoice(sub, "subscription_create", ts, sub.current_period_start, sub.current_period_end)
@@ -993,7 +994,7 @@ class Store:
                     currency=charge.currency,
                     reason=reason,
                     balance_transaction=txn.id,
-                    metadata=dict(metadata or {}),
+                    metadata=metadata_of(metadata),
                 )
             )
             before = copy.copy(charge)
@@ -1063,7 +1064,10 @@ class Store:
                 raise EmulatorError(f"This dispute is already {record.status}.", code="dispute_already_closed")
             ts = self._at(at)
             before = copy.copy(record)
+            record.status = "won" if won else "lost"
+            self._emit("charge.dispute.closed", record, ts, prev=before)
             if won:
+                # The reinstatement lands after the closing, as its own balance movement and event.
                 txn = self._add(
                     BalanceTransaction(
                         self.new_id("txn"),
@@ -1079,9 +1083,6 @@ class Store:
                     )
                 )
                 record.balance_transactions = (*record.balance_transactions, txn.id)
-            record.status = "won" if won else "lost"
-            self._emit("charge.dispute.closed", record, ts, prev=before)
-            if won:
                 self._emit("charge.dispute.funds_reinstated", record, ts)
             return record
 
