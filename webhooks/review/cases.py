@@ -253,10 +253,12 @@ def latest_notes(session: Session, mismatch_ids: list[int]) -> dict[int, Mismatc
     return {a.mismatch_id: a for a in actions}
 
 
-def for_customer(session: Session, customer_id: str, limit: int = 50) -> tuple[list[MismatchRow], bool, str | None]:
-    """Mismatches naming a customer, newest first: (rows, more exist, a note when there are none)."""
+def for_customer(
+    session: Session, customer_id: str, limit: int = 50
+) -> tuple[list[MismatchRow], bool, dict[int, MismatchAction]]:
+    """Mismatches naming a customer, newest first: (rows, more exist, the latest audit row of each)."""
     page = list_mismatches(session, MismatchFilter(customer=customer_id), limit=limit)
-    return page.rows, page.next_cursor is not None, None
+    return page.rows, page.next_cursor is not None, latest_notes(session, [r.mismatch.id for r in page.rows])
 
 
 # --- one mismatch --------------------------------------------------------------------------------------------
@@ -379,6 +381,7 @@ class MismatchDetail:
     evidence_ledger: dict[str, Any]
     evidence_provider: dict[str, Any]
     evidence_other: dict[str, Any]
+    recent_grants: list[Grant] = field(default_factory=list)  # the customer's, when the evidence names none
 
 
 def _split_evidence(evidence: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
@@ -460,6 +463,11 @@ def mismatch_detail(session: Session, mismatch_id: int) -> MismatchDetail | None
     entries: list[Entry] = []
     if entry_filter:
         entries = list(session.scalars(select(Entry).where(or_(*entry_filter)).order_by(Entry.id).limit(MAX_RELATED)))
+    recent_grants: list[Grant] = []
+    if account is not None and not grants:
+        recent_grants = list(
+            session.scalars(select(Grant).where(Grant.account_id == account.id).order_by(Grant.id.desc()).limit(5))
+        )
     stripe_ev, ledger_ev, provider_ev, other_ev = _split_evidence(evidence)
     return MismatchDetail(
         mismatch=mismatch,
@@ -476,6 +484,7 @@ def mismatch_detail(session: Session, mismatch_id: int) -> MismatchDetail | None
         evidence_ledger=ledger_ev,
         evidence_provider=provider_ev,
         evidence_other=other_ev,
+        recent_grants=recent_grants,
     )
 
 

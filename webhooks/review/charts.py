@@ -141,8 +141,8 @@ WIDTH = 960
 PANEL_HEIGHT = 120
 LEFT = 90
 RIGHT = 12
-TOP_PAD = 22
-GAP = 34
+TOP_PAD = 26
+GAP = 58
 COLORS = {"credits": "#2f5bd3", "stripe": "#12b76a", "ledger": "#1d2330", "cost": "#f79009"}
 
 
@@ -184,7 +184,9 @@ def render_svg(series: DailySeries) -> str:
         top = TOP_PAD + index * (PANEL_HEIGHT + GAP)
         bottom = top + PANEL_HEIGHT
         peak = _nice_max(max([*values, *(line or []), 0.0]))
-        out.append(f'<text x="{LEFT}" y="{top - 7}" font-weight="600" fill="#1d2330">{escape(title)}</text>')
+        if fmt == "{:,.0f}":
+            peak = max(peak, 10.0)  # whole numbers: keep the mid tick a whole number too
+        out.append(f'<text x="{LEFT}" y="{top - 10}" font-weight="600" fill="#1d2330">{escape(title)}</text>')
         for frac in (0.0, 0.5, 1.0):
             y = bottom - frac * PANEL_HEIGHT
             out.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6ec"/>')
@@ -192,12 +194,13 @@ def render_svg(series: DailySeries) -> str:
             out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#667085">{tick}</text>')
         for i, (d, v) in enumerate(zip(days, values, strict=True)):
             h = (v / peak) * PANEL_HEIGHT if peak else 0
-            x = LEFT + i * slot + slot * 0.15
+            bar = min(slot * 0.7, 48.0)
+            x = LEFT + i * slot + (slot - bar) / 2
             label = f"{d.day.isoformat()}: {fmt.format(v)}"
             if line is not None:
                 label += f" (ledger {fmt.format(line[i])})"
             out.append(
-                f'<rect x="{x:.1f}" y="{bottom - h:.1f}" width="{max(slot * 0.7, 1):.1f}" height="{h:.1f}" '
+                f'<rect x="{x:.1f}" y="{bottom - h:.1f}" width="{max(bar, 1):.1f}" height="{h:.1f}" '
                 f'fill="{COLORS[color_key]}"><title>{escape(label)}</title></rect>'
             )
         if line is not None:

@@ -264,14 +264,14 @@ CHART_MAX_DAYS = 366
 def _runs_context(before_id: int | None, run_id: int | None, since: date | None, until: date | None) -> dict[str, Any]:
     with session_factory()() as session:
         runs, older = cases.list_runs(session, before_id=before_id)
-        selected = cases.get_run(session, run_id) if run_id is not None else (runs[0] if runs and not since else None)
+        selected = cases.get_run(session, run_id) if run_id is not None else None
         if since is None or until is None:
             if selected is not None:
                 start = selected.since if selected.since.tzinfo else selected.since.replace(tzinfo=UTC)
                 end = selected.until if selected.until.tzinfo else selected.until.replace(tzinfo=UTC)
                 since = start.date()
                 until = (end - timedelta(microseconds=1)).date()
-            else:
+            else:  # no window asked for: the last 30 days, today included
                 until = datetime.now(UTC).date()
                 since = until - timedelta(days=CHART_DEFAULT_DAYS - 1)
         if (until - since).days >= CHART_MAX_DAYS:

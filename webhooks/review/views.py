@@ -134,7 +134,7 @@ def _customer_context(
             )
             for dimension in ("model", "feature", "user")
         ]
-        mismatches, more, note = cases.for_customer(session, account.customer_id)
+        mismatches, more, notes = cases.for_customer(session, account.customer_id)
     return {
         "overview": overview,
         "page": page,
@@ -142,7 +142,7 @@ def _customer_context(
         "credit_value": credit_value,
         "mismatches": mismatches,
         "mismatches_more": more,
-        "mismatches_note": note,
+        "notes": notes,
     }
 
 
@@ -173,7 +173,7 @@ async def customer_page(request: Request) -> Response:
         entry_kinds=[k.value for k in EntryKind],
         usage_since=since,
         usage_until=until,
-        usage_since_raw=params.get("since", ""),
+        usage_since_raw=params.get("since", "") or since.date().isoformat(),
         usage_until_raw=params.get("until", ""),
     )
     return render(request, "review/customer.html", context)
