@@ -59,7 +59,8 @@ def backfill(
         for event in chunk:
             seen += 1
             try:
-                items.append((orjson.dumps(event), parse_envelope(event)))
+                # The SDK turns Stripe's decimal strings into Decimal; str() gives the wire form back.
+                items.append((orjson.dumps(event, default=str), parse_envelope(event)))
             except NotAStripeEvent:
                 malformed += 1
         with unit_of_work() as session:

@@ -115,7 +115,7 @@ class StripeGateway:
         self._retrying = retry(
             retry=retry_if_exception(is_transient_stripe_error),
             stop=stop_after_attempt(max(1, attempts)),
-            wait=wait_exponential_jitter(initial=wait_initial, max=wait_max),
+            wait=wait_exponential_jitter(multiplier=wait_initial, max=wait_max, jitter=wait_initial),
             before_sleep=_before_sleep,
             reraise=True,
         )
