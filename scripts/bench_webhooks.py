@@ -1,0 +1,396 @@
+"""Benchmark the Stripe webhook receiver: verified, stored and handed-over events per second, and latency.
+
+Starts ``billing-reconciler serve`` on PostgreSQL + Redis (real hand-over to the Celery broker), then drives it
+from a load generator in a second process (asyncio + uvloop, raw HTTP/1.1 keep-alive, 64 connections, every
+request a fresh event signed with Stripe's scheme). In the same run it measures the same server's trivial
+endpoint (/healthz) and an INSERT-only pgbench script into a copy of the events table, and prints the ratios.
+
+    DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/br_webhooks \\
+    CELERY_BROKER_URL=redis://127.0.0.1:6379/2 python scripts/bench_webhooks.py
+
+``--compare-servers`` runs the receiver under uvicorn and granian with one and two workers (how the default
+server of ``serve`` was chosen). Figures on a shared machine are only comparable as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "stripe" / "events" / "charge.succeeded.srm.json"
+SECRET = "whsec_bench_secret"
+TARGET_RATE = 3000.0
+TARGET_P99_MS = 50.0
+
+
+# --- load generator (runs in its own process) ------------------------------------------------------------------
+
+
+def _event_template() -> tuple[bytes, bytes]:
+    event = json.loads(FIXTURE.read_bytes()) if FIXTURE.exists() else _synthetic_event()
+    event["id"] = "evt_PLACEHOLDER"
+    raw = json.dumps(event, indent=2).encode()
+    prefix, suffix = raw.split(b"evt_PLACEHOLDER")
+    return prefix, suffix
+
+
+def _synthetic_event() -> dict[str, Any]:
+    return {
+        "object": "event",
+        "type": "charge.succeeded",
+        "created": int(time.time()),
+        "api_version": "2026-04-22.dahlia",
+        "livemode": False,
+        "data": {"object": {"id": "ch_bench", "object": "charge", "amount": 2000, "customer": "cus_bench"}},
+    }
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    lower = head.lower()
+    start = lower.find(b"content-length:")
+    length = int(lower[start + 15 : lower.find(b"\r\n", start)]) if start >= 0 else 0
+    body = await reader.readexactly(length) if length else b""
+    return status, body, b"connection: close" in lower
+
+
+async def _drive(options: dict[str, Any]) -> dict[str, Any]:
+    host, port, mode = options["host"], options["port"], options["mode"]
+    warmup_until = time.perf_counter() + options["warmup"]
+    stop_at = warmup_until + options["duration"]
+    run = uuid.uuid4().hex[:10]
+    prefix, suffix = _event_template()
+    secret = options["secret"].encode()
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+
+    def webhook_request(conn: int, n: int) -> bytes:
+        body = b"%sevt_bench_%s_%d_%d%s" % (prefix, run.encode(), conn, n, suffix)
+        ts = int(time.time())
+        sig = hmac.new(secret, b"%d.%s" % (ts, body), hashlib.sha256).hexdigest()
+        return (
+            b"POST /webhooks/stripe HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Stripe-Signature: t=%d,v1=%s\r\nContent-Length: %d\r\n\r\n%s" % (ts, sig.encode(), len(body), body)
+        )
+
+    trivial = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    async def connection(conn: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        n = 0
+        while True:
+            now = time.perf_counter()
+            if now >= stop_at:
+                break
+            request = webhook_request(conn, n) if mode == "webhook" else trivial
+            n += 1
+            writer.write(request)
+            status, body, close = await _read_response(reader)
+            done = time.perf_counter()
+            if now >= warmup_until:
+                latencies.append(done - now)
+                if status == 200 and mode == "webhook":
+                    statuses["stored" if b'"duplicate":false' in body else "duplicate"] += 1
+                else:
+                    statuses[str(status)] += 1
+            if close:
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+        writer.close()
+
+    await asyncio.gather(*(connection(c) for c in range(options["connections"])))
+    latencies.sort()
+    count = len(latencies)
+
+    def pct(q: float) -> float:
+        return latencies[min(count - 1, int(q * count))] * 1000 if count else float("nan")
+
+    ok = statuses["stored"] if mode == "webhook" else statuses["200"]
+    return {
+        "mode": mode,
+        "run": run,
+        "requests": count,
+        "statuses": dict(statuses),
+        "ok": ok,
+        "rate": ok / options["duration"],
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "max_ms": latencies[-1] * 1000 if count else float("nan"),
+    }
+
+
+def loadgen_main(options_json: str) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(asyncio.run(_drive(json.loads(options_json)))))
+
+
+def run_loadgen(mode: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the load generator in a second process and return its figures."""
+    options = {
+        "host": "127.0.0.1",
+        "port": port,
+        "mode": mode,
+        "connections": args.connections,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "secret": SECRET,
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--loadgen", json.dumps(options)], capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# --- server ------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``billing-reconciler serve`` in a subprocess."""
+
+    def __init__(self, args: argparse.Namespace, server: str, workers: int) -> None:
+        self.port = _free_port()
+        self.metrics_dir = tempfile.mkdtemp(prefix="bench-webhooks-metrics-")
+        env = {
+            **os.environ,
+            "DATABASE_URL": args.database_url,
+            "CELERY_BROKER_URL": args.broker_url,
+            "STRIPE_WEBHOOK_SECRETS": SECRET,
+            "LOG_LEVEL": "WARNING",
+        }
+        if workers > 1:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        command = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(self.port)]
+        command += ["--workers", str(workers), "--server", server]
+        self.process = subprocess.Popen(command, env=env, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"the server ({server}, {workers} workers) did not start")
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its worker processes (Linux /proc)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        stats: dict[int, tuple[int, float]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+        tree = {self.process.pid}
+        for _ in range(3):
+            tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
+        return sum(stats[pid][1] for pid in tree if pid in stats)
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+# --- database ----------------------------------------------------------------------------------------------------
+
+
+def _libpq_url(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def stored_with_prefix(args: argparse.Namespace, run: str) -> int:
+    import psycopg
+
+    with psycopg.connect(_libpq_url(args.database_url)) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM stripe_events WHERE event_id LIKE %s", (f"evt_bench_{run}_%",)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def run_pgbench(args: argparse.Namespace, payload_bytes: int) -> dict[str, Any]:
+    """INSERT-only pgbench into a copy of stripe_events (same columns and indexes), one event per transaction."""
+    import psycopg
+
+    url = _libpq_url(args.database_url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_pgbench_events")
+        conn.execute("CREATE TABLE bench_pgbench_events (LIKE stripe_events INCLUDING DEFAULTS INCLUDING INDEXES)")
+        conn.execute("ALTER TABLE bench_pgbench_events ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY")
+    script = (
+        "INSERT INTO bench_pgbench_events (event_id, type, api_version, created, livemode, object_kind, object_id,"
+        " customer_id, payload, source, status, received_at) VALUES ('evt_pgb_' || gen_random_uuid(),"
+        " 'charge.succeeded', '2020-08-27', now(), false, 'event', 'ch_1', 'cus_1',"
+        f" convert_to(repeat('x', {payload_bytes}), 'UTF8'), 'webhook', 'pending', now())"
+        " ON CONFLICT (event_id) DO NOTHING;\n"
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    try:
+        command = ["pgbench", "-n", "-M", "prepared", "-c", str(args.pgbench_clients), "-j", "2"]
+        command += ["-T", str(args.duration), "-f", f.name, url]
+        out = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS bench_pgbench_events")
+    tps = next(float(line.split("=")[1].split()[0]) for line in out.splitlines() if line.startswith("tps"))
+    latency = next((line.split("=")[1].strip() for line in out.splitlines() if "latency average" in line), "?")
+    return {"rate": tps, "latency_avg": latency}
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    os.environ["DATABASE_URL"] = args.database_url
+    sys.path.insert(0, str(REPO))
+    from ledger.migrate import migrate
+
+    migrate()
+
+
+def measure_server(args: argparse.Namespace, server: str, workers: int) -> dict[str, Any]:
+    srv = Server(args, server, workers)
+    try:
+        trivial = run_loadgen("healthz", srv.port, args)
+        handed_before = srv.metric("webhook_events_handed_over_total")
+        cpu_before = srv.cpu_seconds()
+        hook = run_loadgen("webhook", srv.port, args)
+        time.sleep(1.0)  # hand-over runs after the response
+        hook["server_cpu_seconds"] = srv.cpu_seconds() - cpu_before
+        hook["stored_in_db"] = stored_with_prefix(args, hook["run"])
+        hook["cpu_us_per_event"] = hook["server_cpu_seconds"] / max(1, hook["stored_in_db"]) * 1e6
+        hook["handed_over"] = srv.metric("webhook_events_handed_over_total") - handed_before
+        hook["handover_failed"] = srv.metric("webhook_handover_failed_events_total")
+    finally:
+        srv.stop()
+    return {"server": server, "workers": workers, "trivial": trivial, "webhook": hook}
+
+
+def _row(label: str, rate: float, p50: float, p99: float, ref: float | None = None) -> str:
+    ratio = f"{rate / ref:6.2f}" if ref else "      "
+    return f"{label:<44}{rate:>10,.0f}/s  p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  {ratio}"
+
+
+def report(result: dict[str, Any], pgbench: dict[str, Any] | None) -> None:
+    trivial, hook = result["trivial"], result["webhook"]
+    name = f"{result['server']}, {result['workers']} worker(s)"
+    print(f"\n== {name}; {hook['requests']:,} webhook requests, statuses {hook['statuses']}")
+    print(f"{'':<44}{'rate':>12}  {'':>15}  {'':>15}  ratio to /healthz")
+    print(_row("GET /healthz (trivial endpoint)", trivial["rate"], trivial["p50_ms"], trivial["p99_ms"]))
+    print(
+        _row(
+            "POST /webhooks/stripe (verified+stored)",
+            hook["rate"],
+            hook["p50_ms"],
+            hook["p99_ms"],
+            trivial["rate"],
+        )
+    )
+    if pgbench:
+        print(
+            f"{'pgbench INSERT-only (1 event per commit)':<44}{pgbench['rate']:>10,.0f}/s  avg {pgbench['latency_avg']}"
+        )
+        print(f"webhook / pgbench ratio: {hook['rate'] / pgbench['rate']:.2f}")
+    print(
+        f"stored in the database: {hook['stored_in_db']:,} (answered 200 new: {hook['ok']:,} during the measured"
+        f" window, plus warm-up); handed over to the broker: {hook['handed_over']:,.0f};"
+        f" hand-over failures: {hook['handover_failed']:,.0f}"
+    )
+    print(f"server CPU per stored event (whole server, all threads and workers): {hook['cpu_us_per_event']:.0f} us")
+    met = hook["rate"] >= TARGET_RATE and hook["p99_ms"] < TARGET_P99_MS
+    print(
+        f"target >= {TARGET_RATE:,.0f} events/s with p99 < {TARGET_P99_MS:.0f} ms: {'MET' if met else 'NOT MET'}"
+        " (on a shared machine: judge by the ratios)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""))
+    parser.add_argument("--broker-url", default=os.environ.get("CELERY_BROKER_URL", ""))
+    parser.add_argument("--duration", type=int, default=15, help="measured seconds per phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each phase")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument("--server", default="uvicorn", choices=["uvicorn", "granian"])
+    parser.add_argument("--pgbench-clients", type=int, default=16)
+    parser.add_argument("--skip-pgbench", action="store_true")
+    parser.add_argument("--compare-servers", action="store_true", help="uvicorn and granian, 1 and 2 workers")
+    args = parser.parse_args()
+    if args.loadgen:
+        loadgen_main(args.loadgen)
+        return
+    if not args.database_url.startswith("postgresql"):
+        raise SystemExit("set DATABASE_URL to a PostgreSQL database (the benchmark measures the production path)")
+    if not args.broker_url.startswith("redis"):
+        raise SystemExit("set CELERY_BROKER_URL to a Redis broker (hand-over goes to the real broker)")
+    _prepare(args)
+    combos = (
+        [("uvicorn", 1), ("granian", 1), ("uvicorn", 2), ("granian", 2)]
+        if args.compare_servers
+        else [(args.server, args.workers)]
+    )
+    results = [measure_server(args, server, workers) for server, workers in combos]
+    pgbench = None if args.skip_pgbench else run_pgbench(args, len(b"".join(_event_template())) + 40)
+    for result in results:
+        report(result, pgbench)
+    if len(results) > 1:
+        print("\n== servers compared (webhook events stored/s, p99)")
+        for r in results:
+            h = r["webhook"]
+            print(
+                f"{r['server']:<8} {r['workers']} worker(s): {h['rate']:>8,.0f}/s  p99 {h['p99_ms']:.1f} ms"
+                f"  server CPU {h['cpu_us_per_event']:.0f} us/event   /healthz {r['trivial']['rate']:>8,.0f}/s"
+            )
+
+
+if __name__ == "__main__":
+    main()
