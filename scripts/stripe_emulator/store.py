@@ -15,7 +15,7 @@ import heapq
 import random
 import string
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -78,6 +78,7 @@ DEFAULT_CATALOG: tuple[dict[str, Any], ...] = (
 _PRODUCT_NAMES = {"prod_credits": "AI credits", "prod_pro": "Pro plan", "prod_team": "Team plan"}
 
 _ALPHABET = string.digits + string.ascii_letters
+_ENDED = ("canceled", "incomplete_expired", "incomplete")
 
 
 class EmulatorError(Exception):
@@ -124,7 +125,7 @@ class Store:
         *,
         clock: Clock | None = None,
         api_version: str = DEFAULT_API_VERSION,
-        seed: int | None = 0,
+        seed: int | None = None,
         catalog: Iterable[Mapping[str, Any]] | None = DEFAULT_CATALOG,
         record_events: bool = True,
         events_retention_days: int | None = 30,
@@ -866,6 +867,55 @@ class Store:
             self._attempt_invoice(invoice, ts, fail=fail, first=True)
             return invoice
 
+    def advance(
+        self,
+        seconds: float = 0,
+        *,
+        minutes: float = 0,
+        hours: float = 0,
+        days: float = 0,
+        fail: Callable[[Subscription], bool] | Collection[str] | None = None,
+    ) -> list[Invoice]:
+        """Move the clock forward like a Stripe test clock: every subscription whose period ends on the way is
+        renewed at its period end, in time order (or ends, if set to cancel at period end).
+
+        ``fail`` picks the renewals whose payment fails: a predicate, or subscription/customer ids.
+        Returns the renewal invoices made.
+        """
+        with self.lock:
+            target = self.clock.now() + int(seconds + minutes * 60 + hours * 3600 + days * 86400)
+            failing: set[str] = set()
+            if isinstance(fail, str):
+                failing = {fail}
+            elif isinstance(fail, Collection):
+                failing = set(fail)
+            predicate = fail if callable(fail) else None
+
+            def fails(sub: Subscription) -> bool:
+                if predicate is not None:
+                    return predicate(sub)
+                return sub.id in failing or sub.customer in failing
+
+            due: list[tuple[int, int, str]] = []
+            for record in self.iter_records("subscription"):
+                if isinstance(record, Subscription) and record.status not in _ENDED:
+                    due.append((record.current_period_end, record.seq, record.id))
+            heapq.heapify(due)
+            invoices: list[Invoice] = []
+            while due and due[0][0] <= target:
+                period_end, _, sub_id = heapq.heappop(due)
+                sub = self.peek(sub_id)
+                if not isinstance(sub, Subscription) or sub.status in _ENDED or sub.current_period_end != period_end:
+                    continue
+                if self.clock.now() < period_end:
+                    self.clock.set(period_end)
+                invoice = self.renew_subscription(sub, fail=fails(sub))
+                if invoice is not None:
+                    invoices.append(invoice)
+                    heapq.heappush(due, (sub.current_period_end, sub.seq, sub.id))
+            self.clock.set(max(target, self.clock.now()))
+            return invoices
+
     def retry_invoice(self, invoice: Invoice | str, *, fail: bool = False, at: Instant | None = None) -> Invoice:
         """Retry an open invoice's payment (Smart Retries): success pays it and reactivates the subscription."""
         with self.lock:
@@ -1190,24 +1240,29 @@ class Store:
         since: Instant | None = None,
         until: Instant | None = None,
         object_id: str | None = None,
+        after: str | None = None,
     ) -> list[Event]:
-        """Recorded events, oldest first, optionally by type pattern (``charge.*``), time window, object."""
+        """Recorded events, oldest first, optionally by type pattern (``charge.*``), time window, object, or
+        only those recorded after the event ``after`` (to deliver what is new since the last delivery)."""
         wanted = list(types) if types is not None else None
-        lo = to_timestamp(since) if since is not None else None
-        hi = to_timestamp(until) if until is not None else None
-        out: list[Event] = []
-        for record in self.iter_records("event"):
-            assert isinstance(record, Event)
-            if lo is not None and record.created < lo:
-                continue
-            if hi is not None and record.created >= hi:
-                continue
-            if wanted is not None and not any(fnmatch.fnmatchcase(record.type, p) for p in wanted):
-                continue
-            if object_id is not None and (record.obj is None or record.obj.id != object_id):
-                continue
-            out.append(record)
-        return out
+        with self.lock:
+            keys = self._keys["event"]
+            lo: tuple[int, int] = (to_timestamp(since), -1) if since is not None else (-(2**62), -1)
+            if after is not None:
+                cursor: Event = self.get(after, Event)
+                lo = max(lo, (cursor.created, cursor.seq + 1))
+            hi: tuple[int, int] = (to_timestamp(until), -1) if until is not None else (2**62, -1)
+            out: list[Event] = []
+            for key in _scan(keys, lo, hi, forward=True):
+                record = self._objects.get(key[2])
+                if not isinstance(record, Event):
+                    continue
+                if wanted is not None and not any(fnmatch.fnmatchcase(record.type, p) for p in wanted):
+                    continue
+                if object_id is not None and (record.obj is None or record.obj.id != object_id):
+                    continue
+                out.append(record)
+            return out
 
     def events(self, **filters: Any) -> list[dict[str, Any]]:
         """Recorded events as Stripe JSON, oldest first (filters as ``event_records``)."""

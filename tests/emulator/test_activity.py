@@ -302,3 +302,33 @@ class TestShapes:
         assert set(capture["data"]["object"]) <= set(ours["data"]["object"]) | {"customer_account"}
         line_keys = set(capture["data"]["object"]["lines"]["data"][0])
         assert line_keys <= set(ours["data"]["object"]["lines"]["data"][0])
+
+
+class TestClockAdvance:
+    def test_a_month_of_renewals_like_a_test_clock(self, store: Store) -> None:
+        monthly = store.create_subscription(store.create_customer(email="m@example.com"))
+        store.clock.advance(days=10)
+        failing = store.create_subscription(store.create_customer(email="f@example.com"))
+
+        renewals = store.advance(days=65, fail={failing.customer})
+
+        assert store.clock.now() == START + 75 * 86400
+        assert [(i.subscription, i.status) for i in renewals] == [
+            (monthly.id, "paid"),
+            (failing.id, "open"),
+            (monthly.id, "paid"),
+            (failing.id, "open"),
+        ]
+        assert [i.created for i in renewals] == sorted(i.created for i in renewals)
+        assert monthly.status == "active" and failing.status == "past_due"
+        assert monthly.current_period_start <= store.clock.now() < monthly.current_period_end
+
+    def test_months_keep_the_billing_anchor_day(self) -> None:
+        store = Store(clock=Clock(1769817600))  # 2026-01-31T00:00:00Z
+        subscription = store.create_subscription(store.create_customer())
+
+        store.advance(days=61)
+
+        ends = [e["data"]["object"]["period_end"] for e in store.events(types=["invoice.paid"])[1:]]
+        assert ends == [1772236800, 1774915200]  # 2026-02-28, then back to the 31st: 2026-03-31
+        assert subscription.current_period_end == 1777507200  # 2026-04-30, clamped

@@ -131,3 +131,15 @@ class TestDeliverWebhooks:
         report = store.deliver_webhooks("http://127.0.0.1:9/nowhere", SECRET, retries=1, retry_delay=0)
 
         assert report.deliveries[0].statuses == (0, 0)
+
+
+class TestIncrementalDelivery:
+    def test_only_events_after_the_last_delivered_one(self, store: Store, receiver: Receiver) -> None:
+        store.create_customer(email="1@example.com")
+        first = store.deliver_webhooks(receiver.url, SECRET)
+        store.create_customer(email="2@example.com")
+
+        second = store.deliver_webhooks(receiver.url, SECRET, store.event_records(after=first.deliveries[-1].event_id))
+
+        assert len(first) == 1 and len(second) == 1
+        assert [e["data"]["object"]["email"] for e in receiver.received] == ["1@example.com", "2@example.com"]
