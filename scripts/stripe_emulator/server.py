@@ -283,7 +283,11 @@ class Api:
             )
             try:
                 with self.store.lock:
-                    status, result = handler(self, request, match.groups())
+                    self.store.current_request = (request_id, idem_key) if method != "GET" else None
+                    try:
+                        status, result = handler(self, request, match.groups())
+                    finally:
+                        self.store.current_request = None
                     if isinstance(result, dict) and request.expand:
                         for item in request.expand:
                             self._expand(result, item.split("."), request.renderer, 0)

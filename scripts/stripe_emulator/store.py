@@ -146,6 +146,8 @@ class Store:
         self._invoice_numbers: dict[str, int] = {}
         self._renderers: dict[str, Renderer] = {}
         self.event_listeners: list[Callable[[Event], None]] = []
+        # The API request being served (its id and idempotency key), named by the events it causes.
+        self.current_request: tuple[str, str | None] | None = None
         for entry in catalog or ():
             self._seed_price(entry)
 
@@ -190,6 +192,8 @@ class Store:
             api_version=self.api_version,
             obj=copy.copy(obj),
             prev=prev,
+            request_id=self.current_request[0] if self.current_request else None,
+            idempotency_key=self.current_request[1] if self.current_request else None,
         )
         self._add(event)
         for listener in self.event_listeners:

@@ -121,3 +121,16 @@ class TestFaults:
 
         assert httpx.get(f"{server.url}/v1/events", headers=AUTH).status_code == 429
         assert httpx.get(f"{server.url}/v1/events", headers=AUTH).status_code == 200
+
+
+class TestEventRequests:
+    def test_events_name_the_api_request_that_caused_them(self, store: Store, server: EmulatorServer) -> None:
+        response = httpx.post(
+            f"{server.url}/v1/customers", data={"email": "r@example.com"}, headers={**AUTH, "Idempotency-Key": "k1"}
+        )
+        store.create_customer(email="python@example.com")
+
+        by_api, by_python = store.events()
+
+        assert by_api["request"] == {"id": response.headers["Request-Id"], "idempotency_key": "k1"}
+        assert by_python["request"] == {"id": None, "idempotency_key": None}
