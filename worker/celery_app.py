@@ -97,9 +97,10 @@ def configure(settings: Settings | None = None) -> Celery:
     key = (broker_url(settings), settings.celery_task_always_eager)
     with _lock:
         if key != _configured:
-            if _configured is not None:
-                app.pool.force_close_all()
+            if _configured is not None and app._pool is not None:
+                # The broker changed (tests switch settings): drop the connections to the old one.
                 app._pool = None
+                app.amqp._producer_pool = None
             app.conf.update(_config(settings))
             _configured = key
     return app

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from ledger.db import unit_of_work
 from ledger.inbox import EventStatus, StripeEvent
 
 
@@ -35,15 +36,19 @@ def stale_event_ids(
 
 
 def sweep(
-    session: Session,
     hand_over: Callable[[Sequence[int]], None],
     *,
     older_than: timedelta,
     now: datetime | None = None,
     batch: int = 200,
 ) -> int:
-    """Hand stale events to the worker again, in batches; return how many were sent."""
-    ids = stale_event_ids(session, older_than=older_than, now=now)
+    """Hand stale events to the worker again, in batches; return how many were sent.
+
+    The ids are read in their own short transaction and handed over after it ends, so an in-process (eager)
+    worker never waits on the sweep's own lock.
+    """
+    with unit_of_work() as session:
+        ids = stale_event_ids(session, older_than=older_than, now=now)
     for start in range(0, len(ids), batch):
         hand_over(ids[start : start + batch])
     return len(ids)

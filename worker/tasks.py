@@ -72,8 +72,7 @@ def sweep_unprocessed(older_than_minutes: float | None = None) -> int:
     from worker.enqueue import hand_over
 
     minutes = get_settings().unprocessed_event_minutes if older_than_minutes is None else older_than_minutes
-    with unit_of_work() as session:
-        sent = sweep(session, hand_over, older_than=timedelta(minutes=minutes))
+    sent = sweep(hand_over, older_than=timedelta(minutes=minutes))
     if sent:
         log.info("sweep_requeued", events=sent)
     return sent
@@ -94,7 +93,7 @@ def expire_grants() -> int:
 
 
 # The reconciliation package's nightly entry point, looked up when the task runs (it is built separately).
-RECONCILIATION_ENTRY_POINTS = (("reconciliation.service", "run_nightly"), ("reconciliation.run", "run_nightly"))
+RECONCILIATION_ENTRY_POINTS = (("reconciliation.cli", "run_nightly"), ("reconciliation.services", "run_nightly"))
 
 
 @app.task(name="worker.run_reconciliation")
