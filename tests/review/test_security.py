@@ -261,3 +261,19 @@ class TestPasswords:
         assert set(users) == {"alice", "bob"}
         with pytest.raises(ValueError, match="entry 2"):
             parse_users(f"alice:{hash_password('a')},bob:plaintext")
+
+
+class TestThrottle:
+    def test_too_many_failures_block_the_name_even_with_the_right_password(
+        self, engine: Engine, client: TestClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from webhooks.review import views
+        from webhooks.review.auth import LoginThrottle
+
+        monkeypatch.setattr(views, "throttle", LoginThrottle(max_failures=3, window_seconds=60))
+        for _ in range(3):
+            assert log_in(client, password="guess").status_code == 401
+        blocked = log_in(client)
+        assert blocked.status_code == 429
+        assert _is_login_redirect(client.get("/review/mismatches"))
+        assert log_in(client, name="bob", password="guess").status_code == 401  # other names are not blocked

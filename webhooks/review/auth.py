@@ -12,6 +12,9 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -156,3 +159,37 @@ def session_user(request: Request, users: dict[str, ReviewUser]) -> ReviewUser |
     if not isinstance(fingerprint, str) or not hmac.compare_digest(fingerprint, user.fingerprint):
         return None
     return user
+
+
+class LoginThrottle:
+    """Refuses sign-in for a name after too many recent failures (guessing is slow for everyone, per process)."""
+
+    def __init__(self, max_failures: int = 10, window_seconds: float = 900.0) -> None:
+        self.max_failures = max_failures
+        self.window_seconds = window_seconds
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, name: str, now: float) -> deque[float]:
+        failures = self._failures.setdefault(name, deque())
+        while failures and failures[0] <= now - self.window_seconds:
+            failures.popleft()
+        return failures
+
+    def blocked(self, name: str) -> bool:
+        """True while ``name`` has had too many failures within the window."""
+        with self._lock:
+            return len(self._recent(name.lower(), time.monotonic())) >= self.max_failures
+
+    def failed(self, name: str) -> None:
+        """Count a failed sign-in for ``name``."""
+        with self._lock:
+            now = time.monotonic()
+            self._recent(name.lower(), now).append(now)
+            if len(self._failures) > 10_000:  # names are attacker-chosen: do not grow without bound
+                self._failures = {k: v for k, v in self._failures.items() if v and v[-1] > now - self.window_seconds}
+
+    def succeeded(self, name: str) -> None:
+        """Forget the failures of a name that signed in."""
+        with self._lock:
+            self._failures.pop(name.lower(), None)

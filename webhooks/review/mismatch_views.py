@@ -16,6 +16,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 
 from ledger.db import session_factory, unit_of_work
 from ledger.errors import InvalidRequest
+from ledger.logs import get_logger
 from reconciliation import services
 from reconciliation.models import MismatchStatus
 from webhooks.review import cases, charts
@@ -24,6 +25,7 @@ from webhooks.review.templating import flash, render
 from webhooks.review.views import bad_request, not_found
 
 NOTE_MAX_CHARS = 4000
+log = get_logger(__name__)
 ACTIONS = {
     "resolve": (services.resolve, MismatchStatus.RESOLVED),
     "ignore": (services.ignore, MismatchStatus.IGNORED),
@@ -250,6 +252,7 @@ async def mismatch_action(request: Request, form: FormData) -> Response:
         return not_found(request, f"No mismatch #{mismatch_id}.")
     except InvalidRequest as exc:  # e.g. resolving what is already resolved: nothing changed
         return await _render_detail(request, mismatch_id, error=str(exc), note=note, status_code=409)
+    log.info("review.mismatch_action", mismatch_id=mismatch_id, action=action, actor=user.name)
     past = {"resolve": "resolved", "ignore": "ignored", "reopen": "reopened"}[action]
     flash(request, f"Mismatch #{mismatch_id} {past}.")
     return RedirectResponse(f"{request.scope.get('root_path', '')}/mismatches/{mismatch_id}", status_code=303)

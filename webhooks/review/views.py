@@ -12,14 +12,18 @@ from starlette.responses import RedirectResponse, Response
 
 from ledger.config import get_billing_config
 from ledger.db import session_factory
+from ledger.logs import get_logger
 from ledger.models import Account, EntryKind
 from webhooks.review import cases, customers
-from webhooks.review.auth import authenticate, log_in, log_out
+from webhooks.review.auth import LoginThrottle, authenticate, log_in, log_out
 from webhooks.review.security import safe_next
 from webhooks.review.state import review_users
 from webhooks.review.templating import render
 
 USAGE_WINDOW_DAYS = 30
+
+log = get_logger(__name__)
+throttle = LoginThrottle()
 
 
 def not_found(request: Request, what: str) -> Response:
@@ -48,19 +52,27 @@ async def login_form(request: Request) -> Response:
 
 async def login(request: Request, form: FormData) -> Response:
     """Check the name and password; on success start a fresh session and go where the user was headed."""
-    name = str(form.get("username", "")).strip()
+    name = str(form.get("username", "")).strip()[:255]
     password = str(form.get("password", ""))
     users = review_users()
+    context = {
+        "error": "That name and password do not match.",
+        "next": safe_next(request.scope, str(form.get("next", ""))),
+        "username": name,
+        "users_configured": bool(users),
+    }
+    if throttle.blocked(name):
+        log.warning("review.login_throttled", username=name)
+        context["error"] = "Too many failed sign-ins for this name. Wait 15 minutes and try again."
+        return render(request, "review/login.html", context, status_code=429)
     user = await run_in_threadpool(authenticate, users, name, password) if name and password else None
     if user is None:
-        context = {
-            "error": "That name and password do not match.",
-            "next": safe_next(request.scope, str(form.get("next", ""))),
-            "username": name,
-            "users_configured": bool(users),
-        }
+        throttle.failed(name)
+        log.info("review.login_failed", username=name)
         return render(request, "review/login.html", context, status_code=401)
+    throttle.succeeded(name)
     log_in(request, user)
+    log.info("review.login", username=user.name)
     return RedirectResponse(safe_next(request.scope, str(form.get("next", ""))), status_code=303)
 
 
