@@ -6,22 +6,36 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ledger.errors import (
+    AccessRefused,
+    HoldNotOpen,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidRequest,
+    LedgerError,
+    UnknownCustomer,
+    UnknownHold,
+)
 from ledger.settings import get_settings
-from webhooks import health
+from webhooks import api, health
 from webhooks.inbox_writer import InboxWriter
 from webhooks.responses import error_response
 from webhooks.review.app import create_review_app
 from webhooks.stripe_webhook import StripeWebhookEndpoint
 
 WEBHOOK_PATH = "/webhooks/stripe"
+
+log = structlog.get_logger(__name__)
 
 
 def _webhook_openapi(schema: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +91,28 @@ class BillingApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+LEDGER_STATUS: dict[type[LedgerError], int] = {
+    UnknownCustomer: 404,
+    UnknownHold: 404,
+    InsufficientCredits: 402,
+    AccessRefused: 403,
+    IdempotencyConflict: 409,
+    HoldNotOpen: 409,
+    InvalidRequest: 422,
+}
+
+
+def ledger_error_response(exc: LedgerError) -> Response:
+    """Translate a ledger refusal into its status and a stable error code."""
+    status = next((code for kind, code in LEDGER_STATUS.items() if isinstance(exc, kind)), 400)
+    details: dict[str, Any] = {}
+    if isinstance(exc, InsufficientCredits):
+        details = {"available": exc.available, "requested": exc.requested}
+    elif isinstance(exc, AccessRefused):
+        details = {"access_state": exc.state}
+    return error_response(status, exc.code, str(exc), **details)
+
+
 def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
     """Build the application from settings; ``writer`` replaces the inbox writer (tests)."""
     settings = get_settings()
@@ -104,12 +140,23 @@ def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
     # Also routed, for other methods (405) and for the OpenAPI description below.
     app.router.routes.insert(0, Route(WEBHOOK_PATH, endpoint, methods=["POST"], name="stripe_webhook"))
     app.include_router(health.router)
+    app.include_router(api.router)
     app.mount("/review", create_review_app())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(LedgerError)
+    async def _ledger_error(_: Request, exc: LedgerError) -> Response:
+        return ledger_error_response(exc)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(_: Request, exc: Exception) -> Response:
+        log.warning("database unavailable", error=repr(exc))
+        return error_response(503, "database_unavailable", "the database cannot be reached; retry later")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:

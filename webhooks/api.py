@@ -1,0 +1,436 @@
+"""The usage API (/v1): the product's backend meters and charges AI usage through the ledger.
+
+Handlers are thin: parse, open one unit of work, call one ledger function, translate its errors. Every write
+takes an idempotency key (the ``Idempotency-Key`` header or the body's ``request_id``): a retry with the same body
+gets the original response with 200 (and ``Idempotent-Replayed: true``), a reuse with another body gets 409.
+Units are integers; money (provider cost, margin) is a decimal string, never a float.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
+
+from ledger.consume import ConsumeResult, consume
+from ledger.db import unit_of_work
+from ledger.errors import InvalidRequest
+from ledger.holds import CaptureResult, HoldResult, capture_hold, place_hold, release_hold
+from ledger.models import AccessState, EntryKind, GrantSource, HoldStatus, UsageEnvironment
+from ledger.pricing import UsageInput
+from ledger.queries import balance_summary, list_entries, usage_summary
+from ledger.settings import get_settings
+
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,255}$"
+CustomerId = Annotated[str, Path(pattern=ID_PATTERN, description="The customer's id in the ledger")]
+HoldId = Annotated[str, Path(pattern=ID_PATTERN, description="The hold's request id")]
+Key = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+Tokens = Annotated[int, Field(strict=True, ge=0, le=10**12)]
+Units = Annotated[int, Field(strict=True, ge=0, le=10**15)]
+
+bearer = HTTPBearer(auto_error=False, description="An API token from API_TOKENS")
+
+
+def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    """Accept a request only with one of the configured bearer tokens."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    given = credentials.credentials.encode()
+    valid = False
+    for token in get_settings().api_tokens:
+        valid |= hmac.compare_digest(given, token.get_secret_value().encode())
+    if not valid:
+        raise HTTPException(401, "the bearer token is not valid", headers={"WWW-Authenticate": "Bearer"})
+    return "api"
+
+
+router = APIRouter(prefix="/v1", tags=["usage"], dependencies=[Depends(require_token)])
+
+
+# --- request bodies ----------------------------------------------------------------------------------------------
+
+
+class UsageFields(BaseModel):
+    """What an AI call did: attribution, tokens and the provider's cost (as in ledger.pricing.UsageInput)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Name | None = None
+    workspace: Name | None = None
+    feature: Name | None = None
+    provider: Name | None = None
+    model: Name | None = None
+    operation: Name | None = None
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cached_tokens: Tokens = 0
+    provider_cost_usd: Decimal | None = Field(
+        default=None, ge=0, max_digits=20, decimal_places=10, description='A decimal string, e.g. "0.0042"'
+    )
+    billable: bool = True
+    environment: UsageEnvironment = UsageEnvironment.PRODUCTION
+    occurred_at: AwareDatetime | None = None
+
+    @field_validator("provider_cost_usd", mode="before")
+    @classmethod
+    def _no_float_money(cls, value: object) -> object:
+        if isinstance(value, float):
+            raise ValueError('give money as a decimal string ("0.0042"), never a JSON float')
+        return value
+
+    def usage_input(self) -> UsageInput | None:
+        """The ledger's usage input, or None when no usage field was given (a plain charge in units)."""
+        given = self.model_fields_set & set(UsageFields.model_fields)
+        if not given:
+            return None
+        return UsageInput(**{name: getattr(self, name) for name in UsageFields.model_fields})
+
+
+class ConsumeRequest(UsageFields):
+    """Charge a customer for one AI call (a usage record), once per request id."""
+
+    customer_id: Name
+    request_id: Key | None = Field(default=None, description="Idempotency key (or the Idempotency-Key header)")
+    units: Units | None = Field(default=None, description="Credits to charge; omitted: priced from the usage")
+    reason: Annotated[str, Field(max_length=1000)] = ""
+
+
+class HoldRequest(UsageFields):
+    """Reserve credits for a call that has not finished (it may time out)."""
+
+    customer_id: Name
+    request_id: Key | None = Field(default=None, description="Idempotency key (or the Idempotency-Key header)")
+    units: Units | None = Field(default=None, description="Credits to hold; omitted: priced from the usage")
+    ttl_seconds: Annotated[int, Field(strict=True, gt=0, le=7 * 24 * 3600)] = 600
+
+
+class CaptureRequest(UsageFields):
+    """Charge what the call used: fewer units than held gives the rest back."""
+
+    units: Units | None = Field(default=None, description="Credits used; omitted: priced from the usage, or all held")
+
+
+# --- responses ---------------------------------------------------------------------------------------------------
+
+
+class Funding(BaseModel):
+    grant_id: int
+    units: int
+
+
+class ConsumeResponse(BaseModel):
+    request_id: str
+    customer_id: str
+    units: int
+    balance_after: int
+    entry_id: int | None
+    usage_id: int | None
+    funded_by: list[Funding]
+
+
+class HoldResponse(BaseModel):
+    request_id: str
+    customer_id: str
+    units: int
+    status: HoldStatus
+    expires_at: datetime
+    balance_after: int
+
+
+class CaptureResponse(BaseModel):
+    request_id: str
+    customer_id: str
+    held: int
+    captured: int
+    released: int
+    shortfall: int
+    balance_after: int
+
+
+class GrantOut(BaseModel):
+    grant_id: int
+    source: GrantSource
+    units: int
+    remaining: int
+    frozen: int
+    clawed_back: int
+    priority: int
+    expires_at: datetime | None
+    stripe_object_id: str | None
+
+
+class BalanceResponse(BaseModel):
+    customer_id: str
+    external_id: str | None
+    balance: int
+    held: int
+    debt: int
+    overdraft_limit: int
+    available: int
+    access_state: AccessState
+    grace_until: datetime | None
+    usage_allowed: bool
+    grants: list[GrantOut]
+
+
+class EntryOut(BaseModel):
+    id: int
+    kind: EntryKind
+    units: int
+    balance_after: int
+    debt_delta: int
+    frozen_delta: int
+    grant_id: int | None
+    hold_id: int | None
+    usage_id: int | None
+    stripe_object_id: str | None
+    actor: str
+    reason: str
+    created_at: datetime
+
+
+class EntriesPage(BaseModel):
+    data: list[EntryOut]
+    has_more: bool
+    next_cursor: int | None = Field(description="Pass as ?before= for the next (older) page")
+
+
+class UsageRowOut(BaseModel):
+    key: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    credits: int
+    provider_cost_usd: Decimal
+    margin: Decimal | None
+
+
+class UsageReport(BaseModel):
+    customer_id: str
+    group_by: str
+    since: datetime | None
+    until: datetime | None
+    rows: list[UsageRowOut]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        401: "No valid bearer token",
+        402: "Insufficient credits (the error carries `available`)",
+        403: "The customer's access state refuses usage",
+        404: "Unknown customer or hold",
+        409: "The idempotency key was used with another body, or the hold is not open",
+        422: "Invalid body",
+    }.items()
+}
+
+
+# --- handlers ----------------------------------------------------------------------------------------------------
+
+
+def _request_id(body_value: str | None, header_value: str | None) -> str:
+    if header_value is not None and body_value is not None and header_value != body_value:
+        raise InvalidRequest("the Idempotency-Key header and the body's request_id differ")
+    key = header_value if header_value is not None else body_value
+    if not key:
+        raise InvalidRequest("give an Idempotency-Key header or a request_id")
+    if len(key) > 200 or not key.isascii() or not key.isprintable() or " " in key:
+        raise InvalidRequest("the idempotency key must be 1-200 printable ASCII characters without spaces")
+    return key
+
+
+def _replayed(response: Response, replayed: bool, created: int = 201) -> None:
+    response.status_code = 200 if replayed else created
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+def _consume_response(result: ConsumeResult) -> ConsumeResponse:
+    return ConsumeResponse(
+        request_id=result.request_id,
+        customer_id=result.customer_id,
+        units=result.units,
+        balance_after=result.balance_after,
+        entry_id=result.entry_id,
+        usage_id=result.usage_id,
+        funded_by=[Funding(grant_id=g, units=u) for g, u in result.funded_by],
+    )
+
+
+def _hold_response(result: HoldResult) -> HoldResponse:
+    return HoldResponse(
+        request_id=result.request_id,
+        customer_id=result.customer_id,
+        units=result.units,
+        status=result.status,
+        expires_at=result.expires_at,
+        balance_after=result.balance_after,
+    )
+
+
+def _capture_response(result: CaptureResult) -> CaptureResponse:
+    return CaptureResponse(
+        request_id=result.request_id,
+        customer_id=result.customer_id,
+        held=result.held,
+        captured=result.captured,
+        released=result.released,
+        shortfall=result.shortfall,
+        balance_after=result.balance_after,
+    )
+
+
+@router.post(
+    "/usage",
+    status_code=201,
+    response_model=ConsumeResponse,
+    responses={200: {"description": "Replay of an earlier request: the original response"}, **ERRORS},
+    summary="Record usage and charge credits for it, once per request id",
+)
+def record_usage(body: ConsumeRequest, response: Response, idempotency_key: IdempotencyKey = None) -> ConsumeResponse:
+    request_id = _request_id(body.request_id, idempotency_key)
+    with unit_of_work() as session:
+        result = consume(
+            session,
+            body.customer_id,
+            request_id=request_id,
+            units=body.units,
+            usage=body.usage_input(),
+            reason=body.reason,
+        )
+    _replayed(response, result.replayed)
+    return _consume_response(result)
+
+
+@router.post(
+    "/holds",
+    status_code=201,
+    response_model=HoldResponse,
+    responses={200: {"description": "Replay of an earlier request: the original hold"}, **ERRORS},
+    summary="Hold credits for a call in progress",
+)
+def create_hold(body: HoldRequest, response: Response, idempotency_key: IdempotencyKey = None) -> HoldResponse:
+    request_id = _request_id(body.request_id, idempotency_key)
+    with unit_of_work() as session:
+        result = place_hold(
+            session,
+            body.customer_id,
+            request_id=request_id,
+            units=body.units,
+            ttl_seconds=body.ttl_seconds,
+            usage=body.usage_input(),
+        )
+    _replayed(response, result.replayed)
+    return _hold_response(result)
+
+
+@router.post(
+    "/holds/{hold_id}/capture",
+    response_model=CaptureResponse,
+    responses=ERRORS,
+    summary="Capture a hold: charge what the call used, give back the rest",
+)
+def capture(hold_id: HoldId, response: Response, body: CaptureRequest | None = None) -> CaptureResponse:
+    body = body or CaptureRequest()
+    with unit_of_work() as session:
+        result = capture_hold(session, hold_id, units=body.units, usage=body.usage_input())
+    _replayed(response, result.replayed, created=200)
+    return _capture_response(result)
+
+
+@router.post(
+    "/holds/{hold_id}/release",
+    response_model=HoldResponse,
+    responses=ERRORS,
+    summary="Release a hold: the call did not happen, give the credits back",
+)
+def release(hold_id: HoldId, response: Response) -> HoldResponse:
+    with unit_of_work() as session:
+        result = release_hold(session, hold_id)
+    _replayed(response, result.replayed, created=200)
+    return _hold_response(result)
+
+
+@router.get(
+    "/customers/{customer_id}/balance", response_model=BalanceResponse, responses=ERRORS, summary="Balance and grants"
+)
+def get_balance(customer_id: CustomerId) -> BalanceResponse:
+    with unit_of_work() as session:
+        summary = balance_summary(session, customer_id)
+    return BalanceResponse(
+        customer_id=summary.customer_id,
+        external_id=summary.external_id,
+        balance=summary.balance,
+        held=summary.held,
+        debt=summary.debt,
+        overdraft_limit=summary.overdraft_limit,
+        available=summary.available,
+        access_state=summary.access_state,
+        grace_until=summary.grace_until,
+        usage_allowed=summary.usage_allowed,
+        grants=[GrantOut(**vars(g)) for g in summary.grants],
+    )
+
+
+@router.get(
+    "/customers/{customer_id}/entries",
+    response_model=EntriesPage,
+    responses=ERRORS,
+    summary="Ledger entries, newest first (cursor pagination)",
+)
+def get_entries(
+    customer_id: CustomerId,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="next_cursor of the previous page")] = None,
+) -> EntriesPage:
+    with unit_of_work() as session:
+        entries = list_entries(session, customer_id, limit=limit + 1, before_id=before)
+        data = [EntryOut.model_validate(e, from_attributes=True) for e in entries[:limit]]
+    has_more = len(entries) > limit
+    return EntriesPage(data=data, has_more=has_more, next_cursor=data[-1].id if has_more else None)
+
+
+@router.get(
+    "/customers/{customer_id}/usage",
+    response_model=UsageReport,
+    responses=ERRORS,
+    summary="Usage grouped by day, feature, model or user: tokens, credits, provider cost and margin",
+)
+def get_usage(
+    customer_id: CustomerId,
+    group_by: Literal["day", "feature", "model", "user"] = "day",
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
+) -> UsageReport:
+    if since is not None and until is not None and until < since:
+        raise InvalidRequest("until is before since")
+    with unit_of_work() as session:
+        rows = usage_summary(session, customer_id, since=since, until=until, group_by=group_by)
+    return UsageReport(
+        customer_id=customer_id,
+        group_by=group_by,
+        since=since,
+        until=until,
+        rows=[UsageRowOut(**vars(r)) for r in rows],
+    )
