@@ -312,9 +312,19 @@ def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
         .order_by(R.ref)
         .execution_options(**STREAM)
     )
-    for charge_id, n, window_refunded, last_at, first_re, last_re, cust, currency, paid, refunded, ch_cust in list(
-        ctx.session.execute(stmt)
-    ):
+    for (
+        charge_id,
+        n,
+        window_refunded,
+        last_at,
+        first_re,
+        last_re,
+        cust,
+        currency,
+        paid,
+        refunded,
+        ch_cust,
+    ) in ctx.session.execute(stmt):
         charge_id = str(charge_id)
         grants, charge = _grants_for_charge(ctx, charge_id, None)
         if not grants:
@@ -370,7 +380,7 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
         .order_by(D.id)
         .execution_options(**STREAM)
     )
-    for d in list(ctx.session.scalars(stmt)):
+    for d in ctx.session.scalars(stmt):
         assert d.ref is not None
         grants, _ = _grants_for_charge(ctx, d.ref, d.detail.get("payment_intent"))
         if not grants:
@@ -444,7 +454,7 @@ def check_access_state(ctx: CheckContext) -> Iterator[Finding]:
         .order_by(best.c.customer_id)
         .execution_options(**STREAM)
     )
-    for customer_id, rank, state, as_of, account_id in list(ctx.session.execute(stmt)):
+    for customer_id, rank, state, as_of, account_id in ctx.session.execute(stmt):
         status = _RANK_NAME.get(int(rank), "unknown")
         allowed = ALLOWED_ACCESS.get(status)
         if allowed is None:
@@ -573,7 +583,7 @@ def check_customer_totals(ctx: CheckContext) -> Iterator[Finding]:
         .order_by(P.customer_id, P.currency)
         .execution_options(**STREAM)
     )
-    for customer_id, currency, n, stripe_total, ledger_total, _first in list(ctx.session.execute(stmt)):
+    for customer_id, currency, n, stripe_total, ledger_total, _first in ctx.session.execute(stmt):
         if int(stripe_total or 0) == int(ledger_total or 0):
             continue
         payments = [
