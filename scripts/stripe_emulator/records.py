@@ -187,6 +187,8 @@ class Subscription(Record):
     canceled_at: int | None = None
     ended_at: int | None = None
     cancellation_reason: str | None = None
+    trial_start: int | None = None
+    trial_end: int | None = None
     latest_invoice: str | None = None
     currency: str = "usd"
     metadata: Metadata = field(default_factory=lambda: NO_METADATA)

@@ -656,9 +656,9 @@ class Renderer:
             "status": s.status,
             "test_clock": None,
             "transfer_data": None,
-            "trial_end": None,
+            "trial_end": s.trial_end,
             "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
-            "trial_start": None,
+            "trial_start": s.trial_start,
         }
         if not self.basil:
             out["current_period_end"] = s.current_period_end

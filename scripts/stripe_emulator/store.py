@@ -12,6 +12,7 @@ import calendar
 import copy
 import fnmatch
 import heapq
+import json
 import random
 import string
 import threading
@@ -436,9 +437,14 @@ class Store:
         invoice: str | None = None,
         metadata: Mapping[str, str] | None = None,
         fail: bool = False,
+        pending: bool = False,
         payment_intent: PaymentIntent | None = None,
     ) -> tuple[PaymentIntent, Charge]:
-        """One card payment attempt: payment intent (new or retried), charge, and balance transaction."""
+        """One payment attempt: payment intent (new or retried), charge, and balance transaction.
+
+        ``pending=True`` is a delayed-notification method (bank debit): the charge stays ``pending`` until
+        ``_settle`` decides it.
+        """
         if payment_intent is None:
             payment_intent = self._add(
                 PaymentIntent(
@@ -451,28 +457,39 @@ class Store:
                     invoice=invoice,
                     description=description,
                     metadata=metadata_of(metadata),
-                    payment_method="pm_card_visa",
+                    payment_method="pm_usBankAccount_success" if pending else "pm_card_visa",
                 )
             )
             self._emit("payment_intent.created", payment_intent, at)
-        charge = Charge(
-            self.new_id("ch"),
-            at,
-            0,
-            customer=customer,
-            amount=amount,
-            currency=currency,
-            payment_intent=payment_intent.id,
-            invoice=invoice,
-            description=description,
-            metadata=metadata_of(metadata),
-            payment_method=payment_intent.payment_method,
+        charge = self._add(
+            Charge(
+                self.new_id("py" if pending else "ch"),
+                at,
+                0,
+                customer=customer,
+                amount=amount,
+                currency=currency,
+                payment_intent=payment_intent.id,
+                invoice=invoice,
+                description=description,
+                metadata=metadata_of(metadata),
+                payment_method=payment_intent.payment_method,
+            )
         )
-        if fail:
+        payment_intent.latest_charge = charge.id
+        if pending and not fail:
+            charge.status, charge.paid = "pending", False
+            payment_intent.status = "processing"
+            self._emit("payment_intent.processing", payment_intent, at)
+            self._emit("charge.pending", charge, at)
+            return payment_intent, charge
+        self._settle(payment_intent, charge, at, succeeded=not fail)
+        return payment_intent, charge
+
+    def _settle(self, payment_intent: PaymentIntent, charge: Charge, at: int, *, succeeded: bool) -> None:
+        if not succeeded:
             charge.status, charge.paid = "failed", False
             charge.failure_code, charge.failure_message = "card_declined", "Your card was declined."
-            self._add(charge)
-            payment_intent.latest_charge = charge.id
             payment_intent.status = "requires_payment_method"
             payment_intent.last_payment_error = {
                 "charge": charge.id,
@@ -484,32 +501,30 @@ class Store:
             }
             self._emit("charge.failed", charge, at)
             self._emit("payment_intent.payment_failed", payment_intent, at)
-            return payment_intent, charge
-        charge.amount_captured = amount
+            return
         txn = self._add(
             BalanceTransaction(
                 self.new_id("txn"),
                 at,
                 0,
-                amount=amount,
-                fee=round(amount * 0.029) + 30 if amount else 0,
-                currency=currency,
+                amount=charge.amount,
+                fee=round(charge.amount * 0.029) + 30 if charge.amount else 0,
+                currency=charge.currency,
                 type="charge",
                 reporting_category="charge",
                 source=charge.id,
-                description=description,
+                description=charge.description,
                 available_on=at + 2 * 86400,
             )
         )
+        charge.status, charge.paid = "succeeded", True
+        charge.amount_captured = charge.amount
         charge.balance_transaction = txn.id
-        self._add(charge)
         payment_intent.status = "succeeded"
-        payment_intent.amount_received = amount
-        payment_intent.latest_charge = charge.id
+        payment_intent.amount_received = charge.amount
         payment_intent.last_payment_error = None
         self._emit("charge.succeeded", charge, at)
         self._emit("payment_intent.succeeded", payment_intent, at)
-        return payment_intent, charge
 
     def create_checkout_session(
         self,
@@ -562,11 +577,18 @@ class Store:
             return self._add(session)
 
     def complete_checkout_session(
-        self, session: CheckoutSession | str, *, fail: bool = False, at: Instant | None = None
+        self,
+        session: CheckoutSession | str,
+        *,
+        fail: bool = False,
+        async_payment: bool = False,
+        at: Instant | None = None,
     ) -> CheckoutSession:
         """Pay an open checkout session: payment intent, charge, balance transaction (and for
         ``mode=subscription`` the subscription and its first invoice); records the events, ending with
-        ``checkout.session.completed``. With ``fail=True`` the card is declined and the session stays open."""
+        ``checkout.session.completed``. With ``fail=True`` the card is declined and the session stays open.
+        With ``async_payment=True`` (a bank debit, mode=payment) the session completes ``unpaid`` and
+        ``settle_async_payment`` later decides it."""
         with self.lock:
             record: CheckoutSession = self.get(session if isinstance(session, str) else session.id, CheckoutSession)
             if record.status != "open":
@@ -592,12 +614,33 @@ class Store:
                     description=line.description,
                     metadata=record.metadata,
                     fail=fail,
+                    pending=async_payment,
                 )
                 record.payment_intent = pi.id
                 if fail:
                     return record
-            record.status, record.payment_status = "complete", "paid"
+            record.status, record.payment_status = "complete", "unpaid" if async_payment else "paid"
             self._emit("checkout.session.completed", record, ts)
+            return record
+
+    def settle_async_payment(
+        self, session: CheckoutSession | str, *, succeeded: bool = True, at: Instant | None = None
+    ) -> CheckoutSession:
+        """Decide a delayed payment: records ``charge.succeeded``/``payment_intent.succeeded`` and
+        ``checkout.session.async_payment_succeeded``, or the failures and ``..._async_payment_failed``."""
+        with self.lock:
+            record: CheckoutSession = self.get(session if isinstance(session, str) else session.id, CheckoutSession)
+            pi = self.peek(record.payment_intent)
+            charge = self.peek(pi.latest_charge) if isinstance(pi, PaymentIntent) else None
+            if not isinstance(pi, PaymentIntent) or not isinstance(charge, Charge) or charge.status != "pending":
+                raise EmulatorError(f"Checkout Session {record.id} has no pending payment.")
+            ts = self._at(at)
+            self._settle(pi, charge, ts, succeeded=succeeded)
+            if succeeded:
+                record.payment_status = "paid"
+                self._emit("checkout.session.async_payment_succeeded", record, ts)
+            else:
+                self._emit("checkout.session.async_payment_failed", record, ts)
             return record
 
     def expire_checkout_session(self, session: CheckoutSession | str, *, at: Instant | None = None) -> CheckoutSession:
@@ -618,6 +661,7 @@ class Store:
         quantity: int = 1,
         metadata: Mapping[str, str] | None = None,
         client_reference_id: str | None = None,
+        async_payment: bool = False,
         at: Instant | None = None,
     ) -> CheckoutSession:
         """A paid one-off checkout (mode=payment) for ``price``: session, payment intent, charge, balance
@@ -633,7 +677,7 @@ class Store:
                 client_reference_id=client_reference_id,
                 at=at,
             )
-            return self.complete_checkout_session(session, at=at)
+            return self.complete_checkout_session(session, async_payment=async_payment, at=at)
 
     def create_payment(
         self,
@@ -664,6 +708,7 @@ class Store:
         quantity: int = 1,
         metadata: Mapping[str, str] | None = None,
         via_checkout: bool = False,
+        trial_days: int | None = None,
         at: Instant | None = None,
     ) -> Subscription:
         """Start a subscription whose first invoice is paid at once (``billing_reason=subscription_create``).
@@ -679,7 +724,9 @@ class Store:
                 )
                 session = self.complete_checkout_session(session, at=at)
                 return self.get(session.subscription or "", Subscription)
-            return self._start_subscription(self._customer(customer).id, price, quantity, self._at(at), metadata)
+            return self._start_subscription(
+                self._customer(customer).id, price, quantity, self._at(at), metadata, trial_days=trial_days
+            )
 
     def _start_subscription(
         self,
@@ -690,6 +737,7 @@ class Store:
         metadata: Mapping[str, str] | None = None,
         *,
         fail: bool = False,
+        trial_days: int | None = None,
     ) -> Subscription:
         price_record = self.resolve_price(price)
         if not price_record.interval:
@@ -703,22 +751,27 @@ class Store:
             ts,
             0,
             customer=customer_id,
-            status="incomplete" if fail else "active",
+            status="trialing" if trial_days else "incomplete" if fail else "active",
             price=price_record.id,
             quantity=quantity,
             item_id=self.new_id("si", 14),
             current_period_start=ts,
-            current_period_end=self._period_end(price_record, ts, ts),
-            billing_cycle_anchor=ts,
+            # A trial is the first period; the billing anchor moves to its end (as Stripe does).
+            current_period_end=ts + trial_days * 86400 if trial_days else self._period_end(price_record, ts, ts),
+            billing_cycle_anchor=ts + trial_days * 86400 if trial_days else ts,
+            trial_start=ts if trial_days else None,
+            trial_end=ts + trial_days * 86400 if trial_days else None,
             currency=price_record.currency,
             metadata=metadata_of(metadata),
         )
         self._add(sub)
-        invoice = self._new_invoice(sub, "subscription_create", ts, sub.current_period_start, sub.current_period_end)
+        invoice = self._new_invoice(
+            sub, "subscription_create", ts, sub.current_period_start, sub.current_period_end, free=bool(trial_days)
+        )
         sub.latest_invoice = invoice.id
         self._emit("customer.subscription.created", sub, ts)
         self._emit("invoice.created", invoice, ts)
-        self._attempt_invoice(invoice, ts, fail=fail, first=True)
+        self._attempt_invoice(invoice, ts, fail=fail and not trial_days, first=True)
         return sub
 
     def _period_end(self, price: Price, start: int, anchor: int) -> int:
@@ -731,10 +784,12 @@ class Store:
             return start + 86400 * price.interval_count
         return add_months(start, price.interval_count, anchor_day)
 
-    def _new_invoice(self, sub: Subscription, reason: str, ts: int, period_start: int, period_end: int) -> Invoice:
+    def _new_invoice(
+        self, sub: Subscription, reason: str, ts: int, period_start: int, period_end: int, *, free: bool = False
+    ) -> Invoice:
         price = self.resolve_price(sub.price)
         customer = self._customer(sub.customer)
-        amount = price.unit_amount * sub.quantity
+        amount = 0 if free else price.unit_amount * sub.quantity
         invoice_id = self.new_id("in")
         product = self.peek(price.product)
         label = product.name if isinstance(product, Product) else price.id
@@ -742,7 +797,9 @@ class Store:
             self.new_id("il"),
             amount,
             price.currency,
-            f"{sub.quantity} × {label} (at ${price.unit_amount / 100:.2f} / {price.interval})",
+            f"Trial period for {label}"
+            if free
+            else f"{sub.quantity} × {label} (at ${price.unit_amount / 100:.2f} / {price.interval})",
             price.id,
             sub.quantity,
             period_start,
@@ -780,6 +837,12 @@ class Store:
             invoice.number = f"{prefix}-{number:04d}"
             invoice.status, invoice.finalized_at = "open", ts
             self._emit("invoice.finalized", invoice, ts)
+        if invoice.amount_remaining == 0:
+            # Nothing to collect (a trial's invoice): paid at once, with no payment.
+            invoice.status, invoice.paid_at = "paid", ts
+            self._emit("invoice.paid", invoice, ts)
+            self._emit("invoice.payment_succeeded", invoice, ts)
+            return
         existing = self.peek(invoice.payment_intent)
         pi, charge = self._pay(
             invoice.customer,
@@ -861,6 +924,8 @@ class Store:
                 return None
             before = copy.copy(sub)
             price = self.resolve_price(sub.price)
+            if sub.status == "trialing":
+                sub.status = "active"  # the trial ends with this renewal, in the same update
             sub.current_period_start = sub.current_period_end
             sub.current_period_end = self._period_end(price, sub.current_period_start, sub.billing_cycle_anchor)
             invoice = self._new_invoice(sub, "subscription_cycle", ts, sub.current_period_start, sub.current_period_end)
@@ -1272,6 +1337,22 @@ class Store:
         """Recorded events as Stripe JSON, oldest first (filters as ``event_records``)."""
         with self.lock:
             return [self.render(e) for e in self.event_records(**filters)]
+
+    def add_webhook_endpoint(
+        self, url: str, secret: str, *, enabled_events: Iterable[str] = ("*",), **options: Any
+    ) -> Any:
+        """Register an endpoint that gets every new matching event delivered in the background, like Stripe's
+        configured endpoints; returns the ``WebhookEndpoint`` (``flush()``, ``close()``, ``report``)."""
+        from .webhooks import WebhookEndpoint
+
+        endpoint = WebhookEndpoint(url, secret, enabled_events=enabled_events, **options)
+
+        def deliver(event: Event) -> None:
+            if endpoint.wants(event.type):
+                endpoint.enqueue(json.dumps(self.render(event), indent=2).encode())
+
+        self.event_listeners.append(deliver)
+        return endpoint
 
     def deliver_webhooks(
         self,

@@ -137,3 +137,71 @@ def deliver_webhooks(
         if own_client:
             http.close()
     return report
+
+
+class WebhookEndpoint:
+    """A webhook endpoint registered on a store: each new event is delivered from a background thread, signed,
+    in creation order, as Stripe delivers to a configured endpoint. ``flush()`` waits until all are sent."""
+
+    def __init__(
+        self,
+        url: str,
+        secret: str,
+        *,
+        enabled_events: Iterable[str] = ("*",),
+        retries: int = 2,
+        retry_delay: float = 0.05,
+        timeout: float = 10.0,
+    ) -> None:
+        import fnmatch
+        import queue
+        import threading
+
+        self.url = url
+        self.secret = secret
+        self.enabled_events = tuple(enabled_events)
+        self.report = DeliveryReport()
+        self._match = fnmatch.fnmatchcase
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._retries = retries
+        self._retry_delay = retry_delay
+        self._client = httpx.Client(timeout=timeout)
+        self._thread = threading.Thread(target=self._run, name="webhook-endpoint", daemon=True)
+        self._thread.start()
+
+    def wants(self, event_type: str) -> bool:
+        """True when this endpoint subscribes to ``event_type``."""
+        return any(self._match(event_type, pattern) for pattern in self.enabled_events)
+
+    def enqueue(self, body: bytes) -> None:
+        """Queue one rendered event for delivery."""
+        self._queue.put(body)
+
+    def _run(self) -> None:
+        while True:
+            body = self._queue.get()
+            try:
+                if body is None:
+                    return
+                part = deliver_webhooks(
+                    self.url,
+                    self.secret,
+                    [body],
+                    retries=self._retries,
+                    retry_delay=self._retry_delay,
+                    client=self._client,
+                )
+                self.report.deliveries.extend(part.deliveries)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> DeliveryReport:
+        """Wait until every queued event has been delivered (or given up on); return the report so far."""
+        self._queue.join()
+        return self.report
+
+    def close(self) -> None:
+        """Deliver what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._client.close()

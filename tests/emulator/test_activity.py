@@ -332,3 +332,48 @@ class TestClockAdvance:
         ends = [e["data"]["object"]["period_end"] for e in store.events(types=["invoice.paid"])[1:]]
         assert ends == [1772236800, 1774915200]  # 2026-02-28, then back to the 31st: 2026-03-31
         assert subscription.current_period_end == 1777507200  # 2026-04-30, clamped
+
+
+class TestTrialsAndAsyncPayments:
+    def test_trial_then_first_paid_period(self, store: Store) -> None:
+        subscription = store.create_subscription(store.create_customer(), "price_pro_monthly", trial_days=14)
+
+        assert subscription.status == "trialing" and subscription.trial_end == START + 14 * 86400
+        first_invoice = _last(store, "invoice.paid")["data"]["object"]
+        assert (first_invoice["amount_paid"], first_invoice["billing_reason"]) == (0, "subscription_create")
+        assert not store.event_records(types=["charge.*"])
+
+        store.advance(days=15)
+
+        assert subscription.status == "active" and subscription.current_period_start == START + 14 * 86400
+        ended = _last(store, "customer.subscription.updated")
+        assert ended["data"]["previous_attributes"]["status"] == "trialing"
+        paid = _last(store, "invoice.paid")["data"]["object"]
+        assert (paid["amount_paid"], paid["billing_reason"]) == (2000, "subscription_cycle")
+
+    def test_bank_debit_completes_unpaid_then_settles(self, store: Store) -> None:
+        session = store.topup(store.create_customer(), async_payment=True)
+
+        completed = _last(store, "checkout.session.completed")["data"]["object"]
+        assert (completed["status"], completed["payment_status"]) == ("complete", "unpaid")
+        assert _types(store)[-3:] == ["payment_intent.processing", "charge.pending", "checkout.session.completed"]
+
+        store.clock.advance(days=3)
+        store.settle_async_payment(session)
+
+        assert _types(store)[-3:] == [
+            "charge.succeeded",
+            "payment_intent.succeeded",
+            "checkout.session.async_payment_succeeded",
+        ]
+        assert _last(store, "checkout.session.async_payment_succeeded")["data"]["object"]["payment_status"] == "paid"
+
+    def test_bank_debit_that_fails(self, store: Store) -> None:
+        session = store.topup(store.create_customer(), async_payment=True)
+
+        store.settle_async_payment(session, succeeded=False)
+
+        assert _types(store)[-1] == "checkout.session.async_payment_failed"
+        assert session.payment_status == "unpaid"
+        with pytest.raises(EmulatorError, match="no pending payment"):
+            store.settle_async_payment(session)

@@ -143,3 +143,19 @@ class TestIncrementalDelivery:
 
         assert len(first) == 1 and len(second) == 1
         assert [e["data"]["object"]["email"] for e in receiver.received] == ["1@example.com", "2@example.com"]
+
+
+class TestWebhookEndpoint:
+    def test_new_events_are_delivered_in_the_background_as_they_happen(self, store: Store, receiver: Receiver) -> None:
+        store.create_customer(email="before@example.com")  # made before the endpoint: not sent
+        endpoint = store.add_webhook_endpoint(receiver.url, SECRET, enabled_events=["checkout.*", "charge.refunded"])
+        try:
+            session = store.topup(store.create_customer(email="after@example.com"))
+            store.refund(session, 100)
+
+            report = endpoint.flush()
+        finally:
+            endpoint.close()
+
+        assert report.all_ok
+        assert [e["type"] for e in receiver.received] == ["checkout.session.completed", "charge.refunded"]
