@@ -25,6 +25,7 @@ from reconciliation.models import (
     MismatchStatus,
     ReconciliationRun,
 )
+from webhooks.review.customers import GRANT_ENTRY_KINDS
 from webhooks.review.models import amount_gap, gap_expr
 
 PAGE_SIZE = 50
@@ -456,8 +457,13 @@ def mismatch_detail(session: Session, mismatch_id: int) -> MismatchDetail | None
     entry_filter: list[ColumnElement[bool]] = []
     if refs.entry_ids:
         entry_filter.append(Entry.id.in_(refs.entry_ids))
-    if grant_ids:
-        entry_filter.append(Entry.grant_id.in_(grant_ids) & Entry.kind.in_(("grant", "clawback", "freeze", "unfreeze")))
+    if grants:
+        # entries.grant_id has no index: reach a grant's own entries through (account_id, kind).
+        entry_filter.append(
+            Entry.account_id.in_({g.account_id for g in grants})
+            & Entry.kind.in_(GRANT_ENTRY_KINDS)
+            & Entry.grant_id.in_(grant_ids)
+        )
     if refs.stripe_ids:
         entry_filter.append(Entry.stripe_object_id.in_(refs.stripe_ids))
     entries: list[Entry] = []

@@ -6,15 +6,18 @@ the first does, and usage is summed over a window on ``(account_id, occurred_at)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
+from ledger.consume import consume_key
+from ledger.db import is_sqlite
 from ledger.inbox import StripeEvent
 from ledger.models import Account, Entry, EntryKind, Grant, GrantSource, Hold, UsageRecord
 
@@ -24,6 +27,18 @@ EVENTS_SHOWN = 25
 DEBT_ENTRIES_SHOWN = 50
 
 UsageDimension = Literal["model", "feature", "user"]
+DIMENSIONS: tuple[UsageDimension, ...] = ("model", "feature", "user")
+# How ledger/holds.py keys a hold's entries by request id (consume's key comes from ledger.consume.consume_key).
+REQUEST_KEY_PREFIXES = ("hold", "capture", "release", "capture-release")
+# Entries that move a grant itself (not consumption drawn from it).
+GRANT_ENTRY_KINDS = (
+    EntryKind.GRANT,
+    EntryKind.CLAWBACK,
+    EntryKind.FREEZE,
+    EntryKind.UNFREEZE,
+    EntryKind.EXPIRE,
+    EntryKind.DEBT_SETTLEMENT,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +167,15 @@ def ledger_page(
     if kind is not None:
         stmt = stmt.where(Entry.kind == kind)
     if search:
-        usage_ids = select(UsageRecord.id).where(UsageRecord.request_id == search).scalar_subquery()
-        hold_ids = select(Hold.id).where(Hold.request_id == search).scalar_subquery()
-        grant_ids = select(Grant.id).where(Grant.stripe_object_id == search, Grant.account_id == account.id)
+        # Each arm walks an index: entry keys (the ledger keys a request's entries by its request id), the
+        # Stripe object id, and grant-side entries by (account_id, kind). entries.usage_id has no index.
+        keys = [search, consume_key(search), *(f"{prefix}:{search}" for prefix in REQUEST_KEY_PREFIXES)]
+        grant_ids = select(Grant.id).where(Grant.account_id == account.id, Grant.stripe_object_id == search)
         stmt = stmt.where(
             or_(
-                Entry.idempotency_key == search,
+                Entry.idempotency_key.in_(keys),
                 Entry.stripe_object_id == search,
-                Entry.usage_id == usage_ids,
-                Entry.hold_id == hold_ids,
-                Entry.grant_id.in_(grant_ids),
+                and_(Entry.kind.in_(GRANT_ENTRY_KINDS), Entry.grant_id.in_(grant_ids)),
             )
         )
     newer_exist = False
@@ -189,60 +203,81 @@ def credit_value_usd(config: BillingConfig) -> Decimal:
     return Decimal(1) / rate / 100 if rate else Decimal(0)
 
 
-def usage_by(
+def _usage_keys() -> dict[UsageDimension, Any]:
+    return {
+        "model": func.coalesce(UsageRecord.provider, "?") + "/" + func.coalesce(UsageRecord.model, "?"),
+        "feature": func.coalesce(UsageRecord.feature, "(none)"),
+        "user": func.coalesce(UsageRecord.user_id, "(none)"),
+    }
+
+
+def _aggregates() -> list[Any]:
+    return [
+        func.count(UsageRecord.id),
+        func.coalesce(func.sum(UsageRecord.input_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.output_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.cached_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.units), 0),
+        func.coalesce(func.sum(UsageRecord.provider_cost_usd), 0),
+    ]
+
+
+def _usage_row(name: object, values: Sequence[Any], credit_value: Decimal) -> UsageRow:
+    requests, tin, tout, tcached, credits, provider_cost = values
+    cost_usd = Decimal(str(provider_cost))
+    revenue = (Decimal(int(credits)) * credit_value).quantize(Decimal("0.0001"))
+    return UsageRow(
+        key=str(name),
+        requests=int(requests),
+        input_tokens=int(tin),
+        output_tokens=int(tout),
+        cached_tokens=int(tcached),
+        credits=int(credits),
+        provider_cost_usd=cost_usd,
+        revenue_usd=revenue,
+        margin_usd=revenue - cost_usd,
+    )
+
+
+def usage_breakdown(
     session: Session,
     account: Account,
-    dimension: UsageDimension,
     *,
     since: datetime,
     until: datetime,
     credit_value: Decimal,
     limit: int = 50,
-) -> list[UsageRow]:
-    """Usage in [since, until) grouped by model, feature or user, biggest provider cost first."""
-    key = {
-        "model": func.coalesce(UsageRecord.provider, "?") + "/" + func.coalesce(UsageRecord.model, "?"),
-        "feature": func.coalesce(UsageRecord.feature, "(none)"),
-        "user": func.coalesce(UsageRecord.user_id, "(none)"),
-    }[dimension].label("key")
-    cost = func.coalesce(func.sum(UsageRecord.provider_cost_usd), 0).label("cost")
-    stmt = (
-        select(
-            key,
-            func.count(UsageRecord.id),
-            func.coalesce(func.sum(UsageRecord.input_tokens), 0),
-            func.coalesce(func.sum(UsageRecord.output_tokens), 0),
-            func.coalesce(func.sum(UsageRecord.cached_tokens), 0),
-            func.coalesce(func.sum(UsageRecord.units), 0),
-            cost,
-        )
-        .where(
-            UsageRecord.account_id == account.id,
-            UsageRecord.occurred_at >= since,
-            UsageRecord.occurred_at < until,
-        )
-        .group_by(key)
-        .order_by(cost.desc(), key)
-        .limit(limit)
+) -> dict[UsageDimension, list[UsageRow]]:
+    """Usage in [since, until) by model, by feature and by user, biggest provider cost first.
+
+    On PostgreSQL one pass with GROUPING SETS; on SQLite one GROUP BY per dimension.
+    """
+    keys = _usage_keys()
+    window = (
+        UsageRecord.account_id == account.id,
+        UsageRecord.occurred_at >= since,
+        UsageRecord.occurred_at < until,
     )
-    rows: list[UsageRow] = []
-    for name, requests, tin, tout, tcached, credits, provider_cost in session.execute(stmt):
-        cost_usd = Decimal(provider_cost)
-        revenue = (Decimal(int(credits)) * credit_value).quantize(Decimal("0.0001"))
-        rows.append(
-            UsageRow(
-                key=str(name),
-                requests=int(requests),
-                input_tokens=int(tin),
-                output_tokens=int(tout),
-                cached_tokens=int(tcached),
-                credits=int(credits),
-                provider_cost_usd=cost_usd,
-                revenue_usd=revenue,
-                margin_usd=revenue - cost_usd,
-            )
-        )
-    return rows
+    out: dict[UsageDimension, list[UsageRow]] = {d: [] for d in DIMENSIONS}
+    if is_sqlite(session):
+        for dimension in DIMENSIONS:
+            key = keys[dimension].label("key")
+            stmt = select(key, *_aggregates()).where(*window).group_by(key)
+            out[dimension] = [_usage_row(row[0], row[1:], credit_value) for row in session.execute(stmt)]
+    else:
+        labelled = [keys[d].label(d) for d in DIMENSIONS]
+        flags = [func.grouping(keys[d]).label(f"g_{d}") for d in DIMENSIONS]
+        sets = func.grouping_sets(*(tuple_(keys[d]) for d in DIMENSIONS))
+        stmt = select(*labelled, *flags, *_aggregates()).where(*window).group_by(sets)
+        n = len(DIMENSIONS)
+        for row in session.execute(stmt):
+            for i, dimension in enumerate(DIMENSIONS):
+                if row[n + i] == 0:  # grouped by this dimension in this row
+                    out[dimension].append(_usage_row(row[i], row[2 * n :], credit_value))
+                    break
+    for dimension in DIMENSIONS:
+        out[dimension] = sorted(out[dimension], key=lambda r: (-r.provider_cost_usd, r.key))[:limit]
+    return out
 
 
 def stored_event(session: Session, event_id: str) -> StripeEvent | None:

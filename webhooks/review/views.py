@@ -139,13 +139,8 @@ def _customer_context(
             return None
         overview = customers.customer_overview(session, account)
         page = customers.ledger_page(session, account, before_id=before_id, kind=kind, search=find)
-        usage = [
-            (
-                dimension,
-                customers.usage_by(session, account, dimension, since=since, until=until, credit_value=credit_value),
-            )
-            for dimension in ("model", "feature", "user")
-        ]
+        breakdown = customers.usage_breakdown(session, account, since=since, until=until, credit_value=credit_value)
+        usage = list(breakdown.items())
         mismatches, more, notes = cases.for_customer(session, account.customer_id)
     return {
         "overview": overview,
