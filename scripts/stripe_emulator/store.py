@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import calendar
-import copy
 import fnmatch
 import heapq
 import json
@@ -79,6 +78,8 @@ DEFAULT_CATALOG: tuple[dict[str, Any], ...] = (
 _PRODUCT_NAMES = {"prod_credits": "AI credits", "prod_pro": "Pro plan", "prod_team": "Team plan"}
 
 _ALPHABET = string.digits + string.ascii_letters
+# Maps every byte to an id character, so random bytes become an id tail in one C call.
+_ID_CHARS = bytes((_ALPHABET * 5)[:256], "ascii")
 _ENDED = ("canceled", "incomplete_expired", "incomplete")
 
 
@@ -161,7 +162,7 @@ class Store:
         while n:
             n, digit = divmod(n, 62)
             counter = _ALPHABET[digit] + counter
-        tail = "".join(self._rng.choices(_ALPHABET, k=max(length - max(len(counter), 6) - 1, 6)))
+        tail = self._rng.randbytes(max(length - max(len(counter), 6) - 1, 6)).translate(_ID_CHARS).decode()
         return f"{prefix}_1{counter.rjust(6, '0')}{tail}"
 
     def _at(self, at: Instant | None) -> int:
@@ -191,7 +192,7 @@ class Store:
             seq=0,
             type=type_,
             api_version=self.api_version,
-            obj=copy.copy(obj),
+            obj=snapshot(obj),
             prev=prev,
             request_id=self.current_request[0] if self.current_request else None,
             idempotency_key=self.current_request[1] if self.current_request else None,
@@ -877,7 +878,7 @@ class Store:
             invoice.next_payment_attempt = ts + 3 * 86400 if invoice.attempt_count < 4 else None
             self._emit("invoice.payment_failed", invoice, ts)
             if isinstance(sub, Subscription) and sub.status == "active":
-                before = copy.copy(sub)
+                before = snapshot(sub)
                 sub.status = "past_due"
                 self._emit("customer.subscription.updated", sub, ts, prev=before)
             return
@@ -888,7 +889,7 @@ class Store:
         self._emit("invoice.paid", invoice, ts)
         self._emit("invoice.payment_succeeded", invoice, ts)
         if isinstance(sub, Subscription) and sub.status in ("past_due", "unpaid", "incomplete"):
-            before = copy.copy(sub)
+            before = snapshot(sub)
             sub.status = "active"
             self._emit("customer.subscription.updated", sub, ts, prev=before)
 
@@ -922,7 +923,7 @@ class Store:
             if sub.cancel_at_period_end:
                 self._end_subscription(sub, ts, reason="cancellation_requested")
                 return None
-            before = copy.copy(sub)
+            before = snapshot(sub)
             price = self.resolve_price(sub.price)
             if sub.status == "trialing":
                 sub.status = "active"  # the trial ends with this renewal, in the same update
@@ -1004,7 +1005,7 @@ class Store:
         """Retries exhausted: past_due -> unpaid; records ``customer.subscription.updated``."""
         with self.lock:
             sub = self._subscription(subscription)
-            before = copy.copy(sub)
+            before = snapshot(sub)
             sub.status = "unpaid"
             self._emit("customer.subscription.updated", sub, self._at(at), prev=before)
             return sub
@@ -1024,7 +1025,7 @@ class Store:
                 raise EmulatorError("This subscription is already canceled.", code="subscription_canceled")
             ts = self._at(at)
             if at_period_end:
-                before = copy.copy(sub)
+                before = snapshot(sub)
                 sub.cancel_at_period_end, sub.cancel_at, sub.canceled_at = True, sub.current_period_end, ts
                 sub.cancellation_reason = reason
                 self._emit("customer.subscription.updated", sub, ts, prev=before)
@@ -1116,7 +1117,7 @@ class Store:
                     metadata=metadata_of(metadata),
                 )
             )
-            before = copy.copy(charge)
+            before = snapshot(charge)
             charge.amount_refunded += amount
             charge.refunded = charge.amount_refunded >= charge.amount
             charge.refund_ids = (*charge.refund_ids, refund.id)
@@ -1182,7 +1183,7 @@ class Store:
             if record.status in ("won", "lost"):
                 raise EmulatorError(f"This dispute is already {record.status}.", code="dispute_already_closed")
             ts = self._at(at)
-            before = copy.copy(record)
+            before = snapshot(record)
             record.status = "won" if won else "lost"
             self._emit("charge.dispute.closed", record, ts, prev=before)
             if won:
@@ -1263,7 +1264,7 @@ class Store:
                     ),
                 )
             )
-            before = copy.copy(record)
+            before = snapshot(record)
             if post:
                 record.post_payment_credit_notes_amount += amount
             else:
@@ -1372,6 +1373,21 @@ class Store:
                 else:
                     bodies.append(self.render(self.get(event, Event) if isinstance(event, str) else event))
         return deliver_webhooks(url, secret, bodies, **options)
+
+
+_SLOTS: dict[type, tuple[str, ...]] = {}
+
+
+def snapshot(record: R) -> R:
+    """A shallow copy of a record (its fields hold immutable values, so this is a snapshot)."""
+    cls = type(record)
+    names = _SLOTS.get(cls)
+    if names is None:
+        names = _SLOTS[cls] = tuple(n for klass in cls.__mro__ for n in getattr(klass, "__slots__", ()))
+    copied = object.__new__(cls)
+    for name in names:
+        object.__setattr__(copied, name, getattr(record, name))
+    return copied
 
 
 def _insert(keys: list[Key], key: Key) -> None:
