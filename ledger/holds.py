@@ -132,7 +132,17 @@ def place_hold(
     if original is not None:
         if original.request_hash != digest:
             raise IdempotencyConflict(f"hold request id {request_id!r} was used with other parameters")
-        return _hold_result(session, _load_hold(session, request_id), customer_id, replayed=True)
+        hold = _load_hold(session, request_id)
+        # The original result: the hold as placed (its status now is what capture or release returned).
+        return HoldResult(
+            request_id=request_id,
+            customer_id=customer_id,
+            units=hold.units,
+            status=HoldStatus.OPEN,
+            expires_at=as_utc(hold.expires_at) or now,
+            balance_after=original.balance_after,
+            replayed=True,
+        )
     check_access(account, now)
     drawn, funded, uncovered = debit(session, account, charge, now)
     expires_at = now + timedelta(seconds=ttl_seconds)

@@ -1,0 +1,83 @@
+"""Concurrent consumers on PostgreSQL never overdraw an account and never charge a request twice."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+from factories import make_grant
+from sqlalchemy import Engine, func, select
+
+from ledger import pgfast
+from ledger.check import check_ledger
+from ledger.consume import ConsumeResult, consume
+from ledger.db import unit_of_work
+from ledger.errors import InsufficientCredits
+from ledger.models import Account, Entry, EntryKind
+
+THREADS = 32
+BALANCE = 1_000
+DISTINCT_REQUESTS = 1_400  # 400 more than the balance can pay for
+REPEATS = 700  # a third of all calls repeat an earlier request id
+
+
+@dataclass(frozen=True)
+class Outcome:
+    request_id: str
+    result: ConsumeResult | None  # None: refused for insufficient credits
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+class TestConcurrentConsume:
+    @pytest.mark.parametrize("path", ["function", "python"])
+    def test_many_threads_consume_exactly_the_balance(self, pg_engine: Engine, path: str) -> None:
+        customer = "cus_hot"
+        make_grant(customer_id=customer, units=BALANCE)
+        calls = [f"req-{i}" for i in range(DISTINCT_REQUESTS)]
+        rng = random.Random(7)
+        for original in rng.sample(range(DISTINCT_REQUESTS), REPEATS):
+            # Repeat an earlier request id somewhere after it was first sent.
+            calls.insert(rng.randint(original + 1, len(calls)), f"req-{original}")
+        assert len(calls) == DISTINCT_REQUESTS + REPEATS >= 2_000
+
+        def call(request_id: str) -> Outcome:
+            pgfast.use_function(path == "function")
+            try:
+                with unit_of_work() as session:
+                    return Outcome(request_id, consume(session, customer, request_id=request_id, units=1))
+            except InsufficientCredits:
+                return Outcome(request_id, None)
+
+        with ThreadPoolExecutor(max_workers=THREADS) as pool:
+            outcomes = list(pool.map(call, calls))
+
+        charged = [o for o in outcomes if o.result is not None and not o.result.replayed]
+        assert len(charged) == BALANCE
+        assert len({o.request_id for o in charged}) == BALANCE  # no request charged twice
+        first_by_request = {o.request_id: o.result for o in charged}
+        for outcome in outcomes:
+            if outcome.result is not None and outcome.result.replayed:
+                # Every repeat of a charged request returns its original result.
+                original = first_by_request[outcome.request_id]
+                assert original is not None
+                assert (outcome.result.entry_id, outcome.result.balance_after, outcome.result.funded_by) == (
+                    original.entry_id,
+                    original.balance_after,
+                    original.funded_by,
+                )
+            if outcome.result is None:
+                assert outcome.request_id not in first_by_request  # a refused request was never charged
+        with unit_of_work() as session:
+            balance = session.execute(select(Account.balance).where(Account.customer_id == customer)).scalar_one()
+            consumed = session.execute(
+                select(func.count(), func.sum(Entry.units)).where(Entry.kind == EntryKind.CONSUME)
+            ).one()
+            lowest = session.execute(select(func.min(Entry.balance_after))).scalar_one()
+            assert check_ledger(session) == []
+        assert balance == 0
+        assert tuple(consumed) == (BALANCE, -BALANCE)
+        assert lowest == 0  # the balance never went below zero, at any entry
+        assert sorted(o.result.balance_after for o in charged if o.result) == list(range(BALANCE))
