@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Date, and_, case, cast, func, literal_column, select
+from sqlalchemy import and_, case, func, literal_column, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig, Tolerance
@@ -105,7 +105,12 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
         select(P, agg.c.n, G)
         .outerjoin(agg, agg.c.payment_id == P.object_id)
         .outerjoin(G, G.id == agg.c.first_id)
-        .where(P.run_id == ctx.run_id, P.object_type == "payment")
+        .where(
+            P.run_id == ctx.run_id,
+            P.object_type == "payment",
+            # Only what disagrees leaves the database: most payments have exactly one grant of the right size.
+            or_(agg.c.n.is_(None), agg.c.n != 1, G.units != P.expected_credits),
+        )
         .order_by(P.id)
         .execution_options(**STREAM)
     )
@@ -580,6 +585,7 @@ def check_customer_totals(ctx: CheckContext) -> Iterator[Finding]:
         .join(G, G.id == agg.c.first_id)
         .where(P.run_id == ctx.run_id, P.object_type == "payment")
         .group_by(P.customer_id, P.currency)
+        .having(func.sum(P.amount) != func.sum(func.coalesce(G.amount_minor, 0)))
         .order_by(P.customer_id, P.currency)
         .execution_options(**STREAM)
     )
@@ -623,13 +629,19 @@ def check_customer_totals(ctx: CheckContext) -> Iterator[Finding]:
 # --- providers -------------------------------------------------------------------------------------------------
 
 
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
 def _usage_day(session: Session) -> Any:
     if session.get_bind().dialect.name == "postgresql":
-        return cast(func.timezone("UTC", UsageRecord.occurred_at), Date)
+        # date_bin on the timestamp is several times cheaper per row than a time zone conversion and a cast.
+        return func.date_bin(literal_column("interval '1 day'"), UsageRecord.occurred_at, _EPOCH)
     return func.date(UsageRecord.occurred_at)
 
 
 def _as_date(value: Any) -> date:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).date()
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 

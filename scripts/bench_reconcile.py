@@ -1,0 +1,425 @@
+"""Benchmark: reconcile 10k, 100k (and 1M) ledger entries against a proportional Stripe dataset in the emulator.
+
+For each size it prints the wall time and peak memory of the reconciliation (run in a fresh subprocess, peak
+memory = that process's ru_maxrss), the time spent paging Stripe, and beside it the time of one
+``SELECT ... GROUP BY`` over the same ledger entries, with the ratios and the growth factors.
+
+Target: 1M entries in at most 3x that query's time plus the Stripe paging time; peak memory flat (< 300 MB)
+from 10k to 1M.
+
+Ledger rows are generated in bulk with SQL (generate_series) and COPY, not through the ledger API, so setup is
+fast. Needs PostgreSQL: DATABASE_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/br_recon_bench, created
+if missing).
+
+    python scripts/bench_reconcile.py                       # 10k and 100k
+    python scripts/bench_reconcile.py --sizes 10000,100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+
+DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/br_recon_bench"
+ENTRIES_PER_TOPUP = 100  # one Stripe top-up (session, payment intent, charge, ~4 events) per 100 ledger entries
+TOPUPS_PER_CUSTOMER = 2
+MODELS = (
+    ("openai", "gpt-4o-2024-08-06", "proj_main", Decimal("0.0000025"), Decimal("0.00001")),
+    ("openai", "gpt-4o-mini-2024-07-18", "proj_main", Decimal("0.00000015"), Decimal("0.0000006")),
+    ("anthropic", "claude-sonnet-4-20250514", "wrkspc_main", Decimal("0.000003"), Decimal("0.000015")),
+    ("anthropic", "claude-3-5-haiku-20241022", "wrkspc_main", Decimal("0.0000008"), Decimal("0.000004")),
+)
+
+
+def _ensure_database(url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": target.database}).first()
+        if not exists:
+            conn.execute(text(f'CREATE DATABASE "{target.database}"'))
+    admin.dispose()
+
+
+def _truncate(engine: Any) -> None:
+    from sqlalchemy import text
+
+    from ledger.db import Base
+
+    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+
+
+# --- the Stripe side ---------------------------------------------------------------------------------------------
+
+
+def build_stripe(store: Any, topups: int) -> list[dict[str, Any]]:
+    """Customers and paid top-ups in the emulator; returns one row per top-up for the ledger's grants."""
+    customers = max(1, topups // TOPUPS_PER_CUSTOMER)
+    ids = [store.create_customer(email=f"b{i}@example.com").id for i in range(customers)]
+    rows = []
+    for i in range(topups):
+        customer = ids[i % customers]
+        price = "price_credits_large" if i % 3 == 0 else "price_credits_small"
+        cs = store.topup(customer, price)
+        store.clock.advance(seconds=60)
+        rows.append(
+            {
+                "customer": customer,
+                "pi": cs.payment_intent,
+                "amount": cs.amount_total,
+                "units": 12000 if price == "price_credits_large" else 1000,
+            }
+        )
+    return rows
+
+
+# --- the ledger side, in bulk ----------------------------------------------------------------------------------
+
+
+def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries: int, since: datetime) -> None:
+    """Accounts, grants and events by COPY; consumption entries and usage records by generate_series."""
+    from sqlalchemy import text
+
+    customers = sorted({t["customer"] for t in topups})
+    account_of = {c: i + 1 for i, c in enumerate(customers)}
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        with cur.copy("COPY accounts (id, customer_id, balance) FROM STDIN") as copy:
+            for c, i in account_of.items():
+                copy.write_row((i, c, 0))
+        with cur.copy(
+            "COPY grants (id, account_id, source, units, remaining, stripe_object_id, stripe_object_type, "
+            "amount_minor, currency, idempotency_key, reason, actor) FROM STDIN"
+        ) as copy:
+            for n, t in enumerate(topups, start=1):
+                copy.write_row(
+                    (
+                        n,
+                        account_of[t["customer"]],
+                        "top_up",
+                        t["units"],
+                        t["units"],
+                        t["pi"],
+                        "payment_intent",
+                        t["amount"],
+                        "usd",
+                        f"topup:{t['pi']}",
+                        "bench",
+                        "bench",
+                    )
+                )
+        with cur.copy(
+            "COPY entries (account_id, kind, units, balance_after, idempotency_key, grant_id, stripe_object_id, "
+            "actor, reason) FROM STDIN"
+        ) as copy:
+            for n, t in enumerate(topups, start=1):
+                copy.write_row(
+                    (
+                        account_of[t["customer"]],
+                        "grant",
+                        t["units"],
+                        t["units"],
+                        f"grant:topup:{t['pi']}",
+                        n,
+                        t["pi"],
+                        "bench",
+                        "",
+                    )
+                )
+        with cur.copy(
+            "COPY stripe_events (event_id, type, api_version, created, livemode, object_kind, object_id, "
+            "customer_id, payload, source, status, received_at, processed_at) FROM STDIN"
+        ) as copy:
+            now = datetime.now(UTC)
+            for ev in store.events():
+                obj = ev["data"]["object"]
+                customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
+                copy.write_row(
+                    (
+                        ev["id"],
+                        ev["type"],
+                        ev.get("api_version"),
+                        datetime.fromtimestamp(ev["created"], UTC),
+                        False,
+                        "event",
+                        obj.get("id"),
+                        customer,
+                        json.dumps(ev).encode(),
+                        "webhook",
+                        "processed",
+                        now,
+                        now,
+                    )
+                )
+        raw.commit()
+    finally:
+        raw.close()
+
+    consumes = entries - len(topups)
+    window_seconds = 27 * 86400
+    n_accounts = len(customers)
+    cases = " ".join(f"WHEN {i} THEN '{p}'" for i, (p, _m, _s, _ci, _co) in enumerate(MODELS))
+    model_cases = " ".join(f"WHEN {i} THEN '{m}'" for i, (_p, m, _s, _ci, _co) in enumerate(MODELS))
+    scope_cases = " ".join(f"WHEN {i} THEN '{s}'" for i, (_p, _m, s, _ci, _co) in enumerate(MODELS))
+    cost_cases = " ".join(f"WHEN {i} THEN 1000 * {ci} + 200 * {co}" for i, (_p, _m, _s, ci, co) in enumerate(MODELS))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"""
+                INSERT INTO usage_records (id, account_id, request_id, user_id, workspace, feature, provider, model,
+                    input_tokens, output_tokens, cached_tokens, provider_cost_usd, units, billable, environment,
+                    occurred_at)
+                SELECT i, 1 + (i % :accounts), 'req-' || i, 'u' || (i % 7), CASE i % 4 {scope_cases} END, 'chat',
+                    CASE i % 4 {cases} END, CASE i % 4 {model_cases} END, 1000, 200, 0,
+                    CASE i % 4 {cost_cases} END, 1, true, 'production',
+                    :since + make_interval(secs => (i * 7919) % :window)
+                FROM generate_series(1, :n) AS i
+                """
+            ),
+            {"accounts": n_accounts, "n": consumes, "since": since + timedelta(days=1), "window": window_seconds},
+        )
+        conn.execute(
+            text(
+                """
+                INSERT INTO entries (account_id, kind, units, balance_after, idempotency_key, usage_id, actor, reason)
+                SELECT 1 + (i % :accounts), 'consume', -1, 0, 'consume:req-' || i, i, 'bench', ''
+                FROM generate_series(1, :n) AS i
+                """
+            ),
+            {"accounts": n_accounts, "n": consumes},
+        )
+        conn.execute(text("SELECT setval(pg_get_serial_sequence('usage_records', 'id'), :n)"), {"n": consumes})
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+
+
+def write_reports(engine: Any, out: Path) -> list[Path]:
+    """OpenAI and Anthropic cost reports that agree with the ledger's usage (aggregated in SQL)."""
+    from sqlalchemy import text
+
+    rows = []
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT provider, (occurred_at AT TIME ZONE 'UTC')::date AS day, model, workspace, "
+                "sum(provider_cost_usd) FROM usage_records GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+            )
+        ).all()
+    openai: dict[Any, list[str]] = {}
+    anthropic: dict[Any, list[dict[str, Any]]] = {}
+    for provider, day, model, scope, cost in rows:
+        if provider == "openai":
+            openai.setdefault(day, []).append(
+                '{{"object": "organization.costs.result", "amount": {{"value": {}, "currency": "usd"}}, '
+                '"line_item": "{}, input", "project_id": "{}"}}'.format(format(cost, "f"), model, scope)
+            )
+        else:
+            anthropic.setdefault(day, []).append(
+                {"currency": "USD", "amount": format(cost * 100, "f"), "model": model, "workspace_id": scope}
+            )
+    buckets = []
+    for day, results in sorted(openai.items()):
+        start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+        buckets.append(
+            '{"object": "bucket", "start_time": %d, "end_time": %d, "results": [%s]}'
+            % (start, start + 86400, ", ".join(results))
+        )
+    paths = [out / "openai_costs.json", out / "anthropic_cost.json"]
+    paths[0].write_text('{{"object": "page", "data": [{}], "has_more": false}}'.format(", ".join(buckets)))
+    paths[1].write_text(
+        json.dumps(
+            {
+                "data": [
+                    {"starting_at": f"{day.isoformat()}T00:00:00Z", "results": results}
+                    for day, results in sorted(anthropic.items())
+                ]
+            }
+        )
+    )
+    return paths
+
+
+def time_group_by(engine: Any, repeats: int = 3) -> float:
+    """The best of a few runs of one GROUP BY over every ledger entry."""
+    from sqlalchemy import text
+
+    times = []
+    with engine.connect() as conn:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            conn.execute(
+                text("SELECT account_id, kind, count(*), sum(units) FROM entries GROUP BY account_id, kind")
+            ).all()
+            times.append(time.perf_counter() - started)
+    return min(times)
+
+
+# --- the measured run, in its own process --------------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one reconciliation and print its figures as JSON (peak memory is this process's ru_maxrss)."""
+    from ledger.db import make_engine, session_factory, set_engine
+    from reconciliation.engine import reconcile
+    from worker.gateway import StripeGateway
+
+    engine = make_engine(args.url)
+    set_engine(engine)
+    gateway = StripeGateway(api_key="sk_test_bench", api_base=args.api_base)
+    started = time.perf_counter()
+    summary = reconcile(
+        session_factory(),
+        gateway,
+        since=datetime.fromisoformat(args.since),
+        until=datetime.fromisoformat(args.until),
+        provider_reports=[Path(p) for p in args.reports],
+        actor="bench",
+    )
+    wall = time.perf_counter() - started
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "wall": wall,
+                "paging": summary.timings.get("stripe_paging", 0.0),
+                "peak_mb": peak_kb / 1024,
+                "mismatches": summary.total,
+                "stripe_objects": sum(summary.stripe_objects.values()),
+                "timings": summary.timings,
+            }
+        )
+    )
+
+
+def run_size(entries: int, url: str, workdir: Path) -> dict[str, Any]:
+    from stripe_emulator import Clock, EmulatorServer, Store
+
+    from ledger.db import make_engine
+    from ledger.migrate import migrate
+
+    engine = make_engine(url)
+    migrate(engine)
+    _truncate(engine)
+    since = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=28)
+    until = since + timedelta(days=30)
+    topups = max(1, entries // ENTRIES_PER_TOPUP)
+    store = Store(clock=Clock(since))
+    started = time.perf_counter()
+    rows = build_stripe(store, topups)
+    stripe_setup = time.perf_counter() - started
+    started = time.perf_counter()
+    build_ledger(engine, store, rows, entries, since)
+    reports = write_reports(engine, workdir)
+    ledger_setup = time.perf_counter() - started
+    group_by = time_group_by(engine)
+    engine.dispose()
+
+    server = EmulatorServer(store).start()
+    try:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--url",
+            url,
+            "--api-base",
+            server.url,
+            "--since",
+            since.isoformat(),
+            "--until",
+            until.isoformat(),
+            "--reports",
+            *map(str, reports),
+        ]
+        env = {**os.environ, "DATABASE_URL": url}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    finally:
+        server.stop()
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update(
+        entries=entries,
+        topups=topups,
+        events=store.count("event"),
+        group_by=group_by,
+        stripe_setup=stripe_setup,
+        ledger_setup=ledger_setup,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000", help="comma-separated ledger entry counts")
+    parser.add_argument("--url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_URL))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--api-base", help=argparse.SUPPRESS)
+    parser.add_argument("--since", help=argparse.SUPPRESS)
+    parser.add_argument("--until", help=argparse.SUPPRESS)
+    parser.add_argument("--reports", nargs="*", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if not args.url.startswith("postgresql"):
+        parser.error("the benchmark needs PostgreSQL (generate_series, COPY)")
+    os.environ["DATABASE_URL"] = args.url
+    _ensure_database(args.url)
+    sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_reconcile"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    header = (
+        f"{'entries':>9} {'topups':>7} {'events':>7} {'GROUP BY s':>10} {'reconcile s':>11} {'paging s':>9} "
+        f"{'ledger s':>9} {'ratio':>6} {'peak MB':>8} {'mismatches':>10}"
+    )
+    print(header)
+    for size in sizes:
+        r = run_size(size, args.url, workdir)
+        results.append(r)
+        ledger_part = max(0.0, r["wall"] - r["paging"])
+        ratio = ledger_part / r["group_by"] if r["group_by"] else float("inf")
+        r["ratio"] = ratio
+        print(
+            f"{r['entries']:>9} {r['topups']:>7} {r['events']:>7} {r['group_by']:>10.3f} {r['wall']:>11.3f} "
+            f"{r['paging']:>9.3f} {ledger_part:>9.3f} {ratio:>6.2f} {r['peak_mb']:>8.1f} {r['mismatches']:>10}",
+            flush=True,
+        )
+        slow = sorted(((v, k) for k, v in r["timings"].items() if k != "stripe_paging"), reverse=True)[:4]
+        print("           slowest checks: " + ", ".join(f"{k} {v:.3f}s" for v, k in slow), flush=True)
+    print()
+    print("ratio = (reconcile wall time - Stripe paging time) / GROUP BY time   (target: <= 3)")
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        scale = last["entries"] / first["entries"]
+        print(
+            f"growth {first['entries']} -> {last['entries']} entries (x{scale:.0f}): "
+            f"reconcile time x{last['wall'] / first['wall']:.1f}, GROUP BY x{last['group_by'] / first['group_by']:.1f}, "
+            f"peak memory x{last['peak_mb'] / first['peak_mb']:.2f} ({first['peak_mb']:.0f} MB -> {last['peak_mb']:.0f} MB)"
+        )
+    worst = max(r["peak_mb"] for r in results)
+    print(
+        f"peak memory max {worst:.0f} MB (target < 300 MB, flat); median ratio {statistics.median(r['ratio'] for r in results):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
