@@ -644,8 +644,9 @@ def _invoice_lines(api: Api, request: Request, groups: tuple[str, ...]) -> tuple
 
 
 def _pay_invoice(api: Api, request: Request, groups: tuple[str, ...]) -> tuple[int, JSON]:
-    invoice = api.store.retry_invoice(groups[0], fail=_bool(request.params.get("fail", False)))
+    invoice = api.store.retry_invoice(groups[0])
     if invoice.status != "paid":
+        # The attempt is recorded (invoice.payment_failed) and the caller gets Stripe's card error.
         raise EmulatorError("Your card was declined.", status=402, type="card_error", code="card_declined")
     return 200, request.renderer.render(invoice)
 

@@ -146,6 +146,8 @@ class Store:
         self._keys: dict[str, list[Key]] = {name: [] for name in INDEXED_FIELDS}
         self._index: dict[tuple[str, str, Any], list[Key]] = {}
         self._invoice_numbers: dict[str, int] = {}
+        # Customers whose card declines every charge (like attaching Stripe's test card 4000000000000341).
+        self._declining: set[str] = set()
         self._renderers: dict[str, Renderer] = {}
         self.event_listeners: list[Callable[[Event], None]] = []
         # The API request being served (its id and idempotency key), named by the events it causes.
@@ -421,6 +423,15 @@ class Store:
             self._emit("customer.created", customer, ts)
             return customer
 
+    def set_card_declines(self, customer: Customer | str, declines: bool = True) -> None:
+        """From now on every charge to this customer's card is declined (or succeeds again)."""
+        with self.lock:
+            customer_id = self._customer(customer).id
+            if declines:
+                self._declining.add(customer_id)
+            else:
+                self._declining.discard(customer_id)
+
     def _customer(self, customer: Customer | str) -> Customer:
         record: Customer = self.get(customer if isinstance(customer, str) else customer.id, Customer)
         return record
@@ -441,11 +452,13 @@ class Store:
         pending: bool = False,
         payment_intent: PaymentIntent | None = None,
     ) -> tuple[PaymentIntent, Charge]:
-        """One payment attempt: payment intent (new or retried), charge, and balance transaction.
+        """One payment attempt: payment intent (new or retried), charge, and balance transaction. It fails when
+        asked to or when the customer's card declines (``set_card_declines``).
 
         ``pending=True`` is a delayed-notification method (bank debit): the charge stays ``pending`` until
         ``_settle`` decides it.
         """
+        fail = fail or (customer is not None and customer in self._declining)
         if payment_intent is None:
             payment_intent = self._add(
                 PaymentIntent(
@@ -602,12 +615,12 @@ class Store:
                 subscription = self._start_subscription(
                     record.customer, line.price, line.quantity, ts, metadata=record.metadata, fail=fail
                 )
-                if fail:
+                if subscription.status == "incomplete":
                     return record
                 record.subscription = subscription.id
                 record.invoice = subscription.latest_invoice
             else:
-                pi, _ = self._pay(
+                pi, charge = self._pay(
                     record.customer,
                     record.amount_total,
                     record.currency,
@@ -618,7 +631,7 @@ class Store:
                     pending=async_payment,
                 )
                 record.payment_intent = pi.id
-                if fail:
+                if charge.status == "failed":
                     return record
             record.status, record.payment_status = "complete", "unpaid" if async_payment else "paid"
             self._emit("checkout.session.completed", record, ts)
@@ -740,6 +753,7 @@ class Store:
         fail: bool = False,
         trial_days: int | None = None,
     ) -> Subscription:
+        fail = fail or customer_id in self._declining
         price_record = self.resolve_price(price)
         if not price_record.interval:
             raise EmulatorError(
@@ -858,6 +872,7 @@ class Store:
             payment_intent=existing if isinstance(existing, PaymentIntent) else None,
         )
         invoice.payment_intent, invoice.charge = pi.id, charge.id
+        fail = charge.status == "failed"
         invoice.attempt_count += 1
         invoice.attempted = True
         payment = next((p for p in self.invoice_payments_of(invoice.id) if p.payment_intent == pi.id), None)

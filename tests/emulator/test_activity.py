@@ -377,3 +377,25 @@ class TestTrialsAndAsyncPayments:
         assert session.payment_status == "unpaid"
         with pytest.raises(EmulatorError, match="no pending payment"):
             store.settle_async_payment(session)
+
+
+class TestDecliningCards:
+    def test_a_declining_card_fails_renewals_and_invoice_pay_is_a_402(
+        self, store: Store, client: stripe.StripeClient
+    ) -> None:
+        customer = store.create_customer()
+        subscription = store.create_subscription(customer)
+        store.set_card_declines(customer)
+
+        store.advance(days=32)
+        invoice_id = subscription.latest_invoice or ""
+        with pytest.raises(stripe.CardError) as declined:
+            client.v1.invoices.pay(invoice_id)
+
+        assert declined.value.http_status == 402 and declined.value.code == "card_declined"
+        assert subscription.status == "past_due"
+        assert [e["data"]["object"]["attempt_count"] for e in store.events(types=["invoice.payment_failed"])] == [1, 2]
+
+        store.set_card_declines(customer, False)
+        paid = client.v1.invoices.pay(invoice_id)
+        assert paid.status == "paid" and subscription.status == "active"
