@@ -239,10 +239,8 @@ def write_reports(engine: Any, out: Path) -> list[Path]:
     buckets = []
     for day, results in sorted(openai.items()):
         start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
-        buckets.append(
-            '{"object": "bucket", "start_time": %d, "end_time": %d, "results": [%s]}'
-            % (start, start + 86400, ", ".join(results))
-        )
+        bucket = {"object": "bucket", "start_time": start, "end_time": start + 86400, "results": "@"}
+        buckets.append(json.dumps(bucket).replace('"@"', "[" + ", ".join(results) + "]"))
     paths = [out / "openai_costs.json", out / "anthropic_cost.json"]
     paths[0].write_text('{{"object": "page", "data": [{}], "has_more": false}}'.format(", ".join(buckets)))
     paths[1].write_text(
@@ -410,15 +408,17 @@ def main() -> None:
     if len(results) > 1:
         first, last = results[0], results[-1]
         scale = last["entries"] / first["entries"]
+        time_growth = last["wall"] / first["wall"]
+        query_growth = last["group_by"] / first["group_by"]
+        memory_growth = last["peak_mb"] / first["peak_mb"]
         print(
-            f"growth {first['entries']} -> {last['entries']} entries (x{scale:.0f}): "
-            f"reconcile time x{last['wall'] / first['wall']:.1f}, GROUP BY x{last['group_by'] / first['group_by']:.1f}, "
-            f"peak memory x{last['peak_mb'] / first['peak_mb']:.2f} ({first['peak_mb']:.0f} MB -> {last['peak_mb']:.0f} MB)"
+            f"growth {first['entries']} -> {last['entries']} entries (x{scale:.0f}): reconcile time "
+            f"x{time_growth:.1f}, GROUP BY x{query_growth:.1f}, peak memory x{memory_growth:.2f} "
+            f"({first['peak_mb']:.0f} MB -> {last['peak_mb']:.0f} MB)"
         )
     worst = max(r["peak_mb"] for r in results)
-    print(
-        f"peak memory max {worst:.0f} MB (target < 300 MB, flat); median ratio {statistics.median(r['ratio'] for r in results):.2f}"
-    )
+    median_ratio = statistics.median(r["ratio"] for r in results)
+    print(f"peak memory max {worst:.0f} MB (target < 300 MB, flat); median ratio {median_ratio:.2f}")
 
 
 if __name__ == "__main__":
