@@ -316,3 +316,19 @@ class TestCli:
         assert self._invoke(cli, "reconcile", "--since", "yesterday", "--until", "2026-01-02").exit_code == 2
         with Session(engine) as s:
             assert s.scalars(select(ReconciliationRun)).all() == []
+
+    def test_run_nightly_reconciles_the_previous_utc_day(
+        self, engine: Engine, emulator: Emulator, cli: CliRunner
+    ) -> None:
+        from reconciliation.cli import run_nightly
+
+        world = _world(emulator)
+        now = emulator.start + timedelta(days=1, hours=3, minutes=15)
+        summary = run_nightly(now)
+        midnight = emulator.start.replace(hour=0)
+        assert (summary.since, summary.until) == (midnight, midnight + timedelta(days=1))
+        assert summary.counts == {"amount_mismatch": 1, "payment_without_grant": 1}
+        with Session(engine) as s:
+            run = s.scalars(select(ReconciliationRun)).one()
+            assert run.actor == "nightly" and run.status is RunStatus.SUCCEEDED
+        assert world["missing"]
