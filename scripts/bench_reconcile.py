@@ -192,7 +192,7 @@ def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries:
                     CASE i % 4 {cases} END, CASE i % 4 {model_cases} END, 1000, 200, 0,
                     CASE i % 4 {cost_cases} END, 1, true, 'production',
                     :since + make_interval(secs => (i * 7919) % :window)
-                FROM generate_series(1, :n) AS i
+                FROM generate_series(1::bigint, :n) AS i
                 """
             ),
             {"accounts": n_accounts, "n": consumes, "since": since + timedelta(days=1), "window": window_seconds},
@@ -202,7 +202,7 @@ def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries:
                 """
                 INSERT INTO entries (account_id, kind, units, balance_after, idempotency_key, usage_id, actor, reason)
                 SELECT 1 + (i % :accounts), 'consume', -1, 0, 'consume:req-' || i, i, 'bench', ''
-                FROM generate_series(1, :n) AS i
+                FROM generate_series(1::bigint, :n) AS i
                 """
             ),
             {"accounts": n_accounts, "n": consumes},
