@@ -245,6 +245,17 @@ class TestReruns:
             assert s.scalars(select(Mismatch)).all() == []
             assert s.scalar(select(func.count(StagedStripeObject.id))) == 0
 
+    def test_a_callers_session_owns_the_transaction(self, engine: Engine, emulator: Emulator) -> None:
+        _world(emulator)
+        with Session(engine) as s:
+            summary = reconcile(s, emulator.gateway, since=emulator.start, until=_until(), actor="caller")
+            assert summary.counts == {"amount_mismatch": 1, "payment_without_grant": 1}
+            assert len(s.scalars(select(Mismatch)).all()) == 2
+            s.rollback()
+        with Session(engine) as s:
+            assert s.scalars(select(ReconciliationRun)).all() == []
+            assert s.scalars(select(Mismatch)).all() == []
+
 
 class TestCli:
     @pytest.fixture
