@@ -1,0 +1,217 @@
+"""What the demo prints: balances, the mismatch report, the deliberate discrepancies it found, and where to look."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from ledger.queries import BalanceSummary
+from reconciliation import services
+from reconciliation.models import MismatchStatus
+
+if TYPE_CHECKING:
+    from worker.demo.metering import ProviderPlan
+    from worker.demo.stripe_script import DemoCustomer, StripeStory
+
+
+def safe_url(url: str) -> str:
+    """A database URL without its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def balance_row(summary: BalanceSummary, customer: DemoCustomer) -> dict[str, Any]:
+    """One customer's balance as printed."""
+    return {
+        "customer_id": summary.customer_id,
+        "name": customer.name,
+        "story": customer.story,
+        "balance": summary.balance,
+        "held": summary.held,
+        "debt": summary.debt,
+        "available": summary.available,
+        "access_state": summary.access_state.value,
+        "usage_allowed": summary.usage_allowed,
+        "live_grants": len(summary.grants),
+    }
+
+
+def _ids(evidence: Any, found: list[str], depth: int = 0) -> None:
+    if depth > 4 or len(found) >= 4:
+        return
+    if isinstance(evidence, dict):
+        for key, value in evidence.items():
+            if isinstance(value, str | int) and (key == "id" or key.endswith("_id")) and value not in (None, ""):
+                text = f"{key}={value}"
+                if text not in found and len(found) < 4:
+                    found.append(text)
+            else:
+                _ids(value, found, depth + 1)
+    elif isinstance(evidence, list):
+        for item in evidence[:3]:
+            _ids(item, found, depth + 1)
+
+
+def evidence_summary(evidence: Any) -> str:
+    """The sides of the evidence and the first ids in each, in a line."""
+    if not isinstance(evidence, dict):
+        return ""
+    parts = []
+    for side, value in evidence.items():
+        found: list[str] = []
+        _ids(value, found)
+        parts.append(f"{side}: {', '.join(found)}" if found else side)
+    return "; ".join(parts)
+
+
+def open_mismatches(session: Session) -> list[dict[str, Any]]:
+    """Every open mismatch, as the reconciliation tables hold them."""
+    rows = []
+    for mismatch in services.list_mismatches(session, status=MismatchStatus.OPEN):
+        data = services.mismatch_dict(mismatch)
+        rows.append(
+            {
+                "id": data["id"],
+                "kind": data["kind"],
+                "customer_id": data["customer_id"],
+                "expected": data["expected"],
+                "actual": data["actual"],
+                "unit": data["unit"],
+                "summary": data["summary"],
+                "evidence": evidence_summary(data["evidence"]),
+                "identity": _provider_ident(data["evidence"]),
+            }
+        )
+    return rows
+
+
+def _provider_ident(evidence: Any) -> str | None:
+    provider = evidence.get("provider") if isinstance(evidence, dict) else None
+    if isinstance(provider, dict) and "day" in provider:
+        return f"{provider.get('provider')}|{provider.get('day')}|{provider.get('model')}|{provider.get('scope')}"
+    return None
+
+
+def deliberate_findings(
+    story: StripeStory, plan: ProviderPlan | None, mismatches: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each discrepancy the demo made on purpose, and the mismatches that report it."""
+    expected: list[dict[str, Any]] = [
+        {
+            "label": "cleo_topup",
+            "why": "Cleo's top-up events never reached the receiver",
+            "kind": "payment_without_grant",
+            "match": lambda m: (
+                m["kind"] == "payment_without_grant" and m["customer_id"] == story.customer("cleo").customer_id
+            ),
+        },
+        {
+            "label": "dan_refund",
+            "why": "the full refund of Dan's small pack never reached the receiver",
+            "kind": "refund_not_clawed_back",
+            "match": lambda m: (
+                m["kind"] == "refund_not_clawed_back" and m["customer_id"] == story.customer("dan").customer_id
+            ),
+        },
+    ]
+    for event_id in sorted(story.withheld_ids):
+        expected.append(
+            {
+                "label": "missed_event",
+                "why": f"event {event_id} was held back",
+                "kind": "missed_event",
+                "match": lambda m, e=event_id: m["kind"] == "missed_event" and e in m["summary"],
+            }
+        )
+    for item in plan.discrepancies if plan is not None else []:
+        for kind in item["kinds"]:
+            expected.append(
+                {
+                    "label": item["label"],
+                    "why": item["why"],
+                    "kind": kind,
+                    "match": lambda m, k=kind, i=item["ident"]: m["kind"] == k and m["identity"] == i,
+                }
+            )
+    out = []
+    for item in expected:
+        hits = [m["id"] for m in mismatches if item["match"](m)]
+        out.append(
+            {
+                "label": item["label"],
+                "why": item["why"],
+                "kind": item["kind"],
+                "found": bool(hits),
+                "mismatch_ids": hits,
+            }
+        )
+    return out
+
+
+def print_summary(console: Console, summary: dict[str, Any], story: StripeStory) -> None:
+    """Balances, mismatches, the deliberate discrepancies and the addresses, as tables."""
+    balances = Table(title="Balances (credits)", title_justify="left")
+    for column in ("customer", "name", "balance", "held", "debt", "available", "access"):
+        balances.add_column(column, justify="right" if column in ("balance", "held", "debt", "available") else "left")
+    for row in summary["customers"]:
+        balances.add_row(
+            row["customer_id"],
+            row["name"],
+            str(row["balance"]),
+            str(row["held"]),
+            str(row["debt"]),
+            str(row["available"]),
+            row["access_state"] + ("" if row["usage_allowed"] else " (refused)"),
+        )
+    console.print()
+    console.print(balances)
+    for c in story.customers:
+        console.print(f"  [dim]{c.name}: {c.story}[/dim]")
+
+    recon = summary["reconciliation"]
+    for run in recon["runs"]:
+        counts = ", ".join(f"{k} {v}" for k, v in run["counts"].items()) or "nothing"
+        console.print(f"reconciliation run {run['run_id']} [{run['since']}, {run['until']}): {counts}")
+    table = Table(title=f"Open mismatches ({len(recon['mismatches'])})", title_justify="left", show_lines=False)
+    for column in ("id", "kind", "customer", "expected", "actual", "unit", "summary / evidence"):
+        table.add_column(column, overflow="fold")
+    for m in recon["mismatches"]:
+        table.add_row(
+            str(m["id"]),
+            m["kind"],
+            m["customer_id"] or "",
+            m["expected"] or "",
+            m["actual"] or "",
+            m["unit"] or "",
+            f"{m['summary']}\n[dim]{m['evidence']}[/dim]",
+        )
+    console.print(table)
+
+    deliberate = Table(title="Deliberate discrepancies", title_justify="left")
+    for column in ("made on purpose", "expected finding", "found"):
+        deliberate.add_column(column)
+    for item in summary["deliberate"]:
+        mark = (
+            f"[green]yes[/green] #{', #'.join(str(i) for i in item['mismatch_ids'])}"
+            if item["found"]
+            else "[red]NO[/red]"
+        )
+        deliberate.add_row(item["why"], item["kind"], mark)
+    console.print(deliberate)
+
+    violations = summary["ledger_check"]["violations"]
+    console.print(
+        "ledger check: " + ("[green]every invariant holds[/green]" if not violations else f"[red]{violations}[/red]")
+    )
+    urls = summary["urls"]
+    login = summary["review_login"]
+    console.print(
+        f"\nReview pages: [bold]{urls['review']}[/bold]  login [bold]{login['user']}[/bold] / "
+        f"[bold]{login['password']}[/bold]\n"
+        f"Usage API: {urls['usage_api']} (Authorization: Bearer {summary['api_token']})  "
+        f"OpenAPI: {urls['openapi']}\n"
+        f"Stripe emulator: {urls['stripe_emulator']}  Database: {summary['database_url']}"
+    )
