@@ -37,8 +37,9 @@ def _register_all() -> None:
     from reconciliation import cli as reconciliation_cli
     from webhooks import cli as webhooks_cli
     from worker import commands as worker_commands
+    from worker import demo as demo_cli
 
-    for module in (ledger_cli, webhooks_cli, worker_commands, reconciliation_cli):
+    for module in (ledger_cli, webhooks_cli, worker_commands, reconciliation_cli, demo_cli):
         module.register(app)
 
 
