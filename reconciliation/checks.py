@@ -77,6 +77,29 @@ def _grant_entry_ids(session: Session, grant_ids: Sequence[int]) -> list[int]:
     return list(session.scalars(select(Entry.id).where(Entry.grant_id.in_(list(grant_ids))).order_by(Entry.id)))
 
 
+def _stored_events(session: Session, object_ids: Sequence[str | None]) -> list[dict[str, Any]]:
+    """The inbox's events about these Stripe objects: did we receive them, and what became of them?"""
+    wanted = [o for o in object_ids if o]
+    if not wanted:
+        return []
+    rows = session.execute(
+        select(StripeEvent.id, StripeEvent.event_id, StripeEvent.type, StripeEvent.status, StripeEvent.last_error)
+        .where(StripeEvent.object_id.in_(wanted))
+        .order_by(StripeEvent.id)
+        .limit(50)
+    )
+    return [
+        {
+            "stored_event_id": r.id,
+            "event_id": r.event_id,
+            "type": r.type,
+            "status": r.status.value,
+            "last_error": r.last_error,
+        }
+        for r in rows
+    ]
+
+
 # --- payments against grants ----------------------------------------------------------------------------------
 
 
@@ -126,6 +149,7 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
             "prices": p.detail.get("prices"),
             "expected_credits": p.expected_credits,
         }
+        events = _stored_events(ctx.session, [p.object_id, p.detail.get("payment_intent"), p.detail.get("charge")])
         if not n:
             yield Finding(
                 kind=MismatchKind.PAYMENT_WITHOUT_GRANT,
@@ -137,7 +161,7 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
                 unit="credits",
                 expected=p.expected_credits,
                 actual=0,
-                evidence={"stripe": stripe_side, "ledger": {"grants": []}},
+                evidence={"stripe": stripe_side, "ledger": {"grants": [], "stored_events": events}},
                 occurred_at=_utc(p.created),
             )
             continue
@@ -164,6 +188,7 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
                     "ledger": {
                         "grants": [_grant_evidence(x) for x in grants],
                         "entry_ids": _grant_entry_ids(ctx.session, [x.id for x in grants]),
+                        "stored_events": events,
                     },
                 },
                 occurred_at=_utc(p.created),
@@ -181,7 +206,11 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
                 actual=g.units,
                 evidence={
                     "stripe": stripe_side,
-                    "ledger": {"grants": [_grant_evidence(g)], "entry_ids": _grant_entry_ids(ctx.session, [g.id])},
+                    "ledger": {
+                        "grants": [_grant_evidence(g)],
+                        "entry_ids": _grant_entry_ids(ctx.session, [g.id]),
+                        "stored_events": events,
+                    },
                 },
                 occurred_at=_utc(p.created),
             )
@@ -257,7 +286,11 @@ def check_grants(ctx: CheckContext) -> Iterator[Finding]:
             actual=g.units,
             evidence={
                 "stripe": stripe_side,
-                "ledger": {"grants": [_grant_evidence(g)], "entry_ids": _grant_entry_ids(ctx.session, [g.id])},
+                "ledger": {
+                    "grants": [_grant_evidence(g)],
+                    "entry_ids": _grant_entry_ids(ctx.session, [g.id]),
+                    "stored_events": _stored_events(ctx.session, [g.stripe_object_id]),
+                },
             },
             occurred_at=_utc(g.created_at),
         )
@@ -365,6 +398,7 @@ def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
                 "ledger": {
                     "grants": [_grant_evidence(x) for x in grants],
                     "entry_ids": _grant_entry_ids(ctx.session, [x.id for x in grants]),
+                    "stored_events": _stored_events(ctx.session, [charge_id, first_re, last_re]),
                 },
             },
             occurred_at=_utc(last_at),
@@ -423,7 +457,11 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
             actual=actual,
             evidence={
                 "stripe": {"dispute": d.object_id, "charge": d.ref, "status": status, "amount": d.amount},
-                "ledger": {"grants": [_grant_evidence(g)], "entry_ids": _grant_entry_ids(ctx.session, [g.id])},
+                "ledger": {
+                    "grants": [_grant_evidence(g)],
+                    "entry_ids": _grant_entry_ids(ctx.session, [g.id]),
+                    "stored_events": _stored_events(ctx.session, [d.object_id]),
+                },
             },
             occurred_at=_utc(d.created),
         )
@@ -488,6 +526,7 @@ def check_access_state(ctx: CheckContext) -> Iterator[Finding]:
                     "access_state": state.value if state else None,
                     "access_as_of": _iso(as_of),
                     "allowed": [a.value for a in allowed],
+                    "stored_events": _stored_events(ctx.session, [x["id"] for x in subs]),
                 },
             },
         )

@@ -128,6 +128,12 @@ class TestPaymentChecks:
         summary = _run(emulator)
         assert summary.counts == {"payment_without_grant": 1}
         assert _found(engine) == _expect((MismatchKind.PAYMENT_WITHOUT_GRANT, cs))
+        with Session(engine) as s:
+            m = s.scalars(select(Mismatch)).one()
+        stored = {e["type"]: e["status"] for e in m.evidence["ledger"]["stored_events"]}
+        assert stored["checkout.session.completed"] == "processed"
+        assert stored["payment_intent.succeeded"] == "processed"
+        assert m.evidence["stripe"]["id"] == cs and m.evidence["stripe"]["amount"] == 1000
 
     def test_direct_payment_intent_without_grant(self, engine: Engine, emulator: Emulator) -> None:
         c = emulator.store.create_customer().id
