@@ -7,14 +7,14 @@ sort has an index to walk (see :mod:`webhooks.review.models`). Writes go through
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, Select, bindparam, func, or_, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy import BigInteger, ColumnElement, Select, Text, bindparam, cast, func, or_, select, tuple_
+from sqlalchemy.orm import Session, aliased
 
 from ledger.inbox import StripeEvent
 from ledger.models import Account, Entry, Grant
@@ -228,29 +228,99 @@ def list_mismatches(
     return MismatchPage(rows=found, next_cursor=next_cursor, prev_cursor=prev_cursor, total=total, by_status=by_status)
 
 
-def iter_mismatches(session: Session, f: MismatchFilter, *, batch: int = 1000) -> Iterator[MismatchRow]:
-    """Every mismatch matching ``f`` in list order, read in keyset batches (the CSV export)."""
+# The CSV export's columns, read as plain rows (no ORM objects): the mismatch, its gap, its latest audit row.
+EXPORT_COLUMNS = (
+    "id",
+    "kind",
+    "status",
+    "customer_id",
+    "currency",
+    "unit",
+    "expected",
+    "actual",
+    "difference",
+    "summary",
+    "occurred_at",
+    "first_seen_at",
+    "last_seen_at",
+    "first_seen_run_id",
+    "last_seen_run_id",
+    "last_action",
+    "last_actor",
+    "last_note",
+    "fingerprint",
+    "evidence",
+)
+
+
+def iter_export_rows(session: Session, f: MismatchFilter, *, batch: int = 2000) -> Iterator[Sequence[Any]]:
+    """Every mismatch matching ``f`` in list order, as EXPORT_COLUMNS tuples, read in keyset batches.
+
+    Plain rows, no ORM objects; each batch is one keyset query on mismatches and one indexed lookup of the
+    batch's latest audit rows.
+    """
+    key = _sort_key(f.sort)
+    columns = (
+        Mismatch.id,
+        Mismatch.kind,
+        Mismatch.status,
+        Mismatch.customer_id,
+        Mismatch.currency,
+        Mismatch.unit,
+        Mismatch.expected_amount,
+        Mismatch.actual_amount,
+        gap_expr,
+        Mismatch.summary,
+        Mismatch.occurred_at,
+        Mismatch.first_seen_at,
+        Mismatch.last_seen_at,
+        Mismatch.first_seen_run_id,
+        Mismatch.last_seen_run_id,
+        Mismatch.fingerprint,
+        cast(Mismatch.evidence, Text),  # the stored JSON text, not decoded and encoded again
+        key,
+    )
+    later = aliased(MismatchAction)
+    newest = select(func.max(later.id)).where(later.mismatch_id == MismatchAction.mismatch_id).scalar_subquery()
+    descending = _descending(f.sort)
     cursor: tuple[Any, int] | None = None
     while True:
-        rows = session.execute(_page_select(f, after=cursor, backwards=False).limit(batch)).all()
-        for m, g in rows:
-            yield MismatchRow(m, Decimal(g) if g is not None else None)
+        stmt = _where(select(*columns), f)
+        if cursor is not None:
+            bound = tuple_(bindparam(None, cursor[0], type_=key.type), bindparam(None, cursor[1], type_=BigInteger()))
+            stmt = stmt.where(tuple_(key, Mismatch.id) < bound if descending else tuple_(key, Mismatch.id) > bound)
+        order = (key.desc(), Mismatch.id.desc()) if descending else (key.asc(), Mismatch.id.asc())
+        rows = session.execute(stmt.order_by(*order).limit(batch)).all()
+        last_actions = (
+            {
+                mismatch_id: (action, actor, note)
+                for mismatch_id, action, actor, note in session.execute(
+                    select(
+                        MismatchAction.mismatch_id, MismatchAction.action, MismatchAction.actor, MismatchAction.note
+                    ).where(MismatchAction.mismatch_id.in_([r[0] for r in rows]), MismatchAction.id == newest)
+                )
+            }
+            if rows
+            else {}
+        )
+        for row in rows:
+            action, actor, note = last_actions.get(row[0], (None, None, None))
+            yield (*row[:15], action, actor, note, row[15], row[16])
         if len(rows) < batch:
             return
-        last_m, last_g = rows[-1]
-        cursor = decode_cursor(f.sort, encode_cursor(f.sort, last_m, Decimal(last_g) if last_g is not None else None))
+        cursor = (rows[-1][-1], rows[-1][0])
 
 
 def latest_notes(session: Session, mismatch_ids: list[int]) -> dict[int, MismatchAction]:
     """The newest audit row per mismatch, for a page or a batch of the export."""
     if not mismatch_ids:
         return {}
-    newest = (
-        select(func.max(MismatchAction.id))
-        .where(MismatchAction.mismatch_id.in_(mismatch_ids))
-        .group_by(MismatchAction.mismatch_id)
+    # A correlated max(id) per mismatch walks (mismatch_id, id) once per row on both backends.
+    later = aliased(MismatchAction)
+    newest = select(func.max(later.id)).where(later.mismatch_id == MismatchAction.mismatch_id).scalar_subquery()
+    actions = session.scalars(
+        select(MismatchAction).where(MismatchAction.mismatch_id.in_(mismatch_ids), MismatchAction.id == newest)
     )
-    actions = session.scalars(select(MismatchAction).where(MismatchAction.id.in_(newest)))
     return {a.mismatch_id: a for a in actions}
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -78,28 +78,6 @@ async def mismatch_list(request: Request) -> Response:
 
 # --- CSV -----------------------------------------------------------------------------------------------------
 
-CSV_COLUMNS = (
-    "id",
-    "kind",
-    "status",
-    "customer_id",
-    "currency",
-    "unit",
-    "expected",
-    "actual",
-    "difference",
-    "summary",
-    "occurred_at",
-    "first_seen_at",
-    "last_seen_at",
-    "first_seen_run_id",
-    "last_seen_run_id",
-    "last_action",
-    "last_actor",
-    "last_note",
-    "fingerprint",
-    "evidence",
-)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -109,67 +87,57 @@ def _cell(value: object) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def _difference(row: cases.MismatchRow) -> str:
-    m = row.mismatch
-    if row.gap is None or (m.expected_amount is None and m.actual_amount is None):
+def _number(value: Decimal | None) -> str:
+    if value is None:
         return ""
-    return format(row.gap.normalize(), "f") if row.gap else "0"
+    return format(value.normalize(), "f") if value else "0"
 
 
-def _csv_lines(f: cases.MismatchFilter) -> Iterator[str]:
+def _time(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+def _csv_record(row: Sequence[Any]) -> list[object]:
+    (mid, kind, status, customer, currency, unit, expected, actual, gap, summary, occurred, first_seen,
+     last_seen, first_run, last_run, action, actor, note, fingerprint, evidence) = row  # fmt: skip
+    return [
+        mid,
+        getattr(kind, "value", kind),
+        getattr(status, "value", status),
+        _cell(customer),
+        currency or "",
+        unit,
+        _number(expected),
+        _number(actual),
+        "" if expected is None and actual is None else _number(gap),
+        _cell(summary),
+        _time(occurred),
+        _time(first_seen),
+        _time(last_seen),
+        first_run,
+        last_run,
+        getattr(action, "value", action) or "",
+        _cell(actor),
+        _cell(note),
+        fingerprint,
+        _cell(evidence),
+    ]
+
+
+def _csv_chunks(f: cases.MismatchFilter, rows_per_chunk: int = 1000) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-
-    def flush() -> str:
-        out = buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-        return out
-
-    writer.writerow(CSV_COLUMNS)
-    yield flush()
+    writer.writerow(cases.EXPORT_COLUMNS)
     with session_factory()() as session:
-        batch: list[cases.MismatchRow] = []
-
-        def write(rows: list[cases.MismatchRow]) -> None:
-            notes = cases.latest_notes(session, [r.mismatch.id for r in rows])
-            for row in rows:
-                d = services.mismatch_dict(row.mismatch)
-                last = notes.get(row.mismatch.id)
-                writer.writerow(
-                    [
-                        d["id"],
-                        d["kind"],
-                        d["status"],
-                        _cell(d["customer_id"]),
-                        d["currency"] or "",
-                        d["unit"],
-                        d["expected"] or "",
-                        d["actual"] or "",
-                        _difference(row),
-                        _cell(d["summary"]),
-                        d["occurred_at"] or "",
-                        d["first_seen_at"],
-                        d["last_seen_at"],
-                        d["first_seen_run_id"],
-                        d["last_seen_run_id"],
-                        last.action.value if last else "",
-                        _cell(last.actor) if last else "",
-                        _cell(last.note) if last else "",
-                        d["fingerprint"],
-                        _cell(json.dumps(d["evidence"], sort_keys=True, default=str)),
-                    ]
-                )
-
-        for row in cases.iter_mismatches(session, f):
-            batch.append(row)
-            if len(batch) >= 500:
-                write(batch)
-                batch = []
-                yield flush()
-        if batch:
-            write(batch)
-            yield flush()
+        for n, row in enumerate(cases.iter_export_rows(session, f), start=1):
+            writer.writerow(_csv_record(row))
+            if n % rows_per_chunk == 0:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+    yield buffer.getvalue()
 
 
 async def mismatch_csv(request: Request) -> Response:
@@ -180,7 +148,7 @@ async def mismatch_csv(request: Request) -> Response:
         return bad_request(request, str(exc))
 
     async def body() -> AsyncIterator[str]:
-        async for chunk in iterate_in_threadpool(_csv_lines(f)):
+        async for chunk in iterate_in_threadpool(_csv_chunks(f)):
             yield chunk
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
