@@ -10,9 +10,10 @@ from .clock import Clock, to_timestamp
 from .faults import Faults
 from .records import Record
 from .render import is_basil_or_later
+from .scenarios import DemoMonth, demo_month
 from .server import EmulatorServer, stripe_error
 from .store import DEFAULT_API_VERSION, PRE_BASIL_API_VERSION, EmulatorError, NotFound, Store
-from .webhooks import Delivery, DeliveryReport, deliver_webhooks, sign_payload
+from .webhooks import Delivery, DeliveryReport, WebhookEndpoint, deliver_webhooks, sign_payload
 
 __all__ = [
     "DEFAULT_API_VERSION",
@@ -20,13 +21,16 @@ __all__ = [
     "Clock",
     "Delivery",
     "DeliveryReport",
+    "DemoMonth",
     "EmulatorError",
     "EmulatorServer",
     "Faults",
     "NotFound",
     "Record",
     "Store",
+    "WebhookEndpoint",
     "deliver_webhooks",
+    "demo_month",
     "is_basil_or_later",
     "sign_payload",
     "stripe_error",

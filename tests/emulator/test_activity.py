@@ -399,3 +399,31 @@ class TestDecliningCards:
         store.set_card_declines(customer, False)
         paid = client.v1.invoices.pay(invoice_id)
         assert paid.status == "paid" and subscription.status == "active"
+
+
+class TestDemoMonth:
+    def test_the_demo_month_has_every_case_the_demo_shows(self, store: Store) -> None:
+        from stripe_emulator.scenarios import demo_month
+
+        month = demo_month(store)
+
+        assert len(month.customers) == 5 and len(month.topups) == 4
+        assert all(store.get(s).status == "active" for s in month.subscriptions.values())
+        failed = store.get(month.failed_invoice or "")
+        assert (failed.status, failed.attempt_count) == ("paid", 2)
+        assert store.get(month.refund or "").amount == 2500
+        assert store.get(month.dispute or "").status == "lost"
+        types = _types(store)
+        for expected in ("invoice.payment_failed", "charge.refunded", "charge.dispute.closed", "invoice.paid"):
+            assert expected in types
+        assert (
+            len(
+                [
+                    e
+                    for e in store.events(types=["invoice.paid"])
+                    if e["data"]["object"]["billing_reason"] == "subscription_cycle"
+                ]
+            )
+            == 2
+        )
+        assert store.clock.now() - START < 33 * 86400
