@@ -37,6 +37,15 @@ _HASH = hash_password(PASSWORD)
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
+@pytest.fixture(autouse=True)
+def _fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed sign-ins in one test do not count against the next."""
+    from webhooks.review import views
+    from webhooks.review.auth import LoginThrottle
+
+    monkeypatch.setattr(views, "throttle", LoginThrottle())
+
+
 @pytest.fixture
 def review_settings(monkeypatch: pytest.MonkeyPatch) -> str:
     """REVIEW_USERS with one reviewer, and a known SECRET_KEY; returns the stored hash."""

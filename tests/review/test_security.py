@@ -277,3 +277,15 @@ class TestThrottle:
         assert blocked.status_code == 429
         assert _is_login_redirect(client.get("/review/mismatches"))
         assert log_in(client, name="bob", password="guess").status_code == 401  # other names are not blocked
+
+
+class TestCookies:
+    def test_session_cookie_is_httponly_and_secure_over_https(self, engine: Engine, review_settings: str) -> None:
+        with TestClient(mounted_review_app(), base_url="https://review.example", follow_redirects=False) as c:
+            response = c.get("/review/login")
+            cookie = response.headers["set-cookie"].lower()
+            assert "httponly" in cookie and "secure" in cookie and "samesite=lax" in cookie
+
+    def test_plain_http_cookie_is_not_marked_secure(self, engine: Engine, client: TestClient) -> None:
+        cookie = client.get("/review/login").headers["set-cookie"].lower()
+        assert "httponly" in cookie and "secure" not in cookie

@@ -11,7 +11,7 @@ from starlette.staticfiles import StaticFiles
 from ledger.logs import get_logger
 from ledger.settings import get_settings
 from webhooks.review import mismatch_views, views
-from webhooks.review.security import ReviewGate, form_action
+from webhooks.review.security import ReviewGate, SecureCookiesOverHttps, form_action
 from webhooks.review.state import review_users
 from webhooks.review.templating import STATIC_DIR
 
@@ -52,13 +52,14 @@ def create_review_app() -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     middleware = [
+        Middleware(SecureCookiesOverHttps),
         Middleware(
             SessionMiddleware,
             secret_key=secret,
             session_cookie=SESSION_COOKIE,
             max_age=SESSION_MAX_AGE_SECONDS,
             same_site="lax",
-            # Served over HTTPS in production behind a proxy that terminates TLS; the cookie is HttpOnly either way.
+            # HttpOnly always; Secure is added per request over HTTPS (SecureCookiesOverHttps).
             https_only=False,
         ),
         Middleware(ReviewGate, users=review_users),

@@ -121,3 +121,32 @@ def form_action(handler: FormHandler) -> Callable[[Request], Awaitable[Response]
     endpoint.__name__ = handler.__name__
     endpoint.__doc__ = handler.__doc__
     return endpoint
+
+
+class SecureCookiesOverHttps:
+    """ASGI middleware (outside SessionMiddleware): over HTTPS, mark the cookies it sets ``Secure``.
+
+    The scheme is the one the server saw (uvicorn's --proxy-headers takes it from X-Forwarded-Proto behind a
+    TLS-terminating proxy), so plain-HTTP development still works.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("scheme") != "https":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secure(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (name, value + b"; secure")
+                    if name.lower() == b"set-cookie" and b"secure" not in value.lower()
+                    else (name, value)
+                    for name, value in message.get("headers", [])
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_secure)
