@@ -9,13 +9,13 @@ Units are integers; money (provider cost, margin) is a decimal string, never a f
 from __future__ import annotations
 
 import hmac
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from ledger.consume import ConsumeResult, consume
@@ -31,7 +31,21 @@ ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,255}$"
 CustomerId = Annotated[str, Path(pattern=ID_PATTERN, description="The customer's id in the ledger")]
 HoldId = Annotated[str, Path(pattern=ID_PATTERN, description="The hold's request id")]
 Key = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
-Name = Annotated[str, Field(min_length=1, max_length=255)]
+# No control characters: PostgreSQL text cannot hold NUL, and none belongs in a name.
+Name = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+def _plausible_time(value: datetime) -> datetime:
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("the time is out of range") from exc
+    if not 1970 <= utc.year <= 9000:
+        raise ValueError("the time must be between 1970 and 9000")
+    return utc
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_plausible_time)]
 Tokens = Annotated[int, Field(strict=True, ge=0, le=10**12)]
 Units = Annotated[int, Field(strict=True, ge=0, le=10**15)]
 
@@ -76,7 +90,7 @@ class UsageFields(BaseModel):
     )
     billable: bool = True
     environment: UsageEnvironment = UsageEnvironment.PRODUCTION
-    occurred_at: AwareDatetime | None = None
+    occurred_at: Timestamp | None = None
 
     @field_validator("provider_cost_usd", mode="before")
     @classmethod
@@ -99,7 +113,7 @@ class ConsumeRequest(UsageFields):
     customer_id: Name
     request_id: Key | None = Field(default=None, description="Idempotency key (or the Idempotency-Key header)")
     units: Units | None = Field(default=None, description="Credits to charge; omitted: priced from the usage")
-    reason: Annotated[str, Field(max_length=1000)] = ""
+    reason: Annotated[str, Field(max_length=1000, pattern=r"^[^\x00]*$")] = ""
 
 
 class HoldRequest(UsageFields):
@@ -420,8 +434,8 @@ def get_entries(
 def get_usage(
     customer_id: CustomerId,
     group_by: Literal["day", "feature", "model", "user"] = "day",
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: Annotated[Timestamp | None, Query()] = None,
+    until: Annotated[Timestamp | None, Query()] = None,
 ) -> UsageReport:
     if since is not None and until is not None and until < since:
         raise InvalidRequest("until is before since")

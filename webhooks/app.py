@@ -160,7 +160,7 @@ def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(422, "invalid_request", "the request is invalid", details=_jsonable(exc.errors()))
+        return error_response(422, "invalid_request", "the request is invalid", details=validation_details(exc))
 
     base_openapi = app.openapi
 
@@ -173,7 +173,13 @@ def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
     return app
 
 
-def _jsonable(errors: Any) -> Any:
-    from fastapi.encoders import jsonable_encoder
-
-    return jsonable_encoder(errors, custom_encoder={Exception: str})
+def validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Where and why a request is invalid; the offending input is not echoed back (it may be huge or secret)."""
+    return [
+        {
+            "loc": [str(part) for part in error.get("loc", ())],
+            "type": str(error.get("type", "")),
+            "msg": str(error.get("msg", "")),
+        }
+        for error in exc.errors()
+    ]

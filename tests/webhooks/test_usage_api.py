@@ -133,6 +133,10 @@ class TestConsume:
             usage(units=1, request_id="n", unknown_field=1),
             usage(units=1, request_id="n", occurred_at="2026-01-01T00:00:00"),  # no time zone
             {"request_id": "n", "units": 1},
+            usage(units=1, request_id="n", customer_id="cus_\u0000a"),
+            usage(units=1, request_id="n", feature="chat\u0000"),
+            usage(units=1, request_id="n", reason="why\u0000"),
+            usage(units=1, request_id="n\u0000"),
         ],
         ids=[
             "no key",
@@ -145,6 +149,10 @@ class TestConsume:
             "unknown field",
             "naive time",
             "no customer",
+            "NUL in customer",
+            "NUL in feature",
+            "NUL in reason",
+            "NUL in key",
         ],
     )
     def test_invalid_body_is_422_and_charges_nothing(self, client: TestClient, body: dict[str, object]) -> None:
