@@ -363,6 +363,12 @@ class Renderer:
         }
         if not self.basil:
             out["invoice"] = p.invoice
+        if version_date(self.api_version) < CHARGE_REFUNDS_REMOVED:
+            # Before 2022-11-15 a payment intent carried its charges.
+            charges = self.store.charges_of_payment_intent(p.id)
+            out["charges"] = list_object(
+                [self.charge(c) for c in charges], f"/v1/charges?payment_intent={p.id}", total_count=len(charges)
+            )
         return out
 
     def charge(self, c: Charge) -> JSON:

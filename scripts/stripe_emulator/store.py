@@ -244,6 +244,11 @@ class Store:
             if record is not None:
                 yield record
 
+    def charges_of_payment_intent(self, payment_intent_id: str) -> list[Charge]:
+        """A payment intent's charges, newest first."""
+        keys = self._index.get(("charge", "payment_intent", payment_intent_id), [])
+        return [c for k in reversed(keys) if isinstance(c := self._objects.get(k[2]), Charge)]
+
     def invoice_payments_of(self, invoice_id: str) -> list[InvoicePayment]:
         keys = self._index.get(("invoice_payment", "invoice", invoice_id), [])
         return [p for k in reversed(keys) if isinstance(p := self._objects.get(k[2]), InvoicePayment)]
@@ -898,6 +903,7 @@ class Store:
                 self._emit("customer.subscription.updated", sub, ts, prev=before)
             return
         payment.status, payment.amount_paid, payment.paid_at = "paid", invoice.amount_remaining, ts
+        self._emit("invoice_payment.paid", payment, ts)
         invoice.amount_paid += invoice.amount_remaining
         invoice.amount_remaining = 0
         invoice.status, invoice.paid_at, invoice.next_payment_attempt = "paid", ts, None
@@ -981,23 +987,34 @@ class Store:
                     return predicate(sub)
                 return sub.id in failing or sub.customer in failing
 
-            due: list[tuple[int, int, str]] = []
+            # (when, seq, subscription id, what): renewals, and trial_will_end three days before a trial ends.
+            due: list[tuple[int, int, str, str]] = []
+            now = self.clock.now()
             for record in self.iter_records("subscription"):
                 if isinstance(record, Subscription) and record.status not in _ENDED:
-                    due.append((record.current_period_end, record.seq, record.id))
+                    due.append((record.current_period_end, record.seq, record.id, "renew"))
+                    if record.status == "trialing" and record.trial_end and record.trial_end - 3 * 86400 > now:
+                        due.append((record.trial_end - 3 * 86400, record.seq, record.id, "trial_will_end"))
             heapq.heapify(due)
             invoices: list[Invoice] = []
             while due and due[0][0] <= target:
-                period_end, _, sub_id = heapq.heappop(due)
+                when, _, sub_id, what = heapq.heappop(due)
                 sub = self.peek(sub_id)
-                if not isinstance(sub, Subscription) or sub.status in _ENDED or sub.current_period_end != period_end:
+                if not isinstance(sub, Subscription) or sub.status in _ENDED:
                     continue
-                if self.clock.now() < period_end:
-                    self.clock.set(period_end)
+                if what == "trial_will_end":
+                    if sub.status == "trialing":
+                        self.clock.set(max(when, self.clock.now()))
+                        self._emit("customer.subscription.trial_will_end", sub, self.clock.now())
+                    continue
+                if sub.current_period_end != when:
+                    continue
+                if self.clock.now() < when:
+                    self.clock.set(when)
                 invoice = self.renew_subscription(sub, fail=fails(sub))
                 if invoice is not None:
                     invoices.append(invoice)
-                    heapq.heappush(due, (sub.current_period_end, sub.seq, sub.id))
+                    heapq.heappush(due, (sub.current_period_end, sub.seq, sub.id, "renew"))
             self.clock.set(max(target, self.clock.now()))
             return invoices
 

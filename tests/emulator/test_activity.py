@@ -66,10 +66,12 @@ class TestSubscriptionLifecycle:
             "payment_intent.created",
             "charge.succeeded",
             "payment_intent.succeeded",
+            "invoice_payment.paid",
             "invoice.paid",
             "invoice.payment_succeeded",
         ]
         assert _last(store, "invoice.paid")["data"]["object"]["billing_reason"] == "subscription_create"
+        assert _last(store, "invoice_payment.paid")["data"]["object"]["amount_paid"] == 2000
 
         mark = store.clock.now()
         renewal = store.renew_subscription(subscription)
@@ -345,6 +347,7 @@ class TestTrialsAndAsyncPayments:
 
         store.advance(days=15)
 
+        assert _types(store, since=START + 11 * 86400)[0] == "customer.subscription.trial_will_end"
         assert subscription.status == "active" and subscription.current_period_start == START + 14 * 86400
         ended = _last(store, "customer.subscription.updated")
         assert ended["data"]["previous_attributes"]["status"] == "trialing"
@@ -427,3 +430,14 @@ class TestDemoMonth:
             == 2
         )
         assert store.clock.now() - START < 33 * 86400
+
+
+class TestOldVersions:
+    def test_payment_intents_carry_their_charges_before_2022_11_15(self, store: Store) -> None:
+        session = store.topup(store.create_customer())
+
+        old = store.render(session.payment_intent or "", "2020-08-27")
+        new = store.render(session.payment_intent or "", "2026-04-22.dahlia")
+
+        assert [c["id"] for c in old["charges"]["data"]] == [old["latest_charge"]]
+        assert "charges" not in new
