@@ -351,7 +351,7 @@ _STRIPE_PREFIX_TYPES = {
 }
 _GRANT_KEYS = re.compile(r"(^|_)grants?(_ids?)?$")
 _ENTRY_KEYS = re.compile(r"(^|_)entr(y|ies)(_ids?)?$")
-_EVENT_ROW_KEYS = re.compile(r"^(stored_)?event_row_ids?$|^stripe_events?_ids?$")
+_EVENT_ROW_KEYS = re.compile(r"^(stored_)?event_row_ids?$|^stripe_events?_ids?$|^stored_event_ids?$")
 _SKIP_LOOKUP = {"cus", "evt", "prod", "price", "txn", "si", "ii", "il"}
 MAX_RELATED = 50
 
