@@ -30,7 +30,7 @@ import worker
 from ledger import db
 from ledger.config import EXAMPLE_CONFIG_PATH, get_billing_config
 from ledger.migrate import migrate
-from ledger.settings import get_settings
+from ledger.settings import DEFAULT_DATABASE_URL, get_settings
 
 DEMO_USER = "demo"
 WORKDIR_MARKER = ".billing-demo-workdir"
@@ -105,6 +105,19 @@ def choose_backend(workdir: Path) -> Backend:
     if settings.is_postgres:
         return Backend(settings.database_url, settings.celery_broker_url, postgres=True)
     return Backend(f"sqlite:///{(workdir / 'billing.db').resolve()}", "", postgres=False)
+
+
+def ignored_settings(backend: Backend) -> list[str]:
+    """What the user's environment asks for that the demo does not use, said plainly."""
+    settings = get_settings()
+    notes = []
+    if not backend.postgres and settings.database_url != DEFAULT_DATABASE_URL:
+        notes.append("DATABASE_URL is not PostgreSQL: the demo uses its own SQLite file in the work directory")
+    if not backend.postgres and settings.celery_broker_url:
+        notes.append("CELERY_BROKER_URL is used only with a PostgreSQL DATABASE_URL: the worker runs in-process")
+    if backend.postgres and not backend.broker_url:
+        notes.append("no CELERY_BROKER_URL: the worker runs in-process (eager) against PostgreSQL")
+    return notes
 
 
 def prepare_workdir(workdir: Path) -> Path:

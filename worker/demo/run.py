@@ -160,6 +160,8 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
     emulator_mod = env.load_emulator()
     workdir = env.prepare_workdir(options.workdir)
     backend = env.choose_backend(workdir)
+    for note in env.ignored_settings(backend):
+        progress.note(note)
     if backend.broker_url:
         env.check_broker(backend.broker_url)
     creds = env.make_credentials()
