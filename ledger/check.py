@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from ledger.models import Account, Allocation, Entry, Grant, Hold, HoldStatus
@@ -92,6 +92,14 @@ def check_ledger(session: Session, customer_id: str | None = None) -> list[Viola
     alloc_sums = (
         select(Allocation.grant_id, func.sum(Allocation.units).label("units")).group_by(Allocation.grant_id).subquery()
     )
+    # An entry without allocation rows moved all its units (units + debt_delta) in its one grant.
+    has_rows = select(Allocation.id).where(Allocation.entry_id == Entry.id).exists()
+    single_sums = (
+        select(Entry.grant_id, func.sum(Entry.units + Entry.debt_delta).label("units"))
+        .where(Entry.grant_id.is_not(None), ~has_rows)
+        .group_by(Entry.grant_id)
+        .subquery()
+    )
     frozen_sums = (
         select(Entry.grant_id, func.sum(Entry.frozen_delta).label("frozen"))
         .where(Entry.grant_id.is_not(None))
@@ -107,10 +115,11 @@ def check_ledger(session: Session, customer_id: str | None = None) -> list[Viola
                 Grant.remaining,
                 Grant.frozen,
                 Grant.clawed_back,
-                func.coalesce(alloc_sums.c.units, 0),
+                func.coalesce(alloc_sums.c.units, 0) + func.coalesce(single_sums.c.units, 0),
                 func.coalesce(frozen_sums.c.frozen, 0),
             )
             .outerjoin(alloc_sums, alloc_sums.c.grant_id == Grant.id)
+            .outerjoin(single_sums, single_sums.c.grant_id == Grant.id)
             .outerjoin(frozen_sums, frozen_sums.c.grant_id == Grant.id)
             .order_by(Grant.id),
             Grant.account_id,
@@ -129,7 +138,8 @@ def check_ledger(session: Session, customer_id: str | None = None) -> list[Viola
         if clawed > units:
             add(acct, "grant_clawback_within_units", f"grant {gid}: clawed back {clawed} > granted {units}")
 
-    # Each entry's allocations account for its units: what moved in grants = units + debt recorded.
+    # Each entry's allocations account for its units: what moved in grants = units + debt recorded; an entry
+    # with neither allocations nor a grant moved nothing in grants.
     entry_allocs = (
         select(Allocation.entry_id, func.sum(Allocation.units).label("units")).group_by(Allocation.entry_id).subquery()
     )
@@ -137,7 +147,12 @@ def check_ledger(session: Session, customer_id: str | None = None) -> list[Viola
         _scoped(
             select(Entry.id, Entry.account_id, Entry.units, Entry.debt_delta, func.coalesce(entry_allocs.c.units, 0))
             .outerjoin(entry_allocs, entry_allocs.c.entry_id == Entry.id)
-            .where(Entry.units + Entry.debt_delta != func.coalesce(entry_allocs.c.units, 0))
+            .where(
+                or_(
+                    and_(entry_allocs.c.units.is_not(None), Entry.units + Entry.debt_delta != entry_allocs.c.units),
+                    and_(entry_allocs.c.units.is_(None), Entry.grant_id.is_(None), Entry.units + Entry.debt_delta != 0),
+                )
+            )
             .order_by(Entry.id),
             Entry.account_id,
             account_id,

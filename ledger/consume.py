@@ -14,12 +14,12 @@ from ledger.config import get_billing_config
 from ledger.errors import IdempotencyConflict, InsufficientCredits, InvalidRequest
 from ledger.models import EntryKind, UsageRecord
 from ledger.posting import (
-    ALLOCATIONS,
     ENTRIES,
     LockedAccount,
     as_utc,
     check_access,
     drawable_grants,
+    entry_movements,
     expire_lapsed,
     insert_entry,
     lock_account,
@@ -158,11 +158,7 @@ def replayed_result(session: Session, customer_id: str, request_id: str, digest:
     """The original result of a consumption, for a retry of it."""
     if original.request_hash != digest:
         raise IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
-    funded = session.execute(
-        select(ALLOCATIONS.c.grant_id, ALLOCATIONS.c.units)
-        .where(ALLOCATIONS.c.entry_id == original.id)
-        .order_by(ALLOCATIONS.c.id)
-    ).all()
+    funded = entry_movements(session, original.id, original.grant_id, original.units, original.debt_delta)
     return ConsumeResult(
         request_id=request_id,
         customer_id=customer_id,
@@ -181,6 +177,8 @@ def find_original(session: Session, key: str) -> Any:
         select(
             ENTRIES.c.id,
             ENTRIES.c.units,
+            ENTRIES.c.debt_delta,
+            ENTRIES.c.grant_id,
             ENTRIES.c.balance_after,
             ENTRIES.c.usage_id,
             ENTRIES.c.request_hash,

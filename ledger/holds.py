@@ -19,11 +19,11 @@ from ledger.consume import charge_for, debit, find_original, insert_usage
 from ledger.errors import HoldNotOpen, IdempotencyConflict, InvalidRequest, UnknownHold
 from ledger.models import EntryKind, Hold, HoldStatus
 from ledger.posting import (
-    ALLOCATIONS,
     ENTRIES,
     LockedAccount,
     as_utc,
     check_access,
+    entry_movements,
     forget,
     insert_entry,
     lock_account,
@@ -176,16 +176,12 @@ def _give_back(
 ) -> int:
     """Return ``units`` of a hold to the grants it drew from (and cancel debt it created); return balance after."""
     hold_entry = session.execute(
-        select(ENTRIES.c.id, ENTRIES.c.debt_delta).where(ENTRIES.c.idempotency_key == _hold_key(hold.request_id))
+        select(ENTRIES.c.id, ENTRIES.c.grant_id, ENTRIES.c.units, ENTRIES.c.debt_delta).where(
+            ENTRIES.c.idempotency_key == _hold_key(hold.request_id)
+        )
     ).one()
-    drawn = [
-        (g, -u)
-        for g, u in session.execute(
-            select(ALLOCATIONS.c.grant_id, ALLOCATIONS.c.units)
-            .where(ALLOCATIONS.c.entry_id == hold_entry.id)
-            .order_by(ALLOCATIONS.c.id)
-        ).all()
-    ]
+    moved = entry_movements(session, hold_entry.id, hold_entry.grant_id, hold_entry.units, hold_entry.debt_delta)
+    drawn = [(g, -u) for g, u in moved]
     back, debt_back = return_to_grants(session, account, units, drawn, hold_entry.debt_delta)
     _, balance_after = insert_entry(
         session,

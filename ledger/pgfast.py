@@ -13,7 +13,9 @@ import weakref
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ledger.errors import AccessRefused, IdempotencyConflict, InsufficientCredits, UnknownCustomer
@@ -77,42 +79,44 @@ def consume(
     if usage is not None:
         row = usage_row(0, request_id, usage, charge, now)
         usage_json = json.dumps(row, default=_json_default)
-    result: Any = (
-        session.connection()
-        .exec_driver_sql(
-            _CALL, (customer_id, request_id, consume_key(request_id), charge, digest, actor, reason, now, usage_json)
-        )
-        .one()
-    )
-    status = result.status
+    params = (customer_id, request_id, consume_key(request_id), charge, digest, actor, reason, now, usage_json)
+    # The hot path talks to psycopg directly (SQLAlchemy's result machinery would cost more CPU than the call),
+    # inside the session's own transaction; errors are wrapped as SQLAlchemy's, like every other statement.
+    connection = session.connection()
+    driver: Any = connection.connection.driver_connection
+    try:
+        row = driver.execute(_CALL, params, prepare=True).fetchone()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_CALL, params, exc, psycopg.Error) from exc
+    status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row
     if status == "unknown_customer":
         raise UnknownCustomer(customer_id)
     if status == "access_refused":
-        raise AccessRefused(customer_id, result.access_state)
+        raise AccessRefused(customer_id, state)
     if status == "insufficient":
-        raise InsufficientCredits(customer_id, charge, result.available)
-    if status == "replay" and result.request_hash != digest:
+        raise InsufficientCredits(customer_id, charge, available)
+    if status == "replay" and original_hash != digest:
         raise IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
-    if status == "ok":
-        _forget_moved(session, result.grant_ids)
+    if status == "ok" and session.identity_map:
+        _forget_moved(session, grant_ids)
     return ConsumeResult(
         request_id=request_id,
         customer_id=customer_id,
-        units=result.units,
-        balance_after=result.balance_after,
-        entry_id=result.entry_id,
-        usage_id=result.usage_id,
+        units=units,
+        balance_after=balance_after,
+        entry_id=entry_id,
+        usage_id=usage_id,
         replayed=status == "replay",
-        funded_by=tuple(zip(result.grant_ids, result.grant_units, strict=True)),
+        funded_by=tuple(zip(grant_ids, grant_units, strict=True)),
     )
 
 
 def _forget_moved(session: Session, grant_ids: list[int]) -> None:
-    if session.identity_map:  # nothing loaded, nothing stale: the usual case on the hot path
-        for obj in list(session.identity_map.values()):
-            if isinstance(obj, Account):
-                session.expire(obj)
-        forget(session, Grant, grant_ids)
+    """Expire in-session copies of the account and the grants the function changed."""
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, Account):
+            session.expire(obj)
+    forget(session, Grant, grant_ids)
 
 
 def _json_default(value: object) -> str:

@@ -118,7 +118,7 @@ def _locked(row: Any) -> LockedAccount:
 def lock_account(session: Session, customer_id: str) -> LockedAccount:
     """Lock and read the account of ``customer_id``; raise UnknownCustomer."""
     row = session.execute(
-        select(*_ACCOUNT_COLUMNS).where(ACCOUNTS.c.customer_id == customer_id).with_for_update()
+        select(*_ACCOUNT_COLUMNS).where(ACCOUNTS.c.customer_id == customer_id).with_for_update(key_share=True)
     ).one_or_none()
     if row is None:
         raise UnknownCustomer(customer_id)
@@ -127,7 +127,9 @@ def lock_account(session: Session, customer_id: str) -> LockedAccount:
 
 def lock_account_by_id(session: Session, account_id: int) -> LockedAccount:
     """Lock and read an account by its row id."""
-    row = session.execute(select(*_ACCOUNT_COLUMNS).where(ACCOUNTS.c.id == account_id).with_for_update()).one()
+    row = session.execute(
+        select(*_ACCOUNT_COLUMNS).where(ACCOUNTS.c.id == account_id).with_for_update(key_share=True)
+    ).one()
     return _locked(row)
 
 
@@ -179,7 +181,15 @@ def insert_entry(
     reason: str = "",
     allocations: Sequence[tuple[int, int]] = (),
 ) -> tuple[int, int]:
-    """Append one entry (and its allocations), apply it to ``account``; return (entry id, balance after)."""
+    """Append one entry (and its allocations), apply it to ``account``; return (entry id, balance after).
+
+    An entry moves ``units + debt_delta`` units in grants. When one grant takes the whole movement, the entry's
+    ``grant_id`` names it and no allocation row is written (the common case, kept cheap); otherwise one
+    allocation row per grant says how the movement was split.
+    """
+    allocations = [(g, u) for g, u in allocations if u != 0]
+    if len(allocations) == 1 and grant_id in (None, allocations[0][0]):
+        grant_id, allocations = allocations[0][0], []
     account.balance += units
     account.debt += debt_delta
     entry_id: int = session.execute(
@@ -202,10 +212,26 @@ def insert_entry(
         )
         .returning(ENTRIES.c.id)
     ).scalar_one()
-    allocs = [(g, u) for g, u in allocations if u != 0]
-    if allocs:
-        session.execute(insert(ALLOCATIONS), [{"entry_id": entry_id, "grant_id": g, "units": u} for g, u in allocs])
+    if allocations:
+        session.execute(
+            insert(ALLOCATIONS), [{"entry_id": entry_id, "grant_id": g, "units": u} for g, u in allocations]
+        )
     return entry_id, account.balance
+
+
+def entry_movements(
+    session: Session, entry_id: int, grant_id: int | None, units: int, debt_delta: int
+) -> list[tuple[int, int]]:
+    """How an entry moved grant units, as (grant id, signed units): its allocation rows, else its one grant."""
+    rows = session.execute(
+        select(ALLOCATIONS.c.grant_id, ALLOCATIONS.c.units)
+        .where(ALLOCATIONS.c.entry_id == entry_id)
+        .order_by(ALLOCATIONS.c.id)
+    ).all()
+    if rows:
+        return [(g, u) for g, u in rows]
+    moved = units + debt_delta
+    return [(grant_id, moved)] if grant_id is not None and moved else []
 
 
 def move_grant_units(session: Session, account: LockedAccount, deltas: Sequence[tuple[int, int]]) -> None:

@@ -48,7 +48,7 @@ class TestConsume:
         assert grant_remaining(newer.grant_id) == (5, 0)
         assert_consistent(customer)
 
-    def test_records_allocations_and_entry(self, ledger_engine: Engine) -> None:
+    def test_one_funding_grant_is_named_by_the_entry(self, ledger_engine: Engine) -> None:
         customer = make_account()
         grant = make_grant(customer_id=customer, units=50)
 
@@ -57,10 +57,26 @@ class TestConsume:
         with unit_of_work() as session:
             entry = session.get_one(Entry, result.entry_id)
             assert (entry.kind, entry.units, entry.balance_after) == (EntryKind.CONSUME, -20, 30)
+            assert entry.grant_id == grant.grant_id
+            assert session.scalars(select(Allocation).where(Allocation.entry_id == entry.id)).all() == []
+
+    def test_several_funding_grants_get_one_allocation_each(self, ledger_engine: Engine) -> None:
+        customer = make_account()
+        first = make_grant(customer_id=customer, units=5)
+        second = make_grant(customer_id=customer, units=50)
+
+        result = make_consume(customer_id=customer, units=20, request_id=unique("req"))
+
+        with unit_of_work() as session:
+            entry = session.get_one(Entry, result.entry_id)
             allocations = session.execute(
-                select(Allocation.grant_id, Allocation.units).where(Allocation.entry_id == entry.id)
+                select(Allocation.grant_id, Allocation.units)
+                .where(Allocation.entry_id == entry.id)
+                .order_by(Allocation.id)
             ).all()
-            assert [tuple(a) for a in allocations] == [(grant.grant_id, -20)]
+            assert entry.grant_id is None
+            assert [tuple(a) for a in allocations] == [(first.grant_id, -5), (second.grant_id, -15)]
+        assert_consistent(customer)
 
     def test_same_request_id_returns_original_and_charges_nothing(self, ledger_engine: Engine) -> None:
         customer = make_account()

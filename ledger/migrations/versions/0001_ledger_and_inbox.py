@@ -34,7 +34,10 @@ DECLARE
     v_overdraft bigint;
     v_state text;
     v_grace timestamptz;
-    g record;
+    v_orig bigint;
+    v_gids bigint[];
+    v_grem bigint[];
+    v_gexp timestamptz[];
     o record;
     v_lapsed bigint := 0;
     v_need bigint := 0;
@@ -50,20 +53,36 @@ BEGIN
     -- The row lock serializes every movement on this account: no read-then-write race.
     SELECT a.id, a.balance, a.debt, a.overdraft_limit, a.access_state, a.grace_until
       INTO v_account, v_balance, v_debt, v_overdraft, v_state, v_grace
-      FROM accounts a WHERE a.customer_id = p_customer FOR UPDATE;
+      FROM accounts a WHERE a.customer_id = p_customer FOR NO KEY UPDATE;
     IF v_account IS NULL THEN
         RETURN QUERY SELECT 'unknown_customer'::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
             NULL::bigint, NULL::text, NULL::text, NULL::bigint[], NULL::bigint[];
         RETURN;
     END IF;
-    -- Looked up after the lock (a fresh snapshot), so a concurrent first attempt is seen once it committed.
-    SELECT e.id, e.units, e.balance_after, e.usage_id, e.request_hash INTO o
-      FROM entries e WHERE e.idempotency_key = p_key;
-    IF o.id IS NOT NULL THEN
+    -- After the lock (a fresh snapshot): a concurrent first attempt of this request is seen once it committed.
+    -- Draw order: higher priority first, then earliest expiry (never-expiring last), then oldest.
+    SELECT (SELECT e.id FROM entries e WHERE e.idempotency_key = p_key),
+           array_agg(g.id ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.id),
+           array_agg(g.remaining ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.id),
+           array_agg(g.expires_at ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.id)
+      INTO v_orig, v_gids, v_grem, v_gexp
+      FROM grants g WHERE g.account_id = v_account AND g.remaining > 0;
+    IF v_orig IS NOT NULL THEN
+        SELECT e.id, e.units, e.debt_delta, e.balance_after, e.usage_id, e.request_hash, e.grant_id INTO o
+          FROM entries e WHERE e.id = v_orig;
+        SELECT array_agg(al.grant_id ORDER BY al.id), array_agg(-al.units ORDER BY al.id) INTO v_ids, v_takes
+          FROM allocations al WHERE al.entry_id = o.id;
+        IF v_ids IS NULL THEN  -- no allocation rows: the entry's one grant (if any) moved all of it
+            IF o.grant_id IS NOT NULL AND o.units + o.debt_delta <> 0 THEN
+                v_ids := ARRAY[o.grant_id];
+                v_takes := ARRAY[-(o.units + o.debt_delta)];
+            ELSE
+                v_ids := '{}';
+                v_takes := '{}';
+            END IF;
+        END IF;
         RETURN QUERY SELECT 'replay'::text, o.id, o.balance_after, o.usage_id, -o.units, NULL::bigint, v_state,
-            o.request_hash::text,
-            coalesce((SELECT array_agg(al.grant_id ORDER BY al.id) FROM allocations al WHERE al.entry_id = o.id), '{}'),
-            coalesce((SELECT array_agg(-al.units ORDER BY al.id) FROM allocations al WHERE al.entry_id = o.id), '{}');
+            o.request_hash::text, v_ids, v_takes;
         RETURN;
     END IF;
     IF NOT (v_state IN ('active', 'trialing') OR (v_state = 'past_due' AND (v_grace IS NULL OR p_now < v_grace))) THEN
@@ -73,17 +92,14 @@ BEGIN
     END IF;
     IF p_units > 0 THEN
         v_need := p_units;
-        -- Draw order: higher priority first, then earliest expiry (never-expiring last), then oldest.
-        FOR g IN SELECT gr.id, gr.remaining, gr.expires_at FROM grants gr
-                  WHERE gr.account_id = v_account AND gr.remaining > 0
-                  ORDER BY gr.priority DESC, gr.expires_at ASC NULLS LAST, gr.id LOOP
-            IF g.expires_at IS NOT NULL AND g.expires_at <= p_now THEN
-                v_lapsed_ids := v_lapsed_ids || g.id;
-                v_lapsed_units := v_lapsed_units || g.remaining;
-                v_lapsed := v_lapsed + g.remaining;
+        FOR i IN 1 .. coalesce(array_length(v_gids, 1), 0) LOOP
+            IF v_gexp[i] IS NOT NULL AND v_gexp[i] <= p_now THEN
+                v_lapsed_ids := v_lapsed_ids || v_gids[i];
+                v_lapsed_units := v_lapsed_units || v_grem[i];
+                v_lapsed := v_lapsed + v_grem[i];
             ELSIF v_need > 0 THEN
-                v_take := least(v_need, g.remaining);
-                v_ids := v_ids || g.id;
+                v_take := least(v_need, v_grem[i]);
+                v_ids := v_ids || v_gids[i];
                 v_takes := v_takes || v_take;
                 v_need := v_need - v_take;
             END IF;
@@ -100,11 +116,11 @@ BEGIN
                                  grant_id, actor, reason)
                  VALUES (v_account, 'expire', -v_lapsed_units[i], v_balance, 0, 0,
                          'expire:' || v_lapsed_ids[i] || ':' || v_lapsed_units[i] || ':' || p_now::text,
-                         v_lapsed_ids[i], 'system', 'grant expired')
-              RETURNING id INTO v_entry;
-            INSERT INTO allocations (entry_id, grant_id, units) VALUES (v_entry, v_lapsed_ids[i], -v_lapsed_units[i]);
+                         v_lapsed_ids[i], 'system', 'grant expired');
         END LOOP;
-        IF array_length(v_ids, 1) IS NOT NULL THEN
+        IF array_length(v_ids, 1) = 1 THEN
+            UPDATE grants SET remaining = remaining - v_takes[1] WHERE id = v_ids[1];
+        ELSIF array_length(v_ids, 1) > 1 THEN
             UPDATE grants SET remaining = grants.remaining - t.take
               FROM unnest(v_ids, v_takes) AS t(id, take) WHERE grants.id = t.id;
         END IF;
@@ -122,11 +138,13 @@ BEGIN
           RETURNING id INTO v_usage;
     END IF;
     v_balance := v_balance - p_units;
+    -- One grant funding the whole draw is named by the entry (no allocation row); several get one row each.
     INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
-                         request_hash, usage_id, actor, reason)
-         VALUES (v_account, 'consume', -p_units, v_balance, v_need, 0, p_key, p_hash, v_usage, p_actor, p_reason)
+                         request_hash, grant_id, usage_id, actor, reason)
+         VALUES (v_account, 'consume', -p_units, v_balance, v_need, 0, p_key, p_hash,
+                 CASE WHEN array_length(v_ids, 1) = 1 THEN v_ids[1] END, v_usage, p_actor, p_reason)
       RETURNING id INTO v_entry;
-    IF array_length(v_ids, 1) IS NOT NULL THEN
+    IF array_length(v_ids, 1) > 1 THEN
         INSERT INTO allocations (entry_id, grant_id, units)
              SELECT v_entry, t.id, -t.take FROM unnest(v_ids, v_takes) WITH ORDINALITY AS t(id, take, n) ORDER BY t.n;
     END IF;
