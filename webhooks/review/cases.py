@@ -453,6 +453,8 @@ class MismatchDetail:
     evidence_provider: dict[str, Any]
     evidence_other: dict[str, Any]
     recent_grants: list[Grant] = field(default_factory=list)  # the customer's, when the evidence names none
+    provider_columns: list[str] = field(default_factory=list)
+    provider_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _split_evidence(evidence: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
@@ -471,6 +473,41 @@ def _split_evidence(evidence: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
         else:
             other[key] = value
     return stripe, ledger, provider, other
+
+
+_REPORT_COLUMNS = (
+    "source",
+    "day",
+    "line_item",
+    "model",
+    "scope",
+    "kind",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "cost_usd",
+)
+
+
+def provider_report_rows(evidence: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The provider report rows in the evidence (lists of row dicts anywhere in it), and the columns they use."""
+    rows: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            if {"source", "provider"} <= set(node) and ("cost_usd" in node or "input_tokens" in node):
+                rows.append(dict(node))
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(evidence)
+    used = [c for c in _REPORT_COLUMNS if any(r.get(c) not in (None, "", 0, "0") for r in rows)]
+    return used, rows[:MAX_RELATED]
 
 
 def mismatch_detail(session: Session, mismatch_id: int) -> MismatchDetail | None:
@@ -545,6 +582,7 @@ def mismatch_detail(session: Session, mismatch_id: int) -> MismatchDetail | None
             session.scalars(select(Grant).where(Grant.account_id == account.id).order_by(Grant.id.desc()).limit(5))
         )
     stripe_ev, ledger_ev, provider_ev, other_ev = _split_evidence(evidence)
+    columns, report_rows = provider_report_rows(provider_ev)
     return MismatchDetail(
         mismatch=mismatch,
         gap=Decimal(gap) if gap is not None else None,
@@ -561,6 +599,8 @@ def mismatch_detail(session: Session, mismatch_id: int) -> MismatchDetail | None
         evidence_provider=provider_ev,
         evidence_other=other_ev,
         recent_grants=recent_grants,
+        provider_columns=columns,
+        provider_rows=report_rows,
     )
 
 
