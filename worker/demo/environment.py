@@ -9,6 +9,7 @@ a ``CELERY_BROKER_URL``, a real ``billing-reconciler worker`` process consumes t
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import secrets
@@ -189,6 +190,17 @@ def apply_settings(backend: Backend, creds: Credentials, *, stripe_api_base: str
     db.set_engine(None)
     configure()
     return env
+
+
+def drop_stripe_connections() -> None:
+    """Close the gateway's keep-alive connections to the emulator before it stops.
+
+    Left open, each holds an emulator request thread that the interpreter waits on for seconds at exit.
+    """
+    from worker.gateway import get_gateway
+
+    get_gateway.cache_clear()
+    gc.collect()
 
 
 # --- the database -----------------------------------------------------------------------------------------------

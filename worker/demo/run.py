@@ -7,6 +7,7 @@ emulator and against the sample provider reports; print balances and mismatches;
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -44,6 +45,10 @@ class DemoOptions:
     reset: bool
     seed: int
     console: Console
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 class Progress:
@@ -172,6 +177,7 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
         emulator = emulator_mod.EmulatorServer(store).start()
         stack.callback(emulator.stop)
         env.apply_settings(backend, creds, stripe_api_base=emulator.url)
+        stack.callback(env.drop_stripe_connections)
         configure_logging("ERROR")  # the progress lines tell the story; warnings would interleave
         env.prepare_database(backend, reset=options.reset)
         progress.done(f"database ready: {report.safe_url(backend.database_url)} ({backend.label})")
@@ -339,6 +345,9 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
                 f"(user [bold]{env.DEMO_USER}[/bold], password [bold]{creds.review_password}[/bold]). "
                 "Press Ctrl-C to stop."
             )
+            # Ctrl-C, or a SIGTERM from a service manager: stop the receiver and the worker cleanly either way.
+            signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGINT, _interrupt)
             try:
                 while True:
                     alive()
