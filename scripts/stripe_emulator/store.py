@@ -15,9 +15,9 @@ import json
 import random
 import string
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from .clock import Clock, Instant, to_timestamp
 from .faults import Faults
@@ -1366,10 +1366,13 @@ class Store:
                 out.append(record)
             return out
 
-    def events(self, **filters: Any) -> list[dict[str, Any]]:
-        """Recorded events as Stripe JSON, oldest first (filters as ``event_records``)."""
-        with self.lock:
-            return [self.render(e) for e in self.event_records(**filters)]
+    def events(self, **filters: Any) -> EventList:
+        """Recorded events as Stripe JSON, oldest first (filters as ``event_records``).
+
+        A sequence that renders each event when it is read, so iterating over a million events keeps memory
+        flat; index, slice, ``len`` and unpack it like a list.
+        """
+        return EventList(self, self.event_records(**filters))
 
     def add_webhook_endpoint(
         self, url: str, secret: str, *, enabled_events: Iterable[str] = ("*",), **options: Any
@@ -1420,6 +1423,37 @@ def snapshot(record: R) -> R:
     for name in names:
         object.__setattr__(copied, name, getattr(record, name))
     return copied
+
+
+class EventList(Sequence[dict[str, Any]]):
+    """Events rendered on access (see ``Store.events``)."""
+
+    def __init__(self, store: Store, records: list[Event]) -> None:
+        self._store = store
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return [self._store.render(e) for e in self._records[index]]
+        return self._store.render(self._records[index])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for record in self._records:
+            yield self._store.render(record)
+
+    @property
+    def records(self) -> list[Event]:
+        """The event records behind the rendered events."""
+        return self._records
 
 
 def _insert(keys: list[Key], key: Key) -> None:

@@ -441,3 +441,15 @@ class TestOldVersions:
 
         assert [c["id"] for c in old["charges"]["data"]] == [old["latest_charge"]]
         assert "charges" not in new
+
+
+class TestEventList:
+    def test_events_render_lazily_but_read_like_a_list(self, store: Store) -> None:
+        store.topup(store.create_customer())
+
+        events = store.events()
+        first, *rest = events
+
+        assert len(events) == 5 and first["type"] == "customer.created" and len(rest) == 4
+        assert events[-1]["type"] == "checkout.session.completed"
+        assert [e["id"] for e in events[1:3]] == [r.id for r in events.records[1:3]]
