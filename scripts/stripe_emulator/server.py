@@ -868,6 +868,11 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
+class _Server(ThreadingHTTPServer):
+    # Many clients at once (benchmarks, the demo's worker and reconciler) should queue, not be refused.
+    request_queue_size = 128
+
+
 class EmulatorServer:
     """The emulator's HTTP server on ``host:port`` (port 0: a free one), serving from a background thread."""
 
@@ -875,7 +880,7 @@ class EmulatorServer:
         self.store = store or Store()
         self.api = Api(self.store)
         handler = type("EmulatorHandler", (_Handler,), {"api": self.api})
-        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server = _Server((host, port), handler)
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -162,3 +162,27 @@ class TestErrors:
         with pytest.raises(stripe.InvalidRequestError) as bad:
             client.v1.charges.list(params={"colour": "red"})  # type: ignore[typeddict-unknown-key]
         assert bad.value.param == "colour"
+
+
+class TestNestedLists:
+    def test_invoice_lines_and_charge_refunds_on_request(self, store: Store, client: stripe.StripeClient) -> None:
+        subscription = store.create_subscription(store.create_customer())
+        invoice_id = subscription.latest_invoice or ""
+        charge = store.create_payment(store.create_customer(), 3000)
+        store.refund(charge, 1000)
+        store.refund(charge, 500)
+
+        lines = client.v1.invoices.line_items.list(invoice_id)
+        expanded = client.v1.charges.retrieve(charge.id, params={"expand": ["refunds"]})
+        plain = client.v1.charges.retrieve(charge.id)
+
+        assert [line.amount for line in lines.data] == [2000] and lines.url == f"/v1/invoices/{invoice_id}/lines"
+        assert [r.amount for r in expanded.refunds.data] == [500, 1000]
+        assert "refunds" not in plain
+
+    def test_unknown_expansion_is_a_400(self, store: Store, client: stripe.StripeClient) -> None:
+        charge = store.create_payment(store.create_customer(), 3000)
+
+        with pytest.raises(stripe.InvalidRequestError) as bad:
+            client.v1.charges.retrieve(charge.id, params={"expand": ["status"]})
+        assert bad.value.param == "expand"

@@ -102,6 +102,10 @@ class TestFaults:
         normal = time.monotonic() - started
 
         assert slowed >= 0.3 > normal
+        store.faults.slow_ms = 150
+        started = time.monotonic()
+        client.v1.customers.list()
+        assert time.monotonic() - started >= 0.15
 
     def test_random_failures_hit_about_the_given_share(self, store: Store, server: EmulatorServer) -> None:
         store.faults.set_random_failures(0.3, status=503, seed=1)
