@@ -6,7 +6,7 @@ grant (payment intent, charge, invoice, checkout session) is linked to it here, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,31 +45,33 @@ def find_funded_grant(session: Session, object_ids: Iterable[str | None]) -> Gra
     grant_id = session.scalars(select(PaymentLink.grant_id).where(PaymentLink.object_id.in_(ids)).limit(1)).first()
     if grant_id is not None:
         return session.get(Grant, grant_id)
-    for object_id in ids:
-        found = ledger_grants.find_grants_for_payment(session, object_id)
-        if found:
-            return found[0]
-    return None
+    if len(ids) == 1:
+        found = ledger_grants.find_grants_for_payment(session, ids[0])
+        return found[0] if found else None
+    # Grants made outside the worker (a manual grant naming its payment) have no links: one query for all ids.
+    return session.scalars(select(Grant).where(Grant.stripe_object_id.in_(ids)).order_by(Grant.id).limit(1)).first()
 
 
 # --- waiting events ---------------------------------------------------------------------------------------
 
 
-def record_wait(session: Session, event_row_id: int, awaited_ids: Iterable[str]) -> None:
-    """Remember which Stripe ids a waiting event needs a grant for."""
-    clear_waits(session, event_row_id)
-    ids = sorted({a for a in awaited_ids if a})
-    if ids:
+def record_waits(session: Session, waits: Mapping[int, Iterable[str]]) -> None:
+    """Remember which Stripe ids each waiting event needs a grant for (replacing what it waited for before)."""
+    clear_waits(session, list(waits))
+    rows = [{"event_row_id": e, "awaited_id": a} for e, ids in waits.items() for a in sorted({i for i in ids if i})]
+    if rows:
         session.execute(
             _insert(session, EventWait)
-            .values([{"event_row_id": event_row_id, "awaited_id": a} for a in ids])
+            .values(rows)
             .on_conflict_do_nothing(index_elements=["event_row_id", "awaited_id"])
         )
 
 
-def clear_waits(session: Session, event_row_id: int) -> None:
-    """Forget what an event waited for (it ran)."""
-    session.execute(delete(EventWait).where(EventWait.event_row_id == event_row_id))
+def clear_waits(session: Session, event_row_ids: Iterable[int]) -> None:
+    """Forget what these events waited for (they ran, or wait for something else now)."""
+    ids = list(event_row_ids)
+    if ids:
+        session.execute(delete(EventWait).where(EventWait.event_row_id.in_(ids)))
 
 
 def events_waiting_for(session: Session, object_ids: Iterable[str]) -> list[int]:

@@ -15,8 +15,23 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
-from ledger.inbox import StripeEvent
+from ledger.inbox import EventStatus
 from worker.gateway import StripeReader
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    """The stored event being processed (read once; its status is written back in bulk by the processor)."""
+
+    id: int
+    event_id: str
+    type: str
+    created: datetime
+    customer_id: str | None
+    status: EventStatus
+    attempts: int
+    version: int
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +72,7 @@ class EventContext:
     """One stored event being processed, with the session of its transaction and the outside world."""
 
     session: Session
-    row: StripeEvent
+    row: ClaimedEvent
     event: Mapping[str, Any]
     config: BillingConfig
     gateway: StripeReader | None

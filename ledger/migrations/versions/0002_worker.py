@@ -34,9 +34,7 @@ def upgrade() -> None:
         sa.Column("grant_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("customer_id", sa.String(length=255), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
-        sa.ForeignKeyConstraint(
-            ["grant_id"], ["grants.id"], name=op.f("fk_worker_payment_links_grant_id_grants")
-        ),
+        sa.ForeignKeyConstraint(["grant_id"], ["grants.id"], name=op.f("fk_worker_payment_links_grant_id_grants")),
         sa.PrimaryKeyConstraint("object_id", name=op.f("pk_worker_payment_links")),
     )
     with op.batch_alter_table("worker_payment_links", schema=None) as batch_op:
@@ -48,9 +46,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("amount_minor", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
-        sa.ForeignKeyConstraint(
-            ["grant_id"], ["grants.id"], name=op.f("fk_worker_refund_records_grant_id_grants")
-        ),
+        sa.ForeignKeyConstraint(["grant_id"], ["grants.id"], name=op.f("fk_worker_refund_records_grant_id_grants")),
         sa.PrimaryKeyConstraint("grant_id", "refund_key", name=op.f("pk_worker_refund_records")),
     )
     op.create_table(

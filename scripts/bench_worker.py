@@ -1,0 +1,199 @@
+"""Benchmark the worker: stored Stripe events applied per second by one worker (prefork, concurrency 2) on
+PostgreSQL + Redis, beside the same worker's rate on a no-op task, and the ratio.
+
+Events are a generated, real-shaped stream (top-ups, renewals, failed renewals, refunds, disputes,
+cancellations: tests/worker/streams.py), stored in the inbox first, then handed over as the receiver does: ids
+only, in batches (one message per batch). The no-op rate is one message per task, the worker's ceiling for
+per-event tasks. A third row shows per-event messages (1 id per message) for comparison.
+
+    DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/br_worker \\
+    CELERY_BROKER_URL=redis://127.0.0.1:6379/3 python scripts/bench_worker.py
+
+The events are added to that database (fresh ids each run); nothing is deleted. Figures on a shared machine are
+only comparable as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+
+BILLING_CONFIG = """
+[[packs]]
+price = "price_credits_small"
+credits = 1000
+
+[[plans]]
+price = "price_1IDQm5JDPojXS6LNM31hxKzp"
+credits_per_period = 10000
+
+[[plans]]
+price = "price_1234"
+credits_per_period = 50000
+period_end = "rollover"
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=400, help="customers in the stream (about 12 events each)")
+    parser.add_argument("--batch", type=int, default=100, help="event ids per message")
+    parser.add_argument("--noop-tasks", type=int, default=5000)
+    parser.add_argument("--single", type=int, default=1000, help="events sent one id per message (0: skip)")
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args()
+
+    config = Path(tempfile.mkdtemp(prefix="bench-worker-")) / "billing.toml"
+    config.write_text(BILLING_CONFIG, encoding="utf-8")
+    os.environ["BILLING_CONFIG"] = str(config)
+    os.environ.pop("CELERY_TASK_ALWAYS_EAGER", None)
+
+    import orjson
+    import redis
+    from sqlalchemy import func, select
+    from stripe_emulator import EmulatorServer, Store
+
+    from ledger.db import unit_of_work
+    from ledger.inbox import EventStatus, StripeEvent, parse_envelope, store_events
+    from ledger.migrate import migrate
+    from ledger.settings import get_settings
+    from tests.worker.streams import generate_stream
+    from worker.celery_app import configure
+    from worker.enqueue import hand_over
+    from worker.tasks import noop
+
+    settings = get_settings()
+    if not settings.is_postgres or not settings.celery_broker_url.startswith("redis"):
+        print("error: set DATABASE_URL to PostgreSQL and CELERY_BROKER_URL to Redis", file=sys.stderr)
+        return 2
+    migrate()
+    app = configure()
+    broker = redis.Redis.from_url(settings.celery_broker_url)
+    broker.delete("events", "unacked", "unacked_index")
+
+    emulator = EmulatorServer(Store()).start()
+    seed = random.randrange(10**6)
+    events = generate_stream(customers=args.customers, seed=seed)
+    single_events = generate_stream(customers=max(1, args.single // 12), seed=seed + 1) if args.single else []
+
+    def store_all(stream: list[dict[str, object]]) -> list[int]:
+        ids: list[int] = []
+        for start in range(0, len(stream), 500):
+            items = [(orjson.dumps(e), parse_envelope(e)) for e in stream[start : start + 500]]
+            with unit_of_work() as session:
+                ids.extend(store_events(session, items).values())
+        return ids
+
+    def done(ids: list[int]) -> int:
+        with unit_of_work() as session:
+            return int(
+                session.scalar(
+                    select(func.count())
+                    .select_from(StripeEvent)
+                    .where(
+                        StripeEvent.id.in_(ids), StripeEvent.status.in_([EventStatus.PROCESSED, EventStatus.IGNORED])
+                    )
+                )
+                or 0
+            )
+
+    def finished_at(ids: list[int]) -> float:
+        """Wall time (epoch) when the last of these events was marked, read from the events themselves."""
+        with unit_of_work() as session:
+            last = session.scalar(select(func.max(StripeEvent.processed_at)).where(StripeEvent.id.in_(ids)))
+        assert last is not None
+        return float(last.timestamp())
+
+    def wait_done(ids: list[int]) -> None:
+        # Polled gently (a tight loop of big IN-list counts would steal the database's CPU from the worker).
+        while done(ids) < len(ids):
+            time.sleep(0.25)
+
+    def drained() -> bool:
+        return broker.llen("events") == 0 and broker.hlen("unacked") == 0
+
+    event_ids = store_all(events)
+    single_ids = store_all(single_events)
+
+    env = dict(os.environ, STRIPE_API_BASE=emulator.url)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from worker.cli import main; main()",
+            "worker",
+            f"--concurrency={args.concurrency}",
+            "--queues=events",
+            "--loglevel=WARNING",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    rows: list[tuple[str, int, float]] = []
+    try:
+        # Warm up: the pool is forked and connected before any clock starts.
+        for _ in range(20):
+            noop.apply_async(args=[[0]])
+        deadline = time.monotonic() + 60
+        while not drained() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        started = time.perf_counter()
+        for _ in range(args.noop_tasks):
+            noop.apply_async(args=[[0]])
+        while not drained():
+            time.sleep(0.01)
+        rows.append(("no-op task (1 message each)", args.noop_tasks, time.perf_counter() - started))
+
+        started = time.time()
+        for start in range(0, len(event_ids), args.batch):
+            hand_over(event_ids[start : start + args.batch])
+        wait_done(event_ids)
+        rows.append((f"events, batched ({args.batch} ids/message)", len(event_ids), finished_at(event_ids) - started))
+
+        if single_ids:
+            started = time.time()
+            for event_id in single_ids:
+                hand_over([event_id])
+            wait_done(single_ids)
+            rows.append(("events, 1 id per message", len(single_ids), finished_at(single_ids) - started))
+    finally:
+        os.killpg(worker.pid, 9)
+        worker.wait()
+        emulator.stop()
+
+    with unit_of_work() as session:
+        failed = session.scalar(
+            select(func.count())
+            .select_from(StripeEvent)
+            .where(
+                StripeEvent.id.in_(event_ids + single_ids),
+                StripeEvent.status.in_([EventStatus.FAILED, EventStatus.WAITING, EventStatus.PENDING]),
+            )
+        )
+    noop_rate = rows[0][1] / rows[0][2]
+    where = app.conf.broker_url.split("@")[-1]
+    print(f"worker benchmark: prefork concurrency {args.concurrency}, PostgreSQL + Redis ({where})")
+    print(f"{'workload':40} {'count':>7} {'seconds':>8} {'per second':>11} {'vs no-op':>9}")
+    for name, count, seconds in rows:
+        rate = count / seconds
+        print(f"{name:40} {count:>7} {seconds:>8.2f} {rate:>11.0f} {rate / noop_rate:>8.2f}x")
+    print(f"events not processed or ignored: {failed}")
+    batched_rate = rows[1][1] / rows[1][2]
+    print(f"target: batched events/s >= no-op tasks/s -> {'met' if batched_rate >= noop_rate else 'NOT met'}")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
