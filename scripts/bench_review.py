@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import Engine, make_url, text
 
 CUSTOMER = "cus_big"
+FLOOR = "floor: the login form (no database, same app and templates)"
 DEEP_LIST = "mismatch list, open, deep keyset page (3/4 down)"
 DEEP_LEDGER = "customer ledger, deep cursor page (99% down)"
 OTHER_CUSTOMERS = 1000
@@ -209,6 +210,7 @@ def measure(engine: Engine, *, repeat: int, entries: int, mismatches: int) -> li
         ).scalar_one()
     deep_cursor = quote(f"{mid_seen[0].isoformat()}~{mid_seen[1]}", safe="")
     pages = [
+        (FLOOR, "/review/login"),
         ("mismatch list (newest, page 1)", "/review/mismatches"),
         ("mismatch list, status=open (newest)", "/review/mismatches?status=open"),
         ("mismatch list, status=open & sort=amount", "/review/mismatches?status=open&sort=amount"),
@@ -298,6 +300,14 @@ def main() -> None:
         first_ledger = medians["customer ledger page 1 (usage window 1 day)"]
         print(f"  mismatch list deep page / page 1      {deep_list / first_list:5.2f}")
         print(f"  customer ledger deep page / page 1    {deep_ledger / first_ledger:5.2f}")
+        floor = medians[FLOOR]
+        print(
+            f"  customer page / floor                 {medians['customer page (1M entries; ledger page 1, 30-day usage)'] / floor:5.1f}"
+        )
+        print(f"  mismatch list page 1 / floor          {medians['mismatch list (newest, page 1)'] / floor:5.1f}")
+        print(
+            f"  load average during the run           {os.getloadavg()[0]:5.1f} (2 cores: figures above ~2 are inflated)"
+        )
         slowest = max(medians, key=lambda k: medians[k])
         print(f"  slowest page: {slowest} ({medians[slowest] * 1000:.1f} ms median)")
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, TypeVar
@@ -633,8 +633,3 @@ def kinds() -> list[str]:
 def statuses() -> list[str]:
     """Every mismatch status."""
     return [s.value for s in MismatchStatus]
-
-
-def with_sort(f: MismatchFilter, sort: Sort) -> MismatchFilter:
-    """The same filter under another sort."""
-    return replace(f, sort=sort)

@@ -26,11 +26,7 @@ from webhooks.review.views import bad_request, not_found
 
 NOTE_MAX_CHARS = 4000
 log = get_logger(__name__)
-ACTIONS = {
-    "resolve": (services.resolve, MismatchStatus.RESOLVED),
-    "ignore": (services.ignore, MismatchStatus.IGNORED),
-    "reopen": (services.reopen, MismatchStatus.OPEN),
-}
+ACTIONS = {"resolve": services.resolve, "ignore": services.ignore, "reopen": services.reopen}
 # Which actions each status offers (the services enforce the same rules).
 OFFERED = {
     MismatchStatus.OPEN: ("resolve", "ignore"),
@@ -191,7 +187,7 @@ async def mismatch_page(request: Request) -> Response:
 
 
 def _act(action: str, mismatch_id: int, actor: str, note: str) -> None:
-    service, _ = ACTIONS[action]
+    service = ACTIONS[action]
     with unit_of_work() as session:
         service(session, mismatch_id, actor=actor, note=note)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -12,6 +13,7 @@ from starlette.responses import RedirectResponse, Response
 
 from ledger.config import get_billing_config
 from ledger.db import session_factory
+from ledger.inbox import StripeEvent
 from ledger.logs import get_logger
 from ledger.models import Account, EntryKind
 from webhooks.review import cases, customers
@@ -91,8 +93,6 @@ async def home(request: Request) -> Response:
 
 
 def _recent_accounts(limit: int = 25) -> list[Account]:
-    from sqlalchemy import select
-
     with session_factory()() as session:
         return list(
             session.scalars(select(Account).order_by(Account.updated_at.desc(), Account.id.desc()).limit(limit))
@@ -186,7 +186,7 @@ async def customer_page(request: Request) -> Response:
     return render(request, "review/customer.html", context)
 
 
-def _load_event(event_id: str) -> Any:
+def _load_event(event_id: str) -> StripeEvent | None:
     with session_factory()() as session:
         return customers.stored_event(session, event_id)
 
