@@ -301,13 +301,11 @@ def main() -> None:
         print(f"  mismatch list deep page / page 1      {deep_list / first_list:5.2f}")
         print(f"  customer ledger deep page / page 1    {deep_ledger / first_ledger:5.2f}")
         floor = medians[FLOOR]
-        print(
-            f"  customer page / floor                 {medians['customer page (1M entries; ledger page 1, 30-day usage)'] / floor:5.1f}"
-        )
+        customer_page = medians["customer page (1M entries; ledger page 1, 30-day usage)"]
+        print(f"  customer page / floor                 {customer_page / floor:5.1f}")
         print(f"  mismatch list page 1 / floor          {medians['mismatch list (newest, page 1)'] / floor:5.1f}")
-        print(
-            f"  load average during the run           {os.getloadavg()[0]:5.1f} (2 cores: figures above ~2 are inflated)"
-        )
+        load_average = os.getloadavg()[0]
+        print(f"  load average during the run           {load_average:5.1f} (2 cores: above ~2, figures inflate)")
         slowest = max(medians, key=lambda k: medians[k])
         print(f"  slowest page: {slowest} ({medians[slowest] * 1000:.1f} ms median)")
     finally:
