@@ -17,6 +17,7 @@ import uvicorn
 from sqlalchemy import Engine, func, select
 from webhook_helpers import API_TOKEN, HandOverRecorder
 
+from ledger import db
 from ledger.accounts import open_account
 from ledger.check import check_ledger
 from ledger.db import unit_of_work
@@ -34,8 +35,14 @@ REPEAT_SHARE = 0.3
 
 @pytest.fixture
 def live_server(pg_engine: Engine, webhook_env: None) -> Iterator[str]:
-    """The app served by uvicorn in a thread, on a free port."""
+    """The app served by uvicorn in a thread, on a free port.
+
+    The server gets its own small pool: 64 clients contend for 8 connections (and the account's row lock), and
+    the shared PostgreSQL (max_connections is shared by every test run on the machine) is not exhausted.
+    """
     get_settings.cache_clear()
+    engine = db.make_engine(pg_engine.url.render_as_string(hide_password=False), pool_size=8, max_overflow=0)
+    db._engine, db._factory = engine, db.sessionmaker(engine, expire_on_commit=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -56,6 +63,8 @@ def live_server(pg_engine: Engine, webhook_env: None) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(20)
+    db._engine, db._factory = pg_engine, db.sessionmaker(pg_engine, expire_on_commit=False)
+    engine.dispose()
 
 
 @pytest.mark.postgres
