@@ -6,7 +6,10 @@ Invariants, kept in the same transaction as every movement and proved by :mod:`l
 * ``account.balance == sum(grant.remaining) - account.debt`` over the account's grants, where units on hold are
   already drawn from their grants (a hold is a movement, a release gives them back);
 * ``grant.remaining >= 0`` and ``grant.frozen >= 0`` and ``account.debt >= 0``;
-* ``account.held == sum(hold.units - hold.captured_units)`` over the account's open holds.
+* ``account.held == sum(hold.units - hold.captured_units)`` over the account's open holds;
+* ``account.debt == sum(entry.debt_delta)``; ``grant.frozen == sum(entry.frozen_delta)`` over the grant's entries;
+* ``grant.remaining`` equals the grant's movements (allocation rows, or whole entries naming it: see Allocation);
+* every entry's ``balance_after`` is the running sum of its account's entries, in id order.
 
 ``balance`` is the spendable balance: what consumption may take, plus ``overdraft_limit``.
 """
@@ -183,7 +186,12 @@ class Entry(Base):
 
 
 class Allocation(Base):
-    """Which grant funded (or received back) how many units of an entry."""
+    """Which grant funded (or received back) how many units of an entry.
+
+    Every entry moves ``units + debt_delta`` units in grants. When a single grant takes the whole movement (the
+    common case), the entry's ``grant_id`` names it and no allocation row is written; an entry spread over several
+    grants has one row per grant and no ``grant_id``. ``ledger.posting.entry_movements`` reads either form.
+    """
 
     __tablename__ = "allocations"
     __table_args__ = (Index("ix_allocations_grant_id", "grant_id"),)
