@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
-from sqlalchemy import delete, insert, literal, select, true
+from sqlalchemy import delete, insert, literal, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
-from reconciliation.models import StagedStripeAlias, StagedStripeObject
+from reconciliation.models import ReconciliationRun, RunStatus, StagedStripeAlias, StagedStripeObject
 from reconciliation.stripe_source import StripeSource, stripe_id
 
 PAGE_ROWS = 500
@@ -325,6 +325,7 @@ class Stager:
                     )
                 )
             self._flush("charge", objects, [])
+        self.analyze()
         self._stage_direct_payments()
         # A charge's own id is an alias of the payment it belongs to (a grant may name the charge).
         charges = StagedStripeObject
@@ -340,6 +341,12 @@ class Stager:
             .on_conflict_do_nothing(index_elements=["run_id", "key"])
         )
         self.session.execute(stmt)
+
+    def analyze(self) -> None:
+        """Give PostgreSQL statistics on the staged rows, so joins with them are hash joins, not nested loops."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            self.session.execute(text("ANALYZE reconciliation_stripe_objects"))
+            self.session.execute(text("ANALYZE reconciliation_stripe_aliases"))
 
     def _stage_direct_payments(self) -> None:
         """Charges of a payment intent outside Checkout and invoices are top-ups too (the worker grants them)."""
@@ -469,3 +476,13 @@ def clear_staging(session: Session, run_id: int) -> None:
     """Delete a run's staged Stripe rows (they are scratch space, not history)."""
     session.execute(delete(StagedStripeObject).where(StagedStripeObject.run_id == run_id))
     session.execute(delete(StagedStripeAlias).where(StagedStripeAlias.run_id == run_id))
+
+
+def clear_abandoned_staging(session: Session, *, older_than: datetime) -> None:
+    """Delete staged rows of runs that died without cleaning up (a killed process): failed or finished runs,
+    and runs still marked running that started before ``older_than``."""
+    live = select(ReconciliationRun.id).where(
+        ReconciliationRun.status == RunStatus.RUNNING, ReconciliationRun.started_at >= older_than
+    )
+    session.execute(delete(StagedStripeObject).where(StagedStripeObject.run_id.not_in(live)))
+    session.execute(delete(StagedStripeAlias).where(StagedStripeAlias.run_id.not_in(live)))

@@ -256,6 +256,15 @@ class TestReruns:
             assert s.scalars(select(ReconciliationRun)).all() == []
             assert s.scalars(select(Mismatch)).all() == []
 
+    def test_staging_left_by_a_killed_run_is_cleared(self, engine: Engine, emulator: Emulator) -> None:
+        with session_factory().begin() as s:
+            s.add(StagedStripeObject(run_id=424242, object_type="charge", object_id="ch_left_over", detail={}))
+            s.add(StagedStripeAlias(run_id=424242, key="pi_left_over", payment_id="cs_left_over"))
+        _run(emulator)
+        with Session(engine) as s:
+            assert s.scalar(select(func.count(StagedStripeObject.id))) == 0
+            assert s.scalar(select(func.count()).select_from(StagedStripeAlias)) == 0
+
 
 class TestCli:
     @pytest.fixture
