@@ -39,12 +39,16 @@ def balance_row(summary: BalanceSummary, customer: DemoCustomer) -> dict[str, An
     }
 
 
+# Evidence fields worth a glance in a one-line summary (the review pages show all of it).
+EVIDENCE_KEYS = {"id", "source", "usage_records", "provider_cost_usd", "amount", "status", "type"}
+
+
 def _ids(evidence: Any, found: list[str], depth: int = 0) -> None:
     if depth > 4 or len(found) >= 4:
         return
     if isinstance(evidence, dict):
         for key, value in evidence.items():
-            if isinstance(value, str | int) and (key == "id" or key.endswith("_id")) and value not in (None, ""):
+            if isinstance(value, str | int) and (key in EVIDENCE_KEYS or key.endswith("_id")) and value != "":
                 text = f"{key}={value}"
                 if text not in found and len(found) < 4:
                     found.append(text)
@@ -189,6 +193,13 @@ def print_summary(console: Console, summary: dict[str, Any], story: StripeStory)
             f"{m['summary']}\n[dim]{m['evidence']}[/dim]",
         )
     console.print(table)
+
+    if any(m["kind"] == "negative_margin" for m in recon["mismatches"]):
+        console.print(
+            "[dim]negative_margin: the example billing config charges tokens at the providers' list prices "
+            "(1 credit = $0.01), so credits sold at a discount (the large pack, the plans) bring in less than the "
+            "calls cost. Raise the credit prices in your billing config to earn a margin.[/dim]"
+        )
 
     deliberate = Table(title="Deliberate discrepancies", title_justify="left")
     for column in ("made on purpose", "expected finding", "found"):
