@@ -30,7 +30,8 @@ class TestAgreesWithTheStripePackage:
         assert sign_header(payload.encode(), secret, NOW + skew) == header
 
     @settings(max_examples=100, deadline=None)
-    @given(payload=st.text(), other=st.text(min_size=1))
+    # HMAC pads short keys with zero bytes, so SECRET + "\x00" is the same key as SECRET: not "another secret".
+    @given(payload=st.text(), other=st.text(min_size=1).filter(lambda s: s.strip("\x00")))
     def test_a_header_made_with_another_secret_fails_for_both(self, payload: str, other: str) -> None:
         header = stripe.WebhookSignature.generate_signature_header(payload, SECRET + other, timestamp=int(time.time()))
         with pytest.raises(stripe.SignatureVerificationError):
