@@ -26,7 +26,7 @@ from ledger import db
 from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.inbox import EventStatus, StripeEvent
-from ledger.models import Hold, HoldStatus
+from ledger.models import Hold, HoldStatus, UsageRecord
 from ledger.queries import balance_summary
 from reconciliation.models import Mismatch, MismatchStatus, ReconciliationRun
 from tests.conftest import PROVIDER_FIXTURES, postgres_url, redis_url
@@ -97,6 +97,17 @@ def check_against_ledger(summary: dict[str, Any]) -> None:
             select(Hold).where(Hold.request_id == summary["usage"]["expired_hold"]["request_id"])
         ).one()
         assert hold.status is HoldStatus.EXPIRED
+
+        # The usage table: every metered call, by model, as the usage records hold them.
+        recorded_usage = {
+            (model or "(no model)"): (int(n), int(units))
+            for model, n, units in session.execute(
+                select(UsageRecord.model, func.count(), func.sum(UsageRecord.units)).group_by(UsageRecord.model)
+            )
+        }
+        printed_usage = {u["model"]: (u["requests"], u["credits"]) for u in summary["usage_by_model"]}
+        assert printed_usage == recorded_usage
+        assert len(printed_usage) >= 4  # several models
 
     mismatches = open_mismatches()
     printed_counts = summary["reconciliation"]["open_mismatches_by_kind"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -9,7 +10,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from ledger.queries import BalanceSummary
+from ledger.queries import BalanceSummary, usage_summary
 from reconciliation import services
 from reconciliation.models import MismatchStatus
 
@@ -41,6 +42,23 @@ def balance_row(summary: BalanceSummary, customer: DemoCustomer) -> dict[str, An
 
 # Evidence fields worth a glance in a one-line summary (the review pages show all of it).
 EVIDENCE_KEYS = {"id", "source", "usage_records", "provider_cost_usd", "amount", "status", "type"}
+
+
+def usage_by_model(session: Session, customer_ids: list[str]) -> list[dict[str, Any]]:
+    """Usage of the demo's customers by model (through the ledger's usage report): calls, tokens, credits, cost."""
+    totals: dict[str, dict[str, Any]] = {}
+    for customer_id in customer_ids:
+        for row in usage_summary(session, customer_id, since=None, until=None, group_by="model"):
+            t = totals.setdefault(
+                row.key or "(no model)",
+                {"requests": 0, "input_tokens": 0, "output_tokens": 0, "credits": 0, "provider_cost_usd": Decimal(0)},
+            )
+            t["requests"] += row.requests
+            t["input_tokens"] += row.input_tokens
+            t["output_tokens"] += row.output_tokens
+            t["credits"] += row.credits
+            t["provider_cost_usd"] += row.provider_cost_usd
+    return [{"model": k, **v, "provider_cost_usd": str(v["provider_cost_usd"])} for k, v in sorted(totals.items())]
 
 
 def _ids(evidence: Any, found: list[str], depth: int = 0) -> None:
@@ -174,6 +192,20 @@ def print_summary(console: Console, summary: dict[str, Any], story: StripeStory)
     console.print(balances)
     for c in story.customers:
         console.print(f"  [dim]{c.name}: {c.story}[/dim]")
+
+    usage = Table(title="Usage metered through the usage API, by model", title_justify="left")
+    for column in ("model", "calls", "input tokens", "output tokens", "credits", "provider cost (USD)"):
+        usage.add_column(column, justify="left" if column == "model" else "right")
+    for row in summary["usage_by_model"]:
+        usage.add_row(
+            row["model"],
+            str(row["requests"]),
+            f"{row['input_tokens']:,}",
+            f"{row['output_tokens']:,}",
+            f"{row['credits']:,}",
+            row["provider_cost_usd"],
+        )
+    console.print(usage)
 
     recon = summary["reconciliation"]
     for run in recon["runs"]:

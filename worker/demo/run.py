@@ -299,6 +299,7 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
             balances = [report.balance_row(balance_summary(session, c.customer_id), c) for c in story.customers]
             violations = check_ledger(session)
             mismatches = report.open_mismatches(session)
+            usage_by_model = report.usage_by_model(session, [c.customer_id for c in story.customers])
         summary: dict[str, Any] = {
             "backend": backend.label,
             "database_url": report.safe_url(backend.database_url),
@@ -334,6 +335,7 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
                 "mismatches": mismatches,
             },
             "deliberate": report.deliberate_findings(story, plan, mismatches),
+            "usage_by_model": usage_by_model,
             "ledger_check": {"violations": [v.__dict__ for v in violations]},
         }
         report.print_summary(console, summary, story)
