@@ -210,7 +210,7 @@ def print_summary(console: Console, summary: dict[str, Any], story: StripeStory)
     recon = summary["reconciliation"]
     for run in recon["runs"]:
         counts = ", ".join(f"{k} {v}" for k, v in run["counts"].items()) or "nothing"
-        console.print(f"reconciliation run {run['run_id']} [{run['since']}, {run['until']}): {counts}")
+        console.print(f"reconciliation run {run['run_id']} [{run['since']}, {run['until']}): {counts}", soft_wrap=True)
     table = Table(title=f"Open mismatches ({len(recon['mismatches'])})", title_justify="left", show_lines=False)
     for column in ("id", "kind", "customer", "expected", "actual", "unit", "summary / evidence"):
         table.add_column(column, overflow="fold")
