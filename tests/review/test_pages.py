@@ -319,3 +319,40 @@ class TestRuns:
         assert signed_in.get("/review/runs?from=2026-02-01&to=2026-01-01").status_code == 400
         assert signed_in.get("/review/runs?from=2026-02-01").status_code == 400
         assert signed_in.get("/review/runs?run=424242").status_code == 404
+
+
+class TestConcurrentReviewers:
+    def test_two_reviewers_resolving_at_once_make_one_audit_row(self, pg_engine: Engine, review_settings: str) -> None:
+        import threading
+
+        from tests.review.conftest import log_in, mounted_review_app
+
+        s = seed(pg_engine)
+        clients = []
+        for _ in range(4):
+            c = TestClient(mounted_review_app(), follow_redirects=False)
+            assert log_in(c).status_code == 303
+            clients.append((c, csrf_from(c.get(f"/review/mismatches/{s.payment_case}").text)))
+        barrier = threading.Barrier(len(clients))
+        codes: list[int] = []
+
+        def act(c: TestClient, token: str, n: int) -> None:
+            barrier.wait()
+            response = c.post(
+                f"/review/mismatches/{s.payment_case}/resolve", data={"note": f"reviewer {n}", "csrf_token": token}
+            )
+            codes.append(response.status_code)
+
+        threads = [threading.Thread(target=act, args=(c, t, n)) for n, (c, t) in enumerate(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [303, 409, 409, 409]
+        with Session(pg_engine) as session:
+            resolves = session.scalars(
+                select(MismatchAction).where(
+                    MismatchAction.mismatch_id == s.payment_case, MismatchAction.to_status == MismatchStatus.RESOLVED
+                )
+            ).all()
+        assert len(resolves) == 1
