@@ -6,9 +6,9 @@ entry), and the TPS that ``pgbench`` reaches on the same server in the same run 
 core of it: a conditional balance update and a ledger insert with a unique key. Both run against scratch
 databases this script creates and drops. It prints a table with the ratios (target: >= 50% at 32 workers).
 
-Workers are OS processes, each running a few threads (Python threads alone are held back by the GIL); every
-worker thread holds its own connection, like a pgbench client. Measurements alternate between the ledger and
-pgbench so that other load on the machine affects both alike.
+Workers are OS processes (Python threads would be held back by the GIL), one per worker by default, as
+``pgbench -j N`` runs one thread per client; each holds its own connection, like a pgbench client.
+Measurements alternate between the ledger and pgbench so that other load on the machine affects both alike.
 
     python scripts/bench_ledger.py                        # defaults: ~1.5 minutes
     python scripts/bench_ledger.py --seconds 10 --workers 1,8,32,64
@@ -34,8 +34,8 @@ from sqlalchemy.engine import URL, make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ledger import db  # noqa: E402
-from ledger.settings import get_settings  # noqa: E402
+from ledger import db
+from ledger.settings import get_settings
 
 HOT_CUSTOMER = "bench_1"
 START_UNITS = 10**12
@@ -130,9 +130,21 @@ END;
 """
 
 
-def run_pgbench(url: URL, scenario: Scenario, workers: int, seconds: float, workdir: Path) -> float:
-    script = workdir / f"pgbench_{scenario.accounts}.sql"
-    script.write_text(PGBENCH_SCRIPT.format(accounts=scenario.accounts), encoding="utf-8")
+# The ledger's own transaction driven by pgbench's C client: what the server side costs without Python.
+FUNCTION_SCRIPT = """\\set aid random(1, {accounts})
+\\set k random(1, 1000000000000)
+BEGIN;
+SELECT status FROM ledger_consume('bench_' || :aid, 'pgb-' || :client_id || '-' || :k,
+  'consume:pgb-' || :client_id || '-' || :k, 1, 'pgbench', 'pgbench', '', now(), NULL);
+END;
+"""
+
+
+def run_pgbench(
+    url: URL, scenario: Scenario, workers: int, seconds: float, workdir: Path, template: str = PGBENCH_SCRIPT
+) -> float:
+    script = workdir / f"pgbench_{scenario.accounts}_{abs(hash(template))}.sql"
+    script.write_text(template.format(accounts=scenario.accounts), encoding="utf-8")
     cmd = [
         "pgbench", "-n", "-f", str(script), "-c", str(workers), "-j", str(workers), "-T", str(max(1, round(seconds))),
         "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or "postgres",
@@ -191,7 +203,7 @@ def _worker_process(
 
 def run_ledger(url: URL, scenario: Scenario, workers: int, seconds: float, processes: int) -> tuple[float, str]:
     """Consumes per second with ``workers`` concurrent consumers spread over up to ``processes`` processes."""
-    procs = min(workers, processes)
+    procs = min(workers, processes) if processes > 0 else workers
     layout = [workers // procs + (1 if p < workers % procs else 0) for p in range(procs)]
     ctx = mp.get_context("fork")
     results: mp.Queue[int] = ctx.Queue()
@@ -229,8 +241,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each measurement")
     parser.add_argument("--workers", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--accounts", type=int, default=10_000)
-    parser.add_argument("--processes", type=int, default=max(4, 2 * (os.cpu_count() or 1)),
-                        help="most OS processes for the ledger's workers (threads share them)")  # fmt: skip
+    parser.add_argument("--processes", type=int, default=0,
+                        help="most OS processes for the ledger's workers, threads sharing them "
+                             "(default 0: one process per worker, like pgbench -j N)")  # fmt: skip
     args = parser.parse_args()
 
     raw = args.database_url or get_settings().database_url
@@ -247,7 +260,7 @@ def main() -> int:
     tag = f"{os.getpid()}"
     ledger_url = create_database(base, f"bench_ledger_{tag}")
     pgbench_url = create_database(base, f"bench_pgbench_{tag}")
-    rows: list[tuple[str, int, float, float, str]] = []
+    rows: list[tuple[str, int, float, float, float, str]] = []
     try:
         started = time.time()
         seed_ledger(ledger_url, args.accounts)
@@ -258,10 +271,14 @@ def main() -> int:
                 for workers in levels:
                     ledger_rate, layout = run_ledger(ledger_url, scenario, workers, args.seconds, args.processes)
                     pgbench_tps = run_pgbench(pgbench_url, scenario, workers, args.seconds, Path(workdir))
-                    rows.append((scenario.name, workers, ledger_rate, pgbench_tps, layout))
+                    function_tps = run_pgbench(
+                        ledger_url, scenario, workers, args.seconds, Path(workdir), FUNCTION_SCRIPT
+                    )
+                    rows.append((scenario.name, workers, ledger_rate, pgbench_tps, function_tps, layout))
                     print(
                         f"  {scenario.name:<16} {workers:>3} workers: ledger {ledger_rate:>8,.0f}/s  "
-                        f"pgbench {pgbench_tps:>8,.0f} tps  ({ledger_rate / pgbench_tps:.0%})",
+                        f"pgbench {pgbench_tps:>8,.0f} tps  ({ledger_rate / pgbench_tps:.0%})  "
+                        f"pgbench->ledger_consume {function_tps:>8,.0f} tps",
                         flush=True,
                     )
         violations = check_consistency(ledger_url)
@@ -270,13 +287,22 @@ def main() -> int:
         drop_database(pgbench_url)
 
     print()
-    print(f"{'scenario':<18}{'workers':>8}{'ledger consumes/s':>19}{'pgbench tps':>13}{'ratio':>8}  layout")
-    print("-" * 76)
-    for name, workers, rate, tps, layout in rows:
-        print(f"{name:<18}{workers:>8}{rate:>19,.0f}{tps:>13,.0f}{rate / tps:>8.0%}  {layout} procs x threads")
+    print(
+        f"{'scenario':<18}{'workers':>8}{'ledger consumes/s':>19}{'pgbench tps':>13}{'ratio':>7}"
+        f"{'server-side only':>18}{'ratio':>7}  layout"
+    )
+    print("-" * 100)
+    for name, workers, rate, tps, fn_tps, layout in rows:
+        print(
+            f"{name:<18}{workers:>8}{rate:>19,.0f}{tps:>13,.0f}{rate / tps:>7.0%}"
+            f"{fn_tps:>18,.0f}{fn_tps / tps:>7.0%}  {layout} procs x threads"
+        )
     print()
+    print("ledger consumes/s: consume() through the Python API, one unit_of_work per call")
+    print("pgbench tps: conditional balance update + ledger insert with a unique key (BEGIN; UPDATE; INSERT; END)")
+    print("server-side only: pgbench's C client running the ledger's transaction (BEGIN; SELECT ledger_consume; END)")
     target = [r for r in rows if r[1] == 32]
-    for name, _, rate, tps, _ in target:
+    for name, _, rate, tps, _, _ in target:
         verdict = "meets" if rate >= 0.5 * tps else "below"
         print(f"target at 32 workers, {name}: {rate / tps:.0%} of pgbench ({verdict} the 50% target)")
     print(f"ledger check on the hot account after the run: {violations} violation(s)")
