@@ -26,7 +26,7 @@ from ledger import db
 from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.inbox import EventStatus, StripeEvent
-from ledger.models import Hold, HoldStatus, UsageRecord
+from ledger.models import Entry, Hold, HoldStatus, UsageRecord
 from ledger.queries import balance_summary
 from reconciliation.models import Mismatch, MismatchStatus, ReconciliationRun
 from tests.conftest import PROVIDER_FIXTURES, postgres_url, redis_url
@@ -137,6 +137,10 @@ def check_against_ledger(summary: dict[str, Any]) -> None:
     retry_first, retry_second = summary["usage"]["retry"]
     assert (retry_first["status"], retry_second["status"]) == (201, 200)
     assert retry_first["body"] == retry_second["body"]
+    with unit_of_work() as session:  # charged once: one usage record, one consume entry
+        key = retry_first["idempotency_key"]
+        assert session.scalar(select(func.count()).where(UsageRecord.request_id == key)) == 1
+        assert session.scalar(select(func.count()).where(Entry.idempotency_key == f"consume:{key}")) == 1
     refused = {call["label"]: call["status"] for call in summary["usage"]["refused"]}
     assert refused == {"refused_access": 403, "refused_credits": 402}
 
