@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -14,10 +16,20 @@ from starlette.testclient import TestClient
 
 from ledger.consume import consume
 from ledger.grants import grant_credits
+from ledger.inbox import parse_envelope, store_event
 from ledger.models import GrantSource
 from reconciliation.models import Mismatch, MismatchAction, MismatchKind, MismatchStatus
 from reconciliation.services import Finding
-from tests.review.conftest import REVIEWER, add_case, add_run, csrf_from, seed
+from tests.review.conftest import (
+    REVIEWER,
+    add_case,
+    add_run,
+    csrf_from,
+    log_in,
+    mounted_review_app,
+    seed,
+    stripe_event,
+)
 
 _ROW_ID = re.compile(r'<tr id="mismatch-(\d+)">')
 
@@ -260,6 +272,19 @@ class TestCustomerPage:
         assert len(re.findall(r'<tr id="entry-', found)) == 1
         by_payment = signed_in.get("/review/customers/cus_alpha?find=pi_alpha_1").text
         assert len(re.findall(r'<tr id="entry-', by_payment)) == 1 and "grant" in by_payment
+        # A receipt quotes the charge; the grant carries the payment intent; the stored event links them.
+        with Session(engine) as session, session.begin():
+            raw, _ = stripe_event(
+                "evt_alpha_charge_1",
+                "charge.succeeded",
+                {"id": "ch_alpha_1", "object": "charge", "amount": 10_000, "currency": "usd",
+                 "customer": "cus_alpha", "payment_intent": "pi_alpha_1"},
+                created=datetime.now(UTC),
+            )  # fmt: skip
+            store_event(session, raw, parse_envelope(json.loads(raw)))
+        by_charge = signed_in.get("/review/customers/cus_alpha?find=ch_alpha_1").text
+        rows = re.findall(r'<tr id="entry-(\d+)"', by_charge)
+        assert len(rows) == 1 and "+10,000" in by_charge
 
     def test_usage_by_model_feature_user_with_margin(self, engine: Engine, signed_in: TestClient) -> None:
         seed(engine)
@@ -323,10 +348,6 @@ class TestRuns:
 
 class TestConcurrentReviewers:
     def test_two_reviewers_resolving_at_once_make_one_audit_row(self, pg_engine: Engine, review_settings: str) -> None:
-        import threading
-
-        from tests.review.conftest import log_in, mounted_review_app
-
         s = seed(pg_engine)
         clients = []
         for _ in range(4):

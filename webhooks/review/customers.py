@@ -6,6 +6,7 @@ the first does, and usage is summed over a window on ``(account_id, occurred_at)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -169,11 +170,12 @@ def ledger_page(
         # Each arm walks an index: entry keys (the ledger keys a request's entries by its request id), the
         # Stripe object id, and grant-side entries by (account_id, kind). entries.usage_id has no index.
         keys = [search, consume_key(search), *(f"{prefix}:{search}" for prefix in REQUEST_KEY_PREFIXES)]
-        grant_ids = select(Grant.id).where(Grant.account_id == account.id, Grant.stripe_object_id == search)
+        object_ids = related_stripe_ids(session, search)
+        grant_ids = select(Grant.id).where(Grant.account_id == account.id, Grant.stripe_object_id.in_(object_ids))
         stmt = stmt.where(
             or_(
                 Entry.idempotency_key.in_(keys),
-                Entry.stripe_object_id == search,
+                Entry.stripe_object_id.in_(object_ids),
                 and_(Entry.kind.in_(GRANT_ENTRY_KINDS), Entry.grant_id.in_(grant_ids)),
             )
         )
@@ -194,6 +196,33 @@ def ledger_page(
     ]
     next_before = lines[-1].entry.id if len(rows) > limit else None
     return LedgerPage(lines=lines, next_before_id=next_before, newer_exist=newer_exist)
+
+
+# Fields of a Stripe object that name the other objects of the same payment.
+_PAYMENT_LINKS = ("payment_intent", "latest_charge", "charge", "invoice", "checkout_session")
+
+
+def related_stripe_ids(session: Session, object_id: str) -> list[str]:
+    """``object_id`` and the ids of the same payment's other objects, as the stored events show them.
+
+    A grant may carry the checkout session, the invoice or the payment intent while a customer quotes the
+    charge id from their receipt: the stored events of that object say which payment it belongs to.
+    """
+    ids = [object_id]
+    payloads = session.scalars(
+        select(StripeEvent.payload).where(StripeEvent.object_id == object_id).order_by(StripeEvent.id.desc()).limit(5)
+    )
+    for payload in payloads:
+        try:
+            obj = json.loads(payload).get("data", {}).get("object", {})
+        except (ValueError, AttributeError):
+            continue
+        for name in _PAYMENT_LINKS:
+            value = obj.get(name) if isinstance(obj, dict) else None
+            value = value.get("id") if isinstance(value, dict) else value
+            if isinstance(value, str) and value and value not in ids:
+                ids.append(value)
+    return ids
 
 
 def credit_value_usd(config: BillingConfig) -> Decimal:
