@@ -83,8 +83,11 @@ def _n(text: str) -> float:
 
 
 def parse_ledger(lines: list[str]) -> list[Figure]:
-    """``scenario workers consumes/s pgbench-tps ratio% layout`` rows."""
-    row = re.compile(rf"^(?P<name>\S.*?)\s+(?P<workers>\d+)\s+(?P<rate>{NUM})\s+(?P<tps>{NUM})\s+(?P<ratio>\d+)%\s")
+    """``scenario workers consumes/s pgbench-tps ratio% [server-side-tps ratio%] layout`` rows."""
+    row = re.compile(
+        rf"^(?P<name>\S.*?)\s+(?P<workers>\d+)\s+(?P<rate>{NUM})\s+(?P<tps>{NUM})\s+(?P<ratio>\d+)%"
+        rf"(?:\s+(?P<fn>{NUM})\s+(?P<fnratio>\d+)%)?\s"
+    )
     out = []
     for line in lines:
         m = row.match(line)
@@ -97,6 +100,15 @@ def parse_ledger(lines: list[str]) -> list[Figure]:
                     f"{m['ratio']}%",
                 )
             )
+            if m["fn"]:
+                out.append(
+                    Figure(
+                        f"ledger_consume() driven by pgbench, {m['name']}, {m['workers']} workers",
+                        f"{m['fn']} tps",
+                        f"pgbench {m['tps']} tps",
+                        f"{m['fnratio']}%",
+                    )
+                )
     return out
 
 
