@@ -56,8 +56,9 @@ def broker_url(settings: Settings) -> str:
 
 def _config(settings: Settings) -> dict[str, Any]:
     exchange = Exchange("billing", type="direct")
+    url = broker_url(settings)
     return {
-        "broker_url": broker_url(settings),
+        "broker_url": url,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -81,7 +82,8 @@ def _config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "worker_hijack_root_logger": False,
-        "broker_transport_options": {"visibility_timeout": 3600},
+        # Redis: an unacknowledged message returns to the queue after this long (a worker that vanished).
+        "broker_transport_options": {"visibility_timeout": 3600} if url.startswith("redis") else {},
     }
 
 

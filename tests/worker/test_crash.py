@@ -92,13 +92,14 @@ def send(batch: list[dict[str, Any]]) -> list[int]:
     return ids
 
 
-def finish_with_sweep(total: int, *, rounds: int = 10) -> None:
+def finish_with_sweep(total: int, log: Path, *, rounds: int = 15) -> None:
     """Wait for the workers; what never arrives (lost with a killed worker or broker) the sweep re-sends."""
     for _ in range(rounds):
         if wait_until(lambda: count_done() == total, timeout=6):
             return
         sweep(hand_over, older_than=timedelta(0))
-    assert count_done() == total, f"{total - count_done()} events never processed"
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    assert count_done() == total, f"{total - count_done()} events never processed; worker log:\n{tail}"
 
 
 @pytest.fixture
@@ -139,7 +140,7 @@ class TestWorkerKilled:
                     mid_stream_kills += 1
                 worker.kill()
                 worker.start()
-            finish_with_sweep(len(events))
+            finish_with_sweep(len(events), tmp_path / "worker.log")
         finally:
             worker.stop()
         assert worker.kills >= 4 and mid_stream_kills >= 3, (worker.kills, mid_stream_kills)
@@ -170,13 +171,15 @@ class TestBrokerLost:
             worker.start()
             for start in range(0, half, 3):
                 send(stream[start : start + 3])
+            # Mid-stream: the worker is consuming, and messages are still queued, when Redis dies.
+            assert wait_until(lambda: count_done() > 0, timeout=60, interval=0.02), "worker idle"
             own_redis.kill()  # every queued message is gone
             for start in range(half, half + 30, 3):
                 send(stream[start : start + 3])  # the broker is down: stored, not handed over
             own_redis.start()
             for start in range(half + 30, len(stream), 3):
                 send(stream[start : start + 3])
-            finish_with_sweep(len(events))
+            finish_with_sweep(len(events), tmp_path / "worker.log")
         finally:
             worker.stop()
             own_redis.kill()
