@@ -27,6 +27,8 @@ FEATURES = {
     ("anthropic", "claude-3-5-haiku-20241022"): "summaries",
 }
 REQUESTS_PER_GROUP = 3
+# Calls of the live part that must succeed (the refusals are meant to fail).
+MUST_SUCCEED = ("retry", "usage", "hold", "capture", "hold_timeout")
 
 
 @dataclass

@@ -230,6 +230,14 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
         client = metering.UsageClient(receiver.url, creds.api_token, usage_log)
         stack.callback(client.close)
         live = metering.meter_live(client, ids)
+        failed_calls = [c for c in usage_log.calls if c.label in metering.MUST_SUCCEED and c.status not in (200, 201)]
+        if failed_calls:
+            first = failed_calls[0]
+            raise DemoError(
+                f"the usage API refused {len(failed_calls)} call(s); first: {first.method} {first.path} -> "
+                f"{first.status} {first.body}",
+                exit_code=1,
+            )
         progress.done(
             f"metered {sum(1 for c in usage_log.calls if c.label == 'usage')} AI calls over the usage API; "
             f"retry with the same Idempotency-Key: {live.retry_first.status} then {live.retry_second.status}; "
