@@ -14,7 +14,8 @@ from ledger import pgfast
 from ledger.check import check_ledger
 from ledger.consume import ConsumeResult, consume
 from ledger.db import unit_of_work
-from ledger.errors import InsufficientCredits
+from ledger.errors import HoldNotOpen, InsufficientCredits
+from ledger.holds import capture_hold, place_hold, release_hold
 from ledger.models import Account, Entry, EntryKind
 
 THREADS = 32
@@ -81,3 +82,64 @@ class TestConcurrentConsume:
         assert tuple(consumed) == (BALANCE, -BALANCE)
         assert lowest == 0  # the balance never went below zero, at any entry
         assert sorted(o.result.balance_after for o in charged if o.result) == list(range(BALANCE))
+
+
+class TestConcurrentHoldSettlement:
+    @pytest.mark.postgres
+    def test_racing_captures_and_releases_settle_a_hold_once(self, pg_engine: Engine) -> None:
+        customer = "cus_race"
+        make_grant(customer_id=customer, units=100)
+        with unit_of_work() as session:
+            place_hold(session, customer, request_id="race-hold", units=40)
+
+        def settle(index: int) -> str:
+            try:
+                with unit_of_work() as session:
+                    if index % 2:
+                        capture_hold(session, "race-hold", units=25)
+                        return "captured"
+                    release_hold(session, "race-hold")
+                    return "released"
+            except HoldNotOpen:
+                return "refused"
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            outcomes = list(pool.map(settle, range(32)))
+
+        with unit_of_work() as session:
+            account = session.execute(select(Account).where(Account.customer_id == customer)).scalar_one()
+            settled = session.execute(
+                select(func.count()).where(Entry.kind.in_([EntryKind.CAPTURE, EntryKind.RELEASE]))
+            ).scalar_one()
+            assert check_ledger(session) == []
+        assert account.held == 0
+        # Either the capture won (25 charged, 15 released: two entries) or the release did (one entry);
+        # every other call was refused or replayed, and nothing was settled twice.
+        assert (account.balance, settled) in ((75, 2), (100, 1))
+        winner = "captured" if account.balance == 75 else "released"
+        # The winner's repeats replay it; every call of the other kind is refused as the hold is settled.
+        assert set(outcomes) == {winner, "refused"} and outcomes.count("refused") == 16
+
+
+class TestConcurrentConsumeOnSqlite:
+    def test_threads_never_overdraw_the_embedded_default(self, sqlite_engine: Engine) -> None:
+        customer = "cus_sqlite_hot"
+        make_grant(customer_id=customer, units=100)
+
+        def call(index: int) -> bool:
+            try:
+                with unit_of_work() as session:
+                    consume(session, customer, request_id=f"sq-{index % 150}", units=1)
+                return True
+            except InsufficientCredits:
+                return False
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(call, range(200)))
+
+        with unit_of_work() as session:
+            balance = session.execute(select(Account.balance).where(Account.customer_id == customer)).scalar_one()
+            charged = session.execute(select(func.count()).where(Entry.kind == EntryKind.CONSUME)).scalar_one()
+            lowest = session.execute(select(func.min(Entry.balance_after))).scalar_one()
+            assert check_ledger(session) == []
+        assert (balance, charged, lowest) == (0, 100, 0)
