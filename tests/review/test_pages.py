@@ -316,6 +316,18 @@ class TestCustomerPage:
         response = signed_in.get("/review/customers?q=cus_alpha")
         assert response.status_code == 303 and response.headers["location"] == "/review/customers/cus_alpha"
         assert signed_in.get("/review/customers/cus_nobody").status_code == 404
+        # Known to Stripe and reconciliation but never to the ledger: still a page, with what is known.
+        with Session(engine) as session, session.begin():
+            raw, env = stripe_event(
+                "evt_gamma_1",
+                "charge.succeeded",
+                {"id": "ch_gamma", "object": "charge", "amount": 500, "currency": "usd", "customer": "cus_gamma"},
+                created=datetime.now(UTC),
+            )
+            store_event(session, raw, env)  # type: ignore[arg-type]
+        gamma = signed_in.get("/review/customers/cus_gamma")
+        assert gamma.status_code == 200
+        assert "no ledger account" in gamma.text and "evt_gamma_1" in gamma.text
         assert "No account" in signed_in.get("/review/customers?q=cus_nobody").text
 
     def test_stored_event_shows_the_raw_json(self, engine: Engine, signed_in: TestClient) -> None:

@@ -102,6 +102,18 @@ def find_account(session: Session, customer_id: str) -> Account | None:
     return account
 
 
+def customer_events(session: Session, customer_id: str, limit: int = EVENTS_SHOWN) -> list[StripeEvent]:
+    """The newest stored Stripe events naming a customer."""
+    return list(
+        session.scalars(
+            select(StripeEvent)
+            .where(StripeEvent.customer_id == customer_id)
+            .order_by(StripeEvent.created.desc(), StripeEvent.id.desc())
+            .limit(limit)
+        )
+    )
+
+
 def customer_overview(session: Session, account: Account) -> CustomerOverview:
     """Balance, grants (newest first), the entries that changed debt, and recent Stripe events."""
     grants = list(
@@ -120,14 +132,7 @@ def customer_overview(session: Session, account: Account) -> CustomerOverview:
             .limit(DEBT_ENTRIES_SHOWN)
         )
     )
-    events = list(
-        session.scalars(
-            select(StripeEvent)
-            .where(StripeEvent.customer_id == account.customer_id)
-            .order_by(StripeEvent.created.desc(), StripeEvent.id.desc())
-            .limit(EVENTS_SHOWN)
-        )
-    )
+    events = customer_events(session, account.customer_id)
     return CustomerOverview(
         account=account,
         available=account.balance + account.overdraft_limit,

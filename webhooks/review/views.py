@@ -136,7 +136,19 @@ def _customer_context(
     with session_factory()() as session:
         account = customers.find_account(session, customer_id)
         if account is None:
-            return None
+            # No ledger account (a payment that never became a grant, say): what Stripe and reconciliation
+            # know about the customer is still the answer.
+            mismatches, more, notes = cases.for_customer(session, customer_id)
+            events = customers.customer_events(session, customer_id)
+            if not mismatches and not events:
+                return None
+            return {
+                "customer_id": customer_id,
+                "events": events,
+                "mismatches": mismatches,
+                "mismatches_more": more,
+                "notes": notes,
+            }
         overview = customers.customer_overview(session, account)
         page = customers.ledger_page(session, account, before_id=before_id, kind=kind, search=find)
         breakdown = customers.usage_breakdown(session, account, since=since, until=until, credit_value=credit_value)
@@ -173,6 +185,8 @@ async def customer_page(request: Request) -> Response:
     )
     if context is None:
         return not_found(request, f"No account for customer {customer_id!r}.")
+    if "overview" not in context:
+        return render(request, "review/customer_unknown.html", {**context, "section": "customers"})
     context.update(
         section="customers",
         kind=kind.value if kind else "",
