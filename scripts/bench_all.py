@@ -402,12 +402,12 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         for f in r.figures:
             rows.append((r.name, f.measurement, f.figure, f.baseline, f.ratio))
-    widths = [min(max(len(row[i]) for row in rows), 70) for i in range(5)]
+    widths = [min(max(len(row[i]) for row in rows), 90) for i in range(5)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(rows[0], widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in rows[1:]:
-        print("  ".join(cell[:70].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print("  ".join(cell[:90].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print()
     for r in results:
         status = "ok" if not r.error else f"FAILED ({r.error})"
