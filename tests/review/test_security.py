@@ -289,3 +289,25 @@ class TestCookies:
     def test_plain_http_cookie_is_not_marked_secure(self, engine: Engine, client: TestClient) -> None:
         cookie = client.get("/review/login").headers["set-cookie"].lower()
         assert "httponly" in cookie and "secure" not in cookie
+
+
+class TestRedaction:
+    def test_client_secrets_in_stored_payloads_are_not_shown(self, engine: Engine, signed_in: TestClient) -> None:
+        from datetime import UTC, datetime
+
+        from ledger.inbox import store_event
+        from tests.review.conftest import stripe_event
+
+        secret = "pi_alpha_9_secret_Zk3QvT0pSECRET"
+        with Session(engine) as session, session.begin():
+            raw, env = stripe_event(
+                "evt_pi_secret",
+                "payment_intent.succeeded",
+                {"id": "pi_alpha_9", "object": "payment_intent", "amount": 100, "currency": "usd",
+                 "customer": "cus_alpha", "client_secret": secret},
+                created=datetime.now(UTC),
+            )  # fmt: skip
+            store_event(session, raw, env)  # type: ignore[arg-type]
+        html = signed_in.get("/review/events/evt_pi_secret").text
+        assert "pi_alpha_9" in html and "[redacted]" in html
+        assert "SECRET" not in html

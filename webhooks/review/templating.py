@@ -91,15 +91,34 @@ def fmt_dt(value: object) -> str:
     return str(value)
 
 
+# Keys whose values are credentials wherever they appear in a payload (Stripe's payment intents and checkout
+# sessions carry a client_secret): shown as redacted, never rendered.
+_SECRET_KEYS = {"client_secret", "secret", "password", "api_key", "secret_key", "ephemeral_key"}
+REDACTED = "[redacted]"
+
+
+def redact(value: Any) -> Any:
+    """A copy of a JSON value with every credential-named key's value replaced."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if isinstance(k, str) and (k.lower() in _SECRET_KEYS or k.lower().endswith("_secret"))
+                and v is not None else redact(v))
+            for k, v in value.items()
+        }  # fmt: skip
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def fmt_json(value: object) -> str:
-    """Pretty JSON for evidence and raw events (bytes are decoded as the JSON they were stored as)."""
+    """Pretty JSON for evidence and raw events (bytes are decoded as the JSON they were stored as), redacted."""
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value).decode("utf-8", errors="replace")
         try:
             value = json.loads(raw)
         except ValueError:
-            return raw
-    return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+            return "(not JSON: not shown)"
+    return json.dumps(redact(value), indent=2, sort_keys=True, default=str, ensure_ascii=False)
 
 
 def fmt_amount(value: object, unit: object = "minor", currency: object = None) -> str:
@@ -124,7 +143,7 @@ def stripe_object(payload: object) -> str:
         try:
             doc = json.loads(bytes(payload))
         except ValueError:
-            return bytes(payload).decode("utf-8", errors="replace")
+            return "(not JSON: not shown)"
         data = doc.get("data") if isinstance(doc, dict) else None
         if isinstance(data, dict) and "object" in data:
             return fmt_json(data["object"])
