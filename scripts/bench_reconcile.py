@@ -18,6 +18,7 @@ if missing).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -283,10 +284,21 @@ def child(args: argparse.Namespace) -> None:
     engine = make_engine(args.url)
     set_engine(engine)
     gateway = StripeGateway(api_key="sk_test_bench", api_base=args.api_base)
+    # The peak resident memory when each step ends, to tell which step grows if one does.
+    memory_by_step: dict[str, float] = {}
+    last: list[str] = [""]
+
+    def tick(step: str, _n: int) -> None:
+        if step != last[0]:
+            if last[0]:
+                memory_by_step[last[0]] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            last[0] = step
+
     started = time.perf_counter()
     summary = reconcile(
         session_factory(),
         gateway,
+        progress=tick,
         since=datetime.fromisoformat(args.since),
         until=datetime.fromisoformat(args.until),
         provider_reports=[Path(p) for p in args.reports],
@@ -303,6 +315,7 @@ def child(args: argparse.Namespace) -> None:
                 "mismatches": summary.total,
                 "stripe_objects": sum(summary.stripe_objects.values()),
                 "timings": summary.timings,
+                "memory_by_step": memory_by_step,
             }
         )
     )
@@ -403,6 +416,11 @@ def main() -> None:
         )
         slow = sorted(((v, k) for k, v in r["timings"].items() if k != "stripe_paging"), reverse=True)[:4]
         print("           slowest checks: " + ", ".join(f"{k} {v:.3f}s" for v, k in slow), flush=True)
+        steps = list(r["memory_by_step"].items())
+        growth = [(b[1] - a[1], b[0]) for a, b in itertools.pairwise(steps)]
+        if growth:
+            grew, where = max(growth)
+            print(f"           largest memory step: {where} +{grew:.0f} MB", flush=True)
     print()
     print("ratio = (reconcile wall time - Stripe paging time) / GROUP BY time   (target: <= 3)")
     if len(results) > 1:
