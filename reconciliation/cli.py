@@ -124,6 +124,8 @@ def reconcile_command(
         raise _fail(str(exc), EXIT_USAGE) from exc
     except ValueError as exc:
         raise _fail(str(exc), EXIT_USAGE) from exc
+    except Exception as exc:  # Stripe or the database failed mid-run: the run row says so too
+        raise _fail(f"reconciliation failed: {type(exc).__name__}: {exc}", EXIT_CHECK_FAILED) from exc
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
     else:

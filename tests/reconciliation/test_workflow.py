@@ -352,3 +352,22 @@ class TestCli:
             run = s.scalars(select(ReconciliationRun)).one()
             assert run.actor == "nightly" and run.status is RunStatus.SUCCEEDED
         assert world["missing"]
+
+    def test_reconcile_when_stripe_is_unreachable(
+        self, engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from ledger.settings import get_settings
+        from worker.gateway import get_gateway
+
+        monkeypatch.setenv("STRIPE_API_BASE", "http://127.0.0.1:9")
+        monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
+        get_settings.cache_clear()
+        get_gateway.cache_clear()
+        try:
+            result = self._invoke(CliRunner(), "reconcile", "--since", "2026-01-02", "--until", "2026-01-03")
+        finally:
+            get_gateway.cache_clear()
+        assert result.exit_code == 1 and "reconciliation failed" in result.output
+        with Session(engine) as s:
+            run = s.scalars(select(ReconciliationRun)).one()
+            assert run.status is RunStatus.FAILED and run.error
