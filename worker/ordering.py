@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -36,9 +35,10 @@ def _insert(session: Session) -> Any:
 def lock_version(session: Session, object_id: str, object_type: str) -> ObjectVersion | None:
     """Lock (and return) the applied version of a Stripe object; None when nothing was applied yet.
 
-    The placeholder row is created first so that the lock also covers the first event for an object.
+    One upsert: a placeholder row is created for a new object, and the row is locked either way (an
+    ``ON CONFLICT DO UPDATE`` takes the row lock), so the lock also covers the first event for an object.
     """
-    session.execute(
+    stmt = (
         _insert(session)
         .values(
             object_id=object_id,
@@ -46,9 +46,10 @@ def lock_version(session: Session, object_id: str, object_type: str) -> ObjectVe
             applied_created=datetime.fromtimestamp(0, tz=UTC),
             event_id="",
         )
-        .on_conflict_do_nothing(index_elements=["object_id"])
+        .on_conflict_do_update(index_elements=["object_id"], set_={"object_type": object_type})
+        .returning(ObjectVersion)
     )
-    row = session.scalars(select(ObjectVersion).where(ObjectVersion.object_id == object_id).with_for_update()).one()
+    row = session.scalars(stmt, execution_options={"populate_existing": True}).one()
     return None if row.event_id == "" else row
 
 

@@ -37,14 +37,19 @@ def link_payment(session: Session, grant_id: int, customer_id: str, object_ids: 
     return ids
 
 
-def find_funded_grant(session: Session, object_ids: Iterable[str | None]) -> Grant | None:
-    """The grant funded by the payment any of these Stripe ids belongs to."""
+def find_funded_grant(session: Session, object_ids: Iterable[str | None], *, unlinked: bool = True) -> Grant | None:
+    """The grant funded by the payment any of these Stripe ids belongs to.
+
+    ``unlinked=False`` looks only at the worker's links (enough to find a grant the worker made itself).
+    """
     ids = [i for i in dict.fromkeys(object_ids) if i]
     if not ids:
         return None
     grant_id = session.scalars(select(PaymentLink.grant_id).where(PaymentLink.object_id.in_(ids)).limit(1)).first()
     if grant_id is not None:
         return session.get(Grant, grant_id)
+    if not unlinked:
+        return None
     if len(ids) == 1:
         found = ledger_grants.find_grants_for_payment(session, ids[0])
         return found[0] if found else None

@@ -127,7 +127,7 @@ def handle_invoice_paid(ctx: EventContext) -> Outcome:
         raise PermanentEventError("invoice has no id or no customer")
     subscription = subscription_id_of(invoice)
     ids = [invoice_id, *_payment_ids(invoice)]
-    existing = find_funded_grant(ctx.session, [invoice_id])
+    existing = find_funded_grant(ctx.session, [invoice_id], unlinked=False)
     if existing is not None:
         ctx.linked_ids |= link_payment(ctx.session, existing.id, customer_id, ids)
         return Outcome.processed(f"period already granted (grant {existing.id})")

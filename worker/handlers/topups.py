@@ -126,7 +126,8 @@ def _grant_topup(
 
 def _existing(ctx: EventContext, customer_id: str | None, ids: list[str | None]) -> Outcome | None:
     """When another event of this payment already made its grant, only link the ids this one adds."""
-    grant = find_funded_grant(ctx.session, ids)
+    # Only the worker's own links: a top-up grant is always made (and linked) here.
+    grant = find_funded_grant(ctx.session, ids, unlinked=False)
     if grant is None:
         return None
     ctx.linked_ids |= link_payment(ctx.session, grant.id, customer_id or "", ids)
