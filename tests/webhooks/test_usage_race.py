@@ -3,68 +3,25 @@
 from __future__ import annotations
 
 import random
-import socket
-import threading
-import time
 from collections import defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import Engine, func, select
-from webhook_helpers import API_TOKEN, HandOverRecorder
+from webhook_helpers import API_TOKEN
 
-from ledger import db
 from ledger.accounts import open_account
 from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.grants import grant_credits
 from ledger.models import Entry, EntryKind, GrantSource
-from ledger.settings import get_settings
-from webhooks.app import create_app
-from webhooks.inbox_writer import InboxWriter
 
 CLIENTS = 64
 REQUESTS = 2000
 FUNDED_UNITS = 1000
 REPEAT_SHARE = 0.3
-
-
-@pytest.fixture
-def live_server(pg_engine: Engine, webhook_env: None) -> Iterator[str]:
-    """The app served by uvicorn in a thread, on a free port.
-
-    The server gets its own small pool: 64 clients contend for 8 connections (and the account's row lock), and
-    the shared PostgreSQL (max_connections is shared by every test run on the machine) is not exhausted.
-    """
-    get_settings.cache_clear()
-    engine = db.make_engine(pg_engine.url.render_as_string(hide_password=False), pool_size=8, max_overflow=0)
-    db._engine, db._factory = engine, db.sessionmaker(engine, expire_on_commit=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(writer=InboxWriter(hand_over=HandOverRecorder())),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(20)
-    db._engine, db._factory = pg_engine, db.sessionmaker(pg_engine, expire_on_commit=False)
-    engine.dispose()
 
 
 @pytest.mark.postgres
