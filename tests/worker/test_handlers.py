@@ -347,6 +347,18 @@ class TestRefunds:
         assert row.status == EventStatus.PROCESSED, row.last_error
         assert grant(gid).clawed_back == 100
 
+    def test_a_refund_naming_only_its_charge_asks_stripe_for_the_payment(
+        self, db: Engine, fake_stripe: FakeStripe
+    ) -> None:
+        event = load_fixture("charge.refunded.full.srm.json")  # payment_intent null, as in older payloads
+        gid = paid_grant("cus_ask", key="r8", units=100, amount_minor=100, links=["pi_behind_the_charge"])
+        charge_id = event["data"]["object"]["id"]
+        fake_stripe.objects[("charge", charge_id)] = {"id": charge_id, "payment_intent": "pi_behind_the_charge"}
+        row = run(event, fake_stripe)
+        assert row.status == EventStatus.PROCESSED, row.last_error
+        assert ("retrieve", charge_id) in fake_stripe.calls
+        assert grant(gid).clawed_back == 100
+
     def test_partial_refund_claws_back_in_proportion(self, db: Engine) -> None:
         event = load_fixture("charge.refunded.partial.payrails.wrapped.json")
         gid = paid_grant("cus_0dUMWLtzCTagWs", key="r3", units=3000, amount_minor=1500, links=["ch_chargeid"])
