@@ -203,6 +203,16 @@ class Store:
         for listener in self.event_listeners:
             listener(event)
 
+    def _set_indexed(self, record: Record, field: str, value: Any) -> None:
+        """Set a field that list filters index (a session's payment intent, say), keeping the index in step."""
+        key: Key = (record.created, record.seq, record.id)
+        old = getattr(record, field)
+        if old is not None:
+            _remove(self._index[(record.object_name, field, old)], key)
+        setattr(record, field, value)
+        if value is not None:
+            _insert(self._index.setdefault((record.object_name, field, value), []), key)
+
     def renderer(self, api_version: str | None = None) -> Renderer:
         """The renderer for ``api_version`` (default: the store's)."""
         version = api_version or self.api_version
@@ -614,7 +624,7 @@ class Store:
                 raise EmulatorError(f"This Checkout Session is {record.status}.", code="checkout_session_not_open")
             ts = self._at(at)
             if record.customer is None:
-                record.customer = self.create_customer(email=record.customer_email, at=ts).id
+                self._set_indexed(record, "customer", self.create_customer(email=record.customer_email, at=ts).id)
             line = record.line_items[0]
             if record.mode == "subscription":
                 subscription = self._start_subscription(
@@ -622,7 +632,7 @@ class Store:
                 )
                 if subscription.status == "incomplete":
                     return record
-                record.subscription = subscription.id
+                self._set_indexed(record, "subscription", subscription.id)
                 record.invoice = subscription.latest_invoice
             else:
                 pi, charge = self._pay(
@@ -635,7 +645,7 @@ class Store:
                     fail=fail,
                     pending=async_payment,
                 )
-                record.payment_intent = pi.id
+                self._set_indexed(record, "payment_intent", pi.id)
                 if charge.status == "failed":
                     return record
             record.status, record.payment_status = "complete", "unpaid" if async_payment else "paid"

@@ -186,3 +186,14 @@ class TestNestedLists:
         with pytest.raises(stripe.InvalidRequestError) as bad:
             client.v1.charges.retrieve(charge.id, params={"expand": ["status"]})
         assert bad.value.param == "expand"
+
+
+class TestFiltersOnFieldsSetLater:
+    def test_checkout_sessions_filter_by_the_payment_intent_they_got_on_completion(
+        self, store: Store, client: stripe.StripeClient
+    ) -> None:
+        customer = store.create_customer(email="a@example.com")
+        session = store.topup(customer)
+        assert session.payment_intent is not None
+        found = client.v1.checkout.sessions.list(params={"payment_intent": session.payment_intent})
+        assert [s.id for s in found.data] == [session.id]
