@@ -10,6 +10,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
@@ -229,10 +230,20 @@ class TestCsvExport:
         assert rows[0]["expected"] == "2500" and rows[0]["actual"] == "" and rows[0]["difference"] == "2500"
         assert rows[0]["last_action"] == "detected"
 
-    def test_every_row_of_a_long_list(self, engine: Engine, signed_in: TestClient) -> None:
-        ids = _many_cases(engine, 1100)  # more than one batch
-        rows = list(csv.DictReader(io.StringIO(signed_in.get("/review/mismatches.csv?sort=oldest").text)))
-        assert [int(r["id"]) for r in rows] == ids
+    def test_every_row_across_keyset_batches(
+        self, engine: Engine, signed_in: TestClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from webhooks.review import cases
+
+        monkeypatch.setattr(cases, "EXPORT_BATCH", 40)
+        ids = _many_cases(engine, 130)  # four batches, the last one partial
+        for sort, expected in (("oldest", ids), ("newest", ids[::-1])):
+            rows = list(csv.DictReader(io.StringIO(signed_in.get(f"/review/mismatches.csv?sort={sort}").text)))
+            assert [int(r["id"]) for r in rows] == expected
+        by_amount = list(csv.DictReader(io.StringIO(signed_in.get("/review/mismatches.csv?sort=amount").text)))
+        assert sorted(int(r["id"]) for r in by_amount) == ids
+        gaps = [Decimal(r["difference"]) for r in by_amount]
+        assert gaps == sorted(gaps, reverse=True)
 
     def test_formula_cells_are_defused(self, engine: Engine, signed_in: TestClient) -> None:
         with Session(engine) as session, session.begin():

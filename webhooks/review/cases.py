@@ -253,12 +253,16 @@ EXPORT_COLUMNS = (
 )
 
 
-def iter_export_rows(session: Session, f: MismatchFilter, *, batch: int = 2000) -> Iterator[Sequence[Any]]:
+EXPORT_BATCH = 2000
+
+
+def iter_export_rows(session: Session, f: MismatchFilter, *, batch: int | None = None) -> Iterator[Sequence[Any]]:
     """Every mismatch matching ``f`` in list order, as EXPORT_COLUMNS tuples, read in keyset batches.
 
     Plain rows, no ORM objects; each batch is one keyset query on mismatches and one indexed lookup of the
     batch's latest audit rows.
     """
+    batch = batch or EXPORT_BATCH
     key = _sort_key(f.sort)
     columns = (
         Mismatch.id,
