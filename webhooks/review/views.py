@@ -94,9 +94,7 @@ async def home(request: Request) -> Response:
 
 def _recent_accounts(limit: int = 25) -> list[Account]:
     with session_factory()() as session:
-        return list(
-            session.scalars(select(Account).order_by(Account.updated_at.desc(), Account.id.desc()).limit(limit))
-        )
+        return list(session.scalars(select(Account).order_by(Account.id.desc()).limit(limit)))
 
 
 def _find_account(q: str) -> Account | None:
@@ -105,7 +103,7 @@ def _find_account(q: str) -> Account | None:
 
 
 async def customer_search(request: Request) -> Response:
-    """Find a customer by Stripe or external id; without a query, list recently active accounts."""
+    """Find a customer by Stripe or external id; without a query, list the newest accounts (by primary key)."""
     q = request.query_params.get("q", "").strip()
     if q:
         account = await run_in_threadpool(_find_account, q)
