@@ -2,7 +2,8 @@
 
 Creates a scratch PostgreSQL database next to the one DATABASE_URL names, migrates it, bulk-loads the volumes
 with SQL (generate_series), then times each page through the app (ASGI, signed in, full rendering) and prints
-median / p95 / max per page and the ratios that show the keyset pages do not grow with depth.
+min / median / p95 / max per page (min: least disturbed by a busy machine) and the ratios that show the
+keyset pages do not grow with depth.
 
     DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/br_review python scripts/bench_review.py
     options: --mismatches N --entries N --repeat N --keep (leave the scratch database for inspection)
