@@ -25,11 +25,10 @@ def served(pg_engine: Engine, tmp_path: Path) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},  # serve makes its own
         "DATABASE_URL": pg_engine.url.render_as_string(hide_password=False),
         "STRIPE_WEBHOOK_SECRETS": SECRET,
         "LOG_LEVEL": "WARNING",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
     }
     command = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(port)]
     process = subprocess.Popen([*command, "--workers", "2"], env=env, cwd=REPO)
