@@ -698,6 +698,51 @@ class _Side:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _ledger_usage(
+    ctx: CheckContext, groups: dict[tuple[str, ReportKind, bool], dict[tuple[date, str | None, str | None], _Side]]
+) -> dict[str, dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]]]:
+    """The ledger's usage per provider, day, model and workspace over every reported day: one scan for all."""
+    days = sorted({k[0] for reported in groups.values() for k in reported})
+    providers = sorted({provider for provider, _kind, _scope in groups})
+    if not days:
+        return {}
+    covered = {(provider, d) for (provider, _k, _s), reported in groups.items() for d, _m, _sc in reported}
+    day = _usage_day(ctx.session)
+    stmt = (
+        select(
+            UsageRecord.provider,
+            day.label("day"),
+            UsageRecord.model,
+            UsageRecord.workspace,
+            func.sum(UsageRecord.provider_cost_usd),
+            func.sum(UsageRecord.input_tokens),
+            func.sum(UsageRecord.output_tokens),
+            func.sum(UsageRecord.cached_tokens),
+            func.count(UsageRecord.id),
+        )
+        .where(
+            UsageRecord.provider.in_(providers),
+            UsageRecord.occurred_at >= datetime.combine(days[0], time(), tzinfo=UTC),
+            UsageRecord.occurred_at < datetime.combine(days[-1] + timedelta(days=1), time(), tzinfo=UTC),
+        )
+        .group_by(UsageRecord.provider, day, UsageRecord.model, UsageRecord.workspace)
+        .execution_options(**STREAM)
+    )
+    out: dict[str, dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]]] = {}
+    for provider, d, model, scope, cost, inp, output, cached, n in ctx.session.execute(stmt):
+        dd = _as_date(d)
+        if (provider, dd) not in covered:
+            continue
+        out.setdefault(provider, {})[(dd, model, scope)] = (
+            Decimal(cost or 0),
+            int(inp or 0),
+            int(output or 0),
+            int(cached or 0),
+            int(n),
+        )
+    return out
+
+
 def check_providers(ctx: CheckContext) -> Iterator[Finding]:
     """provider_cost_drift and provider_usage_drift, per provider, day, model (and project/workspace)."""
     tol: Tolerance = ctx.config.reconciliation.provider_tolerance
@@ -722,35 +767,22 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
     for (provider, _kind, _scope), by_key in groups.items():
         for d, _m, _s in by_key:
             ctx.provider_scope_keys.add(f"{provider}:{d.isoformat()}")
-    day = _usage_day(ctx.session)
+    ledger_by_provider = _ledger_usage(ctx, groups)
     for (provider, kind, has_scope), reported in groups.items():
-        days = sorted({k[0] for k in reported})
-        if not days:
-            continue
-        start = datetime.combine(days[0], time(), tzinfo=UTC)
-        end = datetime.combine(days[-1] + timedelta(days=1), time(), tzinfo=UTC)
-        scope_col = UsageRecord.workspace if has_scope else literal_column("NULL")
-        stmt = (
-            select(
-                day.label("day"),
-                UsageRecord.model,
-                scope_col.label("scope"),
-                func.sum(UsageRecord.provider_cost_usd),
-                func.sum(UsageRecord.input_tokens),
-                func.sum(UsageRecord.output_tokens),
-                func.sum(UsageRecord.cached_tokens),
-                func.count(UsageRecord.id),
-            )
-            .where(UsageRecord.provider == provider, UsageRecord.occurred_at >= start, UsageRecord.occurred_at < end)
-            .group_by(day, UsageRecord.model, scope_col)
-            .execution_options(**STREAM)
-        )
+        days = {k[0] for k in reported}
         ledger: dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]] = {}
-        for d, model, scope, cost, inp, out, cached, n in ctx.session.execute(stmt):
-            dd = _as_date(d)
-            if dd not in days:
+        for (d, model, scope), sums in ledger_by_provider.get(provider, {}).items():
+            if d not in days:
                 continue
-            ledger[(dd, model, scope)] = (Decimal(cost or 0), int(inp or 0), int(out or 0), int(cached or 0), int(n))
+            key = (d, model, scope if has_scope else None)
+            prev = ledger.get(key, (Decimal(0), 0, 0, 0, 0))
+            ledger[key] = (
+                prev[0] + sums[0],
+                prev[1] + sums[1],
+                prev[2] + sums[2],
+                prev[3] + sums[3],
+                prev[4] + sums[4],
+            )
         keys = sorted(set(reported) | set(ledger), key=lambda k: (k[0], k[1] or "", k[2] or ""))
         for key in keys:
             d, model, scope = key
