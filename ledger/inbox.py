@@ -107,7 +107,10 @@ def _created(value: object) -> datetime:
     if isinstance(value, bool):
         raise NotAStripeEvent("created must be a timestamp")
     if isinstance(value, int):
-        return datetime.fromtimestamp(value, tz=UTC)
+        try:
+            return datetime.fromtimestamp(value, tz=UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise NotAStripeEvent("created is out of range") from exc
     if isinstance(value, str):  # thin (v2) events carry an ISO 8601 string
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))

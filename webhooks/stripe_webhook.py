@@ -106,7 +106,8 @@ class StripeWebhookEndpoint:
         try:
             envelope = parse_envelope(event)
             _check_storable(envelope)
-        except NotAStripeEvent as exc:
+        except (NotAStripeEvent, ValueError, TypeError, OverflowError) as exc:
+            # ValueError and friends too: a field the envelope reads may be of any shape; none is a server error.
             raise Rejected(400, "not_a_stripe_event", f"the body is not a Stripe event: {exc}") from exc
         try:
             return await self.writer.submit(body, envelope)

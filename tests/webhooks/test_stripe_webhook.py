@@ -194,6 +194,18 @@ def _bad_requests() -> list[tuple[str, Callable[[], tuple[bytes, dict[str, str]]
             "not_a_stripe_event",
         ),
         (
+            "created out of range",
+            lambda: (_event(created=2**40), signed_headers(_event(created=2**40))),
+            400,
+            "not_a_stripe_event",
+        ),
+        (
+            "created beyond 64 bits",
+            lambda: (_event(created=2**70), signed_headers(_event(created=2**70))),
+            400,
+            "not_a_stripe_event",
+        ),
+        (
             "NUL in type",
             lambda: (_event(type="customer.\u0000created"), signed_headers(_event(type="customer.\u0000created"))),
             400,
