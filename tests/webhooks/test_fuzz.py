@@ -63,9 +63,32 @@ event_like = st.fixed_dictionaries(
 )
 
 
+VALID = {
+    "id": "evt_fuzz",
+    "object": "event",
+    "type": "charge.succeeded",
+    "created": 1_760_000_000,
+    "api_version": "2026-04-22.dahlia",
+    "livemode": False,
+    "data": {"object": {"id": "ch_1", "object": "charge", "customer": "cus_1"}},
+}
+# A well-formed event with one field (top level or in data.object) set to anything: reaches the deep paths.
+one_field_off = st.builds(
+    lambda key, value, unique: {**VALID, "id": f"evt_fuzz_{unique}", key: value},
+    st.sampled_from(sorted(VALID)),
+    json_values | st.integers(-(2**80), 2**80),
+    st.uuids(),
+) | st.builds(
+    lambda key, value, unique: {**VALID, "id": f"evt_fuzz_{unique}", "data": {"object": {"id": "ch_1", key: value}}},
+    st.sampled_from(["id", "object", "customer"]),
+    json_values,
+    st.uuids(),
+)
+
+
 @pytest.mark.postgres
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=event_like | json_values)
+@given(body=one_field_off | event_like | json_values)
 def test_signed_random_bodies_are_stored_or_refused_never_a_server_error(
     pg_client: TestClient, pg_engine: Engine, body: Any
 ) -> None:
