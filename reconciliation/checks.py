@@ -726,7 +726,7 @@ def _ledger_usage(
             UsageRecord.occurred_at < datetime.combine(days[-1] + timedelta(days=1), time(), tzinfo=UTC),
         )
         .group_by(UsageRecord.provider, day, UsageRecord.model, UsageRecord.workspace)
-        .execution_options(**STREAM)
+        # Bounded by providers x days x models x workspaces: no server-side cursor, so it may run in parallel.
     )
     out: dict[str, dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]]] = {}
     for provider, d, model, scope, cost, inp, output, cached, n in ctx.session.execute(stmt):
@@ -901,8 +901,22 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
         )
         .join(usage, usage.c.account_id == Account.id)
         .outerjoin(paid, paid.c.account_id == Account.id)
+        .where(
+            # Only candidates leave the database (generously: Python decides exactly, in Decimal). A small
+            # result needs no server-side cursor, so PostgreSQL may run the aggregate in parallel.
+            or_(
+                usage.c.free_n > 0,
+                and_(
+                    usage.c.cost > 0,
+                    or_(
+                        paid.c.units.is_(None),
+                        paid.c.units == 0,
+                        usage.c.units * paid.c.minor <= usage.c.cost * paid.c.units * 101,
+                    ),
+                ),
+            )
+        )
         .order_by(Account.id)
-        .execution_options(**STREAM)
     )
     window = f"{ctx.since.isoformat()}|{ctx.until.isoformat()}"
     for row in ctx.session.execute(stmt):
