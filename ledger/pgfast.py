@@ -1,8 +1,11 @@
 """PostgreSQL's consumption in one round trip: the ``ledger_consume`` function created by migration 0001.
 
 The function applies the same rules as :func:`ledger.consume.consume_in_python` (lock the account, replay by
-key, access, expire lapsed grants, refuse or draw, record debt, usage, entry, allocations), server-side, so a
-consumption costs one statement instead of seven. The property tests run the same scenarios through both.
+key, access, expire lapsed grants, refuse or draw, record debt, usage, entry, allocations), server-side. Its fast
+path covers the common case in three statements, as few as the bare "conditional update + insert with a unique
+key" needs plus the grant draw: a conditional ``UPDATE accounts ... WHERE balance + overdraft >= n RETURNING``
+(row lock and guard at once), the grant's ``UPDATE`` (which also proves the request id is new), the entry's
+``INSERT``. The property tests run the same scenarios through both paths, so they cannot drift apart.
 """
 
 from __future__ import annotations
