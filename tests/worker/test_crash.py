@@ -134,8 +134,8 @@ class TestWorkerKilled:
                 if n == len(parts) - 1:
                     break
                 # Let the worker get going on this part, then kill it while events are still queued.
-                assert wait_until(lambda b=before: count_done() > b, timeout=30, interval=0.02), "worker idle"
-                time.sleep(rng.uniform(0.05, 0.3))
+                assert wait_until(lambda b=before: count_done() > b, timeout=60, interval=0.01), "worker idle"
+                time.sleep(rng.uniform(0.0, 0.03))
                 if count_done() < count_all():
                     mid_stream_kills += 1
                 worker.kill()
