@@ -180,6 +180,8 @@ def reconcile(
                 # The checks stream their results through server-side cursors, which PostgreSQL plans for the
                 # first 10% of rows by default (sorted, index-driven aggregates); we always read every row.
                 session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
+                # Two runs at once would race on the same fingerprints: their write phases take turns.
+                session.execute(text("SELECT pg_advisory_xact_lock(hashtext('billing-reconciler:reconcile'))"))
             run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]
             assert run is not None
             ctx = checks.CheckContext(

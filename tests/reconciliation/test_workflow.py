@@ -371,3 +371,18 @@ class TestCli:
         with Session(engine) as s:
             run = s.scalars(select(ReconciliationRun)).one()
             assert run.status is RunStatus.FAILED and run.error
+
+
+class TestConcurrentRuns:
+    @pytest.mark.postgres
+    def test_two_runs_at_once_record_each_mismatch_once(self, pg_engine: Engine, emulator: Emulator) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _world(emulator)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            results = list(pool.map(lambda _: _run(emulator), range(3)))
+        assert all(r.status is RunStatus.SUCCEEDED for r in results)
+        assert sorted(r.outcomes.get("new", 0) for r in results) == [0, 0, 2]
+        with Session(pg_engine) as s:
+            assert s.scalar(select(func.count(Mismatch.id))) == 2
+            assert s.scalar(select(func.count(MismatchAction.id))) == 2
