@@ -172,6 +172,7 @@ def reconcile(
             summary.timings["stripe_paging"] = stats.seconds
 
         with _unit(target) as session:
+            started = time.perf_counter()
             if session.get_bind().dialect.name == "postgresql":
                 # Fresh staging rows have no statistics: without them the planner joins them to the ledger with
                 # nested loops, which at a million entries costs seconds instead of milliseconds.
@@ -183,6 +184,7 @@ def reconcile(
                 # Two runs at once would race on the same fingerprints: their write phases take turns.
                 session.execute(text("SELECT pg_advisory_xact_lock(hashtext('billing-reconciler:reconcile'))"))
             run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]
+            summary.timings["prepare"] = time.perf_counter() - started
             assert run is not None
             ctx = checks.CheckContext(
                 session=session,
@@ -203,6 +205,7 @@ def reconcile(
                     tick(f"check:{name}", 1)
                 summary.timings[f"check:{name}"] = time.perf_counter() - started
                 tick(f"check:{name}", 0)
+            started = time.perf_counter()
             summary.closed = close_unseen(
                 session,
                 run,
@@ -212,6 +215,7 @@ def reconcile(
                 now=now,
             )
             clear_staging(session, run_id)
+            summary.timings["close_and_clean"] = time.perf_counter() - started
             run.status = RunStatus.SUCCEEDED
             run.finished_at = datetime.now(UTC)
             run.counts = dict(sorted(summary.counts.items()))

@@ -415,7 +415,7 @@ def main() -> None:
             flush=True,
         )
         slow = sorted(((v, k) for k, v in r["timings"].items() if k != "stripe_paging"), reverse=True)[:4]
-        print("           slowest checks: " + ", ".join(f"{k} {v:.3f}s" for v, k in slow), flush=True)
+        print("           slowest steps: " + ", ".join(f"{k} {v:.3f}s" for v, k in slow), flush=True)
         steps = list(r["memory_by_step"].items())
         growth = [(b[1] - a[1], b[0]) for a, b in itertools.pairwise(steps)]
         if growth:
