@@ -14,6 +14,7 @@ from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.inbox import EventSource, EventStatus, StripeEvent
 from ledger.models import AccessState, Account, Grant, GrantSource
+from tests.worker.conftest import event_row, store
 from worker.backfill import backfill
 from worker.gateway import StripeGateway
 from worker.processing import process_events
@@ -98,3 +99,26 @@ class TestBackfillFromTheEmulator:
         report = backfill(gateway, since=datetime(2020, 1, 1, tzinfo=UTC), hand_over=lambda ids: None)
         assert report.clamped
         assert report.since >= datetime.now(UTC) - timedelta(days=30, minutes=1)
+
+
+class TestStripeOutages:
+    def test_a_stripe_outage_leaves_the_event_pending_for_a_retry(self, db: Engine, emulator: EmulatorServer) -> None:
+        store_ = emulator.store
+        customer = store_.create_customer()
+        store_.topup(customer, "price_credits_large")  # no metadata: the pack is read from the line items
+        [completed] = store_.events(types=["checkout.session.completed"])
+        row_id = store(completed)
+        gateway = StripeGateway(api_base=emulator.url, max_attempts=2, wait_initial=0.01, wait_max=0.02)
+        store_.faults.fail_next(10, status=503)
+        report = process_events([row_id], gateway=gateway)
+        assert report.retry == [row_id] and report.retry_in > 0
+        row = event_row(row_id)
+        assert row.status == EventStatus.PENDING and row.next_attempt_at is not None
+        assert "503" in (row.last_error or "") or "APIError" in (row.last_error or "")
+        with unit_of_work() as session:
+            assert session.scalar(select(func.count()).select_from(Grant)) == 0
+
+        store_.faults.clear()
+        assert process_events([row_id], gateway=gateway).processed == 1
+        with unit_of_work() as session:
+            assert [g.units for g in session.scalars(select(Grant))] == [12000]
