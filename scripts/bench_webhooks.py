@@ -345,7 +345,10 @@ def report(result: dict[str, Any], pgbench: dict[str, Any] | None) -> None:
         f" window, plus warm-up); handed over to the broker: {hook['handed_over']:,.0f};"
         f" hand-over failures: {hook['handover_failed']:,.0f}"
     )
-    print(f"server CPU per stored event (whole server, all threads and workers): {hook['cpu_us_per_event']:.0f} us")
+    print(
+        f"server CPU per stored event (whole server, all threads and workers): {hook['cpu_us_per_event']:.0f} us,"
+        f" i.e. {1e6 / hook['cpu_us_per_event']:,.0f} events per server CPU-second (capacity on one idle core)"
+    )
     met = hook["rate"] >= TARGET_RATE and hook["p99_ms"] < TARGET_P99_MS
     print(
         f"target >= {TARGET_RATE:,.0f} events/s with p99 < {TARGET_P99_MS:.0f} ms: {'MET' if met else 'NOT MET'}"
