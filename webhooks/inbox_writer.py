@@ -107,6 +107,8 @@ class InboxWriter:
         self._handover_ids: list[int] = []
         self._handover_wakeup: asyncio.Event | None = None
         self._handover_busy = False
+        self._handover_failure_logged_at = -1e9
+        self._handover_failed_unlogged = 0
         self._db_pool: ThreadPoolExecutor | None = None
         self._broker_pool: ThreadPoolExecutor | None = None
 
@@ -208,10 +210,23 @@ class InboxWriter:
                 except Exception as exc:
                     # Stored and acknowledged all the same: the worker's sweep picks up stored, unhandled events.
                     metrics.HANDOVER_FAILED.inc(len(ids))
-                    log.warning("hand-over to the worker failed", events=len(ids), error=repr(exc))
+                    self._log_handover_failure(len(ids), exc)
                 else:
                     metrics.EVENTS_HANDED_OVER.inc(len(ids))
             self._handover_busy = False
+
+    def _log_handover_failure(self, events: int, exc: Exception) -> None:
+        # At most one line a minute while the broker stays down (every 10 ms otherwise), with the count since.
+        self._handover_failed_unlogged += events
+        now = time.monotonic()
+        if now - self._handover_failure_logged_at >= 60.0:
+            log.warning(
+                "hand-over to the worker failed; the sweep will pick the events up",
+                events=self._handover_failed_unlogged,
+                error=repr(exc),
+            )
+            self._handover_failure_logged_at = now
+            self._handover_failed_unlogged = 0
 
     async def drain(self, timeout_seconds: float = 10.0) -> None:
         """Wait until every queued delivery is written and every new row handed over."""
