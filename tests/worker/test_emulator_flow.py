@@ -122,3 +122,20 @@ class TestStripeOutages:
         assert process_events([row_id], gateway=gateway).processed == 1
         with unit_of_work() as session:
             assert [g.units for g in session.scalars(select(Grant))] == [12000]
+
+
+class TestCheckoutPricing:
+    def test_payment_intent_before_its_session_is_priced_from_the_session_line_items(
+        self, db: Engine, emulator: EmulatorServer
+    ) -> None:
+        customer = emulator.store.create_customer()
+        emulator.store.topup(customer, "price_credits_large")  # no metadata anywhere
+        events = emulator.store.events(types=["payment_intent.succeeded", "checkout.session.completed"])
+        assert [e["type"] for e in events] == ["payment_intent.succeeded", "checkout.session.completed"]
+        gateway = StripeGateway(api_base=emulator.url)
+        for event in events:  # Stripe's order: the payment intent first
+            process_events([store(event)], gateway=gateway)
+        with unit_of_work() as session:
+            # The pack's 12,000 credits (not 10,000 at the fallback rate), granted once for both events.
+            assert [g.units for g in session.scalars(select(Grant))] == [12000]
+            assert check_ledger(session) == []

@@ -48,6 +48,13 @@ class TestReads:
         assert len(events) == 7 and len({e["id"] for e in events}) == 7
         assert all(e["type"] == "customer.created" for e in events)
 
+    def test_checkout_sessions_filter_by_payment_intent(self, emulator: EmulatorServer) -> None:
+        customer = emulator.store.create_customer()
+        session = emulator.store.topup(customer)
+        emulator.store.topup(customer)
+        pi = emulator.store.render(session)["payment_intent"]
+        assert [s["id"] for s in gateway(emulator).list_checkout_sessions(payment_intent=pi)] == [session.id]
+
     def test_checkout_sessions_filter_by_customer(self, emulator: EmulatorServer) -> None:
         customer = emulator.store.create_customer()
         session = emulator.store.topup(customer)
