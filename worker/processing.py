@@ -150,7 +150,7 @@ _EVENTS: Table = StripeEvent.__table__  # type: ignore[assignment]
 
 
 def _write_status(session: Session, row: ClaimedEvent, values: dict[str, Any]) -> None:
-    # A Core UPDATE: no ORM state to synchronise, a statement compiled once.
+    # A Core UPDATE: no ORM state to synchronise for a row this transaction only reads once.
     session.execute(_EVENTS.update().where(_EVENTS.c.id == row.id).values(**values))
     if row.status == EventStatus.WAITING and values["status"] != EventStatus.WAITING:
         clear_waits(session, [row.id])
