@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
+from ledger import pgfast
 from ledger.config import get_billing_config
 from ledger.errors import IdempotencyConflict, InsufficientCredits, InvalidRequest
 from ledger.models import EntryKind, UsageRecord
@@ -127,8 +128,6 @@ def consume(
     charge = charge_for(units, usage)
     digest = consume_digest(customer_id, units, usage)
     now = utcnow()
-    from ledger import pgfast  # imported late: pgfast imports this module
-
     if pgfast.enabled(session):
         return pgfast.consume(
             session,

@@ -44,23 +44,20 @@ def use_function(flag: bool) -> None:
     _switch.on = flag
 
 
-def _installed_on(session: Session) -> bool:
+def enabled(session: Session) -> bool:
+    """Whether this session's consumption goes through the PostgreSQL function (installed by migration 0001)."""
+    if not getattr(_switch, "on", True):
+        return False
     bind = session.get_bind()
     engine = bind if isinstance(bind, Engine) else bind.engine
     known = _installed.get(engine)
     if known is None:
-        known = bool(
-            session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (SIGNATURE,)).scalar()
-        )
+        known = engine.dialect.name == "postgresql"
+        if known:
+            found = session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (SIGNATURE,))
+            known = bool(found.scalar())
         _installed[engine] = known
     return known
-
-
-def enabled(session: Session) -> bool:
-    """Whether this session's consumption goes through the PostgreSQL function."""
-    if session.get_bind().dialect.name != "postgresql" or not getattr(_switch, "on", True):
-        return False
-    return _installed_on(session)
 
 
 def consume(
