@@ -294,6 +294,7 @@ def child(args: argparse.Namespace) -> None:
                 memory_by_step[last[0]] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             last[0] = step
 
+    memory_by_step["start"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     summary = reconcile(
         session_factory(),
@@ -305,6 +306,7 @@ def child(args: argparse.Namespace) -> None:
         actor="bench",
     )
     wall = time.perf_counter() - started
+    memory_by_step[last[0] or "end"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
@@ -418,9 +420,8 @@ def main() -> None:
         print("           slowest steps: " + ", ".join(f"{k} {v:.3f}s" for v, k in slow), flush=True)
         steps = list(r["memory_by_step"].items())
         growth = [(b[1] - a[1], b[0]) for a, b in itertools.pairwise(steps)]
-        if growth:
-            grew, where = max(growth)
-            print(f"           largest memory step: {where} +{grew:.0f} MB", flush=True)
+        grew = ", ".join(f"{where} +{mb:.0f}" for mb, where in sorted(growth, reverse=True)[:3] if mb >= 1)
+        print(f"           peak memory grew (MB) in: {grew or 'no step'}; at start {steps[0][1]:.0f} MB", flush=True)
     print()
     print("ratio = (reconcile wall time - Stripe paging time) / GROUP BY time   (target: <= 3)")
     if len(results) > 1:
