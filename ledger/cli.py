@@ -415,10 +415,16 @@ def release(request_id: str, as_json: JsonFlag = False) -> None:
 
 def check(customer: Annotated[str | None, typer.Argument()] = None, as_json: JsonFlag = False) -> None:
     """Verify every ledger invariant (exit 1 listing each broken one)."""
+    from ledger.accounts import get_account
     from ledger.check import check_ledger
 
-    with unit_of_work() as session:
-        violations = check_ledger(session, customer)
+    try:
+        with unit_of_work() as session:
+            if customer is not None:
+                get_account(session, customer)
+            violations = check_ledger(session, customer)
+    except UnknownCustomer as exc:
+        raise _fail(as_json, exc.code, str(exc), EXIT_UNKNOWN) from None
     if not violations:
         _emit(as_json, {"ok": True, "violations": []}, "ledger is consistent")
         return

@@ -210,6 +210,13 @@ class TestCheckCommand:
         result = run("check")
         assert result.exit_code == EXIT_OK and "consistent" in result.stdout
 
+    def test_one_customer_and_an_unknown_one(self, engine: Engine) -> None:
+        customer = make_account()
+        make_grant(customer_id=customer, units=10)
+
+        assert run_json("check", customer) == (EXIT_OK, {"ok": True, "violations": []})
+        assert run_json("check", "cus_nobody")[0] == EXIT_UNKNOWN
+
     def test_every_broken_invariant_is_listed_with_exit_1(self, engine: Engine) -> None:
         first, second = make_account(), make_account()
         make_grant(customer_id=first, units=10)
