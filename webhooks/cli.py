@@ -16,9 +16,11 @@ class Server(StrEnum):
     GRANIAN = "granian"
 
 
-# Chosen by measurement (scripts/bench_webhooks.py --compare-servers, 64 connections, same machine, same run):
-# webhook events stored/s uvicorn 2,595 vs granian 2,300 (1 worker) and 2,618 vs 2,458 (2 workers); /healthz
-# 8,915 vs 8,622 and 12,755 vs 9,433; server CPU per stored event 299 vs 305-373 us. Re-run it to re-decide.
+# Chosen by measurement (scripts/bench_webhooks.py --compare-servers: 64 connections, PostgreSQL + Redis, same
+# run, shared 2-core machine). Server CPU per stored event, the figure least disturbed by other load: uvicorn
+# 166-176 us vs granian 195-214 us with one worker, 246-283 vs 266-274 with two, in every run. Throughput
+# (events/s, 4 runs) varied with the machine's load: uvicorn 2,595-3,443 vs granian 2,300-3,296 with one
+# worker; with two, granian was ahead in 3 of 4 runs (3,070-3,495 vs 2,577-3,184). Re-run it to re-decide.
 DEFAULT_SERVER = Server.UVICORN
 
 
