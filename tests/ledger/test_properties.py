@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from factories import unique
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -193,4 +193,113 @@ class TestLedgerProperties:
                 holds.append(result.request_id)
             if replayable:
                 done.append((operation, result))
+            assert_invariants(customer)
+
+
+CONSUME_SCENARIOS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("grant"), st.integers(1, 40), st.integers(0, 2), st.sampled_from(["never", "lapsed", "later"])
+        ),
+        st.tuples(st.just("consume"), st.integers(0, 50)),
+        st.tuples(st.just("consume"), st.integers(1, 12)),
+        st.tuples(st.just("replay"), INDEX),
+        st.tuples(st.just("clawback"), INDEX, st.integers(1, 50)),
+        st.tuples(st.just("freeze"), INDEX),
+        st.tuples(st.just("overdraft"), st.integers(0, 30)),
+        st.tuples(st.just("suspend"), st.booleans()),
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+class TestConsumePathsAgree:
+    """The PostgreSQL function and the Python path give the same outcome for the same history."""
+
+    @settings(
+        max_examples=50,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(scenario=CONSUME_SCENARIOS)
+    # Histories that steer each rule, tried on every run besides the random ones.
+    @example(scenario=[("grant", 10, 0, "never"), ("grant", 10, 2, "never"), ("consume", 5), ("consume", 12)])
+    @example(scenario=[("grant", 10, 0, "never"), ("grant", 10, 0, "later"), ("consume", 5), ("replay", 0)])
+    @example(scenario=[("grant", 10, 2, "lapsed"), ("grant", 10, 1, "never"), ("consume", 5), ("consume", 6)])
+    @example(scenario=[("overdraft", 10), ("consume", 5), ("grant", 20, 0, "never"), ("consume", 5), ("replay", 0)])
+    @example(scenario=[("grant", 20, 0, "never"), ("consume", 5), ("clawback", 0, 18), ("consume", 1)])
+    @example(scenario=[("grant", 20, 0, "never"), ("suspend", True), ("consume", 1), ("suspend", False), ("replay", 0)])
+    @example(
+        scenario=[("grant", 20, 0, "never"), ("freeze", 0), ("consume", 1), ("grant", 5, 0, "never"), ("consume", 5)]
+    )
+    def test_same_history_same_outcomes(self, pg_engine: Engine, scenario: list[tuple[Any, ...]]) -> None:
+        from ledger import pgfast
+        from ledger.accounts import set_access_state
+        from ledger.errors import AccessRefused
+        from ledger.models import AccessState
+
+        now = datetime.now(UTC)
+        customers = {True: unique("fn"), False: unique("py")}
+        grants: dict[bool, list[int]] = {True: [], False: []}
+        requests: list[tuple[str, int]] = []
+        outcomes: dict[bool, list[Any]] = {True: [], False: []}
+        with unit_of_work() as session:
+            for customer in customers.values():
+                open_account(session, customer)
+        for step_no, step in enumerate(scenario):
+            kind, args = step[0], step[1:]
+            if kind == "replay":
+                if not requests:
+                    continue
+                rid, units = requests[args[0] % len(requests)]
+            elif kind == "consume":
+                rid, units = f"r{step_no}", args[0]
+                requests.append((rid, units))
+            for use_function in (True, False):
+                customer = customers[use_function]
+                pgfast.use_function(use_function)
+                try:
+                    with unit_of_work() as session:
+                        if kind == "grant":
+                            units_, priority, expiry = args
+                            expires_at = {"never": None, "lapsed": now - timedelta(seconds=1),
+                                          "later": now + timedelta(days=1)}[expiry]  # fmt: skip
+                            result = grant_credits(session, customer, units=units_, source=GrantSource.TOP_UP,
+                                                   idempotency_key=f"{customer}-g{step_no}", priority=priority,
+                                                   expires_at=expires_at)  # fmt: skip
+                            grants[use_function].append(result.grant_id)
+                            outcome: Any = ("grant", result.balance_after)
+                        elif kind in ("consume", "replay"):
+                            result = consume(session, customer, request_id=f"{customer}-{rid}", units=units)
+                            index = {g: i for i, g in enumerate(grants[use_function])}
+                            outcome = (kind, result.units, result.balance_after, result.replayed,
+                                       tuple((index[g], u) for g, u in result.funded_by))  # fmt: skip
+                        elif kind in ("clawback", "freeze") and grants[use_function]:
+                            grant_id = grants[use_function][args[0] % len(grants[use_function])]
+                            if kind == "clawback":
+                                key = f"{customer}-c{step_no}"
+                                claw = clawback(session, grant_id, units=args[1], idempotency_key=key, reason="refund")
+                                outcome = ("clawback", claw.clawed, claw.debt)
+                            else:
+                                key = f"{customer}-f{step_no}"
+                                outcome = ("freeze", freeze_grant(session, grant_id, idempotency_key=key, reason="x"))
+                        elif kind == "overdraft":
+                            set_overdraft_limit(session, customer, args[0])
+                            outcome = ("overdraft",)
+                        elif kind == "suspend":
+                            state = AccessState.SUSPENDED if args[0] else AccessState.ACTIVE
+                            set_access_state(session, customer, state, as_of=now + timedelta(seconds=step_no),
+                                             source="test")  # fmt: skip
+                            outcome = ("access", state.value)
+                        else:
+                            outcome = ("skipped",)
+                except (InsufficientCredits, AccessRefused) as exc:
+                    outcome = (type(exc).__name__, getattr(exc, "available", None))
+                finally:
+                    pgfast.use_function(True)
+                outcomes[use_function].append(outcome)
+            assert outcomes[True] == outcomes[False], scenario
+            assert snapshot(customers[True])[0][1:] == snapshot(customers[False])[0][1:]
+        for customer in customers.values():
             assert_invariants(customer)
