@@ -1,9 +1,13 @@
 """Turn stored Stripe events into ledger effects, exactly once in effect.
 
-Each event's ledger effect and its status change commit together, in one short transaction per event. Rows are
-claimed with ``SELECT ... FOR UPDATE SKIP LOCKED`` (on SQLite the write lock is taken at BEGIN), and only
-pending or waiting rows are claimed, so two workers never apply one event twice and a re-run is a no-op. A task
-carries a batch of ids: the broker round trip is shared, the database locks are not held across events.
+Each event's ledger effect and its status change commit together, in one transaction. Rows are claimed with
+``SELECT ... FOR UPDATE SKIP LOCKED`` (on SQLite the write lock is taken at BEGIN), and only pending or waiting
+rows are claimed, so two workers never apply one event twice and a re-run is a no-op.
+
+A task carries a batch of ids, applied in one transaction when it can: one claim, the customers' accounts
+locked up front in a fixed order (skipping those another worker holds, whose events go in a later pass), one
+status write. An event that raises is set aside and the batch runs again without it; set-aside events get a
+transaction each, where a failure or a missing prerequisite is recorded on the event alone.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from typing import Any
 
 import orjson
 import structlog
-from sqlalchemy import Connection, Table, select
+from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from ledger import accounts as ledger_accounts
 from ledger.config import get_billing_config
 from ledger.db import get_engine
 from ledger.errors import LedgerError
 from ledger.inbox import EventStatus, StripeEvent
+from ledger.models import Account
 from worker.gateway import StripeReader, is_transient_stripe_error
 from worker.handlers import handler_for, ignore_reason
 from worker.handlers.base import ClaimedEvent, EventContext, Outcome, PermanentEventError, PrerequisiteMissing
@@ -35,6 +41,8 @@ CLAIMABLE = (EventStatus.PENDING, EventStatus.WAITING)
 # Transient failures of one event before it is marked failed for a person to look at.
 MAX_TRANSIENT_ATTEMPTS = 8
 BATCH_SIZE = 100
+# Tries to apply what is left of a chunk in one transaction before the rest goes one event at a time.
+BATCH_PASSES = 4
 # PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, lock not available.
 TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
 
@@ -147,6 +155,14 @@ def _status_values(
 
 
 _EVENTS: Table = StripeEvent.__table__  # type: ignore[assignment]
+_ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
+# One statement for a batch's statuses, sent as an executemany.
+_STATUS_UPDATE = (
+    _EVENTS.update()
+    .where(_EVENTS.c.id == bindparam("row_id"))
+    .values({c: bindparam(c) for c in ("status", "status_reason", "last_error", "attempts", "version")})
+    .values(next_attempt_at=bindparam("next_attempt_at"), processed_at=bindparam("processed_at"))
+)
 
 
 def _write_status(session: Session, row: ClaimedEvent, values: dict[str, Any]) -> None:
@@ -250,37 +266,165 @@ def _record_failure(conn: Connection, event_row_id: int, exc: Exception, report:
         log.warning("event_failed", event_id=row.event_id, type=row.type, error=error)
 
 
+class _EventFailed(Exception):
+    """An event of a batch raised: the batch is rolled back, and that event is set aside."""
+
+    def __init__(self, event_row_id: int) -> None:
+        super().__init__(event_row_id)
+        self.event_row_id = event_row_id
+
+
+def _lock_accounts(session: Session, customer_ids: Sequence[str], *, wait: bool) -> set[str]:
+    """Lock the accounts of these customers, opening new ones; return the customers locked.
+
+    Locks are taken in customer id order, so two batches cannot deadlock over accounts. Without ``wait``, an
+    account another transaction holds is skipped (SKIP LOCKED): its customer's events are left for the next
+    pass, so workers do not wait on each other's batch. The account row is what the ledger serializes a
+    customer on, and every handler takes it before other rows of that customer.
+    """
+    if not customer_ids:
+        return set()
+    ordered = sorted(set(customer_ids))
+    lock = (
+        select(_ACCOUNTS.c.customer_id)
+        .where(_ACCOUNTS.c.customer_id.in_(ordered))
+        .order_by(_ACCOUNTS.c.customer_id)
+        .with_for_update(key_share=True, skip_locked=not wait)
+    )
+    locked = set(session.scalars(lock))
+    rest = [c for c in ordered if c not in locked]
+    if rest:
+        existing = set(session.scalars(select(_ACCOUNTS.c.customer_id).where(_ACCOUNTS.c.customer_id.in_(rest))))
+        for customer_id in rest:
+            if customer_id not in existing:
+                # A new customer: the row this transaction inserts is its own until it commits.
+                ledger_accounts.open_account(session, customer_id)
+                locked.add(customer_id)
+    return locked
+
+
+def _apply_batch(
+    conn: Connection, ids: Sequence[int], gateway: StripeReader | None, report: BatchReport, *, wait: bool
+) -> tuple[list[int], set[str]]:
+    """Apply a chunk in one transaction: one claim, the accounts locked up front, one status write.
+
+    Returns the claimed events left for a later pass (their customer is busy in another worker) and the
+    Stripe ids that got a grant. Any error rolls the whole batch back (:class:`_EventFailed` names the event
+    that raised), so the report is only counted once the batch committed.
+    """
+    done = BatchReport()
+    deferred: list[int] = []
+    linked: set[str] = set()
+    with _transaction(conn) as session:
+        rows = _claim(session, ids)
+        done.skipped = len(set(ids)) - len(rows)
+        handled = [r for r in rows if handler_for(r.type) is not None]
+        locked = _lock_accounts(session, [r.customer_id for r in handled if r.customer_id], wait=wait)
+        busy = any(r.customer_id and r.customer_id not in locked for r in handled)
+        config = get_billing_config()
+        statuses: list[dict[str, Any]] = []
+        cleared: list[int] = []
+        for row in rows:
+            handler = handler_for(row.type)
+            now = datetime.now(UTC)
+            if handler is None:
+                values = _status_values(row, EventStatus.IGNORED, now, reason=ignore_reason(row.type))
+                done.ignored += 1
+            elif (row.customer_id not in locked) if row.customer_id else busy:
+                # Another worker holds this customer (or, without a customer id, may): keep the order of its
+                # events by applying them one by one once this batch has committed.
+                deferred.append(row.id)
+                continue
+            else:
+                ctx = EventContext(session=session, row=row, event=decode(row), config=config, gateway=gateway)
+                try:
+                    outcome: Outcome = handler(ctx)
+                except Exception as exc:
+                    raise _EventFailed(row.id) from exc
+                linked |= ctx.linked_ids
+                status = EventStatus.IGNORED if outcome.ignored else EventStatus.PROCESSED
+                values = _status_values(row, status, now, reason=outcome.note or None)
+                if outcome.ignored:
+                    done.ignored += 1
+                else:
+                    done.processed += 1
+            statuses.append({"row_id": row.id, **values})
+            if row.status == EventStatus.WAITING:
+                cleared.append(row.id)
+        if statuses:
+            session.execute(_STATUS_UPDATE, statuses)
+        clear_waits(session, cleared)
+    report.processed += done.processed
+    report.ignored += done.ignored
+    report.skipped += done.skipped
+    return deferred, linked
+
+
 def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: BatchReport) -> list[int]:
     """Process a chunk in Stripe creation order; return the waiting events its grants unblocked.
 
-    Each event gets its own short transaction, so concurrent workers never hold each other's accounts locked
-    for longer than one event; the chunk keeps one connection for all of them.
+    The chunk goes in one transaction when it can (see :func:`_apply_batch`). An event that raises is set
+    aside and the rest runs again; events of customers busy in another worker go in a next pass that waits for
+    their accounts. What is left after :data:`BATCH_PASSES` passes (or after any other error) and the set-aside
+    events get a transaction each, where a failure is recorded on its event alone.
     """
     with get_engine().connect() as conn, _async_commits(conn):
-        with _transaction(conn) as session:
-            order = session.execute(
-                select(StripeEvent.id, StripeEvent.type)
-                .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
-                .order_by(StripeEvent.created, StripeEvent.id)
-            ).all()
-        report.skipped += len(set(ids)) - len(order)
-        without_handler = [event_row_id for event_row_id, event_type in order if handler_for(event_type) is None]
-        if without_handler:
-            _ignore_all(conn, without_handler, report)
         linked: set[str] = set()
-        for event_row_id, event_type in order:
-            if handler_for(event_type) is None:
-                continue
+        remaining = list(dict.fromkeys(ids))
+        set_aside: list[int] = []
+        wait = False
+        for _ in range(BATCH_PASSES):
+            if not remaining:
+                break
             try:
-                linked |= _apply_one(conn, event_row_id, gateway, report)
-            except Exception as exc:
+                remaining, got = _apply_batch(conn, remaining, gateway, report, wait=wait)
+            except _EventFailed as failed:
                 if conn.invalidated:
                     raise  # the connection is gone: the task retries the batch
-                _record_failure(conn, event_row_id, exc, report)
+                # Run the batch again without it; it gets a transaction of its own, where its error is recorded.
+                set_aside.append(failed.event_row_id)
+                remaining = [i for i in remaining if i != failed.event_row_id]
+                continue
+            except Exception as exc:
+                if conn.invalidated:
+                    raise
+                log.debug("batch_rolled_back", events=len(remaining), error=f"{type(exc).__name__}: {exc}")
+                break
+            linked |= got
+            # What was left had its customer busy in another worker: the next pass waits for those accounts.
+            wait = True
+        one_by_one = remaining + set_aside
+        if one_by_one:
+            linked |= _one_by_one(conn, one_by_one, gateway, report)
         if not linked:
             return []
         with _transaction(conn) as session:
             return events_waiting_for(session, linked)
+
+
+def _one_by_one(conn: Connection, ids: Sequence[int], gateway: StripeReader | None, report: BatchReport) -> set[str]:
+    """Apply events each in its own transaction, recording each failure on its event."""
+    with _transaction(conn) as session:
+        order = session.execute(
+            select(StripeEvent.id, StripeEvent.type)
+            .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
+            .order_by(StripeEvent.created, StripeEvent.id)
+        ).all()
+    report.skipped += len(set(ids)) - len(order)
+    without_handler = [event_row_id for event_row_id, event_type in order if handler_for(event_type) is None]
+    if without_handler:
+        _ignore_all(conn, without_handler, report)
+    linked: set[str] = set()
+    for event_row_id, event_type in order:
+        if handler_for(event_type) is None:
+            continue
+        try:
+            linked |= _apply_one(conn, event_row_id, gateway, report)
+        except Exception as exc:
+            if conn.invalidated:
+                raise  # the connection is gone: the task retries the batch
+            _record_failure(conn, event_row_id, exc, report)
+    return linked
 
 
 def process_events(
