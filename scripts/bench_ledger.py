@@ -306,7 +306,7 @@ def main() -> int:
     target = [r for r in rows if r[1] == 32]
     for name, _, rate, tps, _, _ in target:
         verdict = "meets" if rate >= 0.5 * tps else "below"
-        print(f"target at 32 workers, {name}: {rate / tps:.0%} of pgbench ({verdict} the 50% target)")
+        print(f"target at 32 workers, {name}: {rate / tps:.1%} of pgbench ({verdict} the 50% target)")
     print(f"ledger check on the hot account after the run: {violations} violation(s)")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
     return 0 if violations == 0 else 1
