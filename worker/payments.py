@@ -37,6 +37,15 @@ def link_payment(session: Session, grant_id: int, customer_id: str, object_ids: 
     return ids
 
 
+def customers_of_payments(session: Session, object_ids: Iterable[str]) -> dict[str, str]:
+    """The customer whose granted payment each of these Stripe ids belongs to (ids not linked are left out)."""
+    ids = sorted(set(object_ids))
+    if not ids:
+        return {}
+    rows = session.execute(select(PaymentLink.object_id, PaymentLink.customer_id).where(PaymentLink.object_id.in_(ids)))
+    return {object_id: customer_id for object_id, customer_id in rows if customer_id}
+
+
 def find_funded_grant(session: Session, object_ids: Iterable[str | None], *, unlinked: bool = True) -> Grant | None:
     """The grant funded by the payment any of these Stripe ids belongs to.
 

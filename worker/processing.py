@@ -32,8 +32,15 @@ from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import Account
 from worker.gateway import StripeReader, is_transient_stripe_error
 from worker.handlers import handler_for, ignore_reason
-from worker.handlers.base import ClaimedEvent, EventContext, Outcome, PermanentEventError, PrerequisiteMissing
-from worker.payments import clear_waits, events_waiting_for, record_waits
+from worker.handlers.base import (
+    ClaimedEvent,
+    EventContext,
+    Outcome,
+    PermanentEventError,
+    PrerequisiteMissing,
+    stripe_id,
+)
+from worker.payments import clear_waits, customers_of_payments, events_waiting_for, record_waits
 
 log = structlog.get_logger("worker.processing")
 
@@ -41,6 +48,8 @@ CLAIMABLE = (EventStatus.PENDING, EventStatus.WAITING)
 # Transient failures of one event before it is marked failed for a person to look at.
 MAX_TRANSIENT_ATTEMPTS = 8
 BATCH_SIZE = 100
+# Fields of a customer-less object (refund, dispute) that name the payment it belongs to.
+PAYMENT_FIELDS = ("payment_intent", "charge", "invoice")
 # Tries to apply what is left of a chunk in one transaction before the rest goes one event at a time.
 BATCH_PASSES = 4
 # PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, lock not available.
@@ -303,24 +312,49 @@ def _lock_accounts(session: Session, customer_ids: Sequence[str], *, wait: bool)
     return locked
 
 
+def _customers(session: Session, rows: Sequence[ClaimedEvent], events: dict[int, Any]) -> dict[int, str]:
+    """The customer each event's effect lands on, where known: its own, or the one whose payment it names.
+
+    Refunds and disputes carry no customer; the payment links of the charge or payment intent they name do.
+    """
+    found = {r.id: r.customer_id for r in rows if r.customer_id}
+    named: dict[int, list[str]] = {}
+    for row in rows:
+        if row.id not in found:
+            data = events[row.id].get("data")
+            obj = data.get("object") if isinstance(data, dict) else None
+            if isinstance(obj, dict):
+                named[row.id] = [i for i in (stripe_id(obj.get(k)) for k in PAYMENT_FIELDS) if i]
+    if named:
+        owners = customers_of_payments(session, [i for ids in named.values() for i in ids])
+        for row_id, ids in named.items():
+            owner = next((owners[i] for i in ids if i in owners), None)
+            if owner:
+                found[row_id] = owner
+    return found
+
+
 def _apply_batch(
     conn: Connection, ids: Sequence[int], gateway: StripeReader | None, report: BatchReport, *, wait: bool
-) -> tuple[list[int], set[str]]:
+) -> tuple[list[int], list[int], set[str]]:
     """Apply a chunk in one transaction: one claim, the accounts locked up front, one status write.
 
-    Returns the claimed events left for a later pass (their customer is busy in another worker) and the
-    Stripe ids that got a grant. Any error rolls the whole batch back (:class:`_EventFailed` names the event
-    that raised), so the report is only counted once the batch committed.
+    Returns the claimed events left for a later pass (their customer is busy in another worker), those set
+    aside to run one by one (they raised inside their savepoint), and the Stripe ids that got a grant. Any
+    other error rolls the whole batch back (:class:`_EventFailed` names the event that raised), so the report
+    is only counted once the batch committed.
     """
     done = BatchReport()
     deferred: list[int] = []
+    set_aside: list[int] = []
     linked: set[str] = set()
     with _transaction(conn) as session:
         rows = _claim(session, ids)
         done.skipped = len(set(ids)) - len(rows)
         handled = [r for r in rows if handler_for(r.type) is not None]
-        locked = _lock_accounts(session, [r.customer_id for r in handled if r.customer_id], wait=wait)
-        busy = any(r.customer_id and r.customer_id not in locked for r in handled)
+        events = {r.id: decode(r) for r in handled}
+        customers = _customers(session, handled, events)
+        locked = _lock_accounts(session, list(customers.values()), wait=wait)
         config = get_billing_config()
         statuses: list[dict[str, Any]] = []
         cleared: list[int] = []
@@ -330,17 +364,26 @@ def _apply_batch(
             if handler is None:
                 values = _status_values(row, EventStatus.IGNORED, now, reason=ignore_reason(row.type))
                 done.ignored += 1
-            elif (row.customer_id not in locked) if row.customer_id else busy:
-                # Another worker holds this customer (or, without a customer id, may): keep the order of its
-                # events by applying them one by one once this batch has committed.
+            elif row.id in customers and customers[row.id] not in locked:
+                # Another worker holds this customer: keep the order of its events by leaving them all for the
+                # next pass, which waits for the account.
                 deferred.append(row.id)
                 continue
             else:
-                ctx = EventContext(session=session, row=row, event=decode(row), config=config, gateway=gateway)
+                ctx = EventContext(session=session, row=row, event=events[row.id], config=config, gateway=gateway)
                 try:
-                    outcome: Outcome = handler(ctx)
+                    if row.id in customers:
+                        outcome: Outcome = handler(ctx)
+                    else:
+                        # No known customer (a refund or dispute of a payment not granted yet, mostly): it may
+                        # have to wait, so a savepoint keeps its failure from undoing the batch.
+                        with session.begin_nested():
+                            outcome = handler(ctx)
                 except Exception as exc:
-                    raise _EventFailed(row.id) from exc
+                    if row.id in customers or conn.invalidated:
+                        raise _EventFailed(row.id) from exc
+                    set_aside.append(row.id)
+                    continue
                 linked |= ctx.linked_ids
                 status = EventStatus.IGNORED if outcome.ignored else EventStatus.PROCESSED
                 values = _status_values(row, status, now, reason=outcome.note or None)
@@ -357,7 +400,7 @@ def _apply_batch(
     report.processed += done.processed
     report.ignored += done.ignored
     report.skipped += done.skipped
-    return deferred, linked
+    return deferred, set_aside, linked
 
 
 def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: BatchReport) -> list[int]:
@@ -377,7 +420,7 @@ def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: Bat
             if not remaining:
                 break
             try:
-                remaining, got = _apply_batch(conn, remaining, gateway, report, wait=wait)
+                remaining, failed_alone, got = _apply_batch(conn, remaining, gateway, report, wait=wait)
             except _EventFailed as failed:
                 if conn.invalidated:
                     raise  # the connection is gone: the task retries the batch
@@ -391,6 +434,7 @@ def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: Bat
                 log.debug("batch_rolled_back", events=len(remaining), error=f"{type(exc).__name__}: {exc}")
                 break
             linked |= got
+            set_aside += failed_alone
             # What was left had its customer busy in another worker: the next pass waits for those accounts.
             wait = True
         one_by_one = remaining + set_aside
