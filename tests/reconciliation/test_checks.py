@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -460,3 +461,40 @@ class TestProviderAndMargin:
 
             assert s.scalars(select(ReconciliationRun)).all() == []
             assert s.scalars(select(Mismatch)).all() == []
+
+
+class TestAgainstTheWorker:
+    def test_what_the_worker_makes_of_stripe_reconciles_clean(self, engine: Engine, emulator: Emulator) -> None:
+        """The ledger side built by the real worker from the stored events: reconciliation agrees with it."""
+        from ledger.inbox import parse_envelope, store_events
+        from worker.processing import process_events
+
+        store = emulator.store
+        a, c = store.create_customer().id, store.create_customer().id
+        _topup(emulator, a, "price_credits_large", skip=True)
+        _, _, refunded = _topup(emulator, a, skip=True)
+        _, _, lost = _topup(emulator, c, skip=True)
+        _, _, won = _topup(emulator, c, skip=True)
+        _, _, still_open = _topup(emulator, c, skip=True)
+        subs = [store.create_subscription(x) for x in (a, c)]
+        store.clock.advance(hours=1)
+        store.refund(refunded, 300)
+        d_lost, d_won = store.create_dispute(lost), store.create_dispute(won)
+        store.create_dispute(still_open)
+        store.clock.advance(hours=1)
+        store.close_dispute(d_lost, won=False)
+        store.close_dispute(d_won, won=True)
+        store.cancel_subscription(subs[1])
+        store.create_payment(c, 2500)
+        events = store.events()
+        with session_factory().begin() as s:
+            items = [(json.dumps(e, default=str).encode(), parse_envelope(e)) for e in events]
+            ids = list(store_events(s, items).values())
+        report = process_events(sorted(ids), gateway=emulator.gateway)
+        with Session(engine) as s:
+            stuck = s.scalars(
+                select(StripeEvent).where(StripeEvent.status.not_in([EventStatus.PROCESSED, EventStatus.IGNORED]))
+            ).all()
+        assert not stuck, [(e.type, e.status, e.last_error) for e in stuck]
+        summary = _run(emulator)
+        assert summary.counts == {}, (summary.counts, report)
