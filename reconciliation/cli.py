@@ -140,6 +140,38 @@ def run_nightly(now: datetime | None = None) -> RunSummary:
     return reconcile(session_factory(), _gateway(), since=since, until=until, actor="nightly")
 
 
+def margin_command(
+    since: Annotated[str, typer.Option("--since", help="Window start (ISO 8601, UTC if no offset).")],
+    until: Annotated[str, typer.Option("--until", help="Window end, exclusive (ISO 8601).")],
+    customer: Annotated[str | None, typer.Option("--customer")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Margin per customer, feature and model: credits sold against provider cost, for [since, until)."""
+    from reconciliation.margin import margin_rows
+
+    start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
+    if end <= start:
+        raise _fail("--until must be after --since", EXIT_USAGE)
+    with unit_of_work() as session:
+        rows = [r.as_dict() for r in margin_rows(session, since=start, until=end, customer_id=customer)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("customer", "feature", "model", "requests", "credits", "revenue $", "cost $", "margin $")
+    for r in rows:
+        table.add_row(
+            r["customer_id"],
+            r["feature"] or "",
+            r["model"] or "",
+            str(r["requests"]),
+            str(r["units"]),
+            r["revenue_usd"],
+            r["cost_usd"],
+            r["margin_usd"],
+        )
+    Console(width=max(160, Console().width)).print(table)
+
+
 # --- mismatches ------------------------------------------------------------------------------------------------
 
 
@@ -277,4 +309,5 @@ def export_command(
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root CLI."""
     app.command("reconcile")(reconcile_command)
+    app.command("margin")(margin_command)
     app.add_typer(mismatches_app, name="mismatches")

@@ -498,3 +498,47 @@ class TestAgainstTheWorker:
         assert not stuck, [(e.type, e.status, e.last_error) for e in stuck]
         summary = _run(emulator)
         assert summary.counts == {}, (summary.counts, report)
+
+
+class TestMarginReport:
+    def test_margin_per_customer_feature_and_model(self, engine: Engine, emulator: Emulator) -> None:
+        from reconciliation.margin import margin_rows
+
+        c = emulator.store.create_customer().id
+        _topup(emulator, c, "price_credits_large")  # $100 for 12,000 credits
+        at = emulator.start + timedelta(hours=3)
+        with session_factory().begin() as s:
+            for i, feature in enumerate(("chat", "chat", "search")):
+                b.record_usage(
+                    s,
+                    c,
+                    f"m{i}",
+                    provider="openai",
+                    model="gpt-4o-2024-08-06",
+                    workspace=None,
+                    at=at,
+                    input_tokens=1_000_000,
+                    output_tokens=0,
+                    feature=feature,
+                )
+            b.record_usage(
+                s,
+                c,
+                "m-free",
+                provider="openai",
+                model="gpt-4o-2024-08-06",
+                workspace=None,
+                at=at,
+                input_tokens=1_000_000,
+                output_tokens=0,
+                feature="search",
+                billable=False,
+            )
+        with Session(engine) as s:
+            rows = list(margin_rows(s, since=emulator.start, until=_until()))
+        assert [(r.feature, r.requests, r.units) for r in rows] == [("chat", 2, 1500), ("search", 2, 750)]
+        chat, search = rows
+        # 750 credits per million input tokens at $100/12,000 a credit; the provider charges $2.50 a million.
+        assert chat.revenue_usd == Decimal(1500) * 100 / 12000 == Decimal("12.5")
+        assert chat.cost_usd == Decimal("5.00") and chat.margin_usd == Decimal("7.5")
+        assert search.cost_usd == Decimal("5.00") and search.revenue_usd == Decimal("6.25")

@@ -353,6 +353,29 @@ class TestCli:
             assert run.actor == "nightly" and run.status is RunStatus.SUCCEEDED
         assert world["missing"]
 
+    def test_margin_command(self, engine: Engine, emulator: Emulator, cli: CliRunner) -> None:
+        c = emulator.store.create_customer().id
+        cs = emulator.store.topup(c, "price_credits_large")
+        with session_factory().begin() as s:
+            b.grant_topup(s, emulator.store, cs.id)
+            b.record_usage(
+                s,
+                c,
+                "r1",
+                provider="openai",
+                model="gpt-4o-2024-08-06",
+                workspace=None,
+                at=emulator.start + timedelta(hours=1),
+                input_tokens=1_000_000,
+                output_tokens=0,
+            )
+        since, until = emulator.start.isoformat(), _until().isoformat()
+        result = self._invoke(cli, "margin", "--since", since, "--until", until, "--json")
+        assert result.exit_code == 0, result.output
+        (row,) = json.loads(result.stdout)
+        assert (row["customer_id"], row["units"], row["cost_usd"]) == (c, 750, "2.5000000000")
+        assert self._invoke(cli, "margin", "--since", until, "--until", since).exit_code == 2
+
     def test_reconcile_when_stripe_is_unreachable(
         self, engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     ) -> None:
