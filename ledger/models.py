@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -34,12 +35,40 @@ from sqlalchemy import (
     Text,
     func,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from ledger.db import Base, BigId
 
-# Money from providers is USD with sub-cent precision (per-token prices); never a float.
-UsdAmount = Numeric(20, 10)
+
+class UsdAmount(TypeDecorator[Decimal]):
+    """USD with sub-cent precision (per-token prices), exact on every backend: never a float.
+
+    PostgreSQL stores NUMERIC(20, 10). SQLite has no decimal type (NUMERIC there means REAL, and SUM() adds
+    floats), so there the value is stored as an integer count of 10^-10 USD: sums stay integer sums, and come
+    back as exact Decimals.
+    """
+
+    impl = Numeric(20, 10)
+    cache_ok = True
+    _SCALE = 10
+
+    def process_bind_param(self, value: Decimal | int | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        if isinstance(value, float):
+            raise TypeError("USD amounts must be Decimal, not float")
+        return int(Decimal(value).scaleb(self._SCALE).to_integral_value())
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return Decimal(int(value)).scaleb(-self._SCALE).quantize(Decimal(1).scaleb(-self._SCALE))
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        # On SQLite the stored integer must not pass through Numeric's float conversion.
+        return dialect.type_descriptor(BigInteger() if dialect.name == "sqlite" else Numeric(20, 10))
 
 
 def _enum(cls: type[StrEnum], name: str) -> Enum:
@@ -247,7 +276,7 @@ class UsageRecord(Base):
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    provider_cost_usd: Mapped[Decimal] = mapped_column(UsdAmount, default=Decimal(0))
+    provider_cost_usd: Mapped[Decimal] = mapped_column(UsdAmount(), default=Decimal(0))
     units: Mapped[int] = mapped_column(BigInteger, default=0)
     billable: Mapped[bool] = mapped_column(Boolean, default=True)
     environment: Mapped[UsageEnvironment] = mapped_column(

@@ -315,7 +315,8 @@ def upgrade() -> None:
     sa.Column('input_tokens', sa.BigInteger(), nullable=False),
     sa.Column('output_tokens', sa.BigInteger(), nullable=False),
     sa.Column('cached_tokens', sa.BigInteger(), nullable=False),
-    sa.Column('provider_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    # Exact on SQLite too: integer 10^-10 USD there (see ledger.models.UsdAmount).
+    sa.Column('provider_cost_usd', sa.Numeric(precision=20, scale=10).with_variant(sa.BigInteger(), 'sqlite'), nullable=False),
     sa.Column('units', sa.BigInteger(), nullable=False),
     sa.Column('billable', sa.Boolean(), nullable=False),
     sa.Column('environment', sa.Enum('production', 'test', 'internal', name='usage_environment', native_enum=False, length=32), nullable=False),
