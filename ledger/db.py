@@ -74,7 +74,8 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_size", settings.database_pool_size)
     kwargs.setdefault("max_overflow", settings.database_pool_size)
-    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_pre_ping", settings.database_pool_pre_ping)
+    kwargs.setdefault("pool_recycle", settings.database_pool_recycle_seconds)
     return create_engine(url, **kwargs)
 
 
