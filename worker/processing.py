@@ -13,7 +13,7 @@ transaction each, where a failure or a missing prerequisite is recorded on the e
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,8 +50,11 @@ MAX_TRANSIENT_ATTEMPTS = 8
 BATCH_SIZE = 100
 # Fields of a customer-less object (refund, dispute) that name the payment it belongs to.
 PAYMENT_FIELDS = ("payment_intent", "charge", "invoice")
-# Tries to apply what is left of a chunk in one transaction before the rest goes one event at a time.
-BATCH_PASSES = 4
+# Events applied in one transaction: enough to share its fixed costs, few enough that a worker waiting for a
+# customer held by another one does not wait long.
+TRANSACTION_EVENTS = 20
+# Tries of a group in one transaction (each without the event that raised) before it goes one event at a time.
+BATCH_PASSES = 3
 # PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, lock not available.
 TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}
 
@@ -230,7 +233,14 @@ def _apply_one(conn: Connection, event_row_id: int, gateway: StripeReader | None
         row = rows[0]
         handler = handler_for(row.type)
         assert handler is not None
-        ctx = EventContext(session=session, row=row, event=decode(row), config=get_billing_config(), gateway=gateway)
+        event = decode(row)
+        # The account first, as in a batch: a handler's other rows (object versions, refund states) are only
+        # ever locked under it, so this transaction and a batch cannot wait on each other in a cycle.
+        customer = _customers(session, [row], {row.id: event}).get(row.id)
+        if customer is not None:
+            with suppress(_AccountsMissing):  # a new customer: the handler opens the account
+                _lock_accounts(session, [customer], wait=True)
+        ctx = EventContext(session=session, row=row, event=event, config=get_billing_config(), gateway=gateway)
         outcome: Outcome = handler(ctx)
         status = EventStatus.IGNORED if outcome.ignored else EventStatus.PROCESSED
         _write_status(session, row, _status_values(row, status, datetime.now(UTC), reason=outcome.note or None))
@@ -283,8 +293,16 @@ class _EventFailed(Exception):
         self.event_row_id = event_row_id
 
 
+class _AccountsMissing(Exception):
+    """A batch names customers without an account: open them first (see :func:`_open_accounts`), then retry."""
+
+    def __init__(self, customer_ids: list[str]) -> None:
+        super().__init__(customer_ids)
+        self.customer_ids = customer_ids
+
+
 def _lock_accounts(session: Session, customer_ids: Sequence[str], *, wait: bool) -> set[str]:
-    """Lock the accounts of these customers, opening new ones; return the customers locked.
+    """Lock the accounts of these customers; return the customers locked (raise when some have no account).
 
     Locks are taken in customer id order, so two batches cannot deadlock over accounts. Without ``wait``, an
     account another transaction holds is skipped (SKIP LOCKED): its customer's events are left for the next
@@ -304,12 +322,22 @@ def _lock_accounts(session: Session, customer_ids: Sequence[str], *, wait: bool)
     rest = [c for c in ordered if c not in locked]
     if rest:
         existing = set(session.scalars(select(_ACCOUNTS.c.customer_id).where(_ACCOUNTS.c.customer_id.in_(rest))))
-        for customer_id in rest:
-            if customer_id not in existing:
-                # A new customer: the row this transaction inserts is its own until it commits.
-                ledger_accounts.open_account(session, customer_id)
-                locked.add(customer_id)
+        missing = [c for c in rest if c not in existing]
+        if missing:
+            raise _AccountsMissing(missing)
     return locked
+
+
+def _open_accounts(conn: Connection, customer_ids: Sequence[str]) -> None:
+    """Open the accounts of new customers in a short transaction of their own, in customer id order.
+
+    Opened inside a batch, a new account's uncommitted row would make another worker opening the same one
+    wait for that whole batch (and could deadlock with it); an empty account is harmless, and the event
+    that needed it opens it anyway.
+    """
+    with _transaction(conn) as session:
+        for customer_id in sorted(set(customer_ids)):
+            ledger_accounts.open_account(session, customer_id)
 
 
 def _customers(session: Session, rows: Sequence[ClaimedEvent], events: dict[int, Any]) -> dict[int, str]:
@@ -406,38 +434,57 @@ def _apply_batch(
 def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: BatchReport) -> list[int]:
     """Process a chunk in Stripe creation order; return the waiting events its grants unblocked.
 
-    The chunk goes in one transaction when it can (see :func:`_apply_batch`). An event that raises is set
-    aside and the rest runs again; events of customers busy in another worker go in a next pass that waits for
-    their accounts. What is left after :data:`BATCH_PASSES` passes (or after any other error) and the set-aside
-    events get a transaction each, where a failure is recorded on its event alone.
+    The chunk goes in groups of :data:`TRANSACTION_EVENTS`, each in one transaction (see :func:`_apply_batch`),
+    short enough that a worker waiting for a customer another one holds does not wait long. Events of a busy
+    customer move on to the next group (all of that customer's events together, so their order holds); the
+    last group waits for their accounts. An event that raises is set aside and its group runs again without
+    it. Set-aside events, and a group that still fails, get a transaction per event, where a failure is
+    recorded on its event alone.
     """
     with get_engine().connect() as conn, _async_commits(conn):
+        with _transaction(conn) as session:
+            order = list(
+                session.scalars(
+                    select(StripeEvent.id)
+                    .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
+                    .order_by(StripeEvent.created, StripeEvent.id)
+                )
+            )
+        report.skipped += len(set(ids)) - len(order)
         linked: set[str] = set()
-        remaining = list(dict.fromkeys(ids))
-        set_aside: list[int] = []
-        wait = False
-        for _ in range(BATCH_PASSES):
-            if not remaining:
+        one_by_one: list[int] = []
+        carried: list[int] = []
+        while order or carried:
+            group, order = carried + order[:TRANSACTION_EVENTS], order[TRANSACTION_EVENTS:]
+            wait = not order  # the last group waits for busy customers instead of carrying them on
+            carried = []
+            for _ in range(BATCH_PASSES):
+                try:
+                    try:
+                        carried, failed_alone, got = _apply_batch(conn, group, gateway, report, wait=wait)
+                    except _AccountsMissing as missing:  # nothing was applied yet: open them, then go again
+                        _open_accounts(conn, missing.customer_ids)
+                        carried, failed_alone, got = _apply_batch(conn, group, gateway, report, wait=wait)
+                except _EventFailed as failed:
+                    if conn.invalidated:
+                        raise  # the connection is gone: the task retries the batch
+                    one_by_one.append(failed.event_row_id)
+                    group = [i for i in group if i != failed.event_row_id]
+                    continue
+                except Exception as exc:
+                    if conn.invalidated:
+                        raise
+                    log.debug("batch_rolled_back", events=len(group), error=f"{type(exc).__name__}: {exc}")
+                    one_by_one += group
+                    break
+                linked |= got
+                one_by_one += failed_alone
                 break
-            try:
-                remaining, failed_alone, got = _apply_batch(conn, remaining, gateway, report, wait=wait)
-            except _EventFailed as failed:
-                if conn.invalidated:
-                    raise  # the connection is gone: the task retries the batch
-                # Run the batch again without it; it gets a transaction of its own, where its error is recorded.
-                set_aside.append(failed.event_row_id)
-                remaining = [i for i in remaining if i != failed.event_row_id]
-                continue
-            except Exception as exc:
-                if conn.invalidated:
-                    raise
-                log.debug("batch_rolled_back", events=len(remaining), error=f"{type(exc).__name__}: {exc}")
-                break
-            linked |= got
-            set_aside += failed_alone
-            # What was left had its customer busy in another worker: the next pass waits for those accounts.
-            wait = True
-        one_by_one = remaining + set_aside
+            else:
+                one_by_one += group
+            if wait:
+                one_by_one += carried
+                carried = []
         if one_by_one:
             linked |= _one_by_one(conn, one_by_one, gateway, report)
         if not linked:
