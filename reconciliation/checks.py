@@ -972,3 +972,73 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
                 },
                 occurred_at=ctx.since,
             )
+
+
+# --- clawbacks that found the credits already spent ------------------------------------------------------------
+
+
+def check_clawback_debt(ctx: CheckContext) -> Iterator[Finding]:
+    """clawback_debt: a refund or lost dispute clawed back credits already spent; the ledger booked them as debt.
+
+    Nothing disagrees here: the ledger did what it should. It is a review item, because someone must decide
+    whether to recover the money, write the debt off, or suspend the customer.
+    """
+    stmt = (
+        select(
+            Entry.id,
+            Entry.units,
+            Entry.debt_delta,
+            Entry.frozen_delta,
+            Entry.reason,
+            Entry.stripe_object_id,
+            Entry.idempotency_key,
+            Entry.created_at,
+            Account.customer_id,
+            Account.debt.label("account_debt"),
+            Grant,
+        )
+        .join(Account, Account.id == Entry.account_id)
+        .join(Grant, Grant.id == Entry.grant_id)
+        .where(
+            Entry.kind == EntryKind.CLAWBACK,
+            Entry.debt_delta > 0,
+            Entry.created_at >= ctx.since,
+            Entry.created_at < ctx.until,
+        )
+        .order_by(Entry.id)
+        .execution_options(**STREAM)
+    )
+    for row in ctx.session.execute(stmt):
+        grant: Grant = row.Grant
+        # The entry moves -(taken from remaining + debt) units; frozen units it took are in frozen_delta.
+        wanted = -row.units - row.frozen_delta
+        yield Finding(
+            kind=MismatchKind.CLAWBACK_DEBT,
+            identity=f"entry:{row.id}",
+            summary=(
+                f"{row.customer_id} had already spent {row.debt_delta} of the credits clawed back from grant "
+                f"{grant.id} ({row.reason or 'clawback'}); recorded as debt"
+            ),
+            customer_id=row.customer_id,
+            currency=grant.currency,
+            unit="credits",
+            expected=wanted,
+            actual=wanted - row.debt_delta,
+            occurred_at=_utc(row.created_at),
+            evidence={
+                "stripe": {
+                    "object_id": row.stripe_object_id,
+                    "payment": grant.stripe_object_id,
+                    "events": _stored_events(ctx.session, [row.stripe_object_id, grant.stripe_object_id]),
+                },
+                "ledger": {
+                    "entry_id": row.id,
+                    "idempotency_key": row.idempotency_key,
+                    "clawback_units": wanted,
+                    "recovered_from_grant": wanted - row.debt_delta,
+                    "debt_recorded": row.debt_delta,
+                    "account_debt_now": row.account_debt,
+                    "grant": _grant_evidence(grant),
+                },
+            },
+        )

@@ -38,6 +38,7 @@ WINDOWED_KINDS = (
     MismatchKind.CUSTOMER_TOTAL_MISMATCH,
     MismatchKind.NEGATIVE_MARGIN,
     MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
+    MismatchKind.CLAWBACK_DEBT,
 )
 # Kinds about the current state: every run sees all of it.
 GLOBAL_KINDS = (MismatchKind.ACCESS_STATE_DRIFT, MismatchKind.UNPROCESSED_EVENT)
@@ -53,6 +54,7 @@ CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ..
     ("customer_totals", checks.check_customer_totals),
     ("providers", checks.check_providers),
     ("margin", checks.check_margin),
+    ("clawback_debt", checks.check_clawback_debt),
 )
 
 

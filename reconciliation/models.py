@@ -37,6 +37,8 @@ class MismatchKind(StrEnum):
     PROVIDER_USAGE_DRIFT = "provider_usage_drift"
     NEGATIVE_MARGIN = "negative_margin"
     NON_BILLABLE_PRODUCTION_USAGE = "non_billable_production_usage"
+    # A refund or lost dispute clawed back credits the customer had already spent: recorded as debt.
+    CLAWBACK_DEBT = "clawback_debt"
 
 
 class MismatchStatus(StrEnum):

@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from ledger.db import session_factory
@@ -282,6 +282,36 @@ class TestRefundsAndDisputes:
             (MismatchKind.DISPUTE_NOT_APPLIED, won_d.id),
         )
         assert fine_d.id
+
+
+class TestClawbackDebt:
+    def test_a_refund_of_spent_credits_is_a_review_item_with_the_debt(self, engine: Engine, emulator: Emulator) -> None:
+        from ledger.consume import consume
+
+        store = emulator.store
+        spender, saver = store.create_customer().id, store.create_customer().id
+        _, pi_spent, spent_charge = _topup(emulator, spender)  # 1,000 credits for $10
+        _, pi_kept, kept_charge = _topup(emulator, saver)
+        with session_factory().begin() as s:
+            consume(s, spender, request_id="spend-700", units=700)
+        store.refund(spent_charge)
+        store.refund(kept_charge)
+        with session_factory().begin() as s:
+            b.claw_refund(s, b.grant_of(s, pi_spent), 1000, "refund-spent")
+            b.claw_refund(s, b.grant_of(s, pi_kept), 1000, "refund-kept")
+        _store_events(emulator)
+        _run(emulator)
+        with Session(engine) as s:
+            found = s.scalars(select(Mismatch)).all()
+        assert [(m.kind, m.customer_id) for m in found] == [(MismatchKind.CLAWBACK_DEBT, spender)]
+        item = found[0]
+        # 1,000 credits clawed back, 300 recovered from the grant, 700 already spent: debt.
+        assert (item.expected_amount, item.actual_amount) == (1000, 300)
+        assert item.evidence["ledger"]["debt_recorded"] == 700
+        assert item.evidence["ledger"]["grant"]["stripe_object_id"] == pi_spent
+        _run(emulator)
+        with Session(engine) as s:
+            assert s.scalar(select(func.count()).select_from(Mismatch)) == 1
 
 
 class TestStateChecks:
