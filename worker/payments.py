@@ -54,11 +54,12 @@ def find_funded_grant(session: Session, object_ids: Iterable[str | None], *, unl
     ids = [i for i in dict.fromkeys(object_ids) if i]
     if not ids:
         return None
-    grant_id = session.scalars(select(PaymentLink.grant_id).where(PaymentLink.object_id.in_(ids)).limit(1)).first()
-    if grant_id is not None:
-        return session.get(Grant, grant_id)
-    if not unlinked:
-        return None
+    # The grant through its link, in one statement (not the link, then the grant).
+    linked = session.scalars(
+        select(Grant).join(PaymentLink, PaymentLink.grant_id == Grant.id).where(PaymentLink.object_id.in_(ids)).limit(1)
+    ).first()
+    if linked is not None or not unlinked:
+        return linked
     if len(ids) == 1:
         found = ledger_grants.find_grants_for_payment(session, ids[0])
         return found[0] if found else None
@@ -110,20 +111,24 @@ class RefundApplied:
     """What one refund event changed: the refunded total counted for the grant and the units clawed now."""
 
     refunded_minor: int
+    # What the grant's payment was (read before the clawback, which expires the grant's loaded copy).
+    paid_minor: int
     clawed_now: int
     clawed_total: int
     debt: int
 
 
 def _lock_refund_state(session: Session, grant_id: int) -> GrantRefundState:
-    session.execute(
+    # One upsert: creates the row for a grant's first refund and locks it either way (ON CONFLICT DO UPDATE
+    # takes the row lock, like SELECT ... FOR UPDATE).
+    stmt = (
         _insert(session, GrantRefundState)
         .values(grant_id=grant_id, refunded_minor=0, clawed_units=0)
-        .on_conflict_do_nothing(index_elements=["grant_id"])
+        .on_conflict_do_update(index_elements=["grant_id"], set_={"grant_id": grant_id})
+        .returning(GrantRefundState)
     )
-    return session.scalars(
-        select(GrantRefundState).where(GrantRefundState.grant_id == grant_id).with_for_update()
-    ).one()
+    state: GrantRefundState = session.scalars(stmt, execution_options={"populate_existing": True}).one()
+    return state
 
 
 def _refunded_total(session: Session, grant_id: int) -> int:
@@ -180,4 +185,6 @@ def record_refund(
         debt = result.debt
         state.clawed_units = target
     state.refunded_minor = max(state.refunded_minor, total)
-    return RefundApplied(refunded_minor=total, clawed_now=clawed_now, clawed_total=state.clawed_units, debt=debt)
+    return RefundApplied(
+        refunded_minor=total, paid_minor=paid, clawed_now=clawed_now, clawed_total=state.clawed_units, debt=debt
+    )

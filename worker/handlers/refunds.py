@@ -34,6 +34,7 @@ def _combine(steps: list[RefundApplied]) -> RefundApplied:
     last = steps[-1]
     return RefundApplied(
         refunded_minor=last.refunded_minor,
+        paid_minor=last.paid_minor,
         clawed_now=sum(s.clawed_now for s in steps),
         clawed_total=last.clawed_total,
         debt=sum(s.debt for s in steps),
@@ -43,7 +44,7 @@ def _combine(steps: list[RefundApplied]) -> RefundApplied:
 def _outcome(ctx: EventContext, grant: Grant, applied: RefundApplied, what: str) -> Outcome:
     if applied.debt:
         flag_debt(ctx, grant, units=applied.debt, what=what)
-    note = f"{what}: refunded {applied.refunded_minor} of {grant.amount_minor}; clawed {applied.clawed_now} units"
+    note = f"{what}: refunded {applied.refunded_minor} of {applied.paid_minor}; clawed {applied.clawed_now} units"
     return Outcome.processed(note + (f" ({applied.debt} already spent, recorded as debt)" if applied.debt else ""))
 
 
