@@ -112,7 +112,7 @@ class TestConsumeCommand:
             "u1",
         )
 
-        assert (code, body["units"]) == (EXIT_OK, 251) and body["usage_id"] is not None
+        assert (code, body["units"]) == (EXIT_OK, 502) and body["usage_id"] is not None
 
     def test_prices_an_operation(self, engine: Engine) -> None:
         customer = make_account()

@@ -218,14 +218,14 @@ class TestConsume:
     def test_usage_is_priced_from_model_tokens_rounding_up(self, ledger_engine: Engine) -> None:
         customer = make_account()
         make_grant(customer_id=customer, units=100)
-        usage = make_usage(input_tokens=1001, output_tokens=2000)  # 0.25025 + 2 credits -> 3
+        usage = make_usage(input_tokens=1001, output_tokens=2000)  # 0.5005 + 4 credits -> 5
 
         result = make_consume(customer_id=customer, units=None, usage=usage)
 
-        assert result.units == 3 and result.usage_id is not None
+        assert result.units == 5 and result.usage_id is not None
         with unit_of_work() as session:
             record = session.get_one(UsageRecord, result.usage_id)
-            assert (record.units, record.input_tokens, record.output_tokens, record.feature) == (3, 1001, 2000, "chat")
+            assert (record.units, record.input_tokens, record.output_tokens, record.feature) == (5, 1001, 2000, "chat")
             assert record.provider_cost_usd == Decimal("0.0225025")
 
     def test_usage_is_priced_from_operation(self, ledger_engine: Engine) -> None:
@@ -314,12 +314,12 @@ class TestPriceUsage:
             output_tokens=1,
             cached_tokens=1_000_000,
         )
-        # 300 + 0.0015 + 30 = 330.0015 -> 331
-        assert price_usage(usage, get_billing_config()) == 331
+        # 600 + 0.003 + 60 = 660.003 -> 661
+        assert price_usage(usage, get_billing_config()) == 661
 
     def test_exact_price_is_not_rounded(self) -> None:
         usage = UsageInput(model="gpt-4o-2024-08-06", input_tokens=4_000_000)
-        assert price_usage(usage, get_billing_config()) == 1000
+        assert price_usage(usage, get_billing_config()) == 2000
 
     def test_non_billable_usage_is_free(self) -> None:
         assert price_usage(UsageInput(operation="video", billable=False), get_billing_config()) == 0

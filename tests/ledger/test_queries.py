@@ -68,10 +68,10 @@ class TestUsageSummary:
 
         by_key = {r.key: r for r in rows}
         assert set(by_key) == {"chat", "search"}
-        assert (by_key["chat"].requests, by_key["chat"].credits, by_key["chat"].output_tokens) == (2, 250, 100_000)
-        assert by_key["search"].credits == 100 and by_key["search"].provider_cost_usd == Decimal("1.0")
-        # 250 credits at 1 credit per cent = $2.50; the chat rows cost $2.50 + $1.00 (list price of the free one).
-        assert by_key["chat"].margin == Decimal("2.5") - by_key["chat"].provider_cost_usd
+        assert (by_key["chat"].requests, by_key["chat"].credits, by_key["chat"].output_tokens) == (2, 500, 100_000)
+        assert by_key["search"].credits == 200 and by_key["search"].provider_cost_usd == Decimal("1.0")
+        # 500 credits at 1 credit per cent = $5.00; the chat rows cost $2.50 + $1.00 (list price of the free one).
+        assert by_key["chat"].margin == Decimal("5") - by_key["chat"].provider_cost_usd
 
     @pytest.mark.parametrize("group_by", ["day", "model", "user"])
     def test_other_groupings_count_every_request(self, engine: Engine, group_by: str) -> None:

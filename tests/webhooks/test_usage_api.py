@@ -93,8 +93,8 @@ class TestConsume:
         fund("cus_a", 100)
         response = client.post("/v1/usage", json=usage(request_id="p"), headers=AUTH)
         assert response.status_code == 201, response.text
-        # 1000 input at 250/M and 500 output at 1000/M: 0.25 + 0.5 credits, rounded up.
-        assert response.json()["units"] == 1
+        # 1000 input at 500/M and 500 output at 2000/M: 0.5 + 1.0 credits, rounded up.
+        assert response.json()["units"] == 2
 
     def test_insufficient_credits_is_402_with_available(self, client: TestClient) -> None:
         fund("cus_a", 5)

@@ -175,8 +175,8 @@ def meter_live(client: UsageClient, ids: dict[str, str]) -> LiveOutcome:
         tokens(cleo, oa, mini, user="cleo-u3", feature="search", inp=200_000, out=40_000),
         tokens(dan, oa, gpt4o, user="dan-u1", feature="chat", inp=100_000, out=25_000),
         # Eve spends most of her small pack (two long generations of 800 credits in all) before her dispute.
-        tokens(eve, oa, gpt4o, user="eve-u1", feature="chat", out=400_000),
-        tokens(eve, oa, gpt4o, user="eve-u1", feature="chat", out=400_000),
+        tokens(eve, oa, gpt4o, user="eve-u1", feature="chat", out=200_000),
+        tokens(eve, oa, gpt4o, user="eve-u1", feature="chat", out=200_000),
     ):
         client.post("usage", "/v1/usage", body, key=_key("usage"))
     client.post(

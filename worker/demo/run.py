@@ -251,10 +251,12 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
         fixtures = env.provider_fixture_dir()
         if fixtures.is_dir() and metering.provider_reports(fixtures):
             plan = metering.plan_provider_usage(fixtures, get_billing_config())
+            # The reports' volumes are real-sized (tens of dollars a day): they go to the customers whose
+            # credits cover them, the top-up buyer and the Team plan that rolls over.
             owners = {
                 ("openai", "proj_Ab12Cd34Ef56Gh78"): ids["ada"],
-                ("openai", None): ids["cleo"],
-                ("anthropic", None): ids["ben"],
+                ("openai", None): ids["ada"],
+                ("anthropic", None): ids["cleo"],
             }
             n = metering.meter_provider_days(client, plan, owners)
             progress.done(
