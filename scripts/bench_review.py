@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+from reconciliation.models import MismatchKind
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import Engine, make_url, text
@@ -30,22 +32,7 @@ DEEP_LIST = "mismatch list, open, deep keyset page (3/4 down)"
 DEEP_LEDGER = "customer ledger, deep cursor page (99% down)"
 OTHER_CUSTOMERS = 1000
 RUNS = 365
-KINDS = (
-    "payment_without_grant",
-    "grant_without_payment",
-    "amount_mismatch",
-    "duplicate_grant",
-    "refund_not_clawed_back",
-    "dispute_not_applied",
-    "access_state_drift",
-    "unprocessed_event",
-    "missed_event",
-    "customer_total_mismatch",
-    "provider_cost_drift",
-    "provider_usage_drift",
-    "negative_margin",
-    "non_billable_production_usage",
-)
+KINDS = tuple(kind.value for kind in MismatchKind)
 
 
 def _timed(label: str, fn: Callable[[], object]) -> None:
