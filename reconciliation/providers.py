@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -213,68 +213,72 @@ def _results(bucket: Any, where: str) -> list[Any]:
     return results
 
 
+def _bucket_results(
+    doc: Mapping[str, Any], days: set[date], *, start_key: str, day_of: Callable[[Any, str], date]
+) -> Iterator[tuple[date, str, Mapping[str, Any]]]:
+    """Each result of a bucketed report, with its bucket's day and its place (``data[0].results[1]``).
+
+    Every bucket's day goes into ``days``, an empty one too: a day with no results was still reported.
+    """
+    for b, bucket in enumerate(_buckets(doc)):
+        where = f"data[{b}]"
+        results = _results(bucket, where)
+        day = day_of(_get(bucket, start_key, where), f"{where}.{start_key}")
+        days.add(day)
+        for r, res in enumerate(results):
+            yield day, f"{where}.results[{r}]", res
+
+
 # --- OpenAI ----------------------------------------------------------------------------------------------------
 
 
 def _openai_costs(doc: Mapping[str, Any], name: str) -> tuple[list[ProviderRow], set[date]]:
     rows: list[ProviderRow] = []
     days: set[date] = set()
-    for b, bucket in enumerate(_buckets(doc)):
-        where = f"data[{b}]"
-        results = _results(bucket, where)
-        day = _epoch_day(_get(bucket, "start_time", where), f"{where}.start_time")
-        days.add(day)
-        for r, res in enumerate(results):
-            at = f"{where}.results[{r}]"
-            amount = _get(res, "amount", at)
-            if not isinstance(amount, Mapping):
-                raise _Problem(f"{at}.amount: not an object")
-            _currency(amount.get("currency"), f"{at}.amount.currency")
-            line_item = _str_or_none(res.get("line_item"), f"{at}.line_item")
-            model, _ = _split_line_item(line_item)
-            rows.append(
-                ProviderRow(
-                    provider="openai",
-                    kind=ReportKind.COST,
-                    day=day,
-                    model=model,
-                    scope=_str_or_none(res.get("project_id"), f"{at}.project_id"),
-                    cost_usd=_decimal(_get(amount, "value", f"{at}.amount"), f"{at}.amount.value"),
-                    line_item=line_item,
-                    source=f"{name}:{at}",
-                )
+    for day, at, res in _bucket_results(doc, days, start_key="start_time", day_of=_epoch_day):
+        amount = _get(res, "amount", at)
+        if not isinstance(amount, Mapping):
+            raise _Problem(f"{at}.amount: not an object")
+        _currency(amount.get("currency"), f"{at}.amount.currency")
+        line_item = _str_or_none(res.get("line_item"), f"{at}.line_item")
+        model, _ = _split_line_item(line_item)
+        rows.append(
+            ProviderRow(
+                provider="openai",
+                kind=ReportKind.COST,
+                day=day,
+                model=model,
+                scope=_str_or_none(res.get("project_id"), f"{at}.project_id"),
+                cost_usd=_decimal(_get(amount, "value", f"{at}.amount"), f"{at}.amount.value"),
+                line_item=line_item,
+                source=f"{name}:{at}",
             )
+        )
     return rows, days
 
 
 def _openai_usage(doc: Mapping[str, Any], name: str, *, embeddings: bool) -> tuple[list[ProviderRow], set[date]]:
     rows: list[ProviderRow] = []
     days: set[date] = set()
-    for b, bucket in enumerate(_buckets(doc)):
-        where = f"data[{b}]"
-        results = _results(bucket, where)
-        day = _epoch_day(_get(bucket, "start_time", where), f"{where}.start_time")
-        days.add(day)
-        for r, res in enumerate(results):
-            at = f"{where}.results[{r}]"
-            total_input = _int(_get(res, "input_tokens", at), f"{at}.input_tokens")
-            cached = 0 if embeddings else _int(res.get("input_cached_tokens"), f"{at}.input_cached_tokens")
-            if cached > total_input:
-                raise _Problem(f"{at}: input_cached_tokens {cached} exceeds input_tokens {total_input}")
-            rows.append(
-                ProviderRow(
-                    provider="openai",
-                    kind=ReportKind.USAGE,
-                    day=day,
-                    model=_str_or_none(res.get("model"), f"{at}.model"),
-                    scope=_str_or_none(res.get("project_id"), f"{at}.project_id"),
-                    input_tokens=total_input - cached,
-                    output_tokens=0 if embeddings else _int(res.get("output_tokens"), f"{at}.output_tokens"),
-                    cached_tokens=cached,
-                    requests=_int(res.get("num_model_requests"), f"{at}.num_model_requests"),
-                    source=f"{name}:{at}",
-                )
+    for day, at, res in _bucket_results(doc, days, start_key="start_time", day_of=_epoch_day):
+        total_input = _int(_get(res, "input_tokens", at), f"{at}.input_tokens")
+        cached = 0 if embeddings else _int(res.get("input_cached_tokens"), f"{at}.input_cached_tokens")
+        if cached > total_input:
+            raise _Problem(f"{at}: input_cached_tokens {cached} exceeds input_tokens {total_input}")
+        rows.append(
+            ProviderRow(
+                provider="openai",
+                kind=ReportKind.USAGE,
+                day=day,
+                model=_str_or_none(res.get("model"), f"{at}.model"),
+                scope=_str_or_none(res.get("project_id"), f"{at}.project_id"),
+                input_tokens=total_input - cached,
+                output_tokens=0 if embeddings else _int(res.get("output_tokens"), f"{at}.output_tokens"),
+                cached_tokens=cached,
+                requests=_int(res.get("num_model_requests"), f"{at}.num_model_requests"),
+                source=f"{name}:{at}",
             )
+        )
     return rows, days
 
 
@@ -322,64 +326,51 @@ def _openai_cost_csv(text: str, name: str) -> tuple[list[ProviderRow], set[date]
 def _anthropic_cost(doc: Mapping[str, Any], name: str) -> tuple[list[ProviderRow], set[date]]:
     rows: list[ProviderRow] = []
     days: set[date] = set()
-    for b, bucket in enumerate(_buckets(doc)):
-        where = f"data[{b}]"
-        results = _results(bucket, where)
-        day = _iso_day(_get(bucket, "starting_at", where), f"{where}.starting_at")
-        days.add(day)
-        for r, res in enumerate(results):
-            at = f"{where}.results[{r}]"
-            _currency(_get(res, "currency", at), f"{at}.currency")
-            amount = _get(res, "amount", at)
-            if not isinstance(amount, str):
-                # The API sends a decimal string; a bare number would mean a different (unknown) schema.
-                raise _Problem(f"{at}.amount: expected a decimal string in cents, got {amount!r}")
-            cents = _decimal(amount, f"{at}.amount")
-            rows.append(
-                ProviderRow(
-                    provider="anthropic",
-                    kind=ReportKind.COST,
-                    day=day,
-                    model=_str_or_none(res.get("model"), f"{at}.model"),
-                    scope=_str_or_none(res.get("workspace_id"), f"{at}.workspace_id"),
-                    cost_usd=cents / CENTS,
-                    line_item=_str_or_none(res.get("description"), f"{at}.description"),
-                    source=f"{name}:{at}",
-                )
+    for day, at, res in _bucket_results(doc, days, start_key="starting_at", day_of=_iso_day):
+        _currency(_get(res, "currency", at), f"{at}.currency")
+        amount = _get(res, "amount", at)
+        if not isinstance(amount, str):
+            # The API sends a decimal string; a bare number would mean a different (unknown) schema.
+            raise _Problem(f"{at}.amount: expected a decimal string in cents, got {amount!r}")
+        cents = _decimal(amount, f"{at}.amount")
+        rows.append(
+            ProviderRow(
+                provider="anthropic",
+                kind=ReportKind.COST,
+                day=day,
+                model=_str_or_none(res.get("model"), f"{at}.model"),
+                scope=_str_or_none(res.get("workspace_id"), f"{at}.workspace_id"),
+                cost_usd=cents / CENTS,
+                line_item=_str_or_none(res.get("description"), f"{at}.description"),
+                source=f"{name}:{at}",
             )
+        )
     return rows, days
 
 
 def _anthropic_usage(doc: Mapping[str, Any], name: str) -> tuple[list[ProviderRow], set[date]]:
     rows: list[ProviderRow] = []
     days: set[date] = set()
-    for b, bucket in enumerate(_buckets(doc)):
-        where = f"data[{b}]"
-        results = _results(bucket, where)
-        day = _iso_day(_get(bucket, "starting_at", where), f"{where}.starting_at")
-        days.add(day)
-        for r, res in enumerate(results):
-            at = f"{where}.results[{r}]"
-            creation = res.get("cache_creation") or {}
-            if not isinstance(creation, Mapping):
-                raise _Problem(f"{at}.cache_creation: not an object")
-            cache_writes = sum(
-                _int(v, f"{at}.cache_creation.{k}") for k, v in creation.items() if k.endswith("_input_tokens")
+    for day, at, res in _bucket_results(doc, days, start_key="starting_at", day_of=_iso_day):
+        creation = res.get("cache_creation") or {}
+        if not isinstance(creation, Mapping):
+            raise _Problem(f"{at}.cache_creation: not an object")
+        cache_writes = sum(
+            _int(v, f"{at}.cache_creation.{k}") for k, v in creation.items() if k.endswith("_input_tokens")
+        )
+        rows.append(
+            ProviderRow(
+                provider="anthropic",
+                kind=ReportKind.USAGE,
+                day=day,
+                model=_str_or_none(res.get("model"), f"{at}.model"),
+                scope=_str_or_none(res.get("workspace_id"), f"{at}.workspace_id"),
+                input_tokens=_int(_get(res, "uncached_input_tokens", at), f"{at}.uncached_input_tokens") + cache_writes,
+                output_tokens=_int(_get(res, "output_tokens", at), f"{at}.output_tokens"),
+                cached_tokens=_int(res.get("cache_read_input_tokens"), f"{at}.cache_read_input_tokens"),
+                source=f"{name}:{at}",
             )
-            rows.append(
-                ProviderRow(
-                    provider="anthropic",
-                    kind=ReportKind.USAGE,
-                    day=day,
-                    model=_str_or_none(res.get("model"), f"{at}.model"),
-                    scope=_str_or_none(res.get("workspace_id"), f"{at}.workspace_id"),
-                    input_tokens=_int(_get(res, "uncached_input_tokens", at), f"{at}.uncached_input_tokens")
-                    + cache_writes,
-                    output_tokens=_int(_get(res, "output_tokens", at), f"{at}.output_tokens"),
-                    cached_tokens=_int(res.get("cache_read_input_tokens"), f"{at}.cache_read_input_tokens"),
-                    source=f"{name}:{at}",
-                )
-            )
+        )
     return rows, days
 
 
