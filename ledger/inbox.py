@@ -261,6 +261,8 @@ def _store_events_unnest(session: Session, rows: Sequence[dict[str, Any]]) -> di
     return {event_id: row_id for event_id, row_id in session.execute(_UNNEST_INSERT, params).all()}
 
 
-def get_event(session: Session, event_id: str) -> StripeEvent | None:
-    """The stored event with this Stripe id (evt_...), if any."""
-    return session.scalars(select(StripeEvent).where(StripeEvent.event_id == event_id)).one_or_none()
+def get_event(session: Session, ident: str) -> StripeEvent | None:
+    """The stored event with this Stripe id (evt_...) or this row id, if any."""
+    if ident.isdigit():
+        return session.get(StripeEvent, int(ident))
+    return session.scalars(select(StripeEvent).where(StripeEvent.event_id == ident)).one_or_none()

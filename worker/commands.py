@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from ledger.cli import EXIT_UNKNOWN, EXIT_USAGE
 from ledger.db import unit_of_work
-from ledger.inbox import EventStatus, StripeEvent
+from ledger.inbox import EventStatus, StripeEvent, get_event
 
 events_app = typer.Typer(help="Stored Stripe events: list, show, replay, backfill.", no_args_is_help=True)
 
@@ -44,12 +44,6 @@ def _summary(row: StripeEvent) -> dict[str, Any]:
         "processed_at": row.processed_at.isoformat() if row.processed_at else None,
         "next_attempt_at": row.next_attempt_at.isoformat() if row.next_attempt_at else None,
     }
-
-
-def _find(session: Any, ident: str) -> StripeEvent | None:
-    if ident.isdigit():
-        return session.get(StripeEvent, int(ident))
-    return session.scalars(select(StripeEvent).where(StripeEvent.event_id == ident)).one_or_none()
 
 
 @events_app.command("list")
@@ -89,7 +83,7 @@ def show_event(
 ) -> None:
     """Show one stored event: what we did with it, and its raw payload."""
     with unit_of_work() as session:
-        row = _find(session, ident)
+        row = get_event(session, ident)
         if row is None:
             typer.echo(f"error: no stored event {ident!r}", err=True)
             raise typer.Exit(EXIT_UNKNOWN)
@@ -114,7 +108,7 @@ def replay_events(
         raise typer.Exit(EXIT_USAGE)
     with unit_of_work() as session:
         if ident is not None:
-            row = _find(session, ident)
+            row = get_event(session, ident)
             if row is None:
                 typer.echo(f"error: no stored event {ident!r}", err=True)
                 raise typer.Exit(EXIT_UNKNOWN)

@@ -317,10 +317,3 @@ def usage_breakdown(
         rows = [s.row(key, credit_value) for key, s in sums[dimension].items()]
         out[dimension] = sorted(rows, key=lambda r: (-r.provider_cost_usd, r.key))[:limit]
     return out
-
-
-def stored_event(session: Session, event_id: str) -> StripeEvent | None:
-    """A stored Stripe event by its evt_ id or by our row id."""
-    if event_id.isdigit():
-        return session.get(StripeEvent, int(event_id))
-    return session.scalars(select(StripeEvent).where(StripeEvent.event_id == event_id)).one_or_none()

@@ -13,7 +13,7 @@ from starlette.responses import RedirectResponse, Response
 
 from ledger.config import get_billing_config
 from ledger.db import session_factory
-from ledger.inbox import StripeEvent
+from ledger.inbox import StripeEvent, get_event
 from ledger.logs import get_logger
 from ledger.models import Account, EntryKind
 from webhooks.review import cases, customers
@@ -200,7 +200,7 @@ async def customer_page(request: Request) -> Response:
 
 def _load_event(event_id: str) -> StripeEvent | None:
     with session_factory()() as session:
-        return customers.stored_event(session, event_id)
+        return get_event(session, event_id)
 
 
 async def event_page(request: Request) -> Response:
