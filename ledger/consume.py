@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from ledger import pgfast
 from ledger.config import get_billing_config
+from ledger.db import get_engine, unit_of_work
 from ledger.errors import IdempotencyConflict, InsufficientCredits, InvalidRequest
 from ledger.models import EntryKind, UsageRecord
 from ledger.posting import (
@@ -34,7 +35,7 @@ from ledger.posting import (
 )
 from ledger.pricing import UsageInput, price_usage, provider_cost
 
-__all__ = ["ConsumeResult", "UsageInput", "consume", "price_usage"]
+__all__ = ["ConsumeResult", "UsageInput", "consume", "consume_standalone", "price_usage"]
 
 USAGE: Table = UsageRecord.__table__  # type: ignore[assignment]
 
@@ -127,9 +128,53 @@ def consume(
     require_key("request_id", request_id)
     charge = charge_for(units, usage)
     digest = consume_digest(customer_id, units, usage)
+    return consume_priced(
+        session,
+        customer_id,
+        request_id=request_id,
+        charge=charge,
+        digest=digest,
+        usage=usage,
+        actor=actor,
+        reason=reason,
+        now=utcnow(),
+    )
+
+
+def consume_standalone(
+    customer_id: str,
+    *,
+    request_id: str,
+    units: int | None = None,
+    usage: UsageInput | None = None,
+    actor: str = "api",
+    reason: str = "",
+) -> ConsumeResult:
+    """:func:`consume` as a whole unit of work of its own, committed when it returns.
+
+    For an edge whose unit of work is this one consumption (the usage API, the CLI); same results and errors.
+    On PostgreSQL it is one statement in autocommit on a pooled connection, without a session: one round trip
+    where a unit of work takes three (BEGIN, the call, COMMIT). Elsewhere, ``consume`` in a ``unit_of_work``.
+    """
+    require_key("request_id", request_id)
+    charge = charge_for(units, usage)
+    digest = consume_digest(customer_id, units, usage)
     now = utcnow()
-    if pgfast.enabled(session):
-        return pgfast.consume(
+    engine = get_engine()
+    if pgfast.enabled_for(engine):
+        return pgfast.consume_autocommit(
+            engine,
+            customer_id,
+            request_id=request_id,
+            charge=charge,
+            digest=digest,
+            usage=usage,
+            actor=actor,
+            reason=reason,
+            now=now,
+        )
+    with unit_of_work() as session:
+        return consume_priced(
             session,
             customer_id,
             request_id=request_id,
@@ -140,7 +185,23 @@ def consume(
             reason=reason,
             now=now,
         )
-    return consume_in_python(
+
+
+def consume_priced(
+    session: Session,
+    customer_id: str,
+    *,
+    request_id: str,
+    charge: int,
+    digest: str,
+    usage: UsageInput | None,
+    actor: str,
+    reason: str,
+    now: datetime,
+) -> ConsumeResult:
+    """A checked and priced consumption, through the PostgreSQL function when installed, else in Python."""
+    consume_path = pgfast.consume if pgfast.enabled(session) else consume_in_python
+    return consume_path(
         session,
         customer_id,
         request_id=request_id,

@@ -6,6 +6,9 @@ path covers the common case in three statements, as few as the bare "conditional
 key" needs plus the grant draw: a conditional ``UPDATE accounts ... WHERE balance + overdraft >= n RETURNING``
 (row lock and guard at once), the grant's ``UPDATE`` (which also proves the request id is new), the entry's
 ``INSERT``. The property tests run the same scenarios through both paths, so they cannot drift apart.
+
+Two ways to run it: :func:`consume` inside a session's transaction (a caller composing a larger unit of work),
+and :func:`consume_autocommit` as a transaction of its own, on a pooled connection in autocommit (a lone consumption).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from sqlalchemy import Engine
+from psycopg.pq import TransactionStatus
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -52,11 +56,31 @@ def enabled(session: Session) -> bool:
     engine = bind if isinstance(bind, Engine) else bind.engine
     known = _installed.get(engine)
     if known is None:
-        known = engine.dialect.name == "postgresql"
-        if known:
-            found = session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (SIGNATURE,))
-            known = bool(found.scalar())
-        _installed[engine] = known
+        known = _look_up(engine, session.connection())
+    return known
+
+
+def enabled_for(engine: Engine) -> bool:
+    """Whether consumption on ``engine`` goes through the PostgreSQL function (installed by migration 0001)."""
+    if not getattr(_switch, "on", True):
+        return False
+    known = _installed.get(engine)
+    if known is None:
+        if engine.dialect.name != "postgresql":
+            known = _installed[engine] = False
+        else:
+            with engine.connect() as connection:
+                known = _look_up(engine, connection)
+    return known
+
+
+def _look_up(engine: Engine, connection: Connection) -> bool:
+    """Whether the function is installed on ``engine``'s database; remembered per engine."""
+    known = engine.dialect.name == "postgresql"
+    if known:
+        found = connection.exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (SIGNATURE,))
+        known = bool(found.scalar())
+    _installed[engine] = known
     return known
 
 
@@ -72,14 +96,8 @@ def consume(
     reason: str,
     now: datetime,
 ) -> ConsumeResult:
-    """Consume through ``ledger_consume``; translate its status into the ledger's result or error."""
-    from ledger.consume import ConsumeResult, consume_key, usage_row
-
-    usage_json = None
-    if usage is not None:
-        row = usage_row(0, request_id, usage, charge, now)
-        usage_json = json.dumps(row, default=_json_default)
-    params = (customer_id, request_id, consume_key(request_id), charge, digest, actor, reason, now, usage_json)
+    """Consume through ``ledger_consume`` in the session's transaction; its result or the ledger's error."""
+    params = _params(customer_id, request_id, charge, digest, usage, actor, reason, now)
     # The hot path talks to psycopg directly (SQLAlchemy's result machinery would cost more CPU than the call),
     # inside the session's own transaction; errors are wrapped as SQLAlchemy's, like every other statement.
     connection = session.connection()
@@ -88,6 +106,92 @@ def consume(
         row = driver.execute(_CALL, params, prepare=True).fetchone()
     except psycopg.Error as exc:
         raise DBAPIError.instance(_CALL, params, exc, psycopg.Error) from exc
+    result = _result(row, customer_id, request_id, charge, digest)
+    if not result.replayed and session.identity_map:
+        _forget_moved(session, [g for g, _ in result.funded_by])
+    return result
+
+
+def consume_autocommit(
+    engine: Engine,
+    customer_id: str,
+    *,
+    request_id: str,
+    charge: int,
+    digest: str,
+    usage: UsageInput | None,
+    actor: str,
+    reason: str,
+    now: datetime,
+) -> ConsumeResult:
+    """Consume through ``ledger_consume`` as a transaction of its own; committed when it returns.
+
+    A single statement in autocommit is atomic: the function's row locks, checks and writes commit together
+    when it ends, or not at all if it fails. So one round trip does what BEGIN, the call and COMMIT do in three,
+    with the same outcome, and no session is needed.
+    """
+    params = _params(customer_id, request_id, charge, digest, usage, actor, reason, now)
+    return _result(_call_in_autocommit(engine, params), customer_id, request_id, charge, digest)
+
+
+def _call_in_autocommit(engine: Engine, params: tuple[Any, ...]) -> Any:
+    """The function's row, called on a pooled connection in autocommit; the connection goes back clean."""
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+    driver: Any = pooled.driver_connection
+    clean = False
+    try:
+        # Client-side only (no round trip): a checked-in connection is idle, outside any transaction.
+        driver.autocommit = True
+        try:
+            return driver.execute(_CALL, params, prepare=True).fetchone()
+        finally:
+            clean = _leave_autocommit(driver)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_CALL, params, exc, psycopg.Error, connection_invalidated=not clean) from exc
+    finally:
+        if clean:
+            pooled.close()
+        else:
+            # Broken, or interrupted mid-statement: in no state to serve the next unit of work.
+            pooled.invalidate()
+
+
+def _leave_autocommit(driver: Any) -> bool:
+    """Switch autocommit off again; False when the connection is not idle and healthy, so cannot be reused."""
+    if driver.closed or driver.broken or driver.pgconn.transaction_status != TransactionStatus.IDLE:
+        return False
+    try:
+        driver.autocommit = False
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _params(
+    customer_id: str,
+    request_id: str,
+    charge: int,
+    digest: str,
+    usage: UsageInput | None,
+    actor: str,
+    reason: str,
+    now: datetime,
+) -> tuple[Any, ...]:
+    from ledger.consume import consume_key, usage_row
+
+    usage_json = None
+    if usage is not None:
+        usage_json = json.dumps(usage_row(0, request_id, usage, charge, now), default=_json_default)
+    return (customer_id, request_id, consume_key(request_id), charge, digest, actor, reason, now, usage_json)
+
+
+def _result(row: Any, customer_id: str, request_id: str, charge: int, digest: str) -> ConsumeResult:
+    """The function's row as the ledger's result, or its refusal as the ledger's error."""
+    from ledger.consume import ConsumeResult
+
     status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row
     if status == "unknown_customer":
         raise UnknownCustomer(customer_id)
@@ -97,8 +201,6 @@ def consume(
         raise InsufficientCredits(customer_id, charge, available)
     if status == "replay" and original_hash != digest:
         raise IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
-    if status == "ok" and session.identity_map:
-        _forget_moved(session, grant_ids)
     return ConsumeResult(
         request_id=request_id,
         customer_id=customer_id,

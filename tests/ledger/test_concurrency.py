@@ -12,7 +12,7 @@ from sqlalchemy import Engine, func, select
 
 from ledger import pgfast
 from ledger.check import check_ledger
-from ledger.consume import ConsumeResult, consume
+from ledger.consume import ConsumeResult, consume, consume_standalone
 from ledger.db import unit_of_work
 from ledger.errors import HoldNotOpen, InsufficientCredits
 from ledger.holds import capture_hold, place_hold, release_hold
@@ -33,7 +33,9 @@ class Outcome:
 @pytest.mark.postgres
 @pytest.mark.slow
 class TestConcurrentConsume:
-    @pytest.mark.parametrize("path", ["function", "python"])
+    # function / python: consume() in a unit of work, through ledger_consume or the portable path;
+    # standalone: consume_standalone(), ledger_consume in autocommit on a pooled connection.
+    @pytest.mark.parametrize("path", ["function", "python", "standalone"])
     def test_many_threads_consume_exactly_the_balance(self, pg_engine: Engine, path: str) -> None:
         customer = "cus_hot"
         make_grant(customer_id=customer, units=BALANCE)
@@ -45,8 +47,10 @@ class TestConcurrentConsume:
         assert len(calls) == DISTINCT_REQUESTS + REPEATS >= 2_000
 
         def call(request_id: str) -> Outcome:
-            pgfast.use_function(path == "function")
+            pgfast.use_function(path != "python")
             try:
+                if path == "standalone":
+                    return Outcome(request_id, consume_standalone(customer, request_id=request_id, units=1))
                 with unit_of_work() as session:
                     return Outcome(request_id, consume(session, customer, request_id=request_id, units=1))
             except InsufficientCredits:
@@ -122,14 +126,19 @@ class TestConcurrentHoldSettlement:
 
 
 class TestConcurrentConsumeOnSqlite:
-    def test_threads_never_overdraw_the_embedded_default(self, sqlite_engine: Engine) -> None:
+    @pytest.mark.parametrize("standalone", [False, True], ids=["unit_of_work", "standalone"])
+    def test_threads_never_overdraw_the_embedded_default(self, sqlite_engine: Engine, standalone: bool) -> None:
         customer = "cus_sqlite_hot"
         make_grant(customer_id=customer, units=100)
 
         def call(index: int) -> bool:
+            request_id = f"sq-{index % 150}"
             try:
+                if standalone:
+                    consume_standalone(customer, request_id=request_id, units=1)
+                    return True
                 with unit_of_work() as session:
-                    consume(session, customer, request_id=f"sq-{index % 150}", units=1)
+                    consume(session, customer, request_id=request_id, units=1)
                 return True
             except InsufficientCredits:
                 return False

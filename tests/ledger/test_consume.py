@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from factories import account_state, grant_remaining, make_account, make_consume, make_grant, make_usage, unique
-from sqlalchemy import Engine, select
+from psycopg.pq import TransactionStatus
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import DataError, OperationalError
 
+from ledger import db
 from ledger.accounts import set_access_state
 from ledger.check import check_ledger
 from ledger.clawback import freeze_grant
 from ledger.config import get_billing_config
-from ledger.consume import UsageInput, consume, price_usage
+from ledger.consume import ConsumeResult, UsageInput, consume, consume_standalone, price_usage
 from ledger.db import unit_of_work
-from ledger.errors import AccessRefused, IdempotencyConflict, InsufficientCredits, InvalidRequest, UnknownCustomer
+from ledger.errors import (
+    AccessRefused,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidRequest,
+    LedgerError,
+    UnknownCustomer,
+)
 from ledger.models import AccessState, Allocation, Entry, EntryKind, UsageEnvironment, UsageRecord
 
 NOW = datetime.now(UTC)
@@ -300,6 +312,190 @@ class TestConsume:
             assert account.balance == 10
             consume(session, customer, request_id=unique("req"), units=3)
             assert account.balance == 7
+
+
+ConsumeCall = Callable[..., ConsumeResult]
+
+
+def in_unit_of_work(customer_id: str, **kwargs: Any) -> ConsumeResult:
+    with unit_of_work() as session:
+        return consume(session, customer_id, **kwargs)
+
+
+def outcome(entry_point: ConsumeCall, customer_id: str, grant_ids: list[int], **kwargs: Any) -> tuple[object, ...]:
+    """A consumption's result or refusal, grants named by their place in ``grant_ids`` (comparable across
+    accounts)."""
+    try:
+        result = entry_point(customer_id, **kwargs)
+    except InsufficientCredits as exc:
+        return ("insufficient", exc.requested, exc.available)
+    except AccessRefused as exc:
+        return ("access_refused", exc.state)
+    except LedgerError as exc:
+        return (type(exc).__name__,)
+    funded = tuple((grant_ids.index(g), u) for g, u in result.funded_by)
+    return ("ok", result.units, result.balance_after, result.replayed, result.usage_id is not None, funded)
+
+
+def consume_scenario(entry_point: ConsumeCall) -> list[tuple[object, ...]]:
+    """Every outcome of a consumption, on a fresh account, through ``entry_point``; then the account's state."""
+    customer = make_account(overdraft_limit=5)
+    grants = [
+        make_grant(customer_id=customer, units=50, expires_at=NOW - timedelta(minutes=1), priority=5),
+        make_grant(customer_id=customer, units=10),
+        make_grant(customer_id=customer, units=10, expires_at=NOW + timedelta(days=2)),
+        make_grant(customer_id=customer, units=10, priority=3),
+    ]
+    ids = [g.grant_id for g in grants]
+    prefix = unique("twin")
+    steps: list[tuple[str, str, dict[str, Any]]] = [
+        (customer, "1", {"units": 15}),  # expires the lapsed grant, draws two grants
+        (customer, "1", {"units": 15}),  # replay
+        (customer, "1", {"units": 16}),  # conflict
+        (customer, "2", {"units": 100}),  # insufficient
+        (customer, "3", {"units": 3}),  # one grant covers it: the function's fast path
+        (customer, "4", {"usage": make_usage(output_tokens=2000)}),
+        (customer, "5", {"units": 0}),
+        (customer, "6", {"units": 12}),  # into the overdraft: debt
+        (customer, "7", {}),  # neither units nor usage
+        ("cus_nobody", "8", {"units": 1}),
+    ]
+    seen = [outcome(entry_point, c, ids, request_id=f"{prefix}-{n}", **kwargs) for c, n, kwargs in steps]
+    with unit_of_work() as session:
+        set_access_state(session, customer, AccessState.SUSPENDED, as_of=NOW, source="test")
+    seen.append(outcome(entry_point, customer, ids, request_id=f"{prefix}-9", units=1))
+    seen.append(account_state(customer))
+    assert_consistent(customer)
+    return seen
+
+
+class TestConsumeStandalone:
+    def test_same_results_and_errors_as_consume_in_a_unit_of_work(self, ledger_engine: Engine) -> None:
+        by_unit_of_work = consume_scenario(in_unit_of_work)
+
+        standalone = consume_scenario(consume_standalone)
+
+        assert standalone == by_unit_of_work
+        # The scenario reaches every outcome it names (so the comparison is not between two empty lists).
+        assert [o[0] for o in standalone[:11]] == [
+            "ok", "ok", "IdempotencyConflict", "insufficient", "ok", "ok", "ok", "ok", "InvalidRequest",
+            "UnknownCustomer", "access_refused",
+        ]  # fmt: skip
+        assert standalone[1][3] is True and standalone[3] == ("insufficient", 100, 20)
+        assert standalone[10] == ("access_refused", "suspended")
+        balance, held, debt, _ = standalone[11]
+        assert (balance, held, debt) == (-4, 0, 4)
+
+    def test_replay_returns_the_original_and_charges_nothing(self, ledger_engine: Engine) -> None:
+        customer = make_account()
+        make_grant(customer_id=customer, units=50)
+        first = consume_standalone(customer, request_id="req-alone", units=20)
+        before = account_state(customer)
+
+        again = consume_standalone(customer, request_id="req-alone", units=20)
+
+        assert not first.replayed and again.replayed
+        assert (again.entry_id, again.units, again.balance_after, again.funded_by) == (
+            first.entry_id,
+            20,
+            30,
+            first.funded_by,
+        )
+        assert account_state(customer) == before
+
+    def test_replays_a_request_first_consumed_in_a_unit_of_work(self, ledger_engine: Engine) -> None:
+        customer = make_account()
+        make_grant(customer_id=customer, units=50)
+        first = make_consume(customer_id=customer, units=7, request_id="req-both")
+
+        again = consume_standalone(customer, request_id="req-both", units=7)
+
+        assert again.replayed and (again.entry_id, again.balance_after) == (first.entry_id, 43)
+        with pytest.raises(IdempotencyConflict):
+            consume_standalone(customer, request_id="req-both", units=8)
+
+    def test_usage_is_recorded_with_its_price(self, ledger_engine: Engine) -> None:
+        customer = make_account()
+        make_grant(customer_id=customer, units=100)
+
+        result = consume_standalone(customer, request_id=unique("req"), usage=make_usage(input_tokens=1001))
+
+        assert result.units == 1 and result.usage_id is not None
+        with unit_of_work() as session:
+            record = session.get_one(UsageRecord, result.usage_id)
+            assert (record.units, record.input_tokens, record.feature) == (1, 1001, "chat")
+        assert_consistent(customer)
+
+
+@pytest.fixture
+def one_connection(pg_engine: Engine) -> Iterator[Engine]:
+    """The test database behind a pool of one connection: the next checkout gets the connection just used, and
+    one never given back makes the next checkout fail (after 5 s) instead of going unnoticed."""
+    engine = db.make_engine(
+        pg_engine.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0, pool_timeout=5
+    )
+    db.set_engine(engine)
+    yield engine
+    db.set_engine(None)
+
+
+def assert_pooled_connection_clean(engine: Engine, customer_id: str) -> None:
+    """The pooled connection is idle and out of autocommit: a unit of work on it is still one transaction."""
+    with engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        assert driver.autocommit is False
+        assert driver.info.transaction_status == TransactionStatus.IDLE
+    before = account_state(customer_id)
+    with pytest.raises(RuntimeError), unit_of_work() as session:
+        consume(session, customer_id, request_id=unique("req"), units=1)
+        raise RuntimeError("roll back")
+    assert account_state(customer_id) == before  # rolled back, so it was not autocommitted
+
+
+@pytest.mark.postgres
+class TestConsumeStandaloneConnection:
+    def test_a_refusal_gives_the_connection_back_clean(self, one_connection: Engine) -> None:
+        customer = make_account()
+        make_grant(customer_id=customer, units=5)
+
+        with pytest.raises(InsufficientCredits) as err:
+            consume_standalone(customer, request_id=unique("req"), units=6)
+
+        assert err.value.available == 5
+        assert_pooled_connection_clean(one_connection, customer)
+
+    def test_a_database_error_undoes_everything_and_gives_the_connection_back_clean(
+        self, one_connection: Engine
+    ) -> None:
+        customer = make_account()
+        make_grant(customer_id=customer, units=50)
+        before = account_state(customer)
+
+        # entries.actor is VARCHAR(255): the entry's INSERT fails after the account and grant were updated.
+        with pytest.raises(DataError):
+            consume_standalone(customer, request_id=unique("req"), units=5, actor="a" * 256)
+
+        assert account_state(customer) == before
+        assert_pooled_connection_clean(one_connection, customer)
+        assert consume_standalone(customer, request_id=unique("req"), units=5).balance_after == 45
+
+    def test_a_lost_connection_is_invalidated_and_replaced(self, one_connection: Engine, pg_engine: Engine) -> None:
+        customer = make_account()
+        make_grant(customer_id=customer, units=50)
+        with one_connection.connect() as conn:
+            lost_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with pg_engine.connect() as admin:
+            assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": lost_pid}).scalar_one()
+
+        with pytest.raises(OperationalError) as err:
+            consume_standalone(customer, request_id=unique("req"), units=5)
+
+        assert err.value.connection_invalidated
+        assert consume_standalone(customer, request_id=unique("req"), units=5).balance_after == 45
+        with one_connection.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != lost_pid
+        assert_pooled_connection_clean(one_connection, customer)
 
 
 class TestPriceUsage:
