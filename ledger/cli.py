@@ -104,9 +104,18 @@ def _fail(as_json: bool, code: str, message: str, exit_code: int, **extra: Any) 
 
 def _run(as_json: bool, work: Callable[[Session], tuple[dict[str, Any], str]]) -> None:
     """Run ``work`` in one unit of work; print its result, or the error with its exit code."""
-    try:
+
+    def in_unit_of_work() -> tuple[dict[str, Any], str]:
         with unit_of_work() as session:
-            payload, text = work(session)
+            return work(session)
+
+    _run_alone(as_json, in_unit_of_work)
+
+
+def _run_alone(as_json: bool, work: Callable[[], tuple[dict[str, Any], str]]) -> None:
+    """Run ``work``, a unit of work of its own; print its result, or the error with its exit code."""
+    try:
+        payload, text = work()
     except InsufficientCredits as exc:
         raise _fail(
             as_json, exc.code, str(exc), EXIT_INSUFFICIENT, requested=exc.requested, available=exc.available
@@ -289,9 +298,9 @@ def consume(
     as_json: JsonFlag = False,
 ) -> None:
     """Consume credits once per request id (--units, or priced from --operation or --model and tokens)."""
-    from ledger.consume import consume as consume_credits
+    from ledger.consume import consume_standalone
 
-    def work(session: Session) -> tuple[dict[str, Any], str]:
+    def work() -> tuple[dict[str, Any], str]:
         n, usage = _usage(
             units,
             operation,
@@ -305,11 +314,12 @@ def consume(
             workspace,
             environment,
         )
-        result = consume_credits(session, customer, request_id=request_id, units=n, usage=usage, actor="cli")
+        # The consumption is the whole unit of work: consume_standalone commits it.
+        result = consume_standalone(customer, request_id=request_id, units=n, usage=usage, actor="cli")
         note = " (replayed)" if result.replayed else ""
         return dataclasses.asdict(result), f"consumed {result.units}: balance {result.balance_after}{note}"
 
-    _run(as_json, work)
+    _run_alone(as_json, work)
 
 
 def hold(

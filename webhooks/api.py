@@ -18,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from ledger.consume import ConsumeResult, consume
+from ledger.consume import ConsumeResult, consume_standalone
 from ledger.db import unit_of_work
 from ledger.errors import InvalidRequest
 from ledger.holds import CaptureResult, HoldResult, capture_hold, place_hold, release_hold
@@ -324,15 +324,14 @@ def _capture_response(result: CaptureResult) -> CaptureResponse:
 )
 def record_usage(body: ConsumeRequest, response: Response, idempotency_key: IdempotencyKey = None) -> ConsumeResponse:
     request_id = _request_id(body.request_id, idempotency_key)
-    with unit_of_work() as session:
-        result = consume(
-            session,
-            body.customer_id,
-            request_id=request_id,
-            units=body.units,
-            usage=body.usage_input(),
-            reason=body.reason,
-        )
+    # The consumption is the whole unit of work: consume_standalone commits it (on PostgreSQL in one round trip).
+    result = consume_standalone(
+        body.customer_id,
+        request_id=request_id,
+        units=body.units,
+        usage=body.usage_input(),
+        reason=body.reason,
+    )
     _replayed(response, result.replayed)
     return _consume_response(result)
 
