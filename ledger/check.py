@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Date, and_, cast, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session
 
-from ledger.models import Account, Allocation, Entry, Grant, Hold, HoldStatus
+from ledger.models import Account, Allocation, Entry, Grant, Hold, HoldStatus, UsageDaily, UsageRecord
 
 
 @dataclass(frozen=True)
@@ -192,4 +193,60 @@ def check_ledger(session: Session, customer_id: str | None = None) -> list[Viola
         ).all()
         for acct, key, count in dupes:
             add(acct, "idempotency_key_unique", f"{label}: key {key!r} used {count} times")
+
+    for acct, detail in _usage_daily_differences(session, account_id):
+        add(acct, "usage_daily_equals_usage", detail)
     return found
+
+
+_USAGE_KEY = ("provider", "model", "workspace", "feature", "environment", "billable")
+_USAGE_SUMS = ("input_tokens", "output_tokens", "cached_tokens", "units", "provider_cost_usd")
+
+
+def _usage_daily_differences(session: Session, account_id: int | None) -> list[tuple[int, str]]:
+    """Each usage_daily key whose sums differ from its usage rows' (a missing row on either side included).
+
+    The usage rows count positively and the roll-up rows negatively in one GROUP BY, which groups NULLs
+    together as the roll-up's key does.
+    """
+    U, D = UsageRecord, UsageDaily
+    day: Any
+    if session.get_bind().dialect.name == "postgresql":
+        day = cast(func.timezone("UTC", U.occurred_at), Date)
+    else:
+        day = func.date(U.occurred_at)
+    rows = select(
+        U.account_id,
+        day.label("day"),
+        *(getattr(U, c) for c in _USAGE_KEY),
+        literal(1).label("requests"),
+        *(getattr(U, c) for c in _USAGE_SUMS),
+    )
+    rolled = select(
+        D.account_id,
+        D.day,
+        *(getattr(D, c) for c in _USAGE_KEY),
+        -D.requests,
+        *(-getattr(D, c) for c in _USAGE_SUMS),
+    )
+    if account_id is not None:
+        rows, rolled = rows.where(U.account_id == account_id), rolled.where(D.account_id == account_id)
+    both = union_all(rows, rolled).subquery()
+    sums = [func.sum(both.c[c]) for c in ("requests", *_USAGE_SUMS)]
+    stmt = (
+        select(both.c.account_id, both.c.day, *(both.c[c] for c in _USAGE_KEY), *sums)
+        .group_by(both.c.account_id, both.c.day, *(both.c[c] for c in _USAGE_KEY))
+        .having(or_(*(s != 0 for s in sums)))
+        .order_by(both.c.account_id, both.c.day)
+    )
+    out = []
+    for row in session.execute(stmt):
+        acct, day_value, *rest = row
+        key, diffs = rest[: len(_USAGE_KEY)], rest[len(_USAGE_KEY) :]
+        what = ", ".join(
+            f"{name} {d:+f}" if isinstance(d, Decimal) else f"{name} {d:+}"
+            for name, d in zip(("requests", *_USAGE_SUMS), diffs, strict=True)
+            if d
+        )
+        out.append((acct, f"usage on {day_value} {'/'.join(str(k) for k in key)}: rows minus roll-up: {what}"))
+    return out

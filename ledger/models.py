@@ -9,14 +9,15 @@ Invariants, kept in the same transaction as every movement and proved by :mod:`l
 * ``account.held == sum(hold.units - hold.captured_units)`` over the account's open holds;
 * ``account.debt == sum(entry.debt_delta)``; ``grant.frozen == sum(entry.frozen_delta)`` over the grant's entries;
 * ``grant.remaining`` equals the grant's movements (allocation rows, or whole entries naming it: see Allocation);
-* every entry's ``balance_after`` is the running sum of its account's entries, in id order.
+* every entry's ``balance_after`` is the running sum of its account's entries, in id order;
+* each ``usage_daily`` row holds the count and sums of its key's usage records (kept by triggers).
 
 ``balance`` is the spendable balance: what consumption may take, plus ``overdraft_limit``.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Enum,
     ForeignKey,
@@ -283,3 +285,46 @@ class UsageRecord(Base):
         _enum(UsageEnvironment, "usage_environment"), default=UsageEnvironment.PRODUCTION
     )
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class UsageDaily(Base):
+    """Usage summed per account, UTC day and what the reconciliation checks group by: a roll-up of
+    ``usage_records`` that triggers keep exact in the transaction of every insert, update or delete of a usage
+    row (on both backends; migration 0005), so the nightly checks read a row per account and day instead of
+    every call. ``ledger.check`` proves it equals the sums of the usage rows.
+    """
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (
+        # One row per key; a NULL (no model, no workspace) is a value of the key like any other.
+        Index(
+            "uq_usage_daily_key",
+            "account_id",
+            "day",
+            "provider",
+            "model",
+            "workspace",
+            "feature",
+            "environment",
+            "billable",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+        Index("ix_usage_daily_day", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    day: Mapped[date] = mapped_column(Date)
+    provider: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(255))
+    workspace: Mapped[str | None] = mapped_column(String(255))
+    feature: Mapped[str | None] = mapped_column(String(255))
+    environment: Mapped[UsageEnvironment] = mapped_column(_enum(UsageEnvironment, "usage_environment"))
+    billable: Mapped[bool] = mapped_column(Boolean)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger)
+    units: Mapped[int] = mapped_column(BigInteger)
+    provider_cost_usd: Mapped[Decimal] = mapped_column(UsdAmount())
