@@ -41,8 +41,13 @@ def serve(
         # in the workers (they inherit this environment).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="billing-reconciler-metrics-")
     if server is Server.GRANIAN:
-        from granian import Granian
-        from granian.constants import Interfaces, Loops
+        try:
+            from granian import Granian
+            from granian.constants import Interfaces, Loops
+        except ImportError:
+            raise typer.BadParameter(
+                "granian is not installed: pip install 'billing-reconciler[granian]'", param_hint="--server"
+            ) from None
 
         Granian(
             APP_FACTORY,
