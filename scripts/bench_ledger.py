@@ -1,10 +1,14 @@
 """Benchmark: ledger consumes per second on PostgreSQL, beside pgbench doing the same core work.
 
 For 10,000 accounts and for one hot account, at 1, 8 and 32 concurrent workers, it measures
-``ledger.consume.consume`` (the public API: a unit of work per call, idempotency, grant draw-down, allocations,
-entry), and the TPS that ``pgbench`` reaches on the same server in the same run with an SQL script doing the
-core of it: a conditional balance update and a ledger insert with a unique key. Both run against scratch
-databases this script creates and drops. It prints a table with the ratios (target: >= 50% at 32 workers).
+``ledger.consume.consume_standalone``, the public API the usage endpoint (``POST /v1/usage``) and the CLI call: one
+consumption as a whole unit of work (idempotency, access, grant draw-down, allocations, entry, committed), which on
+PostgreSQL is one ``ledger_consume`` statement in autocommit on a pooled connection. ``--session`` measures
+``consume(session, ...)`` inside ``unit_of_work()`` instead (BEGIN, the call, COMMIT through an ORM session: the
+path of a caller composing a larger unit of work). Beside it, the TPS that ``pgbench`` reaches on the same server
+in the same run with an SQL script doing the core of it: a conditional balance update and a ledger insert with a
+unique key. Both run against scratch databases this script creates and drops. It prints a table with the ratios
+(target: >= 50% at 32 workers).
 
 Workers are threads spread over one OS process per CPU (``--processes``): each worker holds its own connection,
 like a pgbench client, and releases the GIL while it waits on PostgreSQL; the processes let Python use every
@@ -132,14 +136,15 @@ END;
 """
 
 
-# The ledger's own transaction driven by pgbench's C client: what the server side costs without Python.
-FUNCTION_SCRIPT = """\\set aid random(1, {accounts})
-\\set k random(1, 1000000000000)
-BEGIN;
-SELECT status FROM ledger_consume('bench_' || :aid, 'pgb-' || :client_id || '-' || :k,
+# The ledger's own work driven by pgbench's C client: what the server side costs without Python. Alone (what
+# consume_standalone sends: the one statement, its own transaction), or in BEGIN ... END (consume in a session).
+FUNCTION_CALL = """SELECT status FROM ledger_consume('bench_' || :aid, 'pgb-' || :client_id || '-' || :k,
   'consume:pgb-' || :client_id || '-' || :k, 1, 'pgbench', 'pgbench', '', now(), NULL);
-END;
 """
+FUNCTION_SCRIPT = "\\set aid random(1, {accounts})\n\\set k random(1, 1000000000000)\n" + FUNCTION_CALL
+FUNCTION_SCRIPT_IN_TRANSACTION = (
+    "\\set aid random(1, {accounts})\n\\set k random(1, 1000000000000)\nBEGIN;\n" + FUNCTION_CALL + "END;\n"
+)
 
 
 def run_pgbench(
@@ -163,12 +168,19 @@ def run_pgbench(
 
 
 def _worker_process(
-    url: str, threads: int, accounts: int, seed: int, start_at: float, stop_at: float, results: mp.Queue[int]
+    url: str,
+    threads: int,
+    accounts: int,
+    seed: int,
+    start_at: float,
+    stop_at: float,
+    in_session: bool,
+    results: mp.Queue[int],
 ) -> None:
     """One OS process running ``threads`` consumer threads; puts the number of consumes done in the window."""
     import random
 
-    from ledger.consume import consume
+    from ledger.consume import consume, consume_standalone
 
     engine = db.make_engine(url, pool_size=threads, max_overflow=0, pool_pre_ping=False)
     db.set_engine(engine)
@@ -187,8 +199,11 @@ def _worker_process(
                 time.sleep(min(0.01, start_at - now))
                 continue
             customer = f"bench_{rng.randint(1, accounts)}"
-            with db.unit_of_work() as session:
-                consume(session, customer, request_id=prefix + str(i), units=1)
+            if in_session:
+                with db.unit_of_work() as session:
+                    consume(session, customer, request_id=prefix + str(i), units=1)
+            else:
+                consume_standalone(customer, request_id=prefix + str(i), units=1)
             i += 1
             warmed = True
             if start_at <= time.time() < stop_at:
@@ -203,7 +218,9 @@ def _worker_process(
     results.put(sum(counts))
 
 
-def run_ledger(url: URL, scenario: Scenario, workers: int, seconds: float, processes: int) -> tuple[float, str]:
+def run_ledger(
+    url: URL, scenario: Scenario, workers: int, seconds: float, processes: int, in_session: bool
+) -> tuple[float, str]:
     """Consumes per second with ``workers`` concurrent consumers spread over up to ``processes`` processes."""
     procs = min(workers, processes) if processes > 0 else workers
     layout = [workers // procs + (1 if p < workers % procs else 0) for p in range(procs)]
@@ -214,7 +231,9 @@ def run_ledger(url: URL, scenario: Scenario, workers: int, seconds: float, proce
     rendered = url.render_as_string(hide_password=False)
     children = [
         ctx.Process(
-            target=_worker_process, args=(rendered, n, scenario.accounts, p, start_at, stop_at, results), daemon=True
+            target=_worker_process,
+            args=(rendered, n, scenario.accounts, p, start_at, stop_at, in_session, results),
+            daemon=True,
         )
         for p, n in enumerate(layout)
     ]
@@ -246,6 +265,11 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="OS processes the ledger's workers are spread over, as threads (default: one per CPU; "
                              "0: one process per worker)")  # fmt: skip
+    parser.add_argument(
+        "--session",
+        action="store_true",
+        help="measure consume(session, ...) in unit_of_work(), not consume_standalone()",
+    )
     args = parser.parse_args()
 
     raw = args.database_url or get_settings().database_url
@@ -268,13 +292,16 @@ def main() -> int:
         seed_ledger(ledger_url, args.accounts)
         seed_pgbench(pgbench_url, args.accounts)
         print(f"seeded {args.accounts:,} accounts in {time.time() - started:.1f}s; {args.seconds:g}s per measurement")
+        function_script = FUNCTION_SCRIPT_IN_TRANSACTION if args.session else FUNCTION_SCRIPT
         with tempfile.TemporaryDirectory() as workdir:
             for scenario in scenarios:
                 for workers in levels:
-                    ledger_rate, layout = run_ledger(ledger_url, scenario, workers, args.seconds, args.processes)
+                    ledger_rate, layout = run_ledger(
+                        ledger_url, scenario, workers, args.seconds, args.processes, args.session
+                    )
                     pgbench_tps = run_pgbench(pgbench_url, scenario, workers, args.seconds, Path(workdir))
                     function_tps = run_pgbench(
-                        ledger_url, scenario, workers, args.seconds, Path(workdir), FUNCTION_SCRIPT
+                        ledger_url, scenario, workers, args.seconds, Path(workdir), function_script
                     )
                     rows.append((scenario.name, workers, ledger_rate, pgbench_tps, function_tps, layout))
                     print(
@@ -300,9 +327,13 @@ def main() -> int:
             f"{fn_tps:>18,.0f}{fn_tps / tps:>7.0%}  {layout} procs x threads"
         )
     print()
-    print("ledger consumes/s: consume() through the Python API, one unit_of_work per call")
+    if args.session:
+        print("ledger consumes/s: consume(session, ...) in unit_of_work() (BEGIN; SELECT ledger_consume; COMMIT)")
+        print("server-side only: pgbench's C client sending the same (BEGIN; SELECT ledger_consume; END)")
+    else:
+        print("ledger consumes/s: consume_standalone(), the usage API's call (SELECT ledger_consume in autocommit)")
+        print("server-side only: pgbench's C client sending the same (SELECT ledger_consume, its own transaction)")
     print("pgbench tps: conditional balance update + ledger insert with a unique key (BEGIN; UPDATE; INSERT; END)")
-    print("server-side only: pgbench's C client running the ledger's transaction (BEGIN; SELECT ledger_consume; END)")
     target = [r for r in rows if r[1] == 32]
     for name, _, rate, tps, _, _ in target:
         verdict = "meets" if rate >= 0.5 * tps else "below"
