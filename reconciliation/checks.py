@@ -12,17 +12,18 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal_column, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig, Tolerance
 from ledger.inbox import EventStatus, StripeEvent
-from ledger.models import AccessState, Account, Entry, EntryKind, Grant, GrantSource, UsageEnvironment, UsageRecord
+from ledger.models import AccessState, Account, Entry, EntryKind, Grant, GrantSource, UsageDaily, UsageEnvironment
 from reconciliation.models import MismatchKind, StagedStripeAlias, StagedStripeObject
 from reconciliation.providers import ProviderReport, ReportKind
 from reconciliation.services import Finding
 from reconciliation.staging import SUBSCRIPTION_RANK
 from reconciliation.stripe_source import StripeSource, is_not_found, object_type_of, stripe_id
+from reconciliation.usage import usage_in_window
 
 STREAM = {"yield_per": 1000}
 PAID_SOURCES = (GrantSource.TOP_UP, GrantSource.RENEWAL)
@@ -668,16 +669,6 @@ def check_customer_totals(ctx: CheckContext) -> Iterator[Finding]:
 # --- providers -------------------------------------------------------------------------------------------------
 
 
-_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-
-
-def _usage_day(session: Session) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        # date_bin on the timestamp is several times cheaper per row than a time zone conversion and a cast.
-        return func.date_bin(literal_column("interval '1 day'"), UsageRecord.occurred_at, _EPOCH)
-    return func.date(UsageRecord.occurred_at)
-
-
 def _as_date(value: Any) -> date:
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).date()
@@ -707,31 +698,28 @@ def _ledger_usage(
     if not days:
         return {}
     covered = {(provider, d) for (provider, _k, _s), reported in groups.items() for d, _m, _sc in reported}
-    day = _usage_day(ctx.session)
+    # Reported days are whole UTC days: the daily roll-up has their sums, a row per account and key.
+    D = UsageDaily
     stmt = (
         select(
-            UsageRecord.provider,
-            day.label("day"),
-            UsageRecord.model,
-            UsageRecord.workspace,
-            func.sum(UsageRecord.provider_cost_usd),
-            func.sum(UsageRecord.input_tokens),
-            func.sum(UsageRecord.output_tokens),
-            func.sum(UsageRecord.cached_tokens),
-            func.count(UsageRecord.id),
+            D.provider,
+            D.day,
+            D.model,
+            D.workspace,
+            func.sum(D.provider_cost_usd),
+            func.sum(D.input_tokens),
+            func.sum(D.output_tokens),
+            func.sum(D.cached_tokens),
+            func.sum(D.requests),
         )
-        .where(
-            UsageRecord.provider.in_(providers),
-            UsageRecord.occurred_at >= datetime.combine(days[0], time(), tzinfo=UTC),
-            UsageRecord.occurred_at < datetime.combine(days[-1] + timedelta(days=1), time(), tzinfo=UTC),
-        )
-        .group_by(UsageRecord.provider, day, UsageRecord.model, UsageRecord.workspace)
+        .where(D.provider.in_(providers), D.day.in_(days))
+        .group_by(D.provider, D.day, D.model, D.workspace)
         # Bounded by providers x days x models x workspaces: no server-side cursor, so it may run in parallel.
     )
     out: dict[str, dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]]] = {}
     for provider, d, model, scope, cost, inp, output, cached, n in ctx.session.execute(stmt):
         dd = _as_date(d)
-        if (provider, dd) not in covered:
+        if provider is None or (provider, dd) not in covered:
             continue
         out.setdefault(provider, {})[(dd, model, scope)] = (
             Decimal(cost or 0),
@@ -859,22 +847,20 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
 def check_margin(ctx: CheckContext) -> Iterator[Finding]:
     """Review items: customers whose usage cost more than the credits they spent were worth, and production
     usage marked non-billable, for the window."""
-    U = UsageRecord
-    in_window = and_(U.occurred_at >= ctx.since, U.occurred_at < ctx.until)
-    prod_free = and_(U.billable.is_(False), U.environment == UsageEnvironment.PRODUCTION)
+    W = usage_in_window(ctx.since, ctx.until)
+    prod_free = and_(W.c.billable.is_(False), W.c.environment == UsageEnvironment.PRODUCTION)
     # Margin is over billed production usage; free production usage is its own review item.
-    billed = and_(U.billable.is_(True), U.environment == UsageEnvironment.PRODUCTION)
+    billed = and_(W.c.billable.is_(True), W.c.environment == UsageEnvironment.PRODUCTION)
     usage = (
         select(
-            U.account_id.label("account_id"),
-            func.sum(case((billed, U.units), else_=0)).label("units"),
-            func.sum(case((billed, U.provider_cost_usd), else_=0)).label("cost"),
-            func.sum(case((prod_free, 1), else_=0)).label("free_n"),
-            func.sum(case((prod_free, U.provider_cost_usd), else_=0)).label("free_cost"),
-            func.count(U.id).label("n"),
+            W.c.account_id.label("account_id"),
+            func.sum(case((billed, W.c.units), else_=0)).label("units"),
+            func.sum(case((billed, W.c.provider_cost_usd), else_=0)).label("cost"),
+            func.sum(case((prod_free, W.c.requests), else_=0)).label("free_n"),
+            func.sum(case((prod_free, W.c.provider_cost_usd), else_=0)).label("free_cost"),
+            func.sum(W.c.requests).label("n"),
         )
-        .where(in_window)
-        .group_by(U.account_id)
+        .group_by(W.c.account_id)
         .subquery()
     )
     paid = (
@@ -926,13 +912,14 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
         revenue = (Decimal(units) * Decimal(minor) / Decimal(paid_units) / 100) if paid_units else Decimal(0)
         revenue = revenue.quantize(Decimal("0.0000000001"))
         if cost > 0 and revenue < cost:
+            A = usage_in_window(ctx.since, ctx.until, account_id=row.account_id)
             breakdown = [
                 {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
                 for f, m, u, c in ctx.session.execute(
-                    select(U.feature, U.model, func.sum(U.units), func.sum(U.provider_cost_usd))
-                    .where(U.account_id == row.account_id, in_window, billed)
-                    .group_by(U.feature, U.model)
-                    .order_by(U.feature, U.model)
+                    select(A.c.feature, A.c.model, func.sum(A.c.units), func.sum(A.c.provider_cost_usd))
+                    .where(A.c.billable.is_(True), A.c.environment == UsageEnvironment.PRODUCTION)
+                    .group_by(A.c.feature, A.c.model)
+                    .order_by(A.c.feature, A.c.model)
                 )
             ]
             yield Finding(

@@ -2,7 +2,8 @@
 provider charged for the calls.
 
 Revenue prices each credit at what the customer paid for their credits (the sum of paid grants' money over
-their units, in USD); only billed production usage counts as revenue, every call counts as cost.
+their units, in USD); only billed production usage counts as revenue, every call counts as cost. Usage is read
+from the daily roll-up for whole days (see :mod:`reconciliation.usage`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
-from ledger.models import Account, Grant, GrantSource, UsageEnvironment, UsageRecord
+from ledger.models import Account, Grant, GrantSource, UsageEnvironment
+from reconciliation.usage import usage_in_window
 
 TEN_DIGITS = Decimal("0.0000000001")
 
@@ -56,8 +58,13 @@ def margin_rows(
     session: Session, *, since: datetime, until: datetime, customer_id: str | None = None
 ) -> Iterator[MarginRow]:
     """Margin per customer, feature and model for [since, until), streamed in customer order."""
-    U = UsageRecord
-    billed = and_(U.billable.is_(True), U.environment == UsageEnvironment.PRODUCTION)
+    account_id: int | None = None
+    if customer_id is not None:
+        account_id = session.scalar(select(Account.id).where(Account.customer_id == customer_id))
+        if account_id is None:
+            return
+    W = usage_in_window(since, until, account_id=account_id)
+    billed = and_(W.c.billable.is_(True), W.c.environment == UsageEnvironment.PRODUCTION)
     paid = (
         select(
             Grant.account_id.label("account_id"),
@@ -75,23 +82,20 @@ def margin_rows(
     stmt = (
         select(
             Account.customer_id,
-            U.feature,
-            U.model,
-            func.count(U.id),
-            func.sum(case((billed, U.units), else_=0)),
-            func.sum(U.provider_cost_usd),
+            W.c.feature,
+            W.c.model,
+            func.sum(W.c.requests),
+            func.sum(case((billed, W.c.units), else_=0)),
+            func.sum(W.c.provider_cost_usd),
             func.max(paid.c.minor),
             func.max(paid.c.units),
         )
-        .join(Account, Account.id == U.account_id)
-        .outerjoin(paid, paid.c.account_id == U.account_id)
-        .where(U.occurred_at >= since, U.occurred_at < until)
-        .group_by(Account.customer_id, U.feature, U.model)
-        .order_by(Account.customer_id, U.feature, U.model)
+        .join(Account, Account.id == W.c.account_id)
+        .outerjoin(paid, paid.c.account_id == W.c.account_id)
+        .group_by(Account.customer_id, W.c.feature, W.c.model)
+        .order_by(Account.customer_id, W.c.feature, W.c.model)
         .execution_options(yield_per=1000)
     )
-    if customer_id is not None:
-        stmt = stmt.where(Account.customer_id == customer_id)
     for customer, feature, model, n, units, cost, minor, paid_units in session.execute(stmt):
         units = int(units or 0)
         revenue = Decimal(0)
