@@ -581,10 +581,11 @@ def check_unprocessed_events(ctx: CheckContext) -> Iterator[Finding]:
 def check_missed_events(ctx: CheckContext) -> Iterator[Finding]:
     """missed_event: an event in Stripe's Events API for the window that was never stored."""
     E = StagedStripeObject
+    # NOT EXISTS on the event id alone: an anti join that reads the unique index, not the stored payloads.
+    stored = select(StripeEvent.event_id).where(StripeEvent.event_id == E.object_id).exists()
     stmt = (
         select(E.object_id, E.status, E.created, E.customer_id, E.ref)
-        .outerjoin(StripeEvent, StripeEvent.event_id == E.object_id)
-        .where(E.run_id == ctx.run_id, E.object_type == "event", StripeEvent.id.is_(None))
+        .where(E.run_id == ctx.run_id, E.object_type == "event", ~stored)
         .order_by(E.id)
         .execution_options(**STREAM)
     )

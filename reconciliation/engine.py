@@ -23,7 +23,7 @@ from reconciliation import checks
 from reconciliation.models import MismatchKind, ReconciliationRun, RunStatus
 from reconciliation.providers import ProviderReport, parse_reports
 from reconciliation.services import Finding, close_unseen, record_finding
-from reconciliation.staging import Stager, clear_abandoned_staging, clear_staging
+from reconciliation.staging import Stager, analyze_staging, clear_abandoned_staging, clear_staging
 from reconciliation.stripe_source import StripeSource
 
 # Kinds whose mismatches belong to a point in time (closed by a later run over the same window).
@@ -119,6 +119,19 @@ def _unit(target: Session | sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+def _prepare(session: Session) -> None:
+    """Set up the checks' transaction: statistics on the staged rows, planner settings, the run lock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    # Statistics on every staged list (the stager analyzed the tables before the refunds, disputes and events).
+    analyze_staging(session)
+    # The checks stream their results through server-side cursors, which PostgreSQL plans for the first 10% of
+    # rows by default (sorted, index-driven aggregates); we always read every row.
+    session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
+    # Two runs at once would race on the same fingerprints: their write phases take turns.
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext('billing-reconciler:reconcile'))"))
+
+
 def reconcile(
     target: Session | sessionmaker[Session],
     stripe: StripeSource,
@@ -175,16 +188,7 @@ def reconcile(
 
         with _unit(target) as session:
             started = time.perf_counter()
-            if session.get_bind().dialect.name == "postgresql":
-                # Fresh staging rows have no statistics: without them the planner joins them to the ledger with
-                # nested loops, which at a million entries costs seconds instead of milliseconds.
-                session.execute(text("ANALYZE reconciliation_stripe_objects"))
-                session.execute(text("ANALYZE reconciliation_stripe_aliases"))
-                # The checks stream their results through server-side cursors, which PostgreSQL plans for the
-                # first 10% of rows by default (sorted, index-driven aggregates); we always read every row.
-                session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
-                # Two runs at once would race on the same fingerprints: their write phases take turns.
-                session.execute(text("SELECT pg_advisory_xact_lock(hashtext('billing-reconciler:reconcile'))"))
+            _prepare(session)
             run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]
             summary.timings["prepare"] = time.perf_counter() - started
             assert run is not None

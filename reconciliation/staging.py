@@ -344,9 +344,7 @@ class Stager:
 
     def analyze(self) -> None:
         """Give PostgreSQL statistics on the staged rows, so joins with them are hash joins, not nested loops."""
-        if self.session.get_bind().dialect.name == "postgresql":
-            self.session.execute(text("ANALYZE reconciliation_stripe_objects"))
-            self.session.execute(text("ANALYZE reconciliation_stripe_aliases"))
+        analyze_staging(self.session)
 
     def _stage_direct_payments(self) -> None:
         """Charges of a payment intent outside Checkout and invoices are top-ups too (the worker grants them)."""
@@ -470,6 +468,22 @@ class Stager:
         self.stage_events(since, until)
         self.stats.seconds = time.perf_counter() - started
         return self.stats
+
+
+def analyze_staging(session: Session) -> None:
+    """ANALYZE the staging tables on PostgreSQL (fresh rows have no statistics, and without them the planner
+    joins them to the ledger with nested loops, which at a million entries costs seconds).
+
+    The plans need row counts, distinct counts and the commonest values of a few columns, not fine histograms:
+    statistics target 10 samples 3,000 rows instead of 30,000, several times cheaper (for this transaction only).
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    target = session.scalar(text("SELECT current_setting('default_statistics_target')"))
+    session.execute(text("SELECT set_config('default_statistics_target', '10', true)"))
+    session.execute(text("ANALYZE reconciliation_stripe_objects"))
+    session.execute(text("ANALYZE reconciliation_stripe_aliases"))
+    session.execute(text("SELECT set_config('default_statistics_target', :target, true)"), {"target": target})
 
 
 def clear_staging(session: Session, run_id: int) -> None:
