@@ -5,21 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ledger.errors import IdempotencyConflict, InvalidRequest
 from ledger.models import EntryKind, Grant
 from ledger.posting import (
+    ACCOUNT_COLUMNS,
+    ACCOUNTS,
     ENTRIES,
     GRANTS,
     LockedAccount,
     forget,
     insert_entry,
-    lock_account_by_id,
+    locked_account,
     request_hash,
     require_key,
     require_positive,
+    run,
     save_account,
 )
 
@@ -34,29 +37,48 @@ class ClawbackResult:
     replayed: bool
 
 
+# The grant's account, locked through the grant in one statement; then the grant, read under that lock.
+_LOCK_GRANT_ACCOUNT = (
+    select(*ACCOUNT_COLUMNS)
+    .where(ACCOUNTS.c.id == select(GRANTS.c.account_id).where(GRANTS.c.id == bindparam("gid")).scalar_subquery())
+    .with_for_update(key_share=True)
+)
+_GRANT = select(GRANTS).where(GRANTS.c.id == bindparam("gid"))
+_ORIGINAL = select(ENTRIES.c.units, ENTRIES.c.debt_delta, ENTRIES.c.frozen_delta, ENTRIES.c.request_hash).where(
+    ENTRIES.c.idempotency_key == bindparam("key")
+)
+_SET_GRANT = (
+    update(GRANTS)
+    .where(GRANTS.c.id == bindparam("gid"))
+    .values(
+        remaining=GRANTS.c.remaining + bindparam("remaining_delta"),
+        frozen=GRANTS.c.frozen + bindparam("frozen_delta"),
+        clawed_back=GRANTS.c.clawed_back + bindparam("clawed_delta"),
+    )
+)
+
+
 def _lock_grant(session: Session, grant_id: int) -> tuple[LockedAccount, Any]:
     """Lock the account owning ``grant_id`` and read the grant under that lock."""
-    account_id = session.execute(select(GRANTS.c.account_id).where(GRANTS.c.id == grant_id)).scalar_one_or_none()
-    if account_id is None:
+    row = run(session, _LOCK_GRANT_ACCOUNT, {"gid": grant_id}).one_or_none()
+    if row is None:
         raise InvalidRequest(f"unknown grant {grant_id}")
-    account = lock_account_by_id(session, account_id)
-    grant = session.execute(select(GRANTS).where(GRANTS.c.id == grant_id)).one()
-    return account, grant
+    return locked_account(row), run(session, _GRANT, {"gid": grant_id}).one()
 
 
 def _original(session: Session, key: str, digest: str, what: str) -> Any:
-    row = session.execute(
-        select(ENTRIES.c.units, ENTRIES.c.debt_delta, ENTRIES.c.frozen_delta, ENTRIES.c.request_hash).where(
-            ENTRIES.c.idempotency_key == key
-        )
-    ).one_or_none()
+    row = run(session, _ORIGINAL, {"key": key}).one_or_none()
     if row is not None and row.request_hash != digest:
         raise IdempotencyConflict(f"{what} key was used with other parameters")
     return row
 
 
-def _set_grant(session: Session, account: LockedAccount, grant_id: int, **values: Any) -> None:
-    session.execute(update(GRANTS).where(GRANTS.c.id == grant_id).values(**values))
+def _set_grant(
+    session: Session, account: LockedAccount, grant_id: int, *, remaining: int = 0, frozen: int = 0, clawed: int = 0
+) -> None:
+    """Add signed deltas to a grant's remaining, frozen and clawed-back units."""
+    params = {"gid": grant_id, "remaining_delta": remaining, "frozen_delta": frozen, "clawed_delta": clawed}
+    run(session, _SET_GRANT, params)
     account.moved_grants.add(grant_id)
     forget(session, Grant, [grant_id])
 
@@ -108,9 +130,9 @@ def clawback(
             session,
             account,
             grant_id,
-            remaining=GRANTS.c.remaining - from_remaining,
-            frozen=GRANTS.c.frozen - from_frozen,
-            clawed_back=GRANTS.c.clawed_back + wanted,
+            remaining=-from_remaining,
+            frozen=-from_frozen,
+            clawed=wanted,
         )
     else:
         # Nothing left to take: record the request anyway so a replay is recognised as one.
@@ -153,7 +175,7 @@ def freeze_grant(session: Session, grant_id: int, *, idempotency_key: str, reaso
         reason=reason,
         allocations=[(grant_id, -units)],
     )
-    _set_grant(session, account, grant_id, remaining=GRANTS.c.remaining - units, frozen=GRANTS.c.frozen + units)
+    _set_grant(session, account, grant_id, remaining=-units, frozen=units)
     save_account(session, account)
     return int(units)
 
@@ -180,6 +202,6 @@ def unfreeze_grant(session: Session, grant_id: int, *, idempotency_key: str, rea
         reason=reason,
         allocations=[(grant_id, units)],
     )
-    _set_grant(session, account, grant_id, remaining=GRANTS.c.remaining + units, frozen=GRANTS.c.frozen - units)
+    _set_grant(session, account, grant_id, remaining=units, frozen=-units)
     save_account(session, account)
     return int(units)

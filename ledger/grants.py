@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ledger.accounts import ensure_account_id
+from ledger.accounts import lock_or_open_account
 from ledger.errors import IdempotencyConflict, InvalidRequest
 from ledger.models import EntryKind, Grant, GrantSource
 from ledger.posting import (
@@ -18,12 +19,20 @@ from ledger.posting import (
     drawable_grants,
     expire_lapsed,
     insert_entry,
-    lock_account,
     lock_account_by_id,
     request_hash,
     require_key,
     require_positive,
+    run,
     save_account,
+)
+
+_INSERT_GRANT = {
+    name: dialect.insert(GRANTS).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(GRANTS.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_ORIGINAL_GRANT = select(ENTRIES.c.grant_id, ENTRIES.c.units, ENTRIES.c.balance_after, ENTRIES.c.request_hash).where(
+    ENTRIES.c.idempotency_key == bindparam("key")
 )
 
 
@@ -83,41 +92,36 @@ def grant_credits(
         stripe_object_id=stripe_object_id,
     )
     entry_key = f"grant:{idempotency_key}"
-    ensure_account_id(session, customer_id)
-    account = lock_account(session, customer_id)
-
-    original = session.execute(
-        select(ENTRIES.c.grant_id, ENTRIES.c.units, ENTRIES.c.balance_after, ENTRIES.c.request_hash).where(
-            ENTRIES.c.idempotency_key == entry_key
-        )
-    ).one_or_none()
-    if original is not None:
+    account = lock_or_open_account(session, customer_id)
+    settle = min(units, account.debt)
+    # ON CONFLICT on the grant's unique key: the common case (a new grant) costs no lookup first, and a
+    # concurrent twin waits for the first one and then finds it, instead of failing on the unique index.
+    grant_id: int | None = run(
+        session,
+        _INSERT_GRANT[session.get_bind().dialect.name],
+        {
+            "account_id": account.id,
+            "source": source,
+            "units": units,
+            "remaining": units - settle,
+            "priority": priority,
+            "expires_at": expires_at,
+            "stripe_object_id": stripe_object_id,
+            "stripe_object_type": stripe_object_type,
+            "amount_minor": amount_minor,
+            "currency": currency.lower() if currency else None,
+            "idempotency_key": idempotency_key,
+            "reason": reason,
+            "actor": actor,
+            "period_start": _aware("period_start", period_start),
+            "period_end": _aware("period_end", period_end),
+        },
+    ).scalar_one_or_none()
+    if grant_id is None:
+        original = run(session, _ORIGINAL_GRANT, {"key": entry_key}).one()
         if original.request_hash != digest:
             raise IdempotencyConflict(f"grant key {idempotency_key!r} was used with other parameters")
         return GrantResult(original.grant_id, customer_id, original.units, original.balance_after, replayed=True)
-
-    settle = min(units, account.debt)
-    grant_id: int = session.execute(
-        insert(GRANTS)
-        .values(
-            account_id=account.id,
-            source=source,
-            units=units,
-            remaining=units - settle,
-            priority=priority,
-            expires_at=expires_at,
-            stripe_object_id=stripe_object_id,
-            stripe_object_type=stripe_object_type,
-            amount_minor=amount_minor,
-            currency=currency.lower() if currency else None,
-            idempotency_key=idempotency_key,
-            reason=reason,
-            actor=actor,
-            period_start=_aware("period_start", period_start),
-            period_end=_aware("period_end", period_end),
-        )
-        .returning(GRANTS.c.id)
-    ).scalar_one()
     _, balance_after = insert_entry(
         session,
         account,

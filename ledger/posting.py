@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import CursorResult, Executable, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -48,6 +48,15 @@ def request_hash(**params: Any) -> str:
     """A stable digest of a request's parameters, to tell a retry from a reused key."""
     body = json.dumps(params, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def run(session: Session, statement: Executable, params: Any = None) -> CursorResult[Any]:
+    """Execute a Core statement on the session's connection, without the ORM layer.
+
+    The ledger writes its tables with Core only, so no ORM flush is owed before these statements; the hot
+    paths pass statements built once at import (below), which spares building and cache-keying them per call.
+    """
+    return session.connection().execute(statement, params)
 
 
 def upsert(session: Session, table: Table) -> Any:
@@ -90,7 +99,7 @@ class LockedAccount:
         return max(0, self.balance + self.overdraft_limit)
 
 
-_ACCOUNT_COLUMNS = (
+ACCOUNT_COLUMNS = (
     ACCOUNTS.c.id,
     ACCOUNTS.c.customer_id,
     ACCOUNTS.c.balance,
@@ -102,7 +111,8 @@ _ACCOUNT_COLUMNS = (
 )
 
 
-def _locked(row: Any) -> LockedAccount:
+def locked_account(row: Any) -> LockedAccount:
+    """The account as a row of :data:`ACCOUNT_COLUMNS` reads, to move units on under its lock."""
     return LockedAccount(
         id=row.id,
         customer_id=row.customer_id,
@@ -115,33 +125,56 @@ def _locked(row: Any) -> LockedAccount:
     )
 
 
+_LOCK_BY_CUSTOMER = (
+    select(*ACCOUNT_COLUMNS).where(ACCOUNTS.c.customer_id == bindparam("customer_id")).with_for_update(key_share=True)
+)
+_LOCK_BY_ID = select(*ACCOUNT_COLUMNS).where(ACCOUNTS.c.id == bindparam("account_id")).with_for_update(key_share=True)
+_SAVE_ACCOUNT = (
+    update(ACCOUNTS)
+    .where(ACCOUNTS.c.id == bindparam("account_id"))
+    .values(
+        balance=bindparam("new_balance"),
+        held=bindparam("new_held"),
+        debt=bindparam("new_debt"),
+        updated_at=bindparam("now"),
+    )
+)
+_INSERT_ENTRY = insert(ENTRIES).returning(ENTRIES.c.id)
+_INSERT_ALLOCATION = insert(ALLOCATIONS)
+_MOVE_GRANT_UNITS = (
+    update(GRANTS).where(GRANTS.c.id == bindparam("gid")).values(remaining=GRANTS.c.remaining + bindparam("delta"))
+)
+
+
 def lock_account(session: Session, customer_id: str) -> LockedAccount:
     """Lock and read the account of ``customer_id``; raise UnknownCustomer."""
-    row = session.execute(
-        select(*_ACCOUNT_COLUMNS).where(ACCOUNTS.c.customer_id == customer_id).with_for_update(key_share=True)
-    ).one_or_none()
+    row = run(session, _LOCK_BY_CUSTOMER, {"customer_id": customer_id}).one_or_none()
     if row is None:
         raise UnknownCustomer(customer_id)
-    return _locked(row)
+    return locked_account(row)
 
 
 def lock_account_by_id(session: Session, account_id: int) -> LockedAccount:
     """Lock and read an account by its row id."""
-    row = session.execute(
-        select(*_ACCOUNT_COLUMNS).where(ACCOUNTS.c.id == account_id).with_for_update(key_share=True)
-    ).one()
-    return _locked(row)
+    return locked_account(run(session, _LOCK_BY_ID, {"account_id": account_id}).one())
 
 
 def save_account(session: Session, account: LockedAccount) -> None:
     """Write the account's projection and drop stale copies of what moved from the session."""
-    session.execute(
-        update(ACCOUNTS)
-        .where(ACCOUNTS.c.id == account.id)
-        .values(balance=account.balance, held=account.held, debt=account.debt, updated_at=utcnow())
+    run(
+        session,
+        _SAVE_ACCOUNT,
+        {
+            "account_id": account.id,
+            "new_balance": account.balance,
+            "new_held": account.held,
+            "new_debt": account.debt,
+            "now": utcnow(),
+        },
     )
-    forget(session, Account, [account.id])
-    forget(session, Grant, account.moved_grants)
+    if session.identity_map:
+        forget(session, Account, [account.id])
+        forget(session, Grant, account.moved_grants)
     account.moved_grants.clear()
 
 
@@ -192,30 +225,28 @@ def insert_entry(
         grant_id, allocations = allocations[0][0], []
     account.balance += units
     account.debt += debt_delta
-    entry_id: int = session.execute(
-        insert(ENTRIES)
-        .values(
-            account_id=account.id,
-            kind=kind,
-            units=units,
-            balance_after=account.balance,
-            debt_delta=debt_delta,
-            frozen_delta=frozen_delta,
-            idempotency_key=key,
-            request_hash=request_hash,
-            grant_id=grant_id,
-            hold_id=hold_id,
-            usage_id=usage_id,
-            stripe_object_id=stripe_object_id,
-            actor=actor,
-            reason=reason,
-        )
-        .returning(ENTRIES.c.id)
+    entry_id: int = run(
+        session,
+        _INSERT_ENTRY,
+        {
+            "account_id": account.id,
+            "kind": kind,
+            "units": units,
+            "balance_after": account.balance,
+            "debt_delta": debt_delta,
+            "frozen_delta": frozen_delta,
+            "idempotency_key": key,
+            "request_hash": request_hash,
+            "grant_id": grant_id,
+            "hold_id": hold_id,
+            "usage_id": usage_id,
+            "stripe_object_id": stripe_object_id,
+            "actor": actor,
+            "reason": reason,
+        },
     ).scalar_one()
     if allocations:
-        session.execute(
-            insert(ALLOCATIONS), [{"entry_id": entry_id, "grant_id": g, "units": u} for g, u in allocations]
-        )
+        run(session, _INSERT_ALLOCATION, [{"entry_id": entry_id, "grant_id": g, "units": u} for g, u in allocations])
     return entry_id, account.balance
 
 
@@ -239,10 +270,7 @@ def move_grant_units(session: Session, account: LockedAccount, deltas: Sequence[
     params = [{"gid": g, "delta": d} for g, d in deltas if d != 0]
     if not params:
         return
-    session.execute(
-        update(GRANTS).where(GRANTS.c.id == bindparam("gid")).values(remaining=GRANTS.c.remaining + bindparam("delta")),
-        params,
-    )
+    run(session, _MOVE_GRANT_UNITS, params)
     account.moved_grants.update(g for g, _ in deltas)
 
 

@@ -7,10 +7,11 @@ so two workers compare against the same version.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -24,36 +25,45 @@ class Freshness(StrEnum):
     TIE = "tie"  # same time, another event: fetch the object to decide
 
 
+@dataclass(frozen=True, slots=True)
+class AppliedVersion:
+    """The newest event applied for a Stripe object: its Stripe time, its id and the status it carried."""
+
+    applied_created: datetime
+    event_id: str
+    state: str | None
+
+
+_VERSIONS: Table = ObjectVersion.__table__  # type: ignore[assignment]
+_NEVER = datetime.fromtimestamp(0, tz=UTC)
+# One upsert: a placeholder row is created for a new object, and the row is locked either way (an
+# ``ON CONFLICT DO UPDATE`` takes the row lock), so the lock also covers the first event for an object.
+_LOCK_VERSION = {
+    name: dialect.insert(_VERSIONS)
+    .values(object_id=bindparam("object_id"), object_type=bindparam("object_type"), applied_created=_NEVER, event_id="")
+    .on_conflict_do_update(index_elements=["object_id"], set_={"object_type": bindparam("object_type")})
+    .returning(_VERSIONS.c.applied_created, _VERSIONS.c.event_id, _VERSIONS.c.state)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_RECORD_VERSION = (
+    update(_VERSIONS)
+    .where(_VERSIONS.c.object_id == bindparam("oid"))
+    .values(applied_created=bindparam("created"), event_id=bindparam("eid"), state=bindparam("new_state"))
+)
+
+
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _insert(session: Session) -> Any:
-    return (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(ObjectVersion)
+def lock_version(session: Session, object_id: str, object_type: str) -> AppliedVersion | None:
+    """Lock (and return) the applied version of a Stripe object; None when nothing was applied yet."""
+    statement = _LOCK_VERSION[session.get_bind().dialect.name]
+    row = session.connection().execute(statement, {"object_id": object_id, "object_type": object_type}).one()
+    return None if row.event_id == "" else AppliedVersion(_aware(row.applied_created), row.event_id, row.state)
 
 
-def lock_version(session: Session, object_id: str, object_type: str) -> ObjectVersion | None:
-    """Lock (and return) the applied version of a Stripe object; None when nothing was applied yet.
-
-    One upsert: a placeholder row is created for a new object, and the row is locked either way (an
-    ``ON CONFLICT DO UPDATE`` takes the row lock), so the lock also covers the first event for an object.
-    """
-    stmt = (
-        _insert(session)
-        .values(
-            object_id=object_id,
-            object_type=object_type,
-            applied_created=datetime.fromtimestamp(0, tz=UTC),
-            event_id="",
-        )
-        .on_conflict_do_update(index_elements=["object_id"], set_={"object_type": object_type})
-        .returning(ObjectVersion)
-    )
-    row = session.scalars(stmt, execution_options={"populate_existing": True}).one()
-    return None if row.event_id == "" else row
-
-
-def freshness(current: ObjectVersion | None, *, created: datetime, event_id: str) -> Freshness:
+def freshness(current: AppliedVersion | None, *, created: datetime, event_id: str) -> Freshness:
     """How an event compares with the version already applied for its object."""
     if current is None:
         return Freshness.NEWER
@@ -70,8 +80,6 @@ def freshness(current: ObjectVersion | None, *, created: datetime, event_id: str
 
 def record_version(session: Session, object_id: str, *, created: datetime, event_id: str, state: str | None) -> None:
     """Remember the event just applied as the object's newest version (the row is already locked)."""
-    row = session.get(ObjectVersion, object_id)
-    assert row is not None, "lock_version() first"
-    row.applied_created = created
-    row.event_id = event_id
-    row.state = state
+    params = {"oid": object_id, "created": created, "eid": event_id, "new_state": state}
+    updated = session.connection().execute(_RECORD_VERSION, params).rowcount
+    assert updated == 1, "lock_version() first"

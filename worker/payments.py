@@ -10,12 +10,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 import ledger.clawback as ledger_clawback
-from ledger import grants as ledger_grants
 from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import Grant
 from worker.models import EventWait, GrantRefundState, PaymentLink, RefundRecord
@@ -25,15 +24,45 @@ def _insert(session: Session, model: type[Any]) -> Any:
     return (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(model)
 
 
+@dataclass(frozen=True, slots=True)
+class FundedGrant:
+    """The grant a payment funded, as refunds and disputes need it."""
+
+    id: int
+    units: int
+    amount_minor: int | None
+    stripe_object_id: str | None
+
+
+_LINKS: Table = PaymentLink.__table__  # type: ignore[assignment]
+_GRANTS: Table = Grant.__table__  # type: ignore[assignment]
+_LINK_PAYMENT = {
+    name: dialect.insert(_LINKS).on_conflict_do_nothing(index_elements=["object_id"])
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_FUNDED_COLUMNS = (_GRANTS.c.id, _GRANTS.c.units, _GRANTS.c.amount_minor, _GRANTS.c.stripe_object_id)
+# The grant through its link, in one statement (not the link, then the grant).
+_LINKED_GRANT = (
+    select(*_FUNDED_COLUMNS)
+    .join(_LINKS, _LINKS.c.grant_id == _GRANTS.c.id)
+    .where(_LINKS.c.object_id.in_(bindparam("ids", expanding=True)))
+    .limit(1)
+)
+# Grants made outside the worker (a manual grant naming its payment) have no links.
+_NAMED_GRANT = (
+    select(*_FUNDED_COLUMNS)
+    .where(_GRANTS.c.stripe_object_id.in_(bindparam("ids", expanding=True)))
+    .order_by(_GRANTS.c.id)
+    .limit(1)
+)
+
+
 def link_payment(session: Session, grant_id: int, customer_id: str, object_ids: Iterable[str | None]) -> set[str]:
     """Link Stripe ids to the grant their payment funded; return the ids (new or not)."""
     ids = {i for i in object_ids if i}
     if ids:
-        session.execute(
-            _insert(session, PaymentLink)
-            .values([{"object_id": i, "grant_id": grant_id, "customer_id": customer_id} for i in sorted(ids)])
-            .on_conflict_do_nothing(index_elements=["object_id"])
-        )
+        rows = [{"object_id": i, "grant_id": grant_id, "customer_id": customer_id} for i in sorted(ids)]
+        session.connection().execute(_LINK_PAYMENT[session.get_bind().dialect.name], rows)
     return ids
 
 
@@ -46,7 +75,9 @@ def customers_of_payments(session: Session, object_ids: Iterable[str]) -> dict[s
     return {object_id: customer_id for object_id, customer_id in rows if customer_id}
 
 
-def find_funded_grant(session: Session, object_ids: Iterable[str | None], *, unlinked: bool = True) -> Grant | None:
+def find_funded_grant(
+    session: Session, object_ids: Iterable[str | None], *, unlinked: bool = True
+) -> FundedGrant | None:
     """The grant funded by the payment any of these Stripe ids belongs to.
 
     ``unlinked=False`` looks only at the worker's links (enough to find a grant the worker made itself).
@@ -54,17 +85,11 @@ def find_funded_grant(session: Session, object_ids: Iterable[str | None], *, unl
     ids = [i for i in dict.fromkeys(object_ids) if i]
     if not ids:
         return None
-    # The grant through its link, in one statement (not the link, then the grant).
-    linked = session.scalars(
-        select(Grant).join(PaymentLink, PaymentLink.grant_id == Grant.id).where(PaymentLink.object_id.in_(ids)).limit(1)
-    ).first()
-    if linked is not None or not unlinked:
-        return linked
-    if len(ids) == 1:
-        found = ledger_grants.find_grants_for_payment(session, ids[0])
-        return found[0] if found else None
-    # Grants made outside the worker (a manual grant naming its payment) have no links: one query for all ids.
-    return session.scalars(select(Grant).where(Grant.stripe_object_id.in_(ids)).order_by(Grant.id).limit(1)).first()
+    conn = session.connection()
+    row = conn.execute(_LINKED_GRANT, {"ids": ids}).first()
+    if row is None and unlinked:
+        row = conn.execute(_NAMED_GRANT, {"ids": ids}).first()
+    return FundedGrant(*row) if row is not None else None
 
 
 # --- waiting events ---------------------------------------------------------------------------------------
@@ -118,26 +143,47 @@ class RefundApplied:
     debt: int
 
 
-def _lock_refund_state(session: Session, grant_id: int) -> GrantRefundState:
+_REFUND_STATES: Table = GrantRefundState.__table__  # type: ignore[assignment]
+_REFUND_RECORDS: Table = RefundRecord.__table__  # type: ignore[assignment]
+
+
+def _lock_refund_state_statement(dialect: Any) -> Any:
     # One upsert: creates the row for a grant's first refund and locks it either way (ON CONFLICT DO UPDATE
     # takes the row lock, like SELECT ... FOR UPDATE).
-    stmt = (
-        _insert(session, GrantRefundState)
-        .values(grant_id=grant_id, refunded_minor=0, clawed_units=0)
-        .on_conflict_do_update(index_elements=["grant_id"], set_={"grant_id": grant_id})
-        .returning(GrantRefundState)
+    stmt = dialect.insert(_REFUND_STATES).values(grant_id=bindparam("gid"), refunded_minor=0, clawed_units=0)
+    return stmt.on_conflict_do_update(index_elements=["grant_id"], set_={"grant_id": stmt.excluded.grant_id}).returning(
+        _REFUND_STATES.c.refunded_minor, _REFUND_STATES.c.clawed_units
     )
-    state: GrantRefundState = session.scalars(stmt, execution_options={"populate_existing": True}).one()
-    return state
 
 
-def _refunded_total(session: Session, grant_id: int) -> int:
-    rows = session.execute(
-        select(RefundRecord.kind, func.sum(RefundRecord.amount_minor))
-        .where(RefundRecord.grant_id == grant_id)
-        .group_by(RefundRecord.kind)
-    ).all()
-    sums = {kind: int(total or 0) for kind, total in rows}
+def _count_refund_statement(dialect: Any) -> Any:
+    # A refund by id is counted once; a charge's cumulative amount is kept at its largest value seen.
+    stmt = dialect.insert(_REFUND_RECORDS)
+    table = _REFUND_RECORDS.c
+    return stmt.on_conflict_do_update(
+        index_elements=["grant_id", "refund_key"],
+        set_={"amount_minor": stmt.excluded.amount_minor, "updated_at": func.now()},
+        where=(stmt.excluded.kind == "charge") & (stmt.excluded.amount_minor > table.amount_minor),
+    )
+
+
+_DIALECTS = (("postgresql", postgresql), ("sqlite", sqlite))
+_LOCK_REFUND_STATE = {name: _lock_refund_state_statement(dialect) for name, dialect in _DIALECTS}
+_COUNT_REFUND = {name: _count_refund_statement(dialect) for name, dialect in _DIALECTS}
+_REFUNDED_BY_KIND = (
+    select(_REFUND_RECORDS.c.kind, func.sum(_REFUND_RECORDS.c.amount_minor))
+    .where(_REFUND_RECORDS.c.grant_id == bindparam("gid"))
+    .group_by(_REFUND_RECORDS.c.kind)
+)
+_SAVE_REFUND_STATE = (
+    update(_REFUND_STATES)
+    .where(_REFUND_STATES.c.grant_id == bindparam("gid"))
+    .values(refunded_minor=bindparam("new_refunded"), clawed_units=bindparam("new_clawed"))
+)
+
+
+def _refunded_total(conn: Connection, grant_id: int) -> int:
+    sums = {kind: int(total or 0) for kind, total in conn.execute(_REFUNDED_BY_KIND, {"gid": grant_id})}
     # One refund can reach us as its own refund.created and inside its charge's cumulative amount_refunded:
     # both views count the same money, so take the larger one, never their sum.
     return max(sums.get("refund", 0), sums.get("charge", 0)) + sums.get("credit_note", 0)
@@ -145,7 +191,7 @@ def _refunded_total(session: Session, grant_id: int) -> int:
 
 def record_refund(
     session: Session,
-    grant: Grant,
+    grant: FundedGrant,
     *,
     refund_key: str,
     kind: str,
@@ -159,23 +205,24 @@ def record_refund(
     ``"credit_note"`` carry one refund by its id. Whatever order and number of deliveries, the grant ends with
     ``units * refunded_total // amount_paid`` units clawed back.
     """
-    state = _lock_refund_state(session, grant.id)
-    existing = session.get(RefundRecord, (grant.id, refund_key))
-    if existing is None:
-        session.add(RefundRecord(grant_id=grant.id, refund_key=refund_key, kind=kind, amount_minor=amount_minor))
-    elif kind == "charge" and amount_minor > existing.amount_minor:
-        existing.amount_minor = amount_minor
-    session.flush()
+    conn = session.connection()
+    dialect = conn.dialect.name
+    refunded_before, clawed_before = conn.execute(_LOCK_REFUND_STATE[dialect], {"gid": grant.id}).one()
+    conn.execute(
+        _COUNT_REFUND[dialect],
+        {"grant_id": grant.id, "refund_key": refund_key, "kind": kind, "amount_minor": amount_minor},
+    )
     paid = grant.amount_minor or 0
-    total = min(_refunded_total(session, grant.id), paid) if paid > 0 else 0
+    total = min(_refunded_total(conn, grant.id), paid) if paid > 0 else 0
     target = grant.units * total // paid if paid > 0 else 0
     clawed_now = 0
     debt = 0
-    if target > state.clawed_units:
+    clawed_total = clawed_before
+    if target > clawed_before:
         result = ledger_clawback.clawback(
             session,
             grant.id,
-            units=target - state.clawed_units,
+            units=target - clawed_before,
             # The cumulative target makes each step's key unique and a replayed step a no-op.
             idempotency_key=f"refund:{grant.id}:{target}",
             reason=reason,
@@ -183,8 +230,10 @@ def record_refund(
         )
         clawed_now = result.clawed + result.debt
         debt = result.debt
-        state.clawed_units = target
-    state.refunded_minor = max(state.refunded_minor, total)
+        clawed_total = target
+    refunded_total = max(refunded_before, total)
+    if (refunded_total, clawed_total) != (refunded_before, clawed_before):
+        conn.execute(_SAVE_REFUND_STATE, {"gid": grant.id, "new_refunded": refunded_total, "new_clawed": clawed_total})
     return RefundApplied(
-        refunded_minor=total, paid_minor=paid, clawed_now=clawed_now, clawed_total=state.clawed_units, debt=debt
+        refunded_minor=total, paid_minor=paid, clawed_now=clawed_now, clawed_total=clawed_total, debt=debt
     )

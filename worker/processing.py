@@ -336,8 +336,7 @@ def _open_accounts(conn: Connection, customer_ids: Sequence[str]) -> None:
     that needed it opens it anyway.
     """
     with _transaction(conn) as session:
-        for customer_id in sorted(set(customer_ids)):
-            ledger_accounts.open_account(session, customer_id)
+        ledger_accounts.open_accounts(session, customer_ids)
 
 
 def _customers(session: Session, rows: Sequence[ClaimedEvent], events: dict[int, Any]) -> dict[int, str]:

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from ledger.models import Grant
     from worker.handlers.base import EventContext
+    from worker.payments import FundedGrant
 
 log = structlog.get_logger("worker.review")
 
 
-def flag_debt(ctx: EventContext, grant: Grant, *, units: int, what: str) -> None:
+def flag_debt(ctx: EventContext, grant: FundedGrant, *, units: int, what: str) -> None:
     """Log that a clawback found ``units`` credits already spent (the ledger has booked them as account debt)."""
     log.warning(
         "clawback_debt",

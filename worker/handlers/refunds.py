@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ledger.models import Grant
 from worker.handlers.base import EventContext, Outcome, PermanentEventError, PrerequisiteMissing, as_int, stripe_id
-from worker.payments import RefundApplied, find_funded_grant, record_refund
+from worker.payments import FundedGrant, RefundApplied, find_funded_grant, record_refund
 from worker.review import flag_debt
 
 
-def funded_grant(ctx: EventContext, ids: list[str | None], *, charge_id: str | None, what: str) -> Grant:
+def funded_grant(ctx: EventContext, ids: list[str | None], *, charge_id: str | None, what: str) -> FundedGrant:
     """The grant the payment behind these ids funded; wait for it when it has not been granted yet."""
     grant = find_funded_grant(ctx.session, ids)
     if grant is None and charge_id and ctx.gateway is not None and not any(i and i.startswith("pi_") for i in ids):
@@ -41,7 +40,7 @@ def _combine(steps: list[RefundApplied]) -> RefundApplied:
     )
 
 
-def _outcome(ctx: EventContext, grant: Grant, applied: RefundApplied, what: str) -> Outcome:
+def _outcome(ctx: EventContext, grant: FundedGrant, applied: RefundApplied, what: str) -> Outcome:
     if applied.debt:
         flag_debt(ctx, grant, units=applied.debt, what=what)
     note = f"{what}: refunded {applied.refunded_minor} of {applied.paid_minor}; clawed {applied.clawed_now} units"
