@@ -155,6 +155,8 @@ def consume_standalone(
     For an edge whose unit of work is this one consumption (the usage API, the CLI); same results and errors.
     On PostgreSQL it is one statement in autocommit on a pooled connection, without a session: one round trip
     where a unit of work takes three (BEGIN, the call, COMMIT). Elsewhere, ``consume`` in a ``unit_of_work``.
+    Never call it inside another unit of work: it commits on a connection of its own (and would wait forever for
+    an account lock that unit holds); there, call ``consume(session, ...)``.
     """
     require_key("request_id", request_id)
     charge = charge_for(units, usage)
