@@ -445,13 +445,17 @@ def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: Bat
         if len(order) > TRANSACTION_EVENTS:
             # Groups follow Stripe creation order (one group is ordered by its claim, and counts its skips).
             with _transaction(conn) as session:
-                order = list(
-                    session.scalars(
-                        select(StripeEvent.id)
-                        .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
-                        .order_by(StripeEvent.created, StripeEvent.id)
-                    )
+                rows = session.execute(
+                    select(StripeEvent.id, StripeEvent.type, StripeEvent.customer_id)
+                    .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
+                    .order_by(StripeEvent.created, StripeEvent.id)
+                ).all()
+                # New customers' accounts, opened up front for the whole chunk (see _open_accounts), rather
+                # than by each group that meets one and then runs again.
+                ledger_accounts.open_accounts(
+                    session, [r.customer_id for r in rows if r.customer_id and handler_for(r.type) is not None]
                 )
+            order = [r.id for r in rows]
             report.skipped += len(set(ids)) - len(order)
         linked: set[str] = set()
         one_by_one: list[int] = []
