@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, func, select, update
+from sqlalchemy import BindParameter, Connection, Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -41,20 +42,26 @@ _LINK_PAYMENT = {
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _FUNDED_COLUMNS = (_GRANTS.c.id, _GRANTS.c.units, _GRANTS.c.amount_minor, _GRANTS.c.stripe_object_id)
-# The grant through its link, in one statement (not the link, then the grant).
-_LINKED_GRANT = (
-    select(*_FUNDED_COLUMNS)
-    .join(_LINKS, _LINKS.c.grant_id == _GRANTS.c.id)
-    .where(_LINKS.c.object_id.in_(bindparam("ids", expanding=True)))
-    .limit(1)
-)
-# Grants made outside the worker (a manual grant naming its payment) have no links.
-_NAMED_GRANT = (
-    select(*_FUNDED_COLUMNS)
-    .where(_GRANTS.c.stripe_object_id.in_(bindparam("ids", expanding=True)))
-    .order_by(_GRANTS.c.id)
-    .limit(1)
-)
+
+
+@lru_cache(maxsize=16)
+def _funded_grant_statements(arity: int) -> tuple[Any, Any]:
+    """The two lookups of :func:`find_funded_grant` for ``arity`` ids, built once per arity.
+
+    One bind parameter per id (``IN (:id0, :id1, ...)``) rather than an expanding one, which SQLAlchemy would
+    re-render on every call; an event names only a few ids, so there are only a few arities.
+    """
+    params: list[BindParameter[str]] = [bindparam(f"id{i}") for i in range(arity)]
+    # The grant through its link, in one statement (not the link, then the grant).
+    linked = (
+        select(*_FUNDED_COLUMNS)
+        .join(_LINKS, _LINKS.c.grant_id == _GRANTS.c.id)
+        .where(_LINKS.c.object_id.in_(params))
+        .limit(1)
+    )
+    # Grants made outside the worker (a manual grant naming its payment) have no links.
+    named = select(*_FUNDED_COLUMNS).where(_GRANTS.c.stripe_object_id.in_(params)).order_by(_GRANTS.c.id).limit(1)
+    return linked, named
 
 
 def link_payment(session: Session, grant_id: int, customer_id: str, object_ids: Iterable[str | None]) -> set[str]:
@@ -86,9 +93,11 @@ def find_funded_grant(
     if not ids:
         return None
     conn = session.connection()
-    row = conn.execute(_LINKED_GRANT, {"ids": ids}).first()
+    linked, named = _funded_grant_statements(len(ids))
+    params = {f"id{i}": object_id for i, object_id in enumerate(ids)}
+    row = conn.execute(linked, params).first()
     if row is None and unlinked:
-        row = conn.execute(_NAMED_GRANT, {"ids": ids}).first()
+        row = conn.execute(named, params).first()
     return FundedGrant(*row) if row is not None else None
 
 
