@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from ledger.inbox import EventStatus
 from ledger.models import AccessState, Account, Grant, GrantSource
 from ledger.queries import balance_summary
 from tests.conftest import STRIPE_EVENTS
-from tests.worker.conftest import FakeStripe, event_row, load_fixture, store
+from tests.worker.conftest import WORKER_BILLING_CONFIG, FakeStripe, event_row, load_fixture, store
 from worker.handlers import HANDLERS, IGNORED
 from worker.payments import link_payment
 from worker.processing import process_events
@@ -261,6 +263,27 @@ class TestRenewals:
         again["id"] = "evt_redelivered_as_new_id"
         assert run(again).status == EventStatus.PROCESSED
         assert [g.units for g in grants_of("cus_JsuO3bmrj0QlAw")] == [10000]
+
+    @pytest.mark.parametrize("change", ["more credits", "plan removed"])
+    def test_a_period_redelivered_after_the_plan_changed_stays_granted_once(
+        self, db: Engine, billing_config_file: Callable[[str], Path], change: str
+    ) -> None:
+        run(load_fixture("invoice.paid.subscription_cycle.sse.json"))
+        if change == "more credits":
+            billing_config_file(
+                WORKER_BILLING_CONFIG.replace("credits_per_period = 10000", "credits_per_period = 20000")
+            )
+        else:
+            billing_config_file(
+                WORKER_BILLING_CONFIG.replace('price = "price_1IDQm5JDPojXS6LNM31hxKzp"', 'price = "x"')
+            )
+        again = load_fixture("invoice.paid.subscription_cycle.sse.json")
+        again["id"] = "evt_redelivered_after_config_change"
+        row = run(again)
+        assert row.status == EventStatus.PROCESSED, row.last_error
+        assert "already granted" in (row.status_reason or "")
+        assert [g.units for g in grants_of("cus_JsuO3bmrj0QlAw")] == [10000]
+        assert_ledger_ok()
 
     def test_an_unconfigured_plan_fails_naming_the_price(self, db: Engine) -> None:
         event = load_fixture("invoice.paid.subscription_cycle.sse.json")

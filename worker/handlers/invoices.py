@@ -16,6 +16,7 @@ from typing import Any
 from ledger import accounts as ledger_accounts
 from ledger import grants as ledger_grants
 from ledger.config import PeriodEnd, Plan
+from ledger.errors import IdempotencyConflict
 from ledger.models import AccessState, GrantSource
 from worker.handlers.base import EventContext, Outcome, PermanentEventError, as_int, stripe_id, timestamp
 from worker.payments import find_funded_grant, link_payment
@@ -127,12 +128,10 @@ def handle_invoice_paid(ctx: EventContext) -> Outcome:
         raise PermanentEventError("invoice has no id or no customer")
     subscription = subscription_id_of(invoice)
     ids = [invoice_id, *_payment_ids(invoice)]
-    existing = find_funded_grant(ctx.session, [invoice_id], unlinked=False)
-    if existing is not None:
-        ctx.linked_ids |= link_payment(ctx.session, existing.id, customer_id, ids)
-        return Outcome.processed(f"period already granted (grant {existing.id})")
     lines, unknown = _plan_lines(ctx, invoice)
     if not lines:
+        if (existing := find_funded_grant(ctx.session, [invoice_id], unlinked=False)) is not None:
+            return _already_granted(ctx, existing.id, customer_id, ids)
         raise PermanentEventError(
             f"invoice {invoice_id}: no plan in the billing config for prices {sorted(set(unknown)) or 'none'}"
         )
@@ -141,28 +140,43 @@ def handle_invoice_paid(ctx: EventContext) -> Outcome:
     period_start = first.period_start or timestamp(invoice.get("period_start"))
     period_end = first.period_end or timestamp(invoice.get("period_end"))
     expires = first.plan.period_end == PeriodEnd.EXPIRE and period_end is not None
-    result = ledger_grants.grant_credits(
-        ctx.session,
-        customer_id,
-        units=units,
-        source=GrantSource.RENEWAL,
-        idempotency_key=f"renewal:{invoice_id}",
-        reason=f"{first.plan.name or first.plan.price} {reason} {invoice_id} (subscription {subscription})",
-        priority=first.plan.priority,
-        expires_at=period_end if expires else None,
-        stripe_object_id=invoice_id,
-        stripe_object_type="invoice",
-        amount_minor=as_int(invoice.get("amount_paid")),
-        currency=currency.lower() if isinstance(currency := invoice.get("currency"), str) else None,
-        period_start=period_start,
-        period_end=period_end,
-    )
+    try:
+        # The grant's key is the invoice: a redelivery finds the period's grant instead of making another.
+        result = ledger_grants.grant_credits(
+            ctx.session,
+            customer_id,
+            units=units,
+            source=GrantSource.RENEWAL,
+            idempotency_key=f"renewal:{invoice_id}",
+            reason=f"{first.plan.name or first.plan.price} {reason} {invoice_id} (subscription {subscription})",
+            priority=first.plan.priority,
+            expires_at=period_end if expires else None,
+            stripe_object_id=invoice_id,
+            stripe_object_type="invoice",
+            amount_minor=as_int(invoice.get("amount_paid")),
+            currency=currency.lower() if isinstance(currency := invoice.get("currency"), str) else None,
+            period_start=period_start,
+            period_end=period_end,
+        )
+    except IdempotencyConflict:
+        # Granted before under other terms (the plan's config changed since): the period stays granted once.
+        existing = find_funded_grant(ctx.session, [invoice_id], unlinked=False)
+        if existing is None:
+            raise
+        return _already_granted(ctx, existing.id, customer_id, ids)
+    if result.replayed:
+        return _already_granted(ctx, result.grant_id, customer_id, ids)
     ctx.linked_ids |= link_payment(ctx.session, result.grant_id, customer_id, ids)
     # A paid invoice restores access (after a failed attempt, say), unless a newer state is already applied.
     ledger_accounts.set_access_state(
         ctx.session, customer_id, AccessState.ACTIVE, as_of=ctx.created, source=f"invoice.paid:{invoice_id}"
     )
     return Outcome.processed(f"granted {result.units} units for {invoice_id} to {customer_id}")
+
+
+def _already_granted(ctx: EventContext, grant_id: int, customer_id: str, ids: list[str | None]) -> Outcome:
+    ctx.linked_ids |= link_payment(ctx.session, grant_id, customer_id, ids)
+    return Outcome.processed(f"period already granted (grant {grant_id})")
 
 
 def handle_invoice_payment_failed(ctx: EventContext) -> Outcome:
