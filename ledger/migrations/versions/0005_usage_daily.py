@@ -144,6 +144,7 @@ def upgrade() -> None:
         ),
         sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_usage_daily_account_id_accounts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_daily")),
+        postgresql_with={"fillfactor": 70},
     )
     op.create_index("uq_usage_daily_key", "usage_daily", list(_KEY), unique=True, postgresql_nulls_not_distinct=True)
     op.create_index("ix_usage_daily_day", "usage_daily", ["day"])
