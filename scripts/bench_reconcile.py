@@ -37,6 +37,7 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/br_recon_bench"
 ENTRIES_PER_TOPUP = 100  # one Stripe top-up (session, payment intent, charge, ~4 events) per 100 ledger entries
 TOPUPS_PER_CUSTOMER = 2
+USAGE_CHUNK = 1_000  # usage rows per transaction while seeding (the API writes one per transaction)
 MODELS = (
     ("openai", "gpt-4o-2024-08-06", "proj_main", Decimal("0.0000025"), Decimal("0.00001")),
     ("openai", "gpt-4o-mini-2024-07-18", "proj_main", Decimal("0.00000015"), Decimal("0.0000006")),
@@ -182,22 +183,34 @@ def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries:
     model_cases = " ".join(f"WHEN {i} THEN '{m}'" for i, (_p, m, _s, _ci, _co) in enumerate(MODELS))
     scope_cases = " ".join(f"WHEN {i} THEN '{s}'" for i, (_p, _m, s, _ci, _co) in enumerate(MODELS))
     cost_cases = " ".join(f"WHEN {i} THEN 1000 * {ci} + 200 * {co}" for i, (_p, _m, _s, ci, co) in enumerate(MODELS))
+    usage = text(
+        f"""
+        INSERT INTO usage_records (id, account_id, request_id, user_id, workspace, feature, provider, model,
+            input_tokens, output_tokens, cached_tokens, provider_cost_usd, units, billable, environment,
+            occurred_at)
+        SELECT i, 1 + (i % :accounts), 'req-' || i, 'u' || (i % 7), CASE i % 4 {scope_cases} END, 'chat',
+            CASE i % 4 {cases} END, CASE i % 4 {model_cases} END, 1000, 200, 0,
+            CASE i % 4 {cost_cases} END, 1, true, 'production',
+            :since + make_interval(secs => (i * 7919) % :window)
+        FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS i
+        """
+    )
+    # Usage in many transactions, as the API writes it: the usage_daily trigger updates a roll-up row per usage
+    # row, and one million-row transaction would keep every intermediate row version on disk (committed versions
+    # are pruned as later transactions update the same rows).
+    for first in range(1, consumes + 1, USAGE_CHUNK):
+        with engine.begin() as conn:
+            conn.execute(
+                usage,
+                {
+                    "accounts": n_accounts,
+                    "first": first,
+                    "last": min(consumes, first + USAGE_CHUNK - 1),
+                    "since": since + timedelta(days=1),
+                    "window": window_seconds,
+                },
+            )
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                f"""
-                INSERT INTO usage_records (id, account_id, request_id, user_id, workspace, feature, provider, model,
-                    input_tokens, output_tokens, cached_tokens, provider_cost_usd, units, billable, environment,
-                    occurred_at)
-                SELECT i, 1 + (i % :accounts), 'req-' || i, 'u' || (i % 7), CASE i % 4 {scope_cases} END, 'chat',
-                    CASE i % 4 {cases} END, CASE i % 4 {model_cases} END, 1000, 200, 0,
-                    CASE i % 4 {cost_cases} END, 1, true, 'production',
-                    :since + make_interval(secs => (i * 7919) % :window)
-                FROM generate_series(1::bigint, :n) AS i
-                """
-            ),
-            {"accounts": n_accounts, "n": consumes, "since": since + timedelta(days=1), "window": window_seconds},
-        )
         conn.execute(
             text(
                 """
@@ -396,6 +409,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated ledger entry counts")
     parser.add_argument("--url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_URL))
+    parser.add_argument("--json", type=Path, help="also write every figure (all step timings) to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--api-base", help=argparse.SUPPRESS)
     parser.add_argument("--since", help=argparse.SUPPRESS)
@@ -451,6 +465,8 @@ def main() -> None:
     worst = max(r["peak_mb"] for r in results)
     median_ratio = statistics.median(r["ratio"] for r in results)
     print(f"peak memory max {worst:.0f} MB (target < 300 MB, flat); median ratio {median_ratio:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
