@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, select
+import psycopg
+from sqlalchemy import Engine, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from ledger.accounts import lock_or_open_account
-from ledger.errors import IdempotencyConflict, InvalidRequest
-from ledger.models import EntryKind, Grant, GrantSource
+from ledger import pgfast
+from ledger.accounts import lock_or_open_account, open_account
+from ledger.errors import IdempotencyConflict, InvalidRequest, UnknownCustomer
+from ledger.models import Account, EntryKind, Grant, GrantSource
 from ledger.posting import (
     ENTRIES,
     GRANTS,
@@ -25,6 +30,7 @@ from ledger.posting import (
     require_positive,
     run,
     save_account,
+    utcnow,
 )
 
 _INSERT_GRANT = {
@@ -34,6 +40,17 @@ _INSERT_GRANT = {
 _ORIGINAL_GRANT = select(ENTRIES.c.grant_id, ENTRIES.c.units, ENTRIES.c.balance_after, ENTRIES.c.request_hash).where(
     ENTRIES.c.idempotency_key == bindparam("key")
 )
+
+
+_FUNCTION_SIGNATURE = (
+    "ledger_grant(text, bigint, text, text, text, text, text, integer, timestamptz, text, text, bigint, text, "
+    "timestamptz, timestamptz, timestamptz)"
+)
+_CALL = (
+    "SELECT status, grant_id, units, balance_after, request_hash "
+    "FROM ledger_grant(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_function: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,15 @@ def grant_credits(
         expires_at=expires_at,
         stripe_object_id=stripe_object_id,
     )
+    currency = currency.lower() if currency else None
+    period_start, period_end = _aware("period_start", period_start), _aware("period_end", period_end)
+    if _function_installed(session):
+        return _grant_in_function(
+            session,
+            customer_id,
+            (units, source.value, idempotency_key, digest, reason, actor, priority, expires_at, stripe_object_id,
+             stripe_object_type, amount_minor, currency, period_start, period_end),
+        )  # fmt: skip
     entry_key = f"grant:{idempotency_key}"
     account = lock_or_open_account(session, customer_id)
     settle = min(units, account.debt)
@@ -109,12 +135,12 @@ def grant_credits(
             "stripe_object_id": stripe_object_id,
             "stripe_object_type": stripe_object_type,
             "amount_minor": amount_minor,
-            "currency": currency.lower() if currency else None,
+            "currency": currency,
             "idempotency_key": idempotency_key,
             "reason": reason,
             "actor": actor,
-            "period_start": _aware("period_start", period_start),
-            "period_end": _aware("period_end", period_end),
+            "period_start": period_start,
+            "period_end": period_end,
         },
     ).scalar_one_or_none()
     if grant_id is None:
@@ -150,6 +176,43 @@ def grant_credits(
         )
     save_account(session, account)
     return GrantResult(grant_id, customer_id, units, balance_after, replayed=False)
+
+
+def _function_installed(session: Session) -> bool:
+    """Whether this session's grants go through ``ledger_grant`` (PostgreSQL, migration 0006, switch on)."""
+    if not pgfast.enabled(session):  # PostgreSQL with the ledger's functions, and the per-thread switch on
+        return False
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    known = _function.get(engine)
+    if known is None:
+        found = session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (_FUNCTION_SIGNATURE,))
+        known = _function[engine] = bool(found.scalar())
+    return known
+
+
+def _grant_in_function(session: Session, customer_id: str, params: tuple[Any, ...]) -> GrantResult:
+    """One round trip: ``ledger_grant`` applies :func:`grant_credits`' rules server-side (see migration 0006)."""
+    units, digest, key = params[0], params[3], params[2]
+    driver: Any = session.connection().connection.driver_connection
+    call = (customer_id, *params, utcnow())
+    for attempt in range(2):
+        try:
+            row = driver.execute(_CALL, call, prepare=True).fetchone()
+        except psycopg.Error as exc:
+            raise DBAPIError.instance(_CALL, call, exc, psycopg.Error) from exc
+        status, grant_id, units, balance_after, original_hash = row
+        if status != "unknown_customer" or attempt:
+            break
+        open_account(session, customer_id)
+    if status == "unknown_customer":
+        raise UnknownCustomer(customer_id)
+    if status == "replay" and original_hash != digest:
+        raise IdempotencyConflict(f"grant key {key!r} was used with other parameters")
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, Account):  # the function moved its balance and debt
+            session.expire(obj)
+    return GrantResult(grant_id, customer_id, units, balance_after, replayed=status == "replay")
 
 
 def find_grants_for_payment(session: Session, stripe_object_id: str) -> list[Grant]:
