@@ -23,7 +23,7 @@ from reconciliation import checks
 from reconciliation.models import MismatchKind, ReconciliationRun, RunStatus
 from reconciliation.providers import ProviderReport, parse_reports
 from reconciliation.services import Finding, close_unseen, record_finding
-from reconciliation.staging import Stager, analyze_staging, clear_abandoned_staging, clear_staging
+from reconciliation.staging import ABANDONED_AFTER, Stager, analyze_staging, clear_abandoned_staging, clear_staging
 from reconciliation.stripe_source import StripeSource
 
 # Kinds whose mismatches belong to a point in time (closed by a later run over the same window).
@@ -178,7 +178,7 @@ def reconcile(
         session.add(run)
         session.flush()
         run_id = run.id
-        clear_abandoned_staging(session, older_than=datetime.now(UTC) - timedelta(days=1))
+        clear_abandoned_staging(session, older_than=datetime.now(UTC) - ABANDONED_AFTER)
 
     summary = RunSummary(run_id=run_id, since=since, until=until, status=RunStatus.RUNNING)
     summary.provider_reports = list(run.provider_reports)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 from sqlalchemy import delete, insert, literal, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
@@ -22,6 +23,8 @@ from reconciliation.models import ReconciliationRun, RunStatus, StagedStripeAlia
 from reconciliation.stripe_source import StripeSource, stripe_id
 
 PAGE_ROWS = 500
+# A run still marked running after this long died without cleaning up: its staged rows may be deleted.
+ABANDONED_AFTER = timedelta(days=1)
 
 # Subscription statuses, best first: a customer's access follows their best subscription.
 SUBSCRIPTION_RANK = {
@@ -487,9 +490,47 @@ def analyze_staging(session: Session) -> None:
 
 
 def clear_staging(session: Session, run_id: int) -> None:
-    """Delete a run's staged Stripe rows (they are scratch space, not history)."""
+    """Delete a run's staged Stripe rows (they are scratch space, not history).
+
+    On PostgreSQL, when no other run is live, both tables are truncated instead: constant time, where deleting
+    a million-entry window's rows one by one costs tens of milliseconds.
+    """
+    if _truncate_when_alone(session, run_id):
+        return
     session.execute(delete(StagedStripeObject).where(StagedStripeObject.run_id == run_id))
     session.execute(delete(StagedStripeAlias).where(StagedStripeAlias.run_id == run_id))
+
+
+_STAGING_TABLES = "reconciliation_stripe_objects, reconciliation_stripe_aliases"
+
+
+def _truncate_when_alone(session: Session, run_id: int) -> bool:
+    """TRUNCATE the staging tables if no other live run may have rows there; False when it did not."""
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    try:
+        # The lock first, then the look at other runs: a run stages only after its run row is committed, and its
+        # staging transaction holds a lock on these tables, so once we hold ours any run that has (or is writing)
+        # rows here is visible, and any later one writes after our commit. NOWAIT: a run staging right now means
+        # we are not alone, and its paging may take minutes.
+        with session.begin_nested():
+            session.execute(text(f"LOCK TABLE {_STAGING_TABLES} IN ACCESS EXCLUSIVE MODE NOWAIT"))
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        return False
+    others = select(ReconciliationRun.id).where(
+        ReconciliationRun.id != run_id,
+        ReconciliationRun.status == RunStatus.RUNNING,
+        ReconciliationRun.started_at >= datetime.now(UTC) - ABANDONED_AFTER,
+    )
+    if session.execute(others.limit(1)).first() is not None:
+        return False
+    session.execute(text(f"TRUNCATE {_STAGING_TABLES}"))
+    return True
+
+
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 def clear_abandoned_staging(session: Session, *, older_than: datetime) -> None:
