@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ledger import pgfast
 from ledger.errors import IdempotencyConflict, InvalidRequest
-from ledger.models import EntryKind, Grant
+from ledger.models import Account, EntryKind, Grant
 from ledger.posting import (
     ACCOUNT_COLUMNS,
     ACCOUNTS,
@@ -24,6 +27,7 @@ from ledger.posting import (
     require_positive,
     run,
     save_account,
+    utcnow,
 )
 
 
@@ -83,6 +87,57 @@ def _set_grant(
     forget(session, Grant, [grant_id])
 
 
+_MOVEMENT_SIGNATURE = "ledger_grant_movement(text, bigint, bigint, text, text, text, text, text, timestamptz)"
+_MOVEMENT_CALL = (
+    "SELECT status, customer_id, units, debt_delta, frozen_delta, request_hash "
+    "FROM ledger_grant_movement(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+@dataclass(frozen=True)
+class _Moved:
+    """The entry a movement wrote (or found, for a replay), as ``ledger_grant_movement`` answers it."""
+
+    customer_id: str
+    units: int
+    debt_delta: int
+    frozen_delta: int
+    replayed: bool
+
+
+def _move_in_function(
+    session: Session,
+    kind: EntryKind,
+    grant_id: int,
+    *,
+    units: int,
+    key: str,
+    digest: str,
+    reason: str,
+    actor: str,
+    stripe_object_id: str | None,
+) -> _Moved | None:
+    """One round trip on PostgreSQL (migration 0007); None where the portable path must run instead."""
+    if not pgfast.installed(session, _MOVEMENT_SIGNATURE):
+        return None
+    params = (kind.value, grant_id, units, key, digest, reason, actor, stripe_object_id, utcnow())
+    driver: Any = session.connection().connection.driver_connection
+    try:
+        status, customer_id, moved, debt_delta, frozen_delta, original_hash = driver.execute(
+            _MOVEMENT_CALL, params, prepare=True
+        ).fetchone()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_MOVEMENT_CALL, params, exc, psycopg.Error) from exc
+    if status == "unknown_grant":
+        raise InvalidRequest(f"unknown grant {grant_id}")
+    if status == "replay" and original_hash != digest:
+        raise IdempotencyConflict(f"{kind.value} key was used with other parameters")
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, Account | Grant):  # the function moved their units
+            session.expire(obj)
+    return _Moved(customer_id, moved, debt_delta, frozen_delta, replayed=status == "replay")
+
+
 def clawback(
     session: Session,
     grant_id: int,
@@ -99,6 +154,13 @@ def clawback(
     require_key("idempotency_key", idempotency_key)
     key = f"clawback:{idempotency_key}"
     digest = request_hash(grant_id=grant_id, units=units)
+    moved = _move_in_function(
+        session, EntryKind.CLAWBACK, grant_id, units=units, key=key, digest=digest, reason=reason, actor=actor,
+        stripe_object_id=stripe_object_id,
+    )  # fmt: skip
+    if moved is not None:
+        clawed = -moved.units - moved.debt_delta - moved.frozen_delta
+        return ClawbackResult(grant_id, moved.customer_id, units, clawed, moved.debt_delta, moved.replayed)
     account, grant = _lock_grant(session, grant_id)
     original = _original(session, key, digest, "clawback")
     if original is not None:
@@ -157,6 +219,12 @@ def freeze_grant(session: Session, grant_id: int, *, idempotency_key: str, reaso
     require_key("idempotency_key", idempotency_key)
     key = f"freeze:{idempotency_key}"
     digest = request_hash(grant_id=grant_id, action="freeze")
+    moved = _move_in_function(
+        session, EntryKind.FREEZE, grant_id, units=0, key=key, digest=digest, reason=reason, actor="system",
+        stripe_object_id=None,
+    )  # fmt: skip
+    if moved is not None:
+        return moved.frozen_delta
     account, grant = _lock_grant(session, grant_id)
     original = _original(session, key, digest, "freeze")
     if original is not None:
@@ -185,6 +253,12 @@ def unfreeze_grant(session: Session, grant_id: int, *, idempotency_key: str, rea
     require_key("idempotency_key", idempotency_key)
     key = f"unfreeze:{idempotency_key}"
     digest = request_hash(grant_id=grant_id, action="unfreeze")
+    moved = _move_in_function(
+        session, EntryKind.UNFREEZE, grant_id, units=0, key=key, digest=digest, reason=reason, actor="system",
+        stripe_object_id=None,
+    )  # fmt: skip
+    if moved is not None:
+        return -moved.frozen_delta
     account, grant = _lock_grant(session, grant_id)
     original = _original(session, key, digest, "unfreeze")
     if original is not None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, bindparam, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -50,7 +49,6 @@ _CALL = (
     "SELECT status, grant_id, units, balance_after, request_hash "
     "FROM ledger_grant(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
-_function: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ def grant_credits(
     )
     currency = currency.lower() if currency else None
     period_start, period_end = _aware("period_start", period_start), _aware("period_end", period_end)
-    if _function_installed(session):
+    if pgfast.installed(session, _FUNCTION_SIGNATURE):
         return _grant_in_function(
             session,
             customer_id,
@@ -176,19 +174,6 @@ def grant_credits(
         )
     save_account(session, account)
     return GrantResult(grant_id, customer_id, units, balance_after, replayed=False)
-
-
-def _function_installed(session: Session) -> bool:
-    """Whether this session's grants go through ``ledger_grant`` (PostgreSQL, migration 0006, switch on)."""
-    if not pgfast.enabled(session):  # PostgreSQL with the ledger's functions, and the per-thread switch on
-        return False
-    bind = session.get_bind()
-    engine = bind if isinstance(bind, Engine) else bind.engine
-    known = _function.get(engine)
-    if known is None:
-        found = session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (_FUNCTION_SIGNATURE,))
-        known = _function[engine] = bool(found.scalar())
-    return known
 
 
 def _grant_in_function(session: Session, customer_id: str, params: tuple[Any, ...]) -> GrantResult:

@@ -74,6 +74,26 @@ def enabled_for(engine: Engine) -> bool:
     return known
 
 
+_others: weakref.WeakKeyDictionary[Engine, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def installed(session: Session, signature: str) -> bool:
+    """Whether this session's ledger movements go through the PostgreSQL function ``signature``.
+
+    Only where consumption does (PostgreSQL, the ledger's functions installed, this thread's switch on), and once
+    the migration that creates that function ran; remembered per engine.
+    """
+    if not enabled(session):
+        return False
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    known = _others.setdefault(engine, {})
+    if signature not in known:
+        found = session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (signature,))
+        known[signature] = bool(found.scalar())
+    return known[signature]
+
+
 def _look_up(engine: Engine, connection: Connection) -> bool:
     """Whether the function is installed on ``engine``'s database; remembered per engine."""
     known = engine.dialect.name == "postgresql"

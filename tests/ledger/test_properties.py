@@ -206,6 +206,7 @@ CONSUME_SCENARIOS = st.lists(
         st.tuples(st.just("replay"), INDEX),
         st.tuples(st.just("clawback"), INDEX, st.integers(1, 50)),
         st.tuples(st.just("freeze"), INDEX),
+        st.tuples(st.just("unfreeze"), INDEX),
         st.tuples(st.just("overdraft"), st.integers(0, 30)),
         st.tuples(st.just("suspend"), st.booleans()),
     ),
@@ -233,6 +234,7 @@ class TestConsumePathsAgree:
     @example(
         scenario=[("grant", 20, 0, "never"), ("freeze", 0), ("consume", 1), ("grant", 5, 0, "never"), ("consume", 5)]
     )
+    @example(scenario=[("grant", 20, 0, "never"), ("consume", 5), ("freeze", 0), ("clawback", 0, 18), ("unfreeze", 0)])
     def test_same_history_same_outcomes(self, pg_engine: Engine, scenario: list[tuple[Any, ...]]) -> None:
         from ledger import pgfast
         from ledger.accounts import set_access_state
@@ -275,15 +277,19 @@ class TestConsumePathsAgree:
                             index = {g: i for i, g in enumerate(grants[use_function])}
                             outcome = (kind, result.units, result.balance_after, result.replayed,
                                        tuple((index[g], u) for g, u in result.funded_by))  # fmt: skip
-                        elif kind in ("clawback", "freeze") and grants[use_function]:
+                        elif kind in ("clawback", "freeze", "unfreeze") and grants[use_function]:
                             grant_id = grants[use_function][args[0] % len(grants[use_function])]
                             if kind == "clawback":
                                 key = f"{customer}-c{step_no}"
                                 claw = clawback(session, grant_id, units=args[1], idempotency_key=key, reason="refund")
                                 outcome = ("clawback", claw.clawed, claw.debt)
-                            else:
+                            elif kind == "freeze":
                                 key = f"{customer}-f{step_no}"
                                 outcome = ("freeze", freeze_grant(session, grant_id, idempotency_key=key, reason="x"))
+                            else:
+                                key = f"{customer}-u{step_no}"
+                                released = unfreeze_grant(session, grant_id, idempotency_key=key, reason="x")
+                                outcome = ("unfreeze", released)
                         elif kind == "overdraft":
                             set_overdraft_limit(session, customer, args[0])
                             outcome = ("overdraft",)
