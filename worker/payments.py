@@ -37,10 +37,19 @@ class FundedGrant:
 
 _LINKS: Table = PaymentLink.__table__  # type: ignore[assignment]
 _GRANTS: Table = Grant.__table__  # type: ignore[assignment]
-_LINK_PAYMENT = {
-    name: dialect.insert(_LINKS).on_conflict_do_nothing(index_elements=["object_id"])
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+
+
+@lru_cache(maxsize=32)
+def _link_payment_statement(dialect_name: str, arity: int) -> Any:
+    """One multi-row upsert of ``arity`` links, built once per backend and arity (an event names a few ids)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    rows: list[dict[str, Any]] = [
+        {"object_id": bindparam(f"o{i}"), "grant_id": bindparam("grant"), "customer_id": bindparam("customer")}
+        for i in range(arity)
+    ]
+    return dialect.insert(_LINKS).values(rows).on_conflict_do_nothing(index_elements=["object_id"])
+
+
 _FUNDED_COLUMNS = (_GRANTS.c.id, _GRANTS.c.units, _GRANTS.c.amount_minor, _GRANTS.c.stripe_object_id)
 
 
@@ -68,8 +77,10 @@ def link_payment(session: Session, grant_id: int, customer_id: str, object_ids: 
     """Link Stripe ids to the grant their payment funded; return the ids (new or not)."""
     ids = {i for i in object_ids if i}
     if ids:
-        rows = [{"object_id": i, "grant_id": grant_id, "customer_id": customer_id} for i in sorted(ids)]
-        session.connection().execute(_LINK_PAYMENT[session.get_bind().dialect.name], rows)
+        conn = session.connection()
+        params: dict[str, Any] = {f"o{i}": object_id for i, object_id in enumerate(sorted(ids))}
+        params |= {"grant": grant_id, "customer": customer_id}
+        conn.execute(_link_payment_statement(conn.dialect.name, len(ids)), params)
     return ids
 
 
