@@ -319,11 +319,8 @@ class UsageDaily(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
     day: Mapped[date] = mapped_column(Date)
-    provider: Mapped[str | None] = mapped_column(String(64))
-    model: Mapped[str | None] = mapped_column(String(255))
-    workspace: Mapped[str | None] = mapped_column(String(255))
-    feature: Mapped[str | None] = mapped_column(String(255))
-    environment: Mapped[UsageEnvironment] = mapped_column(_enum(UsageEnvironment, "usage_environment"))
+    # Fixed-width columns first: the checks read every row of a window, and PostgreSQL finds these at fixed
+    # offsets instead of walking the text columns before them.
     billable: Mapped[bool] = mapped_column(Boolean)
     requests: Mapped[int] = mapped_column(BigInteger)
     input_tokens: Mapped[int] = mapped_column(BigInteger)
@@ -331,3 +328,8 @@ class UsageDaily(Base):
     cached_tokens: Mapped[int] = mapped_column(BigInteger)
     units: Mapped[int] = mapped_column(BigInteger)
     provider_cost_usd: Mapped[Decimal] = mapped_column(UsdAmount())
+    environment: Mapped[UsageEnvironment] = mapped_column(_enum(UsageEnvironment, "usage_environment"))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(255))
+    workspace: Mapped[str | None] = mapped_column(String(255))
+    feature: Mapped[str | None] = mapped_column(String(255))
