@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -35,16 +36,38 @@ class AppliedVersion:
 
 
 _VERSIONS: Table = ObjectVersion.__table__  # type: ignore[assignment]
-_NEVER = datetime.fromtimestamp(0, tz=UTC)
-# One upsert: a placeholder row is created for a new object, and the row is locked either way (an
-# ``ON CONFLICT DO UPDATE`` takes the row lock), so the lock also covers the first event for an object.
-_LOCK_VERSION = {
-    name: dialect.insert(_VERSIONS)
-    .values(object_id=bindparam("object_id"), object_type=bindparam("object_type"), applied_created=_NEVER, event_id="")
-    .on_conflict_do_update(index_elements=["object_id"], set_={"object_type": bindparam("object_type")})
-    .returning(_VERSIONS.c.applied_created, _VERSIONS.c.event_id, _VERSIONS.c.state)
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+
+
+def _claim_version_statement(dialect: Any) -> Any:
+    # Insert the object's first version, or replace an older one; an equal or newer one stays. The conflict
+    # locks the row either way, so the comparison holds until this transaction ends.
+    stmt = dialect.insert(_VERSIONS).values(
+        object_id=bindparam("object_id"),
+        object_type=bindparam("object_type"),
+        applied_created=bindparam("created"),
+        event_id=bindparam("event_id"),
+        state=bindparam("state"),
+    )
+    new = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=["object_id"],
+        set_={
+            "object_type": new.object_type,
+            "applied_created": new.applied_created,
+            "event_id": new.event_id,
+            "state": new.state,
+            "updated_at": func.now(),
+        },
+        where=_VERSIONS.c.applied_created < new.applied_created,
+    ).returning(_VERSIONS.c.object_id)
+
+
+_CLAIM_VERSION = {
+    name: _claim_version_statement(dialect) for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
+_APPLIED = select(_VERSIONS.c.applied_created, _VERSIONS.c.event_id, _VERSIONS.c.state).where(
+    _VERSIONS.c.object_id == bindparam("oid")
+)
 _RECORD_VERSION = (
     update(_VERSIONS)
     .where(_VERSIONS.c.object_id == bindparam("oid"))
@@ -56,11 +79,21 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def lock_version(session: Session, object_id: str, object_type: str) -> AppliedVersion | None:
-    """Lock (and return) the applied version of a Stripe object; None when nothing was applied yet."""
-    statement = _LOCK_VERSION[session.get_bind().dialect.name]
-    row = session.connection().execute(statement, {"object_id": object_id, "object_type": object_type}).one()
-    return None if row.event_id == "" else AppliedVersion(_aware(row.applied_created), row.event_id, row.state)
+def claim_version(
+    session: Session, object_id: str, object_type: str, *, created: datetime, event_id: str, state: str | None
+) -> tuple[Freshness, AppliedVersion | None]:
+    """Record an event as its object's applied version when it is newer, in one statement; say how it compared.
+
+    NEWER means recorded (the caller applies the change in this same transaction, so both commit or neither);
+    otherwise nothing changed, and the version already applied comes back. The row stays locked either way.
+    """
+    conn = session.connection()
+    params = {"object_id": object_id, "object_type": object_type, "created": created, "event_id": event_id}
+    if conn.execute(_CLAIM_VERSION[conn.dialect.name], params | {"state": state}).first() is not None:
+        return Freshness.NEWER, None
+    row = conn.execute(_APPLIED, {"oid": object_id}).one()
+    current = AppliedVersion(_aware(row.applied_created), row.event_id, row.state)
+    return freshness(current, created=created, event_id=event_id), current
 
 
 def freshness(current: AppliedVersion | None, *, created: datetime, event_id: str) -> Freshness:
@@ -79,7 +112,7 @@ def freshness(current: AppliedVersion | None, *, created: datetime, event_id: st
 
 
 def record_version(session: Session, object_id: str, *, created: datetime, event_id: str, state: str | None) -> None:
-    """Remember the event just applied as the object's newest version (the row is already locked)."""
+    """Record a version chosen after :func:`claim_version` (a timestamp tie Stripe settled; the row is locked)."""
     params = {"oid": object_id, "created": created, "eid": event_id, "new_state": state}
     updated = session.connection().execute(_RECORD_VERSION, params).rowcount
-    assert updated == 1, "lock_version() first"
+    assert updated == 1, "claim_version() first"

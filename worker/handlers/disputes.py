@@ -9,7 +9,7 @@ from __future__ import annotations
 from ledger import clawback as ledger_clawback
 from worker.handlers.base import EventContext, Outcome, PermanentEventError, as_int, stripe_id
 from worker.handlers.refunds import funded_grant
-from worker.ordering import Freshness, freshness, lock_version, record_version
+from worker.ordering import Freshness, claim_version
 from worker.review import flag_debt
 
 LOST = ("lost",)
@@ -32,13 +32,15 @@ def handle_dispute_created(ctx: EventContext) -> Outcome:
     grant = funded_grant(
         ctx, [stripe_id(ctx.obj.get("payment_intent")), charge_id], charge_id=charge_id, what=f"dispute {key}"
     )
-    current = lock_version(ctx.session, key, "dispute")
-    if freshness(current, created=ctx.created, event_id=ctx.event_id) is not Freshness.NEWER:
+    # Recorded as the dispute's applied version at once when newer (the freeze below commits with it).
+    fresh, current = claim_version(
+        ctx.session, key, "dispute", created=ctx.created, event_id=ctx.event_id, state=str(ctx.obj.get("status"))
+    )
+    if fresh is not Freshness.NEWER:
         return Outcome.processed(f"dispute {key}: a newer state is applied ({current.state if current else ''})")
     frozen = ledger_clawback.freeze_grant(
         ctx.session, grant.id, idempotency_key=f"dispute:{key}:freeze", reason=f"dispute {key} opened"
     )
-    record_version(ctx.session, key, created=ctx.created, event_id=ctx.event_id, state=str(ctx.obj.get("status")))
     return Outcome.processed(f"dispute {key}: froze {frozen} units of grant {grant.id}")
 
 
@@ -51,8 +53,10 @@ def handle_dispute_closed(ctx: EventContext) -> Outcome:
     grant = funded_grant(
         ctx, [stripe_id(ctx.obj.get("payment_intent")), charge_id], charge_id=charge_id, what=f"dispute {key}"
     )
-    current = lock_version(ctx.session, key, "dispute")
-    if freshness(current, created=ctx.created, event_id=ctx.event_id) is not Freshness.NEWER:
+    fresh, current = claim_version(
+        ctx.session, key, "dispute", created=ctx.created, event_id=ctx.event_id, state=str(status)
+    )
+    if fresh is not Freshness.NEWER:
         return Outcome.processed(f"dispute {key}: already closed ({current.state if current else ''})")
     note = ""
     if status in LOST:
@@ -74,5 +78,4 @@ def handle_dispute_closed(ctx: EventContext) -> Outcome:
     released = ledger_clawback.unfreeze_grant(
         ctx.session, grant.id, idempotency_key=f"dispute:{key}:release", reason=f"dispute {key} {status}"
     )
-    record_version(ctx.session, key, created=ctx.created, event_id=ctx.event_id, state=str(status))
     return Outcome.processed(f"dispute {key} {status}: {note}released {released} frozen units")

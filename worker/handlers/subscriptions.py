@@ -10,7 +10,7 @@ from datetime import timedelta
 from ledger import accounts as ledger_accounts
 from ledger.models import AccessState
 from worker.handlers.base import EventContext, Outcome, PermanentEventError, stripe_id
-from worker.ordering import Freshness, freshness, lock_version, record_version
+from worker.ordering import Freshness, claim_version, record_version
 
 ACCESS_BY_STATUS: dict[str, AccessState] = {
     "active": AccessState.ACTIVE,
@@ -39,8 +39,8 @@ def handle_subscription_changed(ctx: EventContext) -> Outcome:
     if not isinstance(status, str) or status not in ACCESS_BY_STATUS:
         raise PermanentEventError(f"unknown subscription status {status!r}")
     as_of = ctx.created
-    current = lock_version(ctx.session, sub_id, "subscription")
-    fresh = freshness(current, created=as_of, event_id=ctx.event_id)
+    # Recorded as the subscription's applied version at once when newer (the access change below commits with it).
+    fresh, _ = claim_version(ctx.session, sub_id, "subscription", created=as_of, event_id=ctx.event_id, state=status)
     if fresh in (Freshness.OLDER, Freshness.SAME_EVENT):
         return Outcome.processed(f"{sub_id}: a state as new or newer is already applied; unchanged")
     if fresh is Freshness.TIE:
@@ -50,12 +50,12 @@ def handle_subscription_changed(ctx: EventContext) -> Outcome:
         if live.get("status") != status:
             return Outcome.processed(f"{sub_id}: tie at {as_of.isoformat()}, Stripe says {live.get('status')!r}")
         as_of = as_of + timedelta(microseconds=1)
+        record_version(ctx.session, sub_id, created=as_of, event_id=ctx.event_id, state=status)
     state = ACCESS_BY_STATUS[status]
     grace_until = as_of + timedelta(days=ctx.config.access.grace_days) if state is AccessState.PAST_DUE else None
     applied = ledger_accounts.set_access_state(
         ctx.session, customer_id, state, as_of=as_of, source=f"{ctx.row.type}:{sub_id}", grace_until=grace_until
     )
-    record_version(ctx.session, sub_id, created=as_of, event_id=ctx.event_id, state=status)
     if not applied:
         return Outcome.processed(f"{sub_id} {status}: a newer access state of {customer_id} is applied; unchanged")
     return Outcome.processed(f"{customer_id} {state.value} ({sub_id} {status})")
