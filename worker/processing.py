@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import structlog
-from sqlalchemy import Connection, Table, bindparam, select
+from sqlalchemy import ARRAY, BigInteger, Connection, Table, any_, bindparam, or_, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -113,23 +113,27 @@ def decode(row: ClaimedEvent) -> dict[str, Any]:
     return event
 
 
-def _claim(session: Session, ids: Sequence[int]) -> list[ClaimedEvent]:
-    stmt = (
-        select(
-            StripeEvent.id,
-            StripeEvent.event_id,
-            StripeEvent.type,
-            StripeEvent.created,
-            StripeEvent.customer_id,
-            StripeEvent.status,
-            StripeEvent.attempts,
-            StripeEvent.version,
-            StripeEvent.payload,
-        )
-        .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
-        .order_by(StripeEvent.created, StripeEvent.id)
+def _among(column: Any, dialect_name: str) -> Any:
+    """``column`` is one of the ``ids`` parameter's values: ``= ANY(array)`` on PostgreSQL, built once and cached
+    whatever the number of ids (an expanding IN is re-rendered on every call); ``IN`` elsewhere."""
+    if dialect_name == "postgresql":
+        return column == any_(bindparam("ids", type_=ARRAY(BigInteger)))
+    return column.in_(bindparam("ids", expanding=True))
+
+
+def _claim_statement(dialect_name: str) -> Any:
+    columns = ("id", "event_id", "type", "created", "customer_id", "status", "attempts", "version", "payload")
+    return (
+        select(*(_EVENTS.c[name] for name in columns))
+        # One comparison per claimable status, not IN (...): an IN over a list is re-rendered on every call.
+        .where(_among(_EVENTS.c.id, dialect_name), or_(*(_EVENTS.c.status == status for status in CLAIMABLE)))
+        .order_by(_EVENTS.c.created, _EVENTS.c.id)
         .with_for_update(skip_locked=True)
     )
+
+
+def _claim(session: Session, ids: Sequence[int]) -> list[ClaimedEvent]:
+    conn = session.connection()
     return [
         ClaimedEvent(
             id=r.id,
@@ -142,7 +146,7 @@ def _claim(session: Session, ids: Sequence[int]) -> list[ClaimedEvent]:
             version=r.version or 0,
             payload=r.payload,
         )
-        for r in session.execute(stmt)
+        for r in conn.execute(_CLAIM[conn.dialect.name], {"ids": list(ids)})
     ]
 
 
@@ -169,6 +173,7 @@ def _status_values(
 
 _EVENTS: Table = StripeEvent.__table__  # type: ignore[assignment]
 _ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
+_CLAIM = {name: _claim_statement(name) for name in ("postgresql", "sqlite")}
 # One statement for a batch's statuses, sent as an executemany.
 _STATUS_UPDATE = (
     _EVENTS.update()
