@@ -6,11 +6,12 @@ PostgreSQL), so memory does not grow with the window.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
@@ -27,6 +28,7 @@ from reconciliation.usage import usage_in_window
 
 STREAM = {"yield_per": 1000}
 PAID_SOURCES = (GrantSource.TOP_UP, GrantSource.RENEWAL)
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,6 +45,13 @@ class CheckContext:
     reports: Sequence[ProviderReport] = ()
     # Filled by the provider checks: "provider:day" keys this run had a report for.
     provider_scope_keys: set[str] = field(default_factory=set)
+    # Results a check needs that the engine started on another connection (see reconciliation.engine).
+    prefetched: dict[str, Future[Any]] = field(default_factory=dict)
+
+    def fetched(self, name: str, compute: Callable[[Session], T]) -> T:
+        """The result the engine prefetched under ``name``, else ``compute`` on this check's session."""
+        future = self.prefetched.pop(name, None)
+        return future.result() if future is not None else compute(self.session)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -690,9 +699,39 @@ class _Side:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _ledger_usage(
-    ctx: CheckContext, groups: dict[tuple[str, ReportKind, bool], dict[tuple[date, str | None, str | None], _Side]]
-) -> dict[str, dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]]]:
+Groups = dict[tuple[str, ReportKind, bool], dict[tuple[date, str | None, str | None], _Side]]
+LedgerUsage = dict[str, dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]]]
+
+
+def _reported(reports: Sequence[ProviderReport]) -> Groups:
+    """The reports' sums per (provider, kind, scoped) and (day, model, scope); each covered day has a key."""
+    # One report per (provider, kind, day): a second report for the same day would double-count.
+    covered: dict[tuple[str, ReportKind, date], str] = {}
+    groups: Groups = {}
+    for report in reports:
+        by_key = groups.setdefault((report.provider, report.kind, report.has_scope), {})
+        fresh = {d for d in report.days if (report.provider, report.kind, d) not in covered}
+        for d in fresh:
+            covered[(report.provider, report.kind, d)] = str(report.path)
+            by_key.setdefault((d, None, None), _Side())  # a covered day with no rows still counts as covered
+        for row in report.rows:
+            if row.day not in fresh:
+                continue
+            side = by_key.setdefault((row.day, row.model, row.scope if report.has_scope else None), _Side())
+            side.cost += row.cost_usd
+            side.input_tokens += row.input_tokens
+            side.output_tokens += row.output_tokens
+            side.cached_tokens += row.cached_tokens
+            side.rows.append(row.evidence())
+    return groups
+
+
+def provider_ledger_usage(session: Session, reports: Sequence[ProviderReport]) -> LedgerUsage:
+    """The ledger's side of the provider checks for these reports (what the engine may prefetch)."""
+    return _ledger_usage(session, _reported(reports))
+
+
+def _ledger_usage(session: Session, groups: Groups) -> LedgerUsage:
     """The ledger's usage per provider, day, model and workspace over every reported day: one scan for all."""
     days = sorted({k[0] for reported in groups.values() for k in reported})
     providers = sorted({provider for provider, _kind, _scope in groups})
@@ -717,8 +756,8 @@ def _ledger_usage(
         .group_by(D.provider, D.day, D.model, D.workspace)
         # Bounded by providers x days x models x workspaces: no server-side cursor, so it may run in parallel.
     )
-    out: dict[str, dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]]] = {}
-    for provider, d, model, scope, cost, inp, output, cached, n in ctx.session.execute(stmt):
+    out: LedgerUsage = {}
+    for provider, d, model, scope, cost, inp, output, cached, n in session.execute(stmt):
         dd = _as_date(d)
         if provider is None or (provider, dd) not in covered:
             continue
@@ -735,28 +774,11 @@ def _ledger_usage(
 def check_providers(ctx: CheckContext) -> Iterator[Finding]:
     """provider_cost_drift and provider_usage_drift, per provider, day, model (and project/workspace)."""
     tol: Tolerance = ctx.config.reconciliation.provider_tolerance
-    # One report per (provider, kind, day): a second report for the same day would double-count.
-    covered: dict[tuple[str, ReportKind, date], str] = {}
-    groups: dict[tuple[str, ReportKind, bool], dict[tuple[date, str | None, str | None], _Side]] = {}
-    for report in ctx.reports:
-        by_key = groups.setdefault((report.provider, report.kind, report.has_scope), {})
-        fresh = {d for d in report.days if (report.provider, report.kind, d) not in covered}
-        for d in fresh:
-            covered[(report.provider, report.kind, d)] = str(report.path)
-            by_key.setdefault((d, None, None), _Side())  # a covered day with no rows still counts as covered
-        for row in report.rows:
-            if row.day not in fresh:
-                continue
-            side = by_key.setdefault((row.day, row.model, row.scope if report.has_scope else None), _Side())
-            side.cost += row.cost_usd
-            side.input_tokens += row.input_tokens
-            side.output_tokens += row.output_tokens
-            side.cached_tokens += row.cached_tokens
-            side.rows.append(row.evidence())
+    groups = _reported(ctx.reports)
     for (provider, _kind, _scope), by_key in groups.items():
         for d, _m, _s in by_key:
             ctx.provider_scope_keys.add(f"{provider}:{d.isoformat()}")
-    ledger_by_provider = _ledger_usage(ctx, groups)
+    ledger_by_provider = ctx.fetched("providers", lambda session: _ledger_usage(session, groups))
     for (provider, kind, has_scope), reported in groups.items():
         days = {k[0] for k in reported}
         ledger: dict[tuple[date, str | None, str | None], tuple[Decimal, int, int, int, int]] = {}
@@ -845,10 +867,10 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
 # --- margin ----------------------------------------------------------------------------------------------------
 
 
-def check_margin(ctx: CheckContext) -> Iterator[Finding]:
-    """Review items: customers whose usage cost more than the credits they spent were worth, and production
-    usage marked non-billable, for the window."""
-    W = usage_in_window(ctx.since, ctx.until)
+def margin_candidates(session: Session, since: datetime, until: datetime) -> list[Any]:
+    """Accounts of the window that may have a negative margin or free production usage, with their sums and
+    what they paid (what the engine may prefetch). Generous: check_margin decides exactly, in Decimal."""
+    W = usage_in_window(since, until)
     # Plain sums per account, environment and billable first, then the few rows per account sorted into billed
     # and free: a third cheaper than the conditional sums over every roll-up row.
     by_kind = (
@@ -920,8 +942,15 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
         )
         .order_by(Account.id)
     )
+    return list(session.execute(stmt))
+
+
+def check_margin(ctx: CheckContext) -> Iterator[Finding]:
+    """Review items: customers whose usage cost more than the credits they spent were worth, and production
+    usage marked non-billable, for the window."""
+    rows = ctx.fetched("margin", lambda session: margin_candidates(session, ctx.since, ctx.until))
     window = f"{ctx.since.isoformat()}|{ctx.until.isoformat()}"
-    for row in ctx.session.execute(stmt):
+    for row in rows:
         cost = Decimal(row.cost or 0)
         units = int(row.units or 0)
         minor, paid_units = int(row.minor or 0), int(row.paid_units or 0)

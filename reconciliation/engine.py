@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -135,6 +136,38 @@ def _prepare(session: Session) -> None:
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext('billing-reconciler:reconcile'))"))
 
 
+def _prefetch(
+    target: Session | sessionmaker[Session],
+    session: Session,
+    background: ExitStack,
+    *,
+    since: datetime,
+    until: datetime,
+    reports: Sequence[ProviderReport],
+) -> dict[str, Future[Any]]:
+    """Start the two checks' queries that aggregate the window's whole usage (and read nothing staged) on a
+    second connection, so PostgreSQL works on them while this one runs the other checks.
+
+    Only with a session factory on PostgreSQL: a caller's session may hold uncommitted rows another connection
+    cannot see, and SQLite has one writer. Each check takes its result when it comes to it (CheckContext.fetched).
+    """
+    if isinstance(target, Session) or session.get_bind().dialect.name != "postgresql":
+        return {}
+    factory = target
+
+    def run(compute: Callable[[Session], Any]) -> Any:
+        with factory.begin() as other:
+            other.execute(text("SET LOCAL work_mem = '64MB'"))
+            return compute(other)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile-prefetch")
+    background.callback(pool.shutdown, wait=True, cancel_futures=True)
+    return {
+        "margin": pool.submit(run, lambda s: checks.margin_candidates(s, since, until)),
+        "providers": pool.submit(run, lambda s: checks.provider_ledger_usage(s, reports)),
+    }
+
+
 def reconcile(
     target: Session | sessionmaker[Session],
     stripe: StripeSource,
@@ -189,8 +222,9 @@ def reconcile(
             summary.stripe_objects = dict(stats.counts)
             summary.timings["stripe_paging"] = stats.seconds
 
-        with _unit(target) as session:
+        with _unit(target) as session, ExitStack() as background:
             started = time.perf_counter()
+            prefetched = _prefetch(target, session, background, since=since, until=until, reports=reports)
             _prepare(session)
             run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]
             summary.timings["prepare"] = time.perf_counter() - started
@@ -204,6 +238,7 @@ def reconcile(
                 config=config,
                 stripe=stripe,
                 reports=reports,
+                prefetched=prefetched,
             )
             for name, check in CHECKS:
                 started = time.perf_counter()
