@@ -144,6 +144,7 @@ def _prefetch(
     since: datetime,
     until: datetime,
     reports: Sequence[ProviderReport],
+    timings: dict[str, float],
 ) -> dict[str, Future[Any]]:
     """Start the two checks' queries that aggregate the window's whole usage (and read nothing staged) on a
     second connection, so PostgreSQL works on them while this one runs the other checks.
@@ -155,16 +156,19 @@ def _prefetch(
         return {}
     factory = target
 
-    def run(compute: Callable[[Session], Any]) -> Any:
+    def run(name: str, compute: Callable[[Session], Any]) -> Any:
+        started = time.perf_counter()
         with factory.begin() as other:
             other.execute(text("SET LOCAL work_mem = '64MB'"))
-            return compute(other)
+            result = compute(other)
+        timings[f"background:{name}"] = time.perf_counter() - started  # beside the checks, not in their sum
+        return result
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile-prefetch")
     background.callback(pool.shutdown, wait=True, cancel_futures=True)
     return {
-        "margin": pool.submit(run, lambda s: checks.margin_candidates(s, since, until)),
-        "providers": pool.submit(run, lambda s: checks.provider_ledger_usage(s, reports)),
+        "margin": pool.submit(run, "margin", lambda s: checks.margin_candidates(s, since, until)),
+        "providers": pool.submit(run, "providers", lambda s: checks.provider_ledger_usage(s, reports)),
     }
 
 
@@ -224,7 +228,10 @@ def reconcile(
 
         with _unit(target) as session, ExitStack() as background:
             started = time.perf_counter()
-            prefetched = _prefetch(target, session, background, since=since, until=until, reports=reports)
+            background_timings: dict[str, float] = {}
+            prefetched = _prefetch(
+                target, session, background, since=since, until=until, reports=reports, timings=background_timings
+            )
             _prepare(session)
             run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]
             summary.timings["prepare"] = time.perf_counter() - started
@@ -249,6 +256,7 @@ def reconcile(
                     tick(f"check:{name}", 1)
                 summary.timings[f"check:{name}"] = time.perf_counter() - started
                 tick(f"check:{name}", 0)
+            summary.timings.update(background_timings)  # every prefetch was taken by its check by now
             started = time.perf_counter()
             summary.closed = close_unseen(
                 session,
