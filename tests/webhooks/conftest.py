@@ -80,6 +80,9 @@ def live_server(pg_engine: Engine, webhook_env: None, hand_over: HandOverRecorde
         port=port,
         log_level="warning",
         access_log=False,
+        # On a loaded machine a pooled client connection can sit idle past uvicorn's default 5 s; the server
+        # closing it under the client's next request is a connection reset, not what these tests are about.
+        timeout_keep_alive=120,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
