@@ -10,7 +10,8 @@ per-event tasks. A third row shows per-event messages (1 id per message) for com
     CELERY_BROKER_URL=redis://127.0.0.1:6379/3 python scripts/bench_worker.py
 
 The events are added to that database (fresh ids each run); nothing is deleted. Figures on a shared machine are
-only comparable as ratios.
+only comparable as ratios; the no-op and batched runs alternate (``--rounds``) and the table pools them, so that
+other load on the machine weighs on both alike.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> int:
     parser.add_argument("--noop-tasks", type=int, default=5000)
     parser.add_argument("--single", type=int, default=1000, help="events sent one id per message (0: skip)")
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="no-op and batched runs, alternated so that other load hits both alike"
+    )
     args = parser.parse_args()
 
     config = Path(tempfile.mkdtemp(prefix="bench-worker-")) / "billing.toml"
@@ -82,7 +86,7 @@ def main() -> int:
 
     emulator = EmulatorServer(Store()).start()
     seed = random.randrange(10**6)
-    events = generate_stream(customers=args.customers, seed=seed)
+    streams = [generate_stream(customers=args.customers, seed=seed + 10 + n) for n in range(args.rounds)]
     single_events = generate_stream(customers=max(1, args.single // 12), seed=seed + 1) if args.single else []
 
     def store_all(stream: list[dict[str, object]]) -> list[int]:
@@ -117,7 +121,8 @@ def main() -> int:
     def drained() -> bool:
         return broker.llen("events") == 0 and broker.hlen("unacked") == 0
 
-    event_ids = store_all(events)
+    round_ids = [store_all(stream) for stream in streams]
+    event_ids = [event_id for ids in round_ids for event_id in ids]
     single_ids = store_all(single_events)
 
     env = dict(os.environ, STRIPE_API_BASE=emulator.url)
@@ -145,18 +150,26 @@ def main() -> int:
         while not drained() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-        started = time.perf_counter()
-        for _ in range(args.noop_tasks):
-            noop.apply_async(args=[[0]])
-        while not drained():
-            time.sleep(0.01)
-        rows.append(("no-op task (1 message each)", args.noop_tasks, time.perf_counter() - started))
+        noop_runs: list[tuple[int, float]] = []
+        batched_runs: list[tuple[int, float]] = []
+        for ids in round_ids:
+            started = time.perf_counter()
+            for _ in range(args.noop_tasks):
+                noop.apply_async(args=[[0]])
+            while not drained():
+                time.sleep(0.01)
+            noop_runs.append((args.noop_tasks, time.perf_counter() - started))
 
-        started = time.time()
-        for start in range(0, len(event_ids), args.batch):
-            hand_over(event_ids[start : start + args.batch])
-        wait_done(event_ids)
-        rows.append((f"events, batched ({args.batch} ids/message)", len(event_ids), finished_at(event_ids) - started))
+            started = time.time()
+            for start in range(0, len(ids), args.batch):
+                hand_over(ids[start : start + args.batch])
+            wait_done(ids)
+            batched_runs.append((len(ids), finished_at(ids) - started))
+        for name, runs in (
+            ("no-op task (1 message each)", noop_runs),
+            (f"events, batched ({args.batch} ids/message)", batched_runs),
+        ):
+            rows.append((name, sum(count for count, _ in runs), sum(seconds for _, seconds in runs)))
 
         if single_ids:
             started = time.time()
@@ -185,6 +198,8 @@ def main() -> int:
     for name, count, seconds in rows:
         rate = count / seconds
         print(f"{name:40} {count:>7} {seconds:>8.2f} {rate:>11.0f} {rate / noop_rate:>8.2f}x")
+    ratios = sorted((b / bs) / (n / ns) for (n, ns), (b, bs) in zip(noop_runs, batched_runs, strict=True))
+    print(f"rounds: {args.rounds}; batched vs no-op per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
     print(f"events not processed or ignored: {failed}")
     batched_rate = rows[1][1] / rows[1][2]
     print(f"target: batched events/s >= no-op tasks/s -> {'met' if batched_rate >= noop_rate else 'NOT met'}")
