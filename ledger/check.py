@@ -9,7 +9,17 @@ from typing import Any
 from sqlalchemy import Date, and_, cast, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session
 
-from ledger.models import Account, Allocation, Entry, Grant, Hold, HoldStatus, UsageDaily, UsageRecord
+from ledger.models import (
+    Account,
+    Allocation,
+    Entry,
+    Grant,
+    Hold,
+    HoldStatus,
+    UsageDaily,
+    UsageRecord,
+    usd_as_integer,
+)
 
 
 @dataclass(frozen=True)
@@ -215,12 +225,14 @@ def _usage_daily_differences(session: Session, account_id: int | None) -> list[t
         day = cast(func.timezone("UTC", U.occurred_at), Date)
     else:
         day = func.date(U.occurred_at)
+    # Costs compared in the roll-up's unit, integer 10^-10 USD.
+    cost = usd_as_integer(U.provider_cost_usd, session.get_bind().dialect.name).label("provider_cost_usd")
     rows = select(
         U.account_id,
         day.label("day"),
         *(getattr(U, c) for c in _USAGE_KEY),
         literal(1).label("requests"),
-        *(getattr(U, c) for c in _USAGE_SUMS),
+        *(cost if c == "provider_cost_usd" else getattr(U, c) for c in _USAGE_SUMS),
     )
     rolled = select(
         D.account_id,

@@ -35,7 +35,9 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    cast,
     func,
+    type_coerce,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
@@ -49,28 +51,42 @@ class UsdAmount(TypeDecorator[Decimal]):
 
     PostgreSQL stores NUMERIC(20, 10). SQLite has no decimal type (NUMERIC there means REAL, and SUM() adds
     floats), so there the value is stored as an integer count of 10^-10 USD: sums stay integer sums, and come
-    back as exact Decimals.
+    back as exact Decimals. ``integer=True`` stores that integer on PostgreSQL too (for sums over many rows:
+    PostgreSQL adds BIGINTs in 128-bit accumulators, several times cheaper than NUMERIC).
     """
 
     impl = Numeric(20, 10)
     cache_ok = True
     _SCALE = 10
 
+    def __init__(self, integer: bool = False) -> None:
+        super().__init__()
+        self.integer = integer
+
+    def _stored_as_integer(self, dialect: Dialect) -> bool:
+        return self.integer or dialect.name == "sqlite"
+
     def process_bind_param(self, value: Decimal | int | None, dialect: Dialect) -> Any:
-        if value is None or dialect.name != "sqlite":
+        if value is None or not self._stored_as_integer(dialect):
             return value
         if isinstance(value, float):
             raise TypeError("USD amounts must be Decimal, not float")
         return int(Decimal(value).scaleb(self._SCALE).to_integral_value())
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
-        if value is None or dialect.name != "sqlite":
+        if value is None or not self._stored_as_integer(dialect):
             return value
         return Decimal(int(value)).scaleb(-self._SCALE).quantize(Decimal(1).scaleb(-self._SCALE))
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        # On SQLite the stored integer must not pass through Numeric's float conversion.
-        return dialect.type_descriptor(BigInteger() if dialect.name == "sqlite" else Numeric(20, 10))
+        # Stored as an integer, the value must not pass through Numeric's float conversion.
+        return dialect.type_descriptor(BigInteger() if self._stored_as_integer(dialect) else Numeric(20, 10))
+
+
+def usd_as_integer(column: Any, dialect_name: str) -> Any:
+    """A UsdAmount column's value as the integer 10^-10 USD that ``UsdAmount(integer=True)`` stores, typed so."""
+    value = column if dialect_name == "sqlite" else cast(column * 10**UsdAmount._SCALE, BigInteger)
+    return type_coerce(value, UsdAmount(integer=True))
 
 
 def _enum(cls: type[StrEnum], name: str) -> Enum:
@@ -327,7 +343,8 @@ class UsageDaily(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger)
     cached_tokens: Mapped[int] = mapped_column(BigInteger)
     units: Mapped[int] = mapped_column(BigInteger)
-    provider_cost_usd: Mapped[Decimal] = mapped_column(UsdAmount())
+    # Integer 10^-10 USD on both backends: the checks sum it over every row of a window.
+    provider_cost_usd: Mapped[Decimal] = mapped_column(UsdAmount(integer=True))
     environment: Mapped[UsageEnvironment] = mapped_column(_enum(UsageEnvironment, "usage_environment"))
     provider: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(255))

@@ -870,7 +870,7 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
 def margin_candidates(session: Session, since: datetime, until: datetime) -> list[Any]:
     """Accounts of the window that may have a negative margin or free production usage, with their sums and
     what they paid (what the engine may prefetch). Generous: check_margin decides exactly, in Decimal."""
-    W = usage_in_window(since, until)
+    W = usage_in_window(session, since, until)
     # Plain sums per account, environment and billable first, then the few rows per account sorted into billed
     # and free: a third cheaper than the conditional sums over every roll-up row.
     by_kind = (
@@ -935,7 +935,9 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
                     or_(
                         paid.c.units.is_(None),
                         paid.c.units == 0,
-                        usage.c.units * paid.c.minor <= usage.c.cost * paid.c.units * 101,
+                        # revenue <= 1.01 x cost, where revenue = units x minor / paid units / 100 and the cost
+                        # is in integer 10^-10 USD here.
+                        usage.c.units * paid.c.minor * 10**10 <= usage.c.cost * paid.c.units * 101,
                     ),
                 ),
             )
@@ -957,7 +959,7 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
         revenue = (Decimal(units) * Decimal(minor) / Decimal(paid_units) / 100) if paid_units else Decimal(0)
         revenue = revenue.quantize(Decimal("0.0000000001"))
         if cost > 0 and revenue < cost:
-            A = usage_in_window(ctx.since, ctx.until, account_id=row.account_id)
+            A = usage_in_window(ctx.session, ctx.since, ctx.until, account_id=row.account_id)
             breakdown = [
                 {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
                 for f, m, u, c in ctx.session.execute(

@@ -63,7 +63,7 @@ def margin_rows(
         account_id = session.scalar(select(Account.id).where(Account.customer_id == customer_id))
         if account_id is None:
             return
-    W = usage_in_window(since, until, account_id=account_id)
+    W = usage_in_window(session, since, until, account_id=account_id)
     billed = and_(W.c.billable.is_(True), W.c.environment == UsageEnvironment.PRODUCTION)
     paid = (
         select(

@@ -61,7 +61,7 @@ def _from_rows(session: Session, since: datetime, until: datetime, account_id: i
 
 
 def _from_window(session: Session, since: datetime, until: datetime, account_id: int | None) -> dict[Any, Any]:
-    w = usage_in_window(since, until, account_id=account_id)
+    w = usage_in_window(session, since, until, account_id=account_id)
     keys = (w.c.account_id, w.c.model, w.c.environment, w.c.billable)
     stmt = select(*keys, func.sum(w.c.requests), func.sum(w.c.units), func.sum(w.c.provider_cost_usd)).group_by(*keys)
     return {(a, m, e, b): (n, u, c) for a, m, e, b, n, u, c in session.execute(stmt)}

@@ -24,6 +24,8 @@ _KEY = ("account_id", "day", "provider", "model", "workspace", "feature", "envir
 _SUMS = ("input_tokens", "output_tokens", "cached_tokens", "units", "provider_cost_usd")
 _COLUMNS = ", ".join((*_KEY, "requests", *_SUMS))
 
+# The roll-up's cost is an integer count of 10^-10 USD on both backends (see ledger.models.UsdAmount): usage rows
+# store NUMERIC(20, 10) on PostgreSQL, scaled exactly here; SQLite's usage rows already store that integer.
 # PostgreSQL: one row-level function for insert, update and delete. The account's usage is written under the
 # account's row lock (every consumption and capture takes it first), so the upsert adds no new lock order.
 # NULLS NOT DISTINCT on the key lets ON CONFLICT match a NULL model or workspace.
@@ -40,7 +42,7 @@ BEGIN
                output_tokens = d.output_tokens - OLD.output_tokens,
                cached_tokens = d.cached_tokens - OLD.cached_tokens,
                units = d.units - OLD.units,
-               provider_cost_usd = d.provider_cost_usd - OLD.provider_cost_usd
+               provider_cost_usd = d.provider_cost_usd - (OLD.provider_cost_usd * 10000000000)::bigint
          WHERE d.account_id = OLD.account_id AND d.day = (OLD.occurred_at AT TIME ZONE 'UTC')::date
            AND d.provider IS NOT DISTINCT FROM OLD.provider AND d.model IS NOT DISTINCT FROM OLD.model
            AND d.workspace IS NOT DISTINCT FROM OLD.workspace AND d.feature IS NOT DISTINCT FROM OLD.feature
@@ -54,7 +56,7 @@ BEGIN
         INSERT INTO usage_daily ({_COLUMNS})
              VALUES (NEW.account_id, (NEW.occurred_at AT TIME ZONE 'UTC')::date, NEW.provider, NEW.model,
                      NEW.workspace, NEW.feature, NEW.environment, NEW.billable, 1, NEW.input_tokens,
-                     NEW.output_tokens, NEW.cached_tokens, NEW.units, NEW.provider_cost_usd)
+                     NEW.output_tokens, NEW.cached_tokens, NEW.units, (NEW.provider_cost_usd * 10000000000)::bigint)
         ON CONFLICT ({", ".join(_KEY)}) DO UPDATE
            SET requests = usage_daily.requests + 1,
                input_tokens = usage_daily.input_tokens + EXCLUDED.input_tokens,
@@ -105,11 +107,11 @@ SQLITE_TRIGGERS = (
 )
 
 
-def _backfill(day: str) -> str:
+def _backfill(day: str, cost: str) -> str:
     return (
         f"INSERT INTO usage_daily ({_COLUMNS}) "
         f"SELECT account_id, {day}, provider, model, workspace, feature, environment, billable, count(*), "
-        "sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(units), sum(provider_cost_usd) "
+        f"sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(units), {cost} "
         "FROM usage_records "
         f"GROUP BY account_id, {day}, provider, model, workspace, feature, environment, billable"
     )
@@ -128,12 +130,8 @@ def upgrade() -> None:
         sa.Column("output_tokens", sa.BigInteger(), nullable=False),
         sa.Column("cached_tokens", sa.BigInteger(), nullable=False),
         sa.Column("units", sa.BigInteger(), nullable=False),
-        # Exact on SQLite too: integer 10^-10 USD there (see ledger.models.UsdAmount).
-        sa.Column(
-            "provider_cost_usd",
-            sa.Numeric(precision=20, scale=10).with_variant(sa.BigInteger(), "sqlite"),
-            nullable=False,
-        ),
+        # Integer 10^-10 USD on both backends (ledger.models.UsdAmount(integer=True)).
+        sa.Column("provider_cost_usd", sa.BigInteger(), nullable=False),
         sa.Column(
             "environment",
             sa.Enum("production", "test", "internal", name="usage_environment", native_enum=False, length=32),
@@ -154,11 +152,13 @@ def upgrade() -> None:
         # CREATE TRIGGER locks usage_records against writes until this migration commits, so the backfill below
         # sees every row written before the trigger, and the trigger every row written after.
         op.execute(PG_TRIGGER)
-        op.execute(_backfill("(occurred_at AT TIME ZONE 'UTC')::date"))
+        op.execute(
+            _backfill("(occurred_at AT TIME ZONE 'UTC')::date", "(sum(provider_cost_usd) * 10000000000)::bigint")
+        )
     else:
         for trigger in SQLITE_TRIGGERS:
             op.execute(trigger)
-        op.execute(_backfill("date(occurred_at)"))
+        op.execute(_backfill("date(occurred_at)", "sum(provider_cost_usd)"))
 
 
 def downgrade() -> None:
