@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ledger import pgfast
@@ -121,13 +119,7 @@ def _move_in_function(
     if not pgfast.installed(session, _MOVEMENT_SIGNATURE):
         return None
     params = (kind.value, grant_id, units, key, digest, reason, actor, stripe_object_id, utcnow())
-    driver: Any = session.connection().connection.driver_connection
-    try:
-        status, customer_id, moved, debt_delta, frozen_delta, original_hash = driver.execute(
-            _MOVEMENT_CALL, params, prepare=True
-        ).fetchone()
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(_MOVEMENT_CALL, params, exc, psycopg.Error) from exc
+    status, customer_id, moved, debt_delta, frozen_delta, original_hash = pgfast.call(session, _MOVEMENT_CALL, params)
     if status == "unknown_grant":
         raise InvalidRequest(f"unknown grant {grant_id}")
     if status == "replay" and original_hash != digest:

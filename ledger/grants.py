@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ledger import pgfast
@@ -179,14 +177,10 @@ def grant_credits(
 def _grant_in_function(session: Session, customer_id: str, params: tuple[Any, ...]) -> GrantResult:
     """One round trip: ``ledger_grant`` applies :func:`grant_credits`' rules server-side (see migration 0006)."""
     units, digest, key = params[0], params[3], params[2]
-    driver: Any = session.connection().connection.driver_connection
-    call = (customer_id, *params, utcnow())
     for attempt in range(2):
-        try:
-            row = driver.execute(_CALL, call, prepare=True).fetchone()
-        except psycopg.Error as exc:
-            raise DBAPIError.instance(_CALL, call, exc, psycopg.Error) from exc
-        status, grant_id, units, balance_after, original_hash = row
+        status, grant_id, units, balance_after, original_hash = pgfast.call(
+            session, _CALL, (customer_id, *params, utcnow())
+        )
         if status != "unknown_customer" or attempt:
             break
         open_account(session, customer_id)

@@ -104,6 +104,19 @@ def _look_up(engine: Engine, connection: Connection) -> bool:
     return known
 
 
+def call(session: Session, sql: str, params: tuple[Any, ...]) -> Any:
+    """Run a call of one of the ledger's functions in the session's transaction; its one result row.
+
+    The hot paths talk to psycopg directly (SQLAlchemy's result machinery would cost more CPU than the call);
+    errors are wrapped as SQLAlchemy's, like every other statement's.
+    """
+    driver: Any = session.connection().connection.driver_connection
+    try:
+        return driver.execute(sql, params, prepare=True).fetchone()
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+
+
 def consume(
     session: Session,
     customer_id: str,
@@ -117,15 +130,7 @@ def consume(
     now: datetime,
 ) -> ConsumeResult:
     """Consume through ``ledger_consume`` in the session's transaction; its result or the ledger's error."""
-    params = _params(customer_id, request_id, charge, digest, usage, actor, reason, now)
-    # The hot path talks to psycopg directly (SQLAlchemy's result machinery would cost more CPU than the call),
-    # inside the session's own transaction; errors are wrapped as SQLAlchemy's, like every other statement.
-    connection = session.connection()
-    driver: Any = connection.connection.driver_connection
-    try:
-        row = driver.execute(_CALL, params, prepare=True).fetchone()
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(_CALL, params, exc, psycopg.Error) from exc
+    row = call(session, _CALL, _params(customer_id, request_id, charge, digest, usage, actor, reason, now))
     result = _result(row, customer_id, request_id, charge, digest)
     if not result.replayed and session.identity_map:
         _forget_moved(session, [g for g, _ in result.funded_by])
