@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import Numeric, and_, case, func, or_, select, type_coerce
 from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig, Tolerance
@@ -936,8 +936,9 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
                         paid.c.units.is_(None),
                         paid.c.units == 0,
                         # revenue <= 1.01 x cost, where revenue = units x minor / paid units / 100 and the cost
-                        # is in integer 10^-10 USD here.
-                        usage.c.units * paid.c.minor * 10**10 <= usage.c.cost * paid.c.units * 101,
+                        # is in integer 10^-10 USD here (as a plain number, so 101 binds as 101).
+                        usage.c.units * paid.c.minor * 10**10
+                        <= type_coerce(usage.c.cost, Numeric()) * paid.c.units * 101,
                     ),
                 ),
             )

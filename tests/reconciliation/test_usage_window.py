@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session
 
 from ledger.accounts import open_account
 from ledger.db import session_factory
-from ledger.models import Account, UsageEnvironment, UsageRecord
+from ledger.grants import grant_credits
+from ledger.models import Account, Grant, GrantSource, UsageEnvironment, UsageRecord
+from reconciliation.checks import margin_candidates
 from reconciliation.usage import usage_in_window, whole_days
 
 DAY0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -91,3 +93,39 @@ class TestUsageInWindow:
                 expected = _from_rows(s, since, until, account_id)
                 assert expected, "the window should hold usage"
                 assert _from_window(s, since, until, account_id) == expected
+
+
+class TestMarginCandidates:
+    def test_only_accounts_near_or_below_cost_leave_the_database(self, engine: Engine) -> None:
+        with session_factory().begin() as s:
+            ids = {}
+            for customer, cost in (("cus_healthy", "0.0045"), ("cus_thin", "0.00995"), ("cus_loss", "0.02")):
+                # $10 for 1,000 credits: a credit is worth $0.01; each call below charges one credit.
+                grant = grant_credits(
+                    s,
+                    customer,
+                    units=1_000,
+                    source=GrantSource.TOP_UP,
+                    idempotency_key=f"topup:{customer}",
+                    amount_minor=1_000,
+                    currency="usd",
+                )
+                ids[customer] = s.get_one(Grant, grant.grant_id).account_id
+                s.add_all(
+                    UsageRecord(
+                        account_id=ids[customer],
+                        request_id=f"{customer}-{i}",
+                        provider="openai",
+                        model="gpt-4o-2024-08-06",
+                        provider_cost_usd=Decimal(cost),
+                        units=1,
+                        occurred_at=DAY0 + timedelta(hours=i),
+                    )
+                    for i in range(30)
+                )
+        with Session(engine) as s:
+            found = {
+                row.account_id for row in margin_candidates(s, DAY0 - timedelta(hours=3), DAY0 + timedelta(days=2))
+            }
+        # Within 1% of the revenue counts (Python decides exactly); far below it does not leave the database.
+        assert found == {ids["cus_thin"], ids["cus_loss"]}
