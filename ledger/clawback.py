@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from ledger import pgfast
 from ledger.errors import IdempotencyConflict, InvalidRequest
-from ledger.models import Account, EntryKind, Grant
+from ledger.models import EntryKind, Grant
 from ledger.posting import (
     ACCOUNT_COLUMNS,
     ACCOUNTS,
@@ -124,9 +124,7 @@ def _move_in_function(
         raise InvalidRequest(f"unknown grant {grant_id}")
     if status == "replay" and original_hash != digest:
         raise IdempotencyConflict(f"{kind.value} key was used with other parameters")
-    for obj in list(session.identity_map.values()):
-        if isinstance(obj, Account | Grant):  # the function moved their units
-            session.expire(obj)
+    pgfast.forget_moved(session, [grant_id])
     return _Moved(customer_id, moved, debt_delta, frozen_delta, replayed=status == "replay")
 
 

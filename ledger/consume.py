@@ -52,6 +52,37 @@ class ConsumeResult:
     funded_by: tuple[tuple[int, int], ...]  # (grant_id, units drawn), in draw order
 
 
+@dataclass(frozen=True, slots=True)
+class Consumption:
+    """A consumption request, checked and priced: what each way of applying it (Python, the function) takes."""
+
+    customer_id: str
+    request_id: str
+    charge: int
+    digest: str
+    usage: UsageInput | None
+    actor: str
+    reason: str
+    now: datetime
+
+
+def price_consumption(
+    customer_id: str, *, request_id: str, units: int | None, usage: UsageInput | None, actor: str, reason: str
+) -> Consumption:
+    """Check a consumption request and price it (units given, else the usage's price), at the current time."""
+    require_key("request_id", request_id)
+    return Consumption(
+        customer_id=customer_id,
+        request_id=request_id,
+        charge=charge_for(units, usage),
+        digest=consume_digest(customer_id, units, usage),
+        usage=usage,
+        actor=actor,
+        reason=reason,
+        now=utcnow(),
+    )
+
+
 def consume_key(request_id: str) -> str:
     """The entry idempotency key of a consumption."""
     return f"consume:{request_id}"
@@ -125,20 +156,10 @@ def consume(
     Replaying a request id with the same parameters returns the original result (``replayed=True``) and
     charges nothing; with other parameters it raises IdempotencyConflict.
     """
-    require_key("request_id", request_id)
-    charge = charge_for(units, usage)
-    digest = consume_digest(customer_id, units, usage)
-    return consume_priced(
-        session,
-        customer_id,
-        request_id=request_id,
-        charge=charge,
-        digest=digest,
-        usage=usage,
-        actor=actor,
-        reason=reason,
-        now=utcnow(),
+    request = price_consumption(
+        customer_id, request_id=request_id, units=units, usage=usage, actor=actor, reason=reason
     )
+    return consume_priced(session, request)
 
 
 def consume_standalone(
@@ -158,62 +179,19 @@ def consume_standalone(
     Never call it inside another unit of work: it commits on a connection of its own (and would wait forever for
     an account lock that unit holds); there, call ``consume(session, ...)``.
     """
-    require_key("request_id", request_id)
-    charge = charge_for(units, usage)
-    digest = consume_digest(customer_id, units, usage)
-    now = utcnow()
+    request = price_consumption(
+        customer_id, request_id=request_id, units=units, usage=usage, actor=actor, reason=reason
+    )
     engine = get_engine()
     if pgfast.enabled_for(engine):
-        return pgfast.consume_autocommit(
-            engine,
-            customer_id,
-            request_id=request_id,
-            charge=charge,
-            digest=digest,
-            usage=usage,
-            actor=actor,
-            reason=reason,
-            now=now,
-        )
+        return pgfast.consume_autocommit(engine, request)
     with unit_of_work() as session:
-        return consume_priced(
-            session,
-            customer_id,
-            request_id=request_id,
-            charge=charge,
-            digest=digest,
-            usage=usage,
-            actor=actor,
-            reason=reason,
-            now=now,
-        )
+        return consume_priced(session, request)
 
 
-def consume_priced(
-    session: Session,
-    customer_id: str,
-    *,
-    request_id: str,
-    charge: int,
-    digest: str,
-    usage: UsageInput | None,
-    actor: str,
-    reason: str,
-    now: datetime,
-) -> ConsumeResult:
+def consume_priced(session: Session, request: Consumption) -> ConsumeResult:
     """A checked and priced consumption, through the PostgreSQL function when installed, else in Python."""
-    consume_path = pgfast.consume if pgfast.enabled(session) else consume_in_python
-    return consume_path(
-        session,
-        customer_id,
-        request_id=request_id,
-        charge=charge,
-        digest=digest,
-        usage=usage,
-        actor=actor,
-        reason=reason,
-        now=now,
-    )
+    return (pgfast.consume if pgfast.enabled(session) else consume_in_python)(session, request)
 
 
 def replayed_result(session: Session, customer_id: str, request_id: str, digest: str, original: Any) -> ConsumeResult:
@@ -271,24 +249,16 @@ def debit(
     return units, funded, uncovered
 
 
-def consume_in_python(
-    session: Session,
-    customer_id: str,
-    *,
-    request_id: str,
-    charge: int,
-    digest: str,
-    usage: UsageInput | None,
-    actor: str,
-    reason: str,
-    now: datetime,
-) -> ConsumeResult:
+def consume_in_python(session: Session, request: Consumption) -> ConsumeResult:
     """The portable consumption (SQLite, and PostgreSQL when the fast path is off): Core statements only."""
+    customer_id, request_id, charge, usage, now = (
+        request.customer_id, request.request_id, request.charge, request.usage, request.now
+    )  # fmt: skip
     account = lock_account(session, customer_id)
     key = consume_key(request_id)
     original = find_original(session, key)
     if original is not None:
-        return replayed_result(session, customer_id, request_id, digest, original)
+        return replayed_result(session, customer_id, request_id, request.digest, original)
     check_access(account, now)
     drawn, funded, uncovered = debit(session, account, charge, now)
     usage_id = insert_usage(session, account.id, request_id, usage, charge, now) if usage is not None else None
@@ -299,10 +269,10 @@ def consume_in_python(
         units=-drawn,
         debt_delta=uncovered,
         key=key,
-        request_hash=digest,
+        request_hash=request.digest,
         usage_id=usage_id,
-        actor=actor,
-        reason=reason,
+        actor=request.actor,
+        reason=request.reason,
         allocations=[(g, -u) for g, u in funded],
     )
     save_account(session, account)

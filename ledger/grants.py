@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from ledger import pgfast
 from ledger.accounts import lock_or_open_account, open_account
 from ledger.errors import IdempotencyConflict, InvalidRequest, UnknownCustomer
-from ledger.models import Account, EntryKind, Grant, GrantSource
+from ledger.models import EntryKind, Grant, GrantSource
 from ledger.posting import (
     ENTRIES,
     GRANTS,
@@ -188,9 +188,7 @@ def _grant_in_function(session: Session, customer_id: str, params: tuple[Any, ..
         raise UnknownCustomer(customer_id)
     if status == "replay" and original_hash != digest:
         raise IdempotencyConflict(f"grant key {key!r} was used with other parameters")
-    for obj in list(session.identity_map.values()):
-        if isinstance(obj, Account):  # the function moved its balance and debt
-            session.expire(obj)
+    pgfast.forget_moved(session, [])  # the function moved the account's balance and debt
     return GrantResult(grant_id, customer_id, units, balance_after, replayed=status == "replay")
 
 

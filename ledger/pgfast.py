@@ -30,8 +30,7 @@ from ledger.models import Account, Grant
 from ledger.posting import forget
 
 if TYPE_CHECKING:
-    from ledger.consume import ConsumeResult
-    from ledger.pricing import UsageInput
+    from ledger.consume import ConsumeResult, Consumption
 
 SIGNATURE = "ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb)"
 _CALL = (
@@ -40,23 +39,32 @@ _CALL = (
 )
 
 _switch = threading.local()
-_installed: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+# Per engine: which of the ledger's functions its database has (looked up once each).
+_installed: weakref.WeakKeyDictionary[Engine, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 def use_function(flag: bool) -> None:
-    """Route this thread's PostgreSQL consumption through the function (default) or the portable Python path."""
+    """Route this thread's PostgreSQL ledger movements through the functions (default) or the portable Python path."""
     _switch.on = flag
 
 
 def enabled(session: Session) -> bool:
     """Whether this session's consumption goes through the PostgreSQL function (installed by migration 0001)."""
+    return installed(session, SIGNATURE)
+
+
+def installed(session: Session, signature: str) -> bool:
+    """Whether this session's ledger movements go through the PostgreSQL function ``signature``.
+
+    On PostgreSQL, once the migration that creates the function ran, with this thread's switch on.
+    """
     if not getattr(_switch, "on", True):
         return False
     bind = session.get_bind()
     engine = bind if isinstance(bind, Engine) else bind.engine
-    known = _installed.get(engine)
+    known = _installed.setdefault(engine, {}).get(signature)
     if known is None:
-        known = _look_up(engine, session.connection())
+        known = _look_up(engine, signature, session.connection())
     return known
 
 
@@ -64,43 +72,22 @@ def enabled_for(engine: Engine) -> bool:
     """Whether consumption on ``engine`` goes through the PostgreSQL function (installed by migration 0001)."""
     if not getattr(_switch, "on", True):
         return False
-    known = _installed.get(engine)
+    known = _installed.setdefault(engine, {}).get(SIGNATURE)
     if known is None:
         if engine.dialect.name != "postgresql":
-            known = _installed[engine] = False
+            known = _installed[engine][SIGNATURE] = False
         else:
             with engine.connect() as connection:
-                known = _look_up(engine, connection)
+                known = _look_up(engine, SIGNATURE, connection)
     return known
 
 
-_others: weakref.WeakKeyDictionary[Engine, dict[str, bool]] = weakref.WeakKeyDictionary()
-
-
-def installed(session: Session, signature: str) -> bool:
-    """Whether this session's ledger movements go through the PostgreSQL function ``signature``.
-
-    Only where consumption does (PostgreSQL, the ledger's functions installed, this thread's switch on), and once
-    the migration that creates that function ran; remembered per engine.
-    """
-    if not enabled(session):
-        return False
-    bind = session.get_bind()
-    engine = bind if isinstance(bind, Engine) else bind.engine
-    known = _others.setdefault(engine, {})
-    if signature not in known:
-        found = session.connection().exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (signature,))
-        known[signature] = bool(found.scalar())
-    return known[signature]
-
-
-def _look_up(engine: Engine, connection: Connection) -> bool:
+def _look_up(engine: Engine, signature: str, connection: Connection) -> bool:
     """Whether the function is installed on ``engine``'s database; remembered per engine."""
-    known = engine.dialect.name == "postgresql"
-    if known:
-        found = connection.exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (SIGNATURE,))
-        known = bool(found.scalar())
-    _installed[engine] = known
+    known = engine.dialect.name == "postgresql" and bool(
+        connection.exec_driver_sql("SELECT to_regprocedure(%s) IS NOT NULL", (signature,)).scalar()
+    )
+    _installed.setdefault(engine, {})[signature] = known
     return known
 
 
@@ -117,46 +104,22 @@ def call(session: Session, sql: str, params: tuple[Any, ...]) -> Any:
         raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
 
 
-def consume(
-    session: Session,
-    customer_id: str,
-    *,
-    request_id: str,
-    charge: int,
-    digest: str,
-    usage: UsageInput | None,
-    actor: str,
-    reason: str,
-    now: datetime,
-) -> ConsumeResult:
+def consume(session: Session, request: Consumption) -> ConsumeResult:
     """Consume through ``ledger_consume`` in the session's transaction; its result or the ledger's error."""
-    row = call(session, _CALL, _params(customer_id, request_id, charge, digest, usage, actor, reason, now))
-    result = _result(row, customer_id, request_id, charge, digest)
+    result = _result(call(session, _CALL, _params(request)), request)
     if not result.replayed and session.identity_map:
-        _forget_moved(session, [g for g, _ in result.funded_by])
+        forget_moved(session, [g for g, _ in result.funded_by])
     return result
 
 
-def consume_autocommit(
-    engine: Engine,
-    customer_id: str,
-    *,
-    request_id: str,
-    charge: int,
-    digest: str,
-    usage: UsageInput | None,
-    actor: str,
-    reason: str,
-    now: datetime,
-) -> ConsumeResult:
+def consume_autocommit(engine: Engine, request: Consumption) -> ConsumeResult:
     """Consume through ``ledger_consume`` as a transaction of its own; committed when it returns.
 
     A single statement in autocommit is atomic: the function's row locks, checks and writes commit together
     when it ends, or not at all if it fails. So one round trip does what BEGIN, the call and COMMIT do in three,
     with the same outcome, and no session is needed.
     """
-    params = _params(customer_id, request_id, charge, digest, usage, actor, reason, now)
-    return _result(_call_in_autocommit(engine, params), customer_id, request_id, charge, digest)
+    return _result(_call_in_autocommit(engine, _params(request)), request)
 
 
 def _call_in_autocommit(engine: Engine, params: tuple[Any, ...]) -> Any:
@@ -195,36 +158,32 @@ def _leave_autocommit(driver: Any) -> bool:
     return True
 
 
-def _params(
-    customer_id: str,
-    request_id: str,
-    charge: int,
-    digest: str,
-    usage: UsageInput | None,
-    actor: str,
-    reason: str,
-    now: datetime,
-) -> tuple[Any, ...]:
+def _params(request: Consumption) -> tuple[Any, ...]:
     from ledger.consume import consume_key, usage_row
 
     usage_json = None
-    if usage is not None:
-        usage_json = json.dumps(usage_row(0, request_id, usage, charge, now), default=_json_default)
-    return (customer_id, request_id, consume_key(request_id), charge, digest, actor, reason, now, usage_json)
+    if request.usage is not None:
+        row = usage_row(0, request.request_id, request.usage, request.charge, request.now)
+        usage_json = json.dumps(row, default=_json_default)
+    return (
+        request.customer_id, request.request_id, consume_key(request.request_id), request.charge, request.digest,
+        request.actor, request.reason, request.now, usage_json,
+    )  # fmt: skip
 
 
-def _result(row: Any, customer_id: str, request_id: str, charge: int, digest: str) -> ConsumeResult:
+def _result(row: Any, request: Consumption) -> ConsumeResult:
     """The function's row as the ledger's result, or its refusal as the ledger's error."""
     from ledger.consume import ConsumeResult
 
+    customer_id, request_id = request.customer_id, request.request_id
     status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row
     if status == "unknown_customer":
         raise UnknownCustomer(customer_id)
     if status == "access_refused":
         raise AccessRefused(customer_id, state)
     if status == "insufficient":
-        raise InsufficientCredits(customer_id, charge, available)
-    if status == "replay" and original_hash != digest:
+        raise InsufficientCredits(customer_id, request.charge, available)
+    if status == "replay" and original_hash != request.digest:
         raise IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
     return ConsumeResult(
         request_id=request_id,
@@ -238,8 +197,8 @@ def _result(row: Any, customer_id: str, request_id: str, charge: int, digest: st
     )
 
 
-def _forget_moved(session: Session, grant_ids: list[int]) -> None:
-    """Expire in-session copies of the account and the grants the function changed."""
+def forget_moved(session: Session, grant_ids: list[int]) -> None:
+    """Expire in-session copies of the accounts and of the grants a ledger function changed."""
     for obj in list(session.identity_map.values()):
         if isinstance(obj, Account):
             session.expire(obj)
