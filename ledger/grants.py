@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from ledger import pgfast
@@ -20,6 +19,7 @@ from ledger.posting import (
     as_utc,
     drawable_grants,
     expire_lapsed,
+    for_each_backend,
     insert_entry,
     lock_account_by_id,
     request_hash,
@@ -30,10 +30,11 @@ from ledger.posting import (
     utcnow,
 )
 
-_INSERT_GRANT = {
-    name: dialect.insert(GRANTS).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(GRANTS.c.id)
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+_INSERT_GRANT = for_each_backend(
+    lambda dialect: (
+        dialect.insert(GRANTS).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(GRANTS.c.id)
+    )
+)
 _ORIGINAL_GRANT = select(ENTRIES.c.grant_id, ENTRIES.c.units, ENTRIES.c.balance_after, ENTRIES.c.request_hash).where(
     ENTRIES.c.idempotency_key == bindparam("key")
 )

@@ -20,16 +20,17 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     func,
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from ledger.db import Base, BigId
 from ledger.models import _enum
+from ledger.posting import upsert
 
 
 class EventStatus(StrEnum):
@@ -82,6 +83,9 @@ class StripeEvent(Base):
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Bumped by every attempt, so concurrent processors of one event can be told apart.
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+_EVENTS: Table = StripeEvent.__table__  # type: ignore[assignment]
 
 
 class NotAStripeEvent(ValueError):
@@ -168,11 +172,6 @@ def _str_or_none(value: object) -> str | None:
     return value[:255] if isinstance(value, str) else None
 
 
-def _insert(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(StripeEvent)
-
-
 def _row(raw: bytes, envelope: EventEnvelope, source: EventSource) -> dict[str, Any]:
     return {
         "event_id": envelope.event_id,
@@ -196,7 +195,7 @@ def store_event(
 ) -> int | None:
     """Store a raw event once; return its row id, or None when it was stored before (a redelivery)."""
     stmt = (
-        _insert(session)
+        upsert(session, _EVENTS)
         .values(_row(raw, envelope, source))
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(StripeEvent.id)
@@ -213,7 +212,7 @@ def store_events(
     if session.get_bind().dialect.name == "postgresql":
         return _store_events_unnest(session, [_row(raw, env, source) for raw, env in items])
     stmt = (
-        _insert(session)
+        upsert(session, _EVENTS)
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(StripeEvent.event_id, StripeEvent.id)
     )

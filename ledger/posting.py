@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import CursorResult, Executable, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -30,6 +30,8 @@ ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
 GRANTS: Table = Grant.__table__  # type: ignore[assignment]
 ENTRIES: Table = Entry.__table__  # type: ignore[assignment]
 ALLOCATIONS: Table = Allocation.__table__  # type: ignore[assignment]
+
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -59,10 +61,18 @@ def run(session: Session, statement: Executable, params: Any = None) -> CursorRe
     return session.connection().execute(statement, params)
 
 
+# The backends the ledger runs on, by SQLAlchemy dialect name: their INSERT supports ON CONFLICT.
+BACKENDS: dict[str, Any] = {"postgresql": postgresql, "sqlite": sqlite}
+
+
+def for_each_backend(build: Callable[[Any], T]) -> dict[str, T]:
+    """``build`` applied to each backend's dialect module: an ON CONFLICT statement built once per backend."""
+    return {name: build(dialect) for name, dialect in BACKENDS.items()}
+
+
 def upsert(session: Session, table: Table) -> Any:
     """An INSERT that supports ``on_conflict_do_nothing`` on the session's backend."""
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return BACKENDS.get(session.get_bind().dialect.name, sqlite).insert(table)
 
 
 def require_positive(name: str, value: int, *, allow_zero: bool = False) -> None:

@@ -13,9 +13,9 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Table, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ledger.posting import for_each_backend
 from worker.models import ObjectVersion
 
 
@@ -62,9 +62,7 @@ def _claim_version_statement(dialect: Any) -> Any:
     ).returning(_VERSIONS.c.object_id)
 
 
-_CLAIM_VERSION = {
-    name: _claim_version_statement(dialect) for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+_CLAIM_VERSION = for_each_backend(_claim_version_statement)
 _APPLIED = select(_VERSIONS.c.applied_created, _VERSIONS.c.event_id, _VERSIONS.c.state).where(
     _VERSIONS.c.object_id == bindparam("oid")
 )

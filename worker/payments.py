@@ -12,17 +12,13 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import BindParameter, Connection, Table, bindparam, delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 import ledger.clawback as ledger_clawback
 from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import Grant
+from ledger.posting import BACKENDS, for_each_backend, upsert
 from worker.models import EventWait, GrantRefundState, PaymentLink, RefundRecord
-
-
-def _insert(session: Session, model: type[Any]) -> Any:
-    return (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +33,17 @@ class FundedGrant:
 
 _LINKS: Table = PaymentLink.__table__  # type: ignore[assignment]
 _GRANTS: Table = Grant.__table__  # type: ignore[assignment]
+_EVENT_WAITS: Table = EventWait.__table__  # type: ignore[assignment]
 
 
 @lru_cache(maxsize=32)
 def _link_payment_statement(dialect_name: str, arity: int) -> Any:
     """One multi-row upsert of ``arity`` links, built once per backend and arity (an event names a few ids)."""
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
     rows: list[dict[str, Any]] = [
         {"object_id": bindparam(f"o{i}"), "grant_id": bindparam("grant"), "customer_id": bindparam("customer")}
         for i in range(arity)
     ]
-    return dialect.insert(_LINKS).values(rows).on_conflict_do_nothing(index_elements=["object_id"])
+    return BACKENDS[dialect_name].insert(_LINKS).values(rows).on_conflict_do_nothing(index_elements=["object_id"])
 
 
 _FUNDED_COLUMNS = (_GRANTS.c.id, _GRANTS.c.units, _GRANTS.c.amount_minor, _GRANTS.c.stripe_object_id)
@@ -121,7 +117,7 @@ def record_waits(session: Session, waits: Mapping[int, Iterable[str]]) -> None:
     rows = [{"event_row_id": e, "awaited_id": a} for e, ids in waits.items() for a in sorted({i for i in ids if i})]
     if rows:
         session.execute(
-            _insert(session, EventWait)
+            upsert(session, _EVENT_WAITS)
             .values(rows)
             .on_conflict_do_nothing(index_elements=["event_row_id", "awaited_id"])
         )
@@ -187,9 +183,8 @@ def _count_refund_statement(dialect: Any) -> Any:
     )
 
 
-_DIALECTS = (("postgresql", postgresql), ("sqlite", sqlite))
-_LOCK_REFUND_STATE = {name: _lock_refund_state_statement(dialect) for name, dialect in _DIALECTS}
-_COUNT_REFUND = {name: _count_refund_statement(dialect) for name, dialect in _DIALECTS}
+_LOCK_REFUND_STATE = for_each_backend(_lock_refund_state_statement)
+_COUNT_REFUND = for_each_backend(_count_refund_statement)
 _REFUNDED_BY_KIND = (
     select(_REFUND_RECORDS.c.kind, func.sum(_REFUND_RECORDS.c.amount_minor))
     .where(_REFUND_RECORDS.c.grant_id == bindparam("gid"))
