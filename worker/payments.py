@@ -152,7 +152,7 @@ class RefundApplied:
     """What one refund event changed: the refunded total counted for the grant and the units clawed now."""
 
     refunded_minor: int
-    # What the grant's payment was (read before the clawback, which expires the grant's loaded copy).
+    # What the grant's payment was, in minor units (0 when unknown).
     paid_minor: int
     clawed_now: int
     clawed_total: int

@@ -30,6 +30,7 @@ from ledger.db import get_engine
 from ledger.errors import LedgerError
 from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import Account
+from ledger.posting import BACKENDS
 from worker.gateway import StripeReader, is_transient_stripe_error
 from worker.handlers import handler_for, ignore_reason
 from worker.handlers.base import (
@@ -173,7 +174,7 @@ def _status_values(
 
 _EVENTS: Table = StripeEvent.__table__  # type: ignore[assignment]
 _ACCOUNTS: Table = Account.__table__  # type: ignore[assignment]
-_CLAIM = {name: _claim_statement(name) for name in ("postgresql", "sqlite")}
+_CLAIM = {name: _claim_statement(name) for name in BACKENDS}
 # One statement for a batch's statuses, sent as an executemany.
 _STATUS_UPDATE = (
     _EVENTS.update()
@@ -436,6 +437,15 @@ def _apply_batch(
     return deferred, set_aside, linked
 
 
+def _claimable_in_order(session: Session, ids: Sequence[int]) -> Sequence[Any]:
+    """The claimable events among ``ids`` (id, type, customer), in Stripe creation order, without claiming them."""
+    return session.execute(
+        select(StripeEvent.id, StripeEvent.type, StripeEvent.customer_id)
+        .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
+        .order_by(StripeEvent.created, StripeEvent.id)
+    ).all()
+
+
 def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: BatchReport) -> list[int]:
     """Process a chunk in Stripe creation order; return the waiting events its grants unblocked.
 
@@ -451,11 +461,7 @@ def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: Bat
         if len(order) > TRANSACTION_EVENTS:
             # Groups follow Stripe creation order (one group is ordered by its claim, and counts its skips).
             with _transaction(conn) as session:
-                rows = session.execute(
-                    select(StripeEvent.id, StripeEvent.type, StripeEvent.customer_id)
-                    .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
-                    .order_by(StripeEvent.created, StripeEvent.id)
-                ).all()
+                rows = _claimable_in_order(session, ids)
                 # New customers' accounts, opened up front for the whole chunk (see _open_accounts), rather
                 # than by each group that meets one and then runs again.
                 ledger_accounts.open_accounts(
@@ -508,25 +514,21 @@ def _process_chunk(ids: Sequence[int], gateway: StripeReader | None, report: Bat
 def _one_by_one(conn: Connection, ids: Sequence[int], gateway: StripeReader | None, report: BatchReport) -> set[str]:
     """Apply events each in its own transaction, recording each failure on its event."""
     with _transaction(conn) as session:
-        order = session.execute(
-            select(StripeEvent.id, StripeEvent.type)
-            .where(StripeEvent.id.in_(ids), StripeEvent.status.in_(CLAIMABLE))
-            .order_by(StripeEvent.created, StripeEvent.id)
-        ).all()
+        order = _claimable_in_order(session, ids)
     report.skipped += len(set(ids)) - len(order)
-    without_handler = [event_row_id for event_row_id, event_type in order if handler_for(event_type) is None]
+    without_handler = [row.id for row in order if handler_for(row.type) is None]
     if without_handler:
         _ignore_all(conn, without_handler, report)
     linked: set[str] = set()
-    for event_row_id, event_type in order:
-        if handler_for(event_type) is None:
+    for row in order:
+        if handler_for(row.type) is None:
             continue
         try:
-            linked |= _apply_one(conn, event_row_id, gateway, report)
+            linked |= _apply_one(conn, row.id, gateway, report)
         except Exception as exc:
             if conn.invalidated:
                 raise  # the connection is gone: the task retries the batch
-            _record_failure(conn, event_row_id, exc, report)
+            _record_failure(conn, row.id, exc, report)
     return linked
 
 
