@@ -15,9 +15,10 @@ from typing import Any
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
-from ledger.consume import charge_for, debit, find_original, insert_usage
+from ledger.consume import charge_for
 from ledger.errors import HoldNotOpen, IdempotencyConflict, InvalidRequest, UnknownHold
 from ledger.models import EntryKind, Hold, HoldStatus
+from ledger.portable import debit, find_original, insert_usage
 from ledger.posting import (
     ENTRIES,
     LockedAccount,

@@ -1,14 +1,16 @@
-"""PostgreSQL's consumption in one round trip: the ``ledger_consume`` function created by migration 0001.
+"""PostgreSQL's backend of the ledger: its functions, each one round trip (``ledger_consume``, migration 0001;
+``ledger_consume_many``, migration 0008; the grant and movement functions, 0006 and 0007).
 
-The function applies the same rules as :func:`ledger.consume.consume_in_python` (lock the account, replay by
+``ledger_consume`` applies the same rules as :func:`ledger.portable.consume` (lock the account, replay by
 key, access, expire lapsed grants, refuse or draw, record debt, usage, entry, allocations), server-side. Its fast
 path covers the common case in three statements, as few as the bare "conditional update + insert with a unique
 key" needs plus the grant draw: a conditional ``UPDATE accounts ... WHERE balance + overdraft >= n RETURNING``
 (row lock and guard at once), the grant's ``UPDATE`` (which also proves the request id is new), the entry's
 ``INSERT``. The property tests run the same scenarios through both paths, so they cannot drift apart.
 
-Two ways to run it: :func:`consume` inside a session's transaction (a caller composing a larger unit of work),
-and :func:`consume_autocommit` as a transaction of its own, on a pooled connection in autocommit (a lone consumption).
+Ways to run it: :func:`consume` inside a session's transaction (a caller composing a larger unit of work), and
+:func:`consume_many_autocommit` as a transaction of its own on a pooled connection in autocommit: one
+``ledger_consume`` call for a lone consumption, one ``ledger_consume_many`` call for a batch.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import json
 import threading
 import weakref
+from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -25,17 +28,27 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from ledger.errors import AccessRefused, IdempotencyConflict, InsufficientCredits, UnknownCustomer
+from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption, usage_row
+from ledger.errors import (
+    AccessRefused,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidRequest,
+    LedgerError,
+    UnknownCustomer,
+)
 from ledger.models import Account, Grant
 from ledger.posting import forget
-
-if TYPE_CHECKING:
-    from ledger.consume import ConsumeResult, Consumption
 
 SIGNATURE = "ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb)"
 _CALL = (
     "SELECT status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
     "grant_ids, grant_units FROM ledger_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+)
+MANY_SIGNATURE = "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[])"
+_CALL_MANY = (
+    "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
+    "grant_ids, grant_units FROM ledger_consume_many(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[])"
 )
 
 _switch = threading.local()
@@ -70,15 +83,20 @@ def installed(session: Session, signature: str) -> bool:
 
 def enabled_for(engine: Engine) -> bool:
     """Whether consumption on ``engine`` goes through the PostgreSQL function (installed by migration 0001)."""
+    return installed_for(engine, SIGNATURE)
+
+
+def installed_for(engine: Engine, signature: str) -> bool:
+    """Whether ``engine``'s ledger movements go through the PostgreSQL function ``signature`` (see installed)."""
     if not getattr(_switch, "on", True):
         return False
-    known = _installed.setdefault(engine, {}).get(SIGNATURE)
+    known = _installed.setdefault(engine, {}).get(signature)
     if known is None:
         if engine.dialect.name != "postgresql":
-            known = _installed[engine][SIGNATURE] = False
+            known = _installed[engine][signature] = False
         else:
             with engine.connect() as connection:
-                known = _look_up(engine, SIGNATURE, connection)
+                known = _look_up(engine, signature, connection)
     return known
 
 
@@ -112,18 +130,88 @@ def consume(session: Session, request: Consumption) -> ConsumeResult:
     return result
 
 
-def consume_autocommit(engine: Engine, request: Consumption) -> ConsumeResult:
-    """Consume through ``ledger_consume`` as a transaction of its own; committed when it returns.
+def consume_many_autocommit(engine: Engine, requests: Sequence[Consumption]) -> list[ConsumeOutcome]:
+    """Apply consumptions as one transaction of their own; one outcome per request, in order, committed.
 
     A single statement in autocommit is atomic: the function's row locks, checks and writes commit together
     when it ends, or not at all if it fails. So one round trip does what BEGIN, the call and COMMIT do in three,
-    with the same outcome, and no session is needed.
+    with the same outcome, and no session is needed. A batch is one ``ledger_consume_many`` call, which locks
+    its accounts in one order (customer id), so concurrent batches cannot deadlock each other.
     """
-    return _result(_call_in_autocommit(engine, _params(request)), request)
+    if len(requests) == 1:
+        return [_alone(engine, requests[0])]
+    if not installed_for(engine, MANY_SIGNATURE):  # a database migrated before 0008
+        return [_alone(engine, request) for request in requests]
+    batch, after = _split_cross_customer_repeats(requests)
+    outcomes: dict[int, ConsumeOutcome] = {}
+    if len(batch) == 1:
+        outcomes[batch[0]] = _alone(engine, requests[batch[0]])
+    elif batch:
+        chosen = [requests[i] for i in batch]
+        try:
+            rows = _in_autocommit(engine, _CALL_MANY, _many_params(chosen))
+        except DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError):
+                raise
+            # The database refused one item (a unique-key race with another customer's request id, a deadlock
+            # with a transaction that locks accounts in another order): each alone, so it cannot fail the rest.
+            rows = None
+        if rows is None:
+            for i in batch:
+                outcomes[i] = _alone(engine, requests[i])
+        else:
+            for row in rows:
+                position = batch[row[0] - 1]
+                outcomes[position] = _outcome(row[1:], requests[position])
+    for i in after:
+        outcomes[i] = _alone(engine, requests[i])
+    return [outcomes[i] for i in range(len(requests))]
 
 
-def _call_in_autocommit(engine: Engine, params: tuple[Any, ...]) -> Any:
-    """The function's row, called on a pooled connection in autocommit; the connection goes back clean."""
+def _split_cross_customer_repeats(requests: Sequence[Consumption]) -> tuple[list[int], list[int]]:
+    """Positions to apply in the batch call, and those to apply one by one after it, in order.
+
+    The function applies a batch grouped by customer. That is the order of the items within each customer, so
+    equal to applying them one by one, except for a request id that two customers use in one batch: the
+    first use must win, as it would one by one. The later uses by another customer wait for the batch.
+    """
+    first_customer: dict[str, str] = {}
+    batch: list[int] = []
+    after: list[int] = []
+    for position, request in enumerate(requests):
+        owner = first_customer.setdefault(request.request_id, request.customer_id)
+        (batch if owner == request.customer_id else after).append(position)
+    return batch, after
+
+
+def _alone(engine: Engine, request: Consumption) -> ConsumeOutcome:
+    """One consumption as its own statement; a refusal is its outcome."""
+    try:
+        (row,) = _in_autocommit(engine, _CALL, _params(request))
+    except DBAPIError as exc:
+        refusal = refused_input(exc, request)
+        if refusal is None:
+            raise
+        return refusal
+    return _outcome(row, request)
+
+
+def refused_input(exc: DBAPIError, request: Consumption) -> LedgerError | None:
+    """The ledger's error for a statement the database refused because of its input, or None.
+
+    A unique-key violation on the request's entry key means another customer's request with the same id
+    committed first: a conflict. A value out of a column's range is an invalid request.
+    """
+    orig = exc.orig
+    if isinstance(orig, psycopg.errors.UniqueViolation) and "idempotency_key" in str(orig):
+        return IdempotencyConflict(f"request id {request.request_id!r} was used with other parameters")
+    if isinstance(orig, psycopg.errors.DataError):
+        return InvalidRequest(f"a value of request {request.request_id!r} is out of range")
+    return None
+
+
+def _in_autocommit(engine: Engine, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    """The statement's rows, run on a pooled connection in autocommit; the connection goes back clean."""
     try:
         pooled = engine.raw_connection()
     except psycopg.Error as exc:
@@ -134,11 +222,11 @@ def _call_in_autocommit(engine: Engine, params: tuple[Any, ...]) -> Any:
         # Client-side only (no round trip): a checked-in connection is idle, outside any transaction.
         driver.autocommit = True
         try:
-            return driver.execute(_CALL, params, prepare=True).fetchone()
+            return driver.execute(sql, params, prepare=True).fetchall()
         finally:
             clean = _leave_autocommit(driver)
     except psycopg.Error as exc:
-        raise DBAPIError.instance(_CALL, params, exc, psycopg.Error, connection_invalidated=not clean) from exc
+        raise DBAPIError.instance(sql, params, exc, psycopg.Error, connection_invalidated=not clean) from exc
     finally:
         if clean:
             pooled.close()
@@ -158,23 +246,38 @@ def _leave_autocommit(driver: Any) -> bool:
     return True
 
 
-def _params(request: Consumption) -> tuple[Any, ...]:
-    from ledger.consume import consume_key, usage_row
+def _usage_json(request: Consumption) -> str | None:
+    if request.usage is None:
+        return None
+    row = usage_row(0, request.request_id, request.usage, request.charge, request.now)
+    return json.dumps(row, default=_json_default)
 
-    usage_json = None
-    if request.usage is not None:
-        row = usage_row(0, request.request_id, request.usage, request.charge, request.now)
-        usage_json = json.dumps(row, default=_json_default)
+
+def _params(request: Consumption) -> tuple[Any, ...]:
     return (
-        request.customer_id, request.request_id, consume_key(request.request_id), request.charge, request.digest,
-        request.actor, request.reason, request.now, usage_json,
+        request.customer_id, request.request_id, request.key, request.charge, request.digest,
+        request.actor, request.reason, request.now, _usage_json(request),
     )  # fmt: skip
+
+
+def _many_params(requests: Sequence[Consumption]) -> tuple[Any, ...]:
+    return (
+        [r.customer_id for r in requests], [r.request_id for r in requests], [r.key for r in requests],
+        [r.charge for r in requests], [r.digest for r in requests], [r.actor for r in requests],
+        [r.reason for r in requests], [r.now for r in requests], [_usage_json(r) for r in requests],
+    )  # fmt: skip
+
+
+def _outcome(row: Any, request: Consumption) -> ConsumeOutcome:
+    """The function's row as the ledger's result, or its refusal as the ledger's error (returned, not raised)."""
+    try:
+        return _result(row, request)
+    except LedgerError as exc:
+        return exc
 
 
 def _result(row: Any, request: Consumption) -> ConsumeResult:
     """The function's row as the ledger's result, or its refusal as the ledger's error."""
-    from ledger.consume import ConsumeResult
-
     customer_id, request_id = request.customer_id, request.request_id
     status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row
     if status == "unknown_customer":

@@ -11,7 +11,7 @@ import pytest
 from factories import account_state, grant_remaining, make_account, make_consume, make_grant, make_usage, unique
 from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import OperationalError
 
 from ledger import db
 from ledger.accounts import set_access_state
@@ -472,8 +472,9 @@ class TestConsumeStandaloneConnection:
         make_grant(customer_id=customer, units=50)
         before = account_state(customer)
 
-        # entries.actor is VARCHAR(255): the entry's INSERT fails after the account and grant were updated.
-        with pytest.raises(DataError):
+        # entries.actor is VARCHAR(255): the entry's INSERT fails after the account and grant were updated. A value
+        # the database cannot hold is the request's fault: refused as invalid (a 4xx at the API), nothing written.
+        with pytest.raises(InvalidRequest, match="out of range"):
             consume_standalone(customer, request_id=unique("req"), units=5, actor="a" * 256)
 
         assert account_state(customer) == before

@@ -17,7 +17,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
-from ledger.consume import consume_key
+from ledger.consumption import consume_key
 from ledger.inbox import StripeEvent
 from ledger.models import Account, Entry, EntryKind, Grant, GrantSource, Hold, UsageRecord
 

@@ -17,7 +17,7 @@ branch_labels = None
 depends_on = None
 
 
-# PostgreSQL's consumption in one round trip. It follows the same rules as ledger.consume.consume_in_python (the
+# PostgreSQL's consumption in one round trip. It follows the same rules as ledger.portable.consume (the
 # portable path); the property tests run both against the same scenarios, so they cannot drift apart.
 CONSUME_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION ledger_consume(
