@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     unprocessed_event_minutes: int = Field(default=15, ge=1)
     unprocessed_event_threshold: int = Field(default=100, ge=0)
 
+    # Usage API consumptions applied in parallel batches (group commit) per server process, on PostgreSQL.
+    usage_writers: int = Field(default=4, ge=1, le=64)
+
     # Bearer tokens accepted by the usage API.
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 

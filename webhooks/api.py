@@ -13,19 +13,30 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from starlette.exceptions import HTTPException
 
-from ledger.consume import ConsumeResult, consume_standalone
+from ledger.consume import ConsumeInput, ConsumeResult
 from ledger.db import unit_of_work
-from ledger.errors import InvalidRequest
+from ledger.errors import InvalidRequest, LedgerError
 from ledger.holds import CaptureResult, HoldResult, capture_hold, place_hold, release_hold
 from ledger.models import AccessState, EntryKind, GrantSource, HoldStatus, UsageEnvironment
 from ledger.pricing import UsageInput
 from ledger.queries import balance_summary, list_entries, usage_summary
 from ledger.settings import get_settings
+from webhooks.responses import error_body, ledger_error, validation_details
+from webhooks.usage_writer import UsageWriter
 
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,255}$"
 CustomerId = Annotated[str, Path(pattern=ID_PATTERN, description="The customer's id in the ledger")]
@@ -52,17 +63,22 @@ Units = Annotated[int, Field(strict=True, ge=0, le=10**15)]
 bearer = HTTPBearer(auto_error=False, description="An API token from API_TOKENS")
 
 
-def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+async def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
     """Accept a request only with one of the configured bearer tokens."""
+    # async: a plain check, run on the event loop instead of costing every request a thread hand-off.
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-    given = credentials.credentials.encode()
+    if not token_is_valid(credentials.credentials.encode()):
+        raise HTTPException(401, "the bearer token is not valid", headers={"WWW-Authenticate": "Bearer"})
+    return "api"
+
+
+def token_is_valid(given: bytes) -> bool:
+    """Whether ``given`` is one of the configured API tokens (compared in constant time, every token tried)."""
     valid = False
     for token in get_settings().api_tokens:
         valid |= hmac.compare_digest(given, token.get_secret_value().encode())
-    if not valid:
-        raise HTTPException(401, "the bearer token is not valid", headers={"WWW-Authenticate": "Bearer"})
-    return "api"
+    return valid
 
 
 router = APIRouter(prefix="/v1", tags=["usage"], dependencies=[Depends(require_token)])
@@ -114,6 +130,23 @@ class ConsumeRequest(UsageFields):
     request_id: Key | None = Field(default=None, description="Idempotency key (or the Idempotency-Key header)")
     units: Units | None = Field(default=None, description="Credits to charge; omitted: priced from the usage")
     reason: Annotated[str, Field(max_length=1000, pattern=r"^[^\x00]*$")] = ""
+
+    def consume_input(self, request_id: str) -> ConsumeInput:
+        """The ledger's consumption input for this body under ``request_id``."""
+        return ConsumeInput(self.customer_id, request_id, self.units, self.usage_input(), "api", self.reason)
+
+
+class UsageBatchRequest(BaseModel):
+    """Usage metered after the fact: each event a usage body with its own request_id, each its own unit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[dict[str, Any]] = Field(
+        min_length=1,
+        max_length=1000,
+        description="1 to 1,000 bodies of POST /v1/usage, each with its own request_id; each checked on its own",
+        json_schema_extra={"items": {"$ref": "#/components/schemas/ConsumeRequest"}},
+    )
 
 
 class HoldRequest(UsageFields):
@@ -236,12 +269,24 @@ class UsageReport(BaseModel):
 
 
 class ErrorDetail(BaseModel):
+    # Refusals carry their own fields beside code and message (available, requested, access_state, details).
+    model_config = ConfigDict(extra="allow")
+
     code: str
     message: str
 
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class BatchResult(BaseModel):
+    status: int = Field(description="The status the single call (POST /v1/usage) would have answered")
+    body: ConsumeResponse | ErrorBody = Field(description="The body the single call would have answered")
+
+
+class UsageBatchResponse(BaseModel):
+    results: list[BatchResult] = Field(description="One result per event, in the order sent")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -260,7 +305,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # --- handlers ----------------------------------------------------------------------------------------------------
 
 
-def _request_id(body_value: str | None, header_value: str | None) -> str:
+def request_id_of(body_value: str | None, header_value: str | None) -> str:
     if header_value is not None and body_value is not None and header_value != body_value:
         raise InvalidRequest("the Idempotency-Key header and the body's request_id differ")
     key = header_value if header_value is not None else body_value
@@ -271,8 +316,13 @@ def _request_id(body_value: str | None, header_value: str | None) -> str:
     return key
 
 
+def replayed_status(replayed: bool, created: int = 201) -> int:
+    """A write's status: ``created`` when applied now, 200 for a replay of an earlier request."""
+    return 200 if replayed else created
+
+
 def _replayed(response: Response, replayed: bool, created: int = 201) -> None:
-    response.status_code = 200 if replayed else created
+    response.status_code = replayed_status(replayed, created)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
 
@@ -280,7 +330,7 @@ def _replayed(response: Response, replayed: bool, created: int = 201) -> None:
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
-def _consume_response(result: ConsumeResult) -> ConsumeResponse:
+def consume_response(result: ConsumeResult) -> ConsumeResponse:
     return ConsumeResponse(
         request_id=result.request_id,
         customer_id=result.customer_id,
@@ -315,6 +365,15 @@ def _capture_response(result: CaptureResult) -> CaptureResponse:
     )
 
 
+async def usage_writer(request: Request) -> UsageWriter:
+    """The server process's group-committer of consumptions."""
+    writer: UsageWriter = request.app.state.usage_writer
+    return writer
+
+
+Writer = Annotated[UsageWriter, Depends(usage_writer)]
+
+
 @router.post(
     "/usage",
     status_code=201,
@@ -322,18 +381,61 @@ def _capture_response(result: CaptureResult) -> CaptureResponse:
     responses={200: {"description": "Replay of an earlier request: the original response"}, **ERRORS},
     summary="Record usage and charge credits for it, once per request id",
 )
-def record_usage(body: ConsumeRequest, response: Response, idempotency_key: IdempotencyKey = None) -> ConsumeResponse:
-    request_id = _request_id(body.request_id, idempotency_key)
-    # The consumption is the whole unit of work: consume_standalone commits it (on PostgreSQL in one round trip).
-    result = consume_standalone(
-        body.customer_id,
-        request_id=request_id,
-        units=body.units,
-        usage=body.usage_input(),
-        reason=body.reason,
-    )
-    _replayed(response, result.replayed)
-    return _consume_response(result)
+async def record_usage(
+    body: ConsumeRequest, response: Response, writer: Writer, idempotency_key: IdempotencyKey = None
+) -> ConsumeResponse:
+    request_id = request_id_of(body.request_id, idempotency_key)
+    # Applied with the other calls in flight, in one transaction, and answered once that committed.
+    outcome = await writer.submit(body.consume_input(request_id))
+    if isinstance(outcome, LedgerError):
+        raise outcome
+    _replayed(response, outcome.replayed)
+    return consume_response(outcome)
+
+
+_BATCH_ITEM = TypeAdapter(ConsumeRequest)
+
+
+@router.post(
+    "/usage/batch",
+    response_model=UsageBatchResponse,
+    responses={401: ERRORS[401], 422: ERRORS[422]},
+    summary="Record many usage events, each its own idempotent unit; one result per event",
+)
+async def record_usage_batch(body: UsageBatchRequest, writer: Writer) -> UsageBatchResponse:
+    results: list[BatchResult | None] = [None] * len(body.events)
+    items: list[tuple[int, ConsumeInput]] = []
+    for index, event in enumerate(body.events):
+        try:
+            parsed = _BATCH_ITEM.validate_python(event)
+            if parsed.request_id is None:
+                raise InvalidRequest("each event needs its own request_id")
+        except ValidationError as exc:
+            details = validation_details(exc.errors())
+            results[index] = _batch_error(422, "invalid_request", "the request is invalid", details=details)
+            continue
+        except LedgerError as exc:
+            results[index] = _batch_refusal(exc)
+            continue
+        items.append((index, parsed.consume_input(parsed.request_id)))
+    if items:
+        outcomes = await writer.apply_batch([item for _, item in items])
+        for (index, _), outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, LedgerError):
+                results[index] = _batch_refusal(outcome)
+            else:
+                status = 200 if outcome.replayed else 201
+                results[index] = BatchResult(status=status, body=consume_response(outcome))
+    return UsageBatchResponse(results=[r for r in results if r is not None])
+
+
+def _batch_refusal(exc: LedgerError) -> BatchResult:
+    status, body = ledger_error(exc)
+    return BatchResult(status=status, body=ErrorBody.model_validate(body))
+
+
+def _batch_error(status: int, code: str, message: str, **details: Any) -> BatchResult:
+    return BatchResult(status=status, body=ErrorBody.model_validate(error_body(code, message, **details)))
 
 
 @router.post(
@@ -344,7 +446,7 @@ def record_usage(body: ConsumeRequest, response: Response, idempotency_key: Idem
     summary="Hold credits for a call in progress",
 )
 def create_hold(body: HoldRequest, response: Response, idempotency_key: IdempotencyKey = None) -> HoldResponse:
-    request_id = _request_id(body.request_id, idempotency_key)
+    request_id = request_id_of(body.request_id, idempotency_key)
     with unit_of_work() as session:
         result = place_hold(
             session,

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -16,22 +17,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ledger.errors import (
-    AccessRefused,
-    HoldNotOpen,
-    IdempotencyConflict,
-    InsufficientCredits,
-    InvalidRequest,
-    LedgerError,
-    UnknownCustomer,
-    UnknownHold,
-)
+from ledger.errors import LedgerError
 from ledger.settings import get_settings
 from webhooks import api, health
 from webhooks.inbox_writer import InboxWriter
-from webhooks.responses import error_response
+from webhooks.responses import error_response, ledger_error_response, unavailable, validation_details
 from webhooks.review.app import create_review_app
 from webhooks.stripe_webhook import StripeWebhookEndpoint
+from webhooks.usage_fast import USAGE_PATH, ASGIApp, UsageEndpoint
+from webhooks.usage_writer import UsageUnavailable, UsageWriter
 
 WEBHOOK_PATH = "/webhooks/stripe"
 
@@ -73,54 +67,38 @@ def _webhook_openapi(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 class BillingApp(FastAPI):
-    """FastAPI, with Stripe's webhook deliveries answered before the framework's middleware and routing."""
+    """FastAPI, with the hot POST paths (Stripe's deliveries, usage) answered before the framework's machinery."""
 
-    stripe_webhook: StripeWebhookEndpoint | None = None
+    fast_posts: dict[str, ASGIApp]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The hot path: thousands of deliveries a second need none of the framework (routing, exception
-        # middleware, telemetry), which costs more than verifying and storing the event.
-        if (
-            self.stripe_webhook is not None
-            and scope["type"] == "http"
-            and scope["path"] == WEBHOOK_PATH
-            and scope["method"] == "POST"
-        ):
-            await self.stripe_webhook(scope, receive, send)
-            return
+        # The hot paths: thousands of requests a second need none of the framework (routing, exception
+        # middleware, dependency solving), which costs more than verifying and storing the event or the usage.
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.fast_posts.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request through FastAPI's routing and handlers (what a fast path hands over)."""
         await super().__call__(scope, receive, send)
 
 
-LEDGER_STATUS: dict[type[LedgerError], int] = {
-    UnknownCustomer: 404,
-    UnknownHold: 404,
-    InsufficientCredits: 402,
-    AccessRefused: 403,
-    IdempotencyConflict: 409,
-    HoldNotOpen: 409,
-    InvalidRequest: 422,
-}
-
-
-def ledger_error_response(exc: LedgerError) -> Response:
-    """Translate a ledger refusal into its status and a stable error code."""
-    status = next((code for kind, code in LEDGER_STATUS.items() if isinstance(exc, kind)), 400)
-    details: dict[str, Any] = {}
-    if isinstance(exc, InsufficientCredits):
-        details = {"available": exc.available, "requested": exc.requested}
-    elif isinstance(exc, AccessRefused):
-        details = {"access_state": exc.state}
-    return error_response(status, exc.code, str(exc), **details)
-
-
-def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
-    """Build the application from settings; ``writer`` replaces the inbox writer (tests)."""
+def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter | None = None) -> FastAPI:
+    """Build the application from settings; ``writer`` and ``usage_writer`` replace the group-committers (tests)."""
     settings = get_settings()
     writer = writer or InboxWriter()
+    # SQLite has one writer at a time: more batches in flight would only queue on its lock.
+    usage_writer = usage_writer or UsageWriter(
+        writers=1 if settings.database_url.startswith("sqlite") else settings.usage_writers
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        await usage_writer.aclose()
         await writer.aclose()
 
     app = BillingApp(
@@ -128,15 +106,19 @@ def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
         version="0.1.0",
         summary="Stripe webhook receiver and usage API of the credit ledger",
         lifespan=lifespan,
+        # FastAPI's OpenTelemetry hooks ask the tracer and meter providers on every request (several environment
+        # reads each); this service exports Prometheus metrics (/metrics) and structured logs instead.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.inbox_writer = writer
+    app.state.usage_writer = usage_writer
     endpoint = StripeWebhookEndpoint(
         writer,
         secrets=[s.get_secret_value().encode() for s in settings.stripe_webhook_secrets],
         tolerance_seconds=settings.stripe_webhook_tolerance_seconds,
         max_body_bytes=settings.webhook_max_body_bytes,
     )
-    app.stripe_webhook = endpoint
+    app.fast_posts = {WEBHOOK_PATH: endpoint, USAGE_PATH: UsageEndpoint(usage_writer, app.framework)}
     # Also routed, for other methods (405) and for the OpenAPI description below.
     app.router.routes.insert(0, Route(WEBHOOK_PATH, endpoint, methods=["POST"], name="stripe_webhook"))
     app.include_router(health.router)
@@ -152,15 +134,18 @@ def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
     async def _ledger_error(_: Request, exc: LedgerError) -> Response:
         return ledger_error_response(exc)
 
+    @app.exception_handler(UsageUnavailable)
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
-    async def _database_unavailable(_: Request, exc: Exception) -> Response:
-        log.warning("database unavailable", error=repr(exc))
-        return error_response(503, "database_unavailable", "the database cannot be reached; retry later")
+    async def _unavailable(_: Request, exc: Exception) -> Response:
+        log.warning("write unavailable", error=repr(exc))
+        status, body = unavailable(exc)
+        return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(422, "invalid_request", "the request is invalid", details=validation_details(exc))
+        details = validation_details(exc.errors())
+        return error_response(422, "invalid_request", "the request is invalid", details=details)
 
     base_openapi = app.openapi
 
@@ -171,15 +156,3 @@ def create_app(*, writer: InboxWriter | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-def validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
-    """Where and why a request is invalid; the offending input is not echoed back (it may be huge or secret)."""
-    return [
-        {
-            "loc": [str(part) for part in error.get("loc", ())],
-            "type": str(error.get("type", "")),
-            "msg": str(error.get("msg", "")),
-        }
-        for error in exc.errors()
-    ]

@@ -25,6 +25,11 @@ COMMIT_BATCH_SIZE = Histogram(
     "Events written per group-commit transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+USAGE_BATCH_SIZE = Histogram(
+    "usage_commit_batch_calls",
+    "Usage API consumptions applied per group-commit transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 API_REQUESTS = Counter("usage_api_requests", "Usage API requests, by route and status", ["route", "status"])
 
 
