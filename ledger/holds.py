@@ -8,15 +8,28 @@ the hold drew from.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ledger import pgfast
 from ledger.consume import charge_for
-from ledger.errors import HoldNotOpen, IdempotencyConflict, InvalidRequest, UnknownHold
+from ledger.consumption import usage_row
+from ledger.db import get_engine, unit_of_work
+from ledger.errors import (
+    AccessRefused,
+    HoldNotOpen,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidRequest,
+    UnknownCustomer,
+    UnknownHold,
+)
 from ledger.models import EntryKind, Hold, HoldStatus
 from ledger.portable import debit, find_original, insert_usage
 from ledger.posting import (
@@ -38,6 +51,20 @@ from ledger.posting import (
 from ledger.pricing import UsageInput
 
 HOLDS: Table = Hold.__table__  # type: ignore[assignment]
+
+# PostgreSQL's holds, one round trip each (migration 0009): the same rules as the portable path below.
+HOLD_SIGNATURE = "ledger_hold(text, text, text, bigint, text, text, timestamptz, timestamptz)"
+_HOLD_CALL = (
+    "SELECT status, hold_units, expires_at, balance_after, available, access_state, request_hash"
+    " FROM ledger_hold(%s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_CAPTURE_CALL = (
+    "SELECT status, customer_id, held, captured, released, shortfall, balance_after, hold_status, request_hash"
+    " FROM ledger_capture(%s, %s, %s, %s, %s, %s::jsonb)"
+)
+_RELEASE_CALL = (
+    "SELECT status, customer_id, hold_units, hold_status, expires_at, balance_after FROM ledger_release(%s, %s, %s)"
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +133,38 @@ def _hold_result(session: Session, hold: Any, customer_id: str, *, replayed: boo
     )
 
 
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """A hold request, checked and priced: what each backend applies."""
+
+    customer_id: str
+    request_id: str
+    charge: int
+    digest: str
+    actor: str
+    now: datetime
+    expires_at: datetime
+
+
+def price_hold(
+    customer_id: str, *, request_id: str, units: int | None, ttl_seconds: int, usage: UsageInput | None, actor: str
+) -> HoldRequest:
+    """Check a hold request and price it (units given, else the usage's price), at the current time."""
+    require_key("request_id", request_id)
+    if not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
+        raise InvalidRequest("ttl_seconds must be an integer > 0")
+    digest = request_hash(
+        customer_id=customer_id,
+        units=units,
+        usage=dataclasses.asdict(usage) if usage is not None else None,
+        ttl_seconds=ttl_seconds,
+    )
+    now = utcnow()
+    return HoldRequest(
+        customer_id, request_id, charge_for(units, usage), digest, actor, now, now + timedelta(seconds=ttl_seconds)
+    )
+
+
 def place_hold(
     session: Session,
     customer_id: str,
@@ -117,21 +176,82 @@ def place_hold(
     actor: str = "api",
 ) -> HoldResult:
     """Reserve units for a call under its request id; the same request id returns the original hold."""
-    require_key("request_id", request_id)
-    if not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
-        raise InvalidRequest("ttl_seconds must be an integer > 0")
-    charge = charge_for(units, usage)
-    digest = request_hash(
-        customer_id=customer_id,
-        units=units,
-        usage=dataclasses.asdict(usage) if usage is not None else None,
-        ttl_seconds=ttl_seconds,
+    request = price_hold(
+        customer_id, request_id=request_id, units=units, ttl_seconds=ttl_seconds, usage=usage, actor=actor
     )
-    now = utcnow()
+    if pgfast.installed(session, HOLD_SIGNATURE):
+        row = _keyed(request_id, lambda: pgfast.call(session, _HOLD_CALL, _hold_params(request)))
+        pgfast.forget_moved(session, [])
+        return _placed(row, request)
+    return _place_hold_portable(session, request)
+
+
+def place_hold_standalone(
+    customer_id: str,
+    *,
+    request_id: str,
+    units: int | None = None,
+    ttl_seconds: int = 600,
+    usage: UsageInput | None = None,
+    actor: str = "api",
+) -> HoldResult:
+    """:func:`place_hold` as a unit of work of its own (the usage API); on PostgreSQL one round trip."""
+    request = price_hold(
+        customer_id, request_id=request_id, units=units, ttl_seconds=ttl_seconds, usage=usage, actor=actor
+    )
+    engine = get_engine()
+    if pgfast.installed_for(engine, HOLD_SIGNATURE):
+        row = _keyed(request_id, lambda: pgfast.call_autocommit(engine, _HOLD_CALL, _hold_params(request)))
+        return _placed(row, request)
+    with unit_of_work() as session:
+        return _place_hold_portable(session, request)
+
+
+def _hold_params(request: HoldRequest) -> tuple[Any, ...]:
+    return (
+        request.customer_id, request.request_id, _hold_key(request.request_id), request.charge, request.digest,
+        request.actor, request.now, request.expires_at,
+    )  # fmt: skip
+
+
+def _keyed(request_id: str, call: Any) -> Any:
+    """A ledger function's row; a refusal of the request's input by the database is the ledger's error."""
+    try:
+        return call()
+    except DBAPIError as exc:
+        refusal = pgfast.refused_request(exc, request_id)
+        if refusal is None:
+            raise
+        raise refusal from exc
+
+
+def _placed(row: Any, request: HoldRequest) -> HoldResult:
+    status, units, expires_at, balance_after, available, state, original_hash = row
+    if status == "unknown_customer":
+        raise UnknownCustomer(request.customer_id)
+    if status == "access_refused":
+        raise AccessRefused(request.customer_id, state)
+    if status == "insufficient":
+        raise InsufficientCredits(request.customer_id, request.charge, available)
+    if status == "replay" and original_hash != request.digest:
+        raise IdempotencyConflict(f"hold request id {request.request_id!r} was used with other parameters")
+    return HoldResult(
+        request_id=request.request_id,
+        customer_id=request.customer_id,
+        units=units,
+        status=HoldStatus.OPEN,
+        expires_at=as_utc(expires_at) or request.now,
+        balance_after=balance_after,
+        replayed=status == "replay",
+    )
+
+
+def _place_hold_portable(session: Session, request: HoldRequest) -> HoldResult:
+    customer_id, request_id, now = request.customer_id, request.request_id, request.now
     account = lock_account(session, customer_id)
     original = find_original(session, _hold_key(request_id))
     if original is not None:
-        if original.request_hash != digest:
+        if original.request_hash != request.digest:
             raise IdempotencyConflict(f"hold request id {request_id!r} was used with other parameters")
         hold = _load_hold(session, request_id)
         # The original result: the hold as placed (its status now is what capture or release returned).
@@ -145,12 +265,15 @@ def place_hold(
             replayed=True,
         )
     check_access(account, now)
-    drawn, funded, uncovered = debit(session, account, charge, now)
-    expires_at = now + timedelta(seconds=ttl_seconds)
+    drawn, funded, uncovered = debit(session, account, request.charge, now)
     hold_id: int = session.execute(
         insert(HOLDS)
         .values(
-            account_id=account.id, request_id=request_id, units=drawn, status=HoldStatus.OPEN, expires_at=expires_at
+            account_id=account.id,
+            request_id=request_id,
+            units=drawn,
+            status=HoldStatus.OPEN,
+            expires_at=request.expires_at,
         )
         .returning(HOLDS.c.id)
     ).scalar_one()
@@ -162,14 +285,16 @@ def place_hold(
         units=-drawn,
         debt_delta=uncovered,
         key=_hold_key(request_id),
-        request_hash=digest,
+        request_hash=request.digest,
         hold_id=hold_id,
-        actor=actor,
+        actor=request.actor,
         reason="hold placed",
         allocations=[(g, -u) for g, u in funded],
     )
     save_account(session, account)
-    return HoldResult(request_id, customer_id, drawn, HoldStatus.OPEN, expires_at, balance_after, replayed=False)
+    return HoldResult(
+        request_id, customer_id, drawn, HoldStatus.OPEN, request.expires_at, balance_after, replayed=False
+    )
 
 
 def _give_back(
@@ -199,6 +324,28 @@ def _give_back(
     return balance_after
 
 
+@dataclass(frozen=True, slots=True)
+class CaptureRequest:
+    """A capture request, checked and priced: ``wanted`` is None for "what was held"."""
+
+    request_id: str
+    wanted: int | None
+    usage: UsageInput | None
+    digest: str
+    actor: str
+    now: datetime
+
+
+def price_capture(request_id: str, *, units: int | None, usage: UsageInput | None, actor: str) -> CaptureRequest:
+    """Check a capture request and price what the call used (before any lookup: a bad body is refused first)."""
+    require_key("request_id", request_id)
+    digest = request_hash(
+        request_id=request_id, units=units, usage=dataclasses.asdict(usage) if usage is not None else None
+    )
+    wanted = None if units is None and usage is None else charge_for(units, usage)
+    return CaptureRequest(request_id, wanted, usage, digest, actor, utcnow())
+
+
 def capture_hold(
     session: Session,
     request_id: str,
@@ -211,17 +358,71 @@ def capture_hold(
 
     Without units or usage, the held units are captured. The same request id returns the original capture.
     """
-    require_key("request_id", request_id)
+    request = price_capture(request_id, units=units, usage=usage, actor=actor)
+    if pgfast.installed(session, HOLD_SIGNATURE):
+        row = _keyed(request_id, lambda: pgfast.call(session, _CAPTURE_CALL, _capture_params(request)))
+        pgfast.forget_moved(session, [])
+        forget(session, Hold, _hold_ids(session, request_id))
+        return _captured(row, request)
+    return _capture_portable(session, request)
+
+
+def capture_hold_standalone(
+    request_id: str, *, units: int | None = None, usage: UsageInput | None = None, actor: str = "api"
+) -> CaptureResult:
+    """:func:`capture_hold` as a unit of work of its own (the usage API); on PostgreSQL one round trip."""
+    request = price_capture(request_id, units=units, usage=usage, actor=actor)
+    engine = get_engine()
+    if pgfast.installed_for(engine, HOLD_SIGNATURE):
+        row = _keyed(request_id, lambda: pgfast.call_autocommit(engine, _CAPTURE_CALL, _capture_params(request)))
+        return _captured(row, request)
+    with unit_of_work() as session:
+        return _capture_portable(session, request)
+
+
+def _capture_params(request: CaptureRequest) -> tuple[Any, ...]:
+    usage_json = None
+    if request.usage is not None:
+        # The function records the units it captured; the row's other fields are the usage's.
+        usage_json = json.dumps(usage_row(0, request.request_id, request.usage, 0, request.now), default=str)
+    return (request.request_id, request.wanted, request.digest, request.actor, request.now, usage_json)
+
+
+def _hold_ids(session: Session, request_id: str) -> list[int]:
+    if not session.identity_map:
+        return []
+    return list(session.execute(select(HOLDS.c.id).where(HOLDS.c.request_id == request_id)).scalars())
+
+
+def _captured(row: Any, request: CaptureRequest) -> CaptureResult:
+    status, customer_id, held, captured, released, shortfall, balance_after, hold_status, original_hash = row
+    if status == "unknown_hold":
+        raise UnknownHold(request.request_id)
+    if status == "not_open":
+        raise HoldNotOpen(f"hold {request.request_id!r} is {hold_status}, it cannot be captured")
+    if status == "replay" and original_hash != request.digest:
+        raise IdempotencyConflict(f"capture of {request.request_id!r} was repeated with other parameters")
+    return CaptureResult(
+        request_id=request.request_id,
+        customer_id=customer_id,
+        held=held,
+        captured=captured,
+        released=released,
+        shortfall=shortfall,
+        balance_after=balance_after,
+        replayed=status == "replay",
+    )
+
+
+def _capture_portable(session: Session, request: CaptureRequest) -> CaptureResult:
+    request_id, usage, actor = request.request_id, request.usage, request.actor
     hold = _load_hold(session, request_id)
     account = lock_account_by_id(session, hold.account_id)
     hold = _load_hold(session, request_id)  # re-read under the account lock
-    digest = request_hash(
-        request_id=request_id, units=units, usage=dataclasses.asdict(usage) if usage is not None else None
-    )
     key = _capture_key(request_id)
     original = find_original(session, key)
     if original is not None:
-        if original.request_hash != digest:
+        if original.request_hash != request.digest:
             raise IdempotencyConflict(f"capture of {request_id!r} was repeated with other parameters")
         return CaptureResult(
             request_id=request_id,
@@ -235,8 +436,8 @@ def capture_hold(
         )
     if HoldStatus(hold.status) is not HoldStatus.OPEN:
         raise HoldNotOpen(f"hold {request_id!r} is {hold.status}, it cannot be captured")
-    wanted = hold.units if units is None and usage is None else charge_for(units, usage)
-    now = utcnow()
+    wanted = hold.units if request.wanted is None else request.wanted
+    now = request.now
     held = hold.units
     funded: list[tuple[int, int]] = []
     extra, uncovered, shortfall = 0, 0, 0
@@ -254,7 +455,7 @@ def capture_hold(
         units=-extra,
         debt_delta=uncovered,
         key=key,
-        request_hash=digest,
+        request_hash=request.digest,
         hold_id=hold.id,
         usage_id=usage_id,
         actor=actor,
@@ -314,6 +515,42 @@ def _release(
 def release_hold(session: Session, request_id: str, *, actor: str = "api") -> HoldResult:
     """Give a hold's units back; releasing a released or expired hold again changes nothing."""
     require_key("request_id", request_id)
+    if pgfast.installed(session, HOLD_SIGNATURE):
+        row = pgfast.call(session, _RELEASE_CALL, (request_id, actor, utcnow()))
+        pgfast.forget_moved(session, [])
+        forget(session, Hold, _hold_ids(session, request_id))
+        return _released(row, request_id)
+    return _release_portable(session, request_id, actor)
+
+
+def release_hold_standalone(request_id: str, *, actor: str = "api") -> HoldResult:
+    """:func:`release_hold` as a unit of work of its own (the usage API); on PostgreSQL one round trip."""
+    require_key("request_id", request_id)
+    engine = get_engine()
+    if pgfast.installed_for(engine, HOLD_SIGNATURE):
+        return _released(pgfast.call_autocommit(engine, _RELEASE_CALL, (request_id, actor, utcnow())), request_id)
+    with unit_of_work() as session:
+        return _release_portable(session, request_id, actor)
+
+
+def _released(row: Any, request_id: str) -> HoldResult:
+    status, customer_id, units, hold_status, expires_at, balance_after = row
+    if status == "unknown_hold":
+        raise UnknownHold(request_id)
+    if status == "not_open":
+        raise HoldNotOpen(f"hold {request_id!r} was captured, it cannot be released")
+    return HoldResult(
+        request_id=request_id,
+        customer_id=customer_id,
+        units=units,
+        status=HoldStatus(hold_status),
+        expires_at=as_utc(expires_at) or utcnow(),
+        balance_after=balance_after,
+        replayed=status == "replay",
+    )
+
+
+def _release_portable(session: Session, request_id: str, actor: str) -> HoldResult:
     hold = _load_hold(session, request_id)
     account = lock_account_by_id(session, hold.account_id)
     hold = _load_hold(session, request_id)

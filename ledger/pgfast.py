@@ -122,6 +122,12 @@ def call(session: Session, sql: str, params: tuple[Any, ...]) -> Any:
         raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
 
 
+def call_autocommit(engine: Engine, sql: str, params: tuple[Any, ...]) -> Any:
+    """Run a call of one of the ledger's functions as a transaction of its own (see consume_many_autocommit)."""
+    (row,) = _in_autocommit(engine, sql, params)
+    return row
+
+
 def consume(session: Session, request: Consumption) -> ConsumeResult:
     """Consume through ``ledger_consume`` in the session's transaction; its result or the ledger's error."""
     result = _result(call(session, _CALL, _params(request)), request)
@@ -202,11 +208,18 @@ def refused_input(exc: DBAPIError, request: Consumption) -> LedgerError | None:
     A unique-key violation on the request's entry key means another customer's request with the same id
     committed first: a conflict. A value out of a column's range is an invalid request.
     """
+    return refused_request(exc, request.request_id)
+
+
+def refused_request(exc: DBAPIError, request_id: str) -> LedgerError | None:
+    """:func:`refused_input` for any of the ledger's keyed writes (consumption, hold, capture)."""
     orig = exc.orig
-    if isinstance(orig, psycopg.errors.UniqueViolation) and "idempotency_key" in str(orig):
-        return IdempotencyConflict(f"request id {request.request_id!r} was used with other parameters")
+    if isinstance(orig, psycopg.errors.UniqueViolation) and (
+        "idempotency_key" in str(orig) or "request_id" in str(orig)
+    ):
+        return IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
     if isinstance(orig, psycopg.errors.DataError):
-        return InvalidRequest(f"a value of request {request.request_id!r} is out of range")
+        return InvalidRequest(f"a value of request {request_id!r} is out of range")
     return None
 
 

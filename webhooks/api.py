@@ -30,7 +30,13 @@ from starlette.exceptions import HTTPException
 from ledger.consume import ConsumeInput, ConsumeResult
 from ledger.db import unit_of_work
 from ledger.errors import InvalidRequest, LedgerError
-from ledger.holds import CaptureResult, HoldResult, capture_hold, place_hold, release_hold
+from ledger.holds import (
+    CaptureResult,
+    HoldResult,
+    capture_hold_standalone,
+    place_hold_standalone,
+    release_hold_standalone,
+)
 from ledger.models import AccessState, EntryKind, GrantSource, HoldStatus, UsageEnvironment
 from ledger.pricing import UsageInput
 from ledger.queries import balance_summary, list_entries, usage_summary
@@ -342,7 +348,7 @@ def consume_response(result: ConsumeResult) -> ConsumeResponse:
     )
 
 
-def _hold_response(result: HoldResult) -> HoldResponse:
+def hold_response(result: HoldResult) -> HoldResponse:
     return HoldResponse(
         request_id=result.request_id,
         customer_id=result.customer_id,
@@ -353,7 +359,7 @@ def _hold_response(result: HoldResult) -> HoldResponse:
     )
 
 
-def _capture_response(result: CaptureResult) -> CaptureResponse:
+def capture_response(result: CaptureResult) -> CaptureResponse:
     return CaptureResponse(
         request_id=result.request_id,
         customer_id=result.customer_id,
@@ -438,6 +444,24 @@ def _batch_error(status: int, code: str, message: str, **details: Any) -> BatchR
     return BatchResult(status=status, body=ErrorBody.model_validate(error_body(code, message, **details)))
 
 
+def apply_hold(body: HoldRequest, request_id: str) -> HoldResult:
+    """Place the hold a body asks for, as a unit of work of its own."""
+    usage = body.usage_input()
+    return place_hold_standalone(
+        body.customer_id, request_id=request_id, units=body.units, ttl_seconds=body.ttl_seconds, usage=usage
+    )
+
+
+def apply_capture(hold_id: str, body: CaptureRequest) -> CaptureResult:
+    """Capture a hold as a body asks, as a unit of work of its own."""
+    return capture_hold_standalone(hold_id, units=body.units, usage=body.usage_input())
+
+
+def apply_release(hold_id: str) -> HoldResult:
+    """Release a hold, as a unit of work of its own."""
+    return release_hold_standalone(hold_id)
+
+
 @router.post(
     "/holds",
     status_code=201,
@@ -445,19 +469,12 @@ def _batch_error(status: int, code: str, message: str, **details: Any) -> BatchR
     responses={200: {"description": "Replay of an earlier request: the original hold"}, **ERRORS},
     summary="Hold credits for a call in progress",
 )
-def create_hold(body: HoldRequest, response: Response, idempotency_key: IdempotencyKey = None) -> HoldResponse:
-    request_id = request_id_of(body.request_id, idempotency_key)
-    with unit_of_work() as session:
-        result = place_hold(
-            session,
-            body.customer_id,
-            request_id=request_id,
-            units=body.units,
-            ttl_seconds=body.ttl_seconds,
-            usage=body.usage_input(),
-        )
+async def create_hold(
+    body: HoldRequest, response: Response, writer: Writer, idempotency_key: IdempotencyKey = None
+) -> HoldResponse:
+    result = await writer.run(apply_hold, body, request_id_of(body.request_id, idempotency_key))
     _replayed(response, result.replayed)
-    return _hold_response(result)
+    return hold_response(result)
 
 
 @router.post(
@@ -466,12 +483,12 @@ def create_hold(body: HoldRequest, response: Response, idempotency_key: Idempote
     responses=ERRORS,
     summary="Capture a hold: charge what the call used, give back the rest",
 )
-def capture(hold_id: HoldId, response: Response, body: CaptureRequest | None = None) -> CaptureResponse:
-    body = body or CaptureRequest()
-    with unit_of_work() as session:
-        result = capture_hold(session, hold_id, units=body.units, usage=body.usage_input())
+async def capture(
+    hold_id: HoldId, response: Response, writer: Writer, body: CaptureRequest | None = None
+) -> CaptureResponse:
+    result = await writer.run(apply_capture, hold_id, body or CaptureRequest())
     _replayed(response, result.replayed, created=200)
-    return _capture_response(result)
+    return capture_response(result)
 
 
 @router.post(
@@ -480,11 +497,10 @@ def capture(hold_id: HoldId, response: Response, body: CaptureRequest | None = N
     responses=ERRORS,
     summary="Release a hold: the call did not happen, give the credits back",
 )
-def release(hold_id: HoldId, response: Response) -> HoldResponse:
-    with unit_of_work() as session:
-        result = release_hold(session, hold_id)
+async def release(hold_id: HoldId, response: Response, writer: Writer) -> HoldResponse:
+    result = await writer.run(apply_release, hold_id)
     _replayed(response, result.replayed, created=200)
-    return _hold_response(result)
+    return hold_response(result)
 
 
 @router.get(

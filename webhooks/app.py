@@ -24,7 +24,7 @@ from webhooks.inbox_writer import InboxWriter
 from webhooks.responses import error_response, ledger_error_response, unavailable, validation_details
 from webhooks.review.app import create_review_app
 from webhooks.stripe_webhook import StripeWebhookEndpoint
-from webhooks.usage_fast import USAGE_PATH, ASGIApp, UsageEndpoint
+from webhooks.usage_fast import FAST_PREFIXES, ASGIApp, UsageEndpoints
 from webhooks.usage_writer import UsageUnavailable, UsageWriter
 
 WEBHOOK_PATH = "/webhooks/stripe"
@@ -70,12 +70,16 @@ class BillingApp(FastAPI):
     """FastAPI, with the hot POST paths (Stripe's deliveries, usage) answered before the framework's machinery."""
 
     fast_posts: dict[str, ASGIApp]
+    usage_endpoints: ASGIApp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The hot paths: thousands of requests a second need none of the framework (routing, exception
         # middleware, dependency solving), which costs more than verifying and storing the event or the usage.
         if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self.fast_posts.get(scope["path"])
+            path: str = scope["path"]
+            endpoint = self.fast_posts.get(path)
+            if endpoint is None and path.startswith(FAST_PREFIXES) and path != "/v1/usage/batch":
+                endpoint = self.usage_endpoints
             if endpoint is not None:
                 await endpoint(scope, receive, send)
                 return
@@ -118,7 +122,8 @@ def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter |
         tolerance_seconds=settings.stripe_webhook_tolerance_seconds,
         max_body_bytes=settings.webhook_max_body_bytes,
     )
-    app.fast_posts = {WEBHOOK_PATH: endpoint, USAGE_PATH: UsageEndpoint(usage_writer, app.framework)}
+    app.fast_posts = {WEBHOOK_PATH: endpoint}
+    app.usage_endpoints = UsageEndpoints(usage_writer, app.framework)
     # Also routed, for other methods (405) and for the OpenAPI description below.
     app.router.routes.insert(0, Route(WEBHOOK_PATH, endpoint, methods=["POST"], name="stripe_webhook"))
     app.include_router(health.router)

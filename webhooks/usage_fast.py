@@ -1,47 +1,59 @@
-"""The usage API's hot path: ``POST /v1/usage`` answered without the framework's per-request machinery.
+"""The usage API's hot paths, answered without the framework's per-request machinery.
 
-Every AI call a product makes comes through here. Measured with py-spy on the running server, FastAPI's
-middleware stack, routing, dependency solving and response validation cost ~75% of the server's CPU per call,
-the consumption itself a few percent. So, as for the Stripe webhook, :class:`BillingApp` hands these requests
-to this plain ASGI endpoint first. It does the common case only, with the routes' own pieces (the token check,
-the ``ConsumeRequest`` model validated straight from the bytes, the group-committing writer, the response model)
-and hands anything else (no or a bad token, an invalid body, an odd header) to the FastAPI route with the body it
-read, so every refusal is the route's own, and the contract (statuses, error bodies, OpenAPI) has one source.
+Every AI call a product makes comes through ``POST /v1/usage`` (or a hold and its capture or release). Measured
+with py-spy on the running server, FastAPI's middleware stack, routing, dependency solving and response
+validation cost ~75% of the server's CPU per call, the consumption itself a few percent. So, as for the Stripe
+webhook, :class:`~webhooks.app.BillingApp` hands these requests to this plain ASGI endpoint first. It does the
+common case only, with the routes' own pieces (the token check, the request models validated straight from the
+bytes, the same ledger calls on the same writer, the response models) and hands anything else (no or a bad
+token, an invalid body or path, an odd header) to the FastAPI route with the body it read. So every refusal is
+the route's own, and the contract (statuses, error bodies, OpenAPI) has one source: webhooks/api.py.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import Message, Receive, Scope, Send
 
 from ledger.errors import InvalidRequest, LedgerError
-from webhooks.api import ConsumeRequest, ConsumeResponse, consume_response, replayed_status, request_id_of
-from webhooks.api import token_is_valid as default_token_check
+from webhooks import api
 from webhooks.responses import JSON, ledger_error, unavailable
 from webhooks.usage_writer import UsageUnavailable, UsageWriter
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-USAGE_PATH = "/v1/usage"
+FAST_PREFIXES = ("/v1/usage", "/v1/holds")
+_HOLD_ACTION = re.compile(r"^/v1/holds/([A-Za-z0-9_.:\-]{1,255})/(capture|release)$")
 # Bodies past this size are left to the framework (its own limits and errors); a usage body is ~300 bytes.
 _MAX_FAST_BODY = 64 * 1024
-_REQUEST = TypeAdapter(ConsumeRequest)
-_RESPONSE = TypeAdapter(ConsumeResponse)
-_REPLAYED_HEADER = (b"idempotent-replayed", b"true")
+_REPLAYED_HEADER = ((b"idempotent-replayed", b"true"),)
+_DUMP: dict[type[Any], TypeAdapter[Any]] = {
+    model: TypeAdapter(model) for model in (api.ConsumeResponse, api.HoldResponse, api.CaptureResponse)
+}
+_ERROR: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+_CONSUME = TypeAdapter(api.ConsumeRequest)
+_HOLD = TypeAdapter(api.HoldRequest)
+_CAPTURE = TypeAdapter(api.CaptureRequest)
 
 
-class UsageEndpoint:
-    """``POST /v1/usage`` for a request that is well-formed; anything else goes to ``fallback`` (the route)."""
+class _Decline(Exception):
+    """Not the common case: the route answers it."""
+
+
+class UsageEndpoints:
+    """POST /v1/usage, /v1/holds, /v1/holds/{id}/capture and /release for well-formed requests."""
 
     def __init__(
         self,
         writer: UsageWriter,
         fallback: ASGIApp,
         *,
-        token_check: Callable[[bytes], bool] = default_token_check,
+        token_check: Callable[[bytes], bool] = api.token_is_valid,
     ) -> None:
         self.writer = writer
         self.fallback = fallback
@@ -57,37 +69,64 @@ class UsageEndpoint:
             elif name == b"content-type":
                 content_type = value
         scheme, _, token = (authorization or b"").partition(b" ")
-        media_type = (content_type or b"").partition(b";")[0].strip().lower()
-        if scheme.lower() != b"bearer" or not self.token_check(token) or media_type != JSON:
+        if scheme.lower() != b"bearer" or not self.token_check(token):
             await self.fallback(scope, receive, send)
             return
         body, complete = await _read_body(receive)
         if not complete:
             await self.fallback(scope, _replay(body, receive, complete=False), send)
             return
+        json_body = (content_type or b"").partition(b";")[0].strip().lower() == JSON
         try:
-            request = _REQUEST.validate_json(body)
-            key = idempotency_key.decode("ascii") if idempotency_key is not None else None
-            request_id = request_id_of(request.request_id, key)
-        except (ValidationError, InvalidRequest, UnicodeDecodeError):
+            status, answer, replayed = await self._apply(scope["path"], body, json_body, idempotency_key)
+        except (_Decline, ValidationError, UnicodeDecodeError):
             await self.fallback(scope, _replay(body, receive, complete=True), send)
             return
-        # Applied with the other calls in flight, in one transaction, and answered once that committed.
-        try:
-            outcome = await self.writer.submit(request.consume_input(request_id))
+        except LedgerError as exc:
+            status, error = ledger_error(exc)
+            await _send(send, status, _ERROR.dump_json(error))
+            return
         except (UsageUnavailable, OperationalError, InterfaceError) as exc:
             status, error = unavailable(exc)
-            await _send(send, status, _ERROR.dump_json(error), ())
+            await _send(send, status, _ERROR.dump_json(error))
             return
-        if isinstance(outcome, LedgerError):
-            status, error = ledger_error(outcome)
-            await _send(send, status, _ERROR.dump_json(error), ())
-            return
-        headers = (_REPLAYED_HEADER,) if outcome.replayed else ()
-        await _send(send, replayed_status(outcome.replayed), _RESPONSE.dump_json(consume_response(outcome)), headers)
+        await _send(send, status, _DUMP[type(answer)].dump_json(answer), _REPLAYED_HEADER if replayed else ())
+
+    async def _apply(self, path: str, body: bytes, json_body: bool, key: bytes | None) -> tuple[int, Any, bool]:
+        """Parse, apply on the writer, and give (status, response model, replayed); _Decline hands over."""
+        if path == "/v1/usage":
+            consume = _CONSUME.validate_json(_json(body, json_body))
+            outcome = await self.writer.submit(consume.consume_input(_request_id(consume.request_id, key)))
+            if isinstance(outcome, LedgerError):
+                raise outcome
+            return api.replayed_status(outcome.replayed), api.consume_response(outcome), outcome.replayed
+        if path == "/v1/holds":
+            hold = _HOLD.validate_json(_json(body, json_body))
+            placed = await self.writer.run(api.apply_hold, hold, _request_id(hold.request_id, key))
+            return api.replayed_status(placed.replayed), api.hold_response(placed), placed.replayed
+        match = _HOLD_ACTION.match(path)
+        if match is None:
+            raise _Decline
+        hold_id, action = match.groups()
+        if action == "capture":
+            capture = _CAPTURE.validate_json(_json(body, json_body)) if body else api.CaptureRequest()
+            captured = await self.writer.run(api.apply_capture, hold_id, capture)
+            return 200, api.capture_response(captured), captured.replayed
+        released = await self.writer.run(api.apply_release, hold_id)
+        return 200, api.hold_response(released), released.replayed
 
 
-_ERROR: TypeAdapter[dict[str, object]] = TypeAdapter(dict[str, object])
+def _json(body: bytes, json_body: bool) -> bytes:
+    if not json_body:
+        raise _Decline
+    return body
+
+
+def _request_id(body_value: str | None, header: bytes | None) -> str:
+    try:
+        return api.request_id_of(body_value, header.decode("ascii") if header is not None else None)
+    except InvalidRequest as exc:
+        raise _Decline from exc
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
@@ -121,7 +160,7 @@ def _replay(body: bytes, receive: Receive, *, complete: bool) -> Receive:
     return replayed
 
 
-async def _send(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
+async def _send(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

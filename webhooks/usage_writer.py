@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import structlog
 
@@ -23,6 +24,7 @@ from webhooks import metrics
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
 ApplyBatch = Callable[[Sequence[ConsumeInput]], list[ConsumeOutcome]]
 
 
@@ -83,9 +85,12 @@ class UsageWriter:
 
     async def apply_batch(self, items: Sequence[ConsumeInput]) -> list[ConsumeOutcome]:
         """Apply a batch the caller already formed (POST /v1/usage/batch) as one unit, on the writers' threads."""
+        return await self.run(self._apply, items)
+
+    async def run(self, write: Callable[..., T], *args: Any) -> T:
+        """Run one blocking unit of work (a hold, a capture, a batch) on the writers' threads."""
         self._start()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._apply, items)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, write, *args)
 
     def _expire(self, future: asyncio.Future[ConsumeOutcome]) -> None:
         # The batch may still commit later; a retry with the same request id then replays it (charged once).

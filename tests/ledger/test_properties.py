@@ -209,6 +209,9 @@ CONSUME_SCENARIOS = st.lists(
         st.tuples(st.just("unfreeze"), INDEX),
         st.tuples(st.just("overdraft"), st.integers(0, 30)),
         st.tuples(st.just("suspend"), st.booleans()),
+        st.tuples(st.just("hold"), st.integers(0, 40)),
+        st.tuples(st.just("capture"), INDEX, st.one_of(st.none(), st.integers(0, 60))),
+        st.tuples(st.just("release"), INDEX),
     ),
     min_size=1,
     max_size=16,
@@ -235,6 +238,10 @@ class TestConsumePathsAgree:
         scenario=[("grant", 20, 0, "never"), ("freeze", 0), ("consume", 1), ("grant", 5, 0, "never"), ("consume", 5)]
     )
     @example(scenario=[("grant", 20, 0, "never"), ("consume", 5), ("freeze", 0), ("clawback", 0, 18), ("unfreeze", 0)])
+    @example(scenario=[("grant", 10, 1, "never"), ("grant", 10, 0, "later"), ("hold", 15), ("capture", 0, 5)])
+    @example(scenario=[("grant", 10, 0, "never"), ("hold", 8), ("capture", 0, 30), ("capture", 0, 30)])
+    @example(scenario=[("overdraft", 10), ("hold", 5), ("grant", 20, 0, "never"), ("release", 0), ("release", 0)])
+    @example(scenario=[("grant", 10, 2, "lapsed"), ("grant", 10, 0, "never"), ("hold", 6), ("capture", 0, None)])
     def test_same_history_same_outcomes(self, pg_engine: Engine, scenario: list[tuple[Any, ...]]) -> None:
         from ledger import pgfast
         from ledger.accounts import set_access_state
@@ -244,6 +251,7 @@ class TestConsumePathsAgree:
         now = datetime.now(UTC)
         customers = {True: unique("fn"), False: unique("py")}
         grants: dict[bool, list[int]] = {True: [], False: []}
+        holds: list[str] = []
         requests: list[tuple[str, int]] = []
         outcomes: dict[bool, list[Any]] = {True: [], False: []}
         with unit_of_work() as session:
@@ -290,6 +298,18 @@ class TestConsumePathsAgree:
                                 key = f"{customer}-u{step_no}"
                                 released = unfreeze_grant(session, grant_id, idempotency_key=key, reason="x")
                                 outcome = ("unfreeze", released)
+                        elif kind == "hold":
+                            placed = place_hold(session, customer, request_id=f"{customer}-h{step_no}", units=args[0])
+                            outcome = ("hold", placed.units, placed.balance_after, placed.replayed)
+                        elif kind in ("capture", "release") and holds:
+                            hold_id = f"{customer}-{holds[args[0] % len(holds)]}"
+                            if kind == "capture":
+                                took = capture_hold(session, hold_id, units=args[1])
+                                outcome = ("capture", took.held, took.captured, took.released, took.shortfall,
+                                           took.balance_after, took.replayed)  # fmt: skip
+                            else:
+                                gave = release_hold(session, hold_id)
+                                outcome = ("release", gave.units, gave.status, gave.balance_after, gave.replayed)
                         elif kind == "overdraft":
                             set_overdraft_limit(session, customer, args[0])
                             outcome = ("overdraft",)
@@ -300,11 +320,13 @@ class TestConsumePathsAgree:
                             outcome = ("access", state.value)
                         else:
                             outcome = ("skipped",)
-                except (InsufficientCredits, AccessRefused) as exc:
+                except (InsufficientCredits, AccessRefused, HoldNotOpen, IdempotencyConflict) as exc:
                     outcome = (type(exc).__name__, getattr(exc, "available", None))
                 finally:
                     pgfast.use_function(True)
                 outcomes[use_function].append(outcome)
+            if kind == "hold" and outcomes[True][-1][0] == "hold":
+                holds.append(f"h{step_no}")
             assert outcomes[True] == outcomes[False], scenario
             assert snapshot(customers[True])[0][1:] == snapshot(customers[False])[0][1:]
         for customer in customers.values():
