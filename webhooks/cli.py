@@ -77,6 +77,64 @@ def serve(
     )
 
 
+usage_app = typer.Typer(help="Usage metered after the fact.", no_args_is_help=True)
+
+
+@usage_app.command("import")
+def import_usage_file(
+    path: str = typer.Argument(..., metavar="FILE", help="JSON Lines, one POST /v1/usage body a line; - for stdin."),
+    batch_size: int = typer.Option(500, min=1, max=1000, help="Lines applied per transaction."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (errors too)."),
+) -> None:
+    """Import usage from JSON Lines through the batch path; each line once per request_id (re-import is a no-op).
+
+    Exit 0 when every line is applied (now or before), 1 when some lines were refused or invalid (each listed
+    by line number; the others are imported), 2 when the file cannot be read.
+    """
+    import json
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from webhooks.usage_import import import_usage
+
+    try:
+        source = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        message = f"cannot read {path}: {exc.strerror}"
+        payload = {"ok": False, "code": "usage_error", "error": message}
+        typer.echo(json.dumps(payload) if as_json else f"error: {message}", err=not as_json)
+        raise typer.Exit(2) from None
+    total = None
+    if path != "-":
+        with open(path, "rb") as lines:
+            total = sum(1 for _ in lines)
+    console = Console(stderr=True)
+    columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with source, Progress(*columns, console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("import", total=total)
+        report = import_usage(source, batch_size=batch_size, progress=lambda n: bar.advance(task, n))
+    problems = [vars(p) for p in report.problems]
+    if as_json:
+        typer.echo(json.dumps({"ok": report.clean, "lines": report.lines, "outcomes": dict(report.outcomes),
+                               "problems": problems}, sort_keys=True))  # fmt: skip
+    else:
+        table = Table(title=f"{report.lines:,} lines")
+        table.add_column("outcome")
+        table.add_column("lines", justify="right")
+        for outcome, count in report.outcomes.most_common():
+            table.add_row(outcome, f"{count:,}")
+        Console().print(table)
+        for problem in report.problems[:50]:
+            typer.echo(f"line {problem.line}: {problem.code}: {problem.message}", err=True)
+        if len(report.problems) > 50:
+            typer.echo(f"... and {len(report.problems) - 50} more (--json lists them all)", err=True)
+    raise typer.Exit(0 if report.clean else 1)
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root CLI."""
     app.command("serve")(serve)
+    app.add_typer(usage_app, name="usage")
