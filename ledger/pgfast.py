@@ -177,16 +177,25 @@ def consume_many_autocommit(engine: Engine, requests: Sequence[Consumption]) -> 
 def _split_cross_customer_repeats(requests: Sequence[Consumption]) -> tuple[list[int], list[int]]:
     """Positions to apply in the batch call, and those to apply one by one after it, in order.
 
-    The function applies a batch grouped by customer. That is the order of the items within each customer, so
-    equal to applying them one by one, except for a request id that two customers use in one batch: the
-    first use must win, as it would one by one. The later uses by another customer wait for the batch.
+    The function applies a batch grouped by customer, each customer's items in their order. Items of different
+    customers meet only through a request id, so that equals applying the items one by one, except when two
+    customers use one request id: then the first use must come first, as it would one by one. So a use of an
+    id another customer used first in this batch waits for the batch, and so does everything after it of its
+    customer (keeping the customer's order), and so does any later use of an id whose first use waits.
     """
-    first_customer: dict[str, str] = {}
+    first_use: dict[str, tuple[str, bool]] = {}  # request id -> (customer of its first use, that use in the batch)
+    waiting: set[str] = set()  # customers whose remaining items wait for the batch
     batch: list[int] = []
     after: list[int] = []
     for position, request in enumerate(requests):
-        owner = first_customer.setdefault(request.request_id, request.customer_id)
-        (batch if owner == request.customer_id else after).append(position)
+        owner, owner_in_batch = first_use.setdefault(
+            request.request_id, (request.customer_id, request.customer_id not in waiting)
+        )
+        if request.customer_id not in waiting and owner == request.customer_id and owner_in_batch:
+            batch.append(position)
+        else:
+            waiting.add(request.customer_id)
+            after.append(position)
     return batch, after
 
 
