@@ -268,8 +268,10 @@ SELECT status FROM ledger_consume('bench_' || :aid::text, 'pgb-' || :client_id::
 PGBENCH_HOLD_CAPTURE = """\\set aid random(1, {accounts})
 \\set k random(1, 1000000000000)
 SELECT status FROM ledger_hold('bench_' || :aid::text, 'pgh-' || :client_id::text || '-' || :k::text,
-  'hold:' || 'pgh-' || :client_id::text || '-' || :k::text, 1, 'pgbench', 'pgbench', now(), now() + interval '10 minutes');
-SELECT status FROM ledger_capture('pgh-' || :client_id::text || '-' || :k::text, NULL, 'pgbench', 'pgbench', now(), NULL);
+  'hold:' || 'pgh-' || :client_id::text || '-' || :k::text, 1, 'pgbench', 'pgbench', now(),
+  now() + interval '10 minutes');
+SELECT status FROM ledger_capture('pgh-' || :client_id::text || '-' || :k::text, NULL, 'pgbench', 'pgbench',
+  now(), NULL);
 """
 PGBENCH_BATCH = """\\set k random(1, 1000000000000)
 SELECT count(*) FROM (
