@@ -10,11 +10,9 @@ second possible: one transaction and one broker round trip per request cost more
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from enum import StrEnum
 
 import structlog
@@ -23,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from ledger.db import unit_of_work
 from ledger.inbox import EventEnvelope, EventSource, store_events
 from webhooks import metrics
+from webhooks.group_commit import GroupCommit, Pending
 
 log = structlog.get_logger(__name__)
 
@@ -37,13 +36,6 @@ class StoreOutcome(StrEnum):
 
 class InboxUnavailable(Exception):
     """The event could not be stored now (database unreachable, write failed or timed out); try again later."""
-
-
-@dataclass(slots=True)
-class _Delivery:
-    raw: bytes
-    envelope: EventEnvelope
-    future: asyncio.Future[StoreOutcome] = field(repr=False)
 
 
 def store_batch(items: Sequence[tuple[bytes, EventEnvelope]]) -> tuple[dict[str, int], dict[str, Exception]]:
@@ -80,7 +72,7 @@ def default_hand_over(event_row_ids: Sequence[int]) -> None:
     enqueue.hand_over(event_row_ids)
 
 
-class InboxWriter:
+class InboxWriter(GroupCommit[tuple[bytes, EventEnvelope], StoreOutcome]):
     """Collects concurrent deliveries into group-committed batches; one per event loop (server process)."""
 
     def __init__(
@@ -94,78 +86,47 @@ class InboxWriter:
         handover_linger_seconds: float = 0.01,
         timeout_seconds: float = 10.0,
     ) -> None:
+        super().__init__(
+            writers=writers, max_batch=max_batch, timeout_seconds=timeout_seconds, threads=writers,
+            name="inbox-writer",
+        )  # fmt: skip
         self._store = store
         self._hand_over = hand_over
-        self._writers = writers
-        self._max_batch = max_batch
         self._max_handover = max_handover
         self._handover_linger = handover_linger_seconds
-        self._timeout = timeout_seconds
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[_Delivery] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._handover_ids: list[int] = []
         self._handover_wakeup: asyncio.Event | None = None
         self._handover_busy = False
         self._handover_failure_logged_at = -1e9
         self._handover_failed_unlogged = 0
-        self._db_pool: ThreadPoolExecutor | None = None
         self._broker_pool: ThreadPoolExecutor | None = None
 
-    def _start(self) -> asyncio.Queue[_Delivery]:
-        loop = asyncio.get_running_loop()
-        if self._loop is loop and self._queue is not None:
-            return self._queue
-        # First use, or a new event loop (a test client's): start the writers on this loop.
-        self._loop = loop
-        self._queue = asyncio.Queue()
+    def _started(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
         self._handover_wakeup = asyncio.Event()
         self._handover_ids = []
-        self._db_pool = self._db_pool or ThreadPoolExecutor(self._writers, thread_name_prefix="inbox-writer")
         self._broker_pool = self._broker_pool or ThreadPoolExecutor(1, thread_name_prefix="inbox-handover")
-        self._tasks = [loop.create_task(self._run_writer()) for _ in range(self._writers)]
-        self._tasks.append(loop.create_task(self._run_handover()))
-        return self._queue
+        return [loop.create_task(self._run_handover())]
 
-    async def submit(self, raw: bytes, envelope: EventEnvelope) -> StoreOutcome:
+    def _stopped(self) -> None:
+        if self._broker_pool is not None:
+            self._broker_pool.shutdown(wait=False)
+            self._broker_pool = None
+
+    async def submit(self, raw: bytes, envelope: EventEnvelope) -> StoreOutcome:  # type: ignore[override]
         """Store one delivery; return once its row (or the earlier one) is committed. Raises InboxUnavailable."""
-        queue = self._start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[StoreOutcome] = loop.create_future()
-        queue.put_nowait(_Delivery(raw, envelope, future))
-        # A plain timer, not asyncio.wait_for: this runs thousands of times a second.
-        timer = loop.call_later(self._timeout, self._expire, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        return await super().submit((raw, envelope))
 
-    def _expire(self, future: asyncio.Future[StoreOutcome]) -> None:
+    def _timed_out(self) -> Exception:
         # The write may still commit later; answering 503 then only costs Stripe a redelivery (a no-op).
-        if not future.done():
-            future.set_exception(InboxUnavailable(f"storing the event took longer than {self._timeout:g}s"))
+        return InboxUnavailable(f"storing the event took longer than {self._timeout:g}s")
 
-    async def _run_writer(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        while True:
-            batch = [await queue.get()]
-            while len(batch) < self._max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            try:
-                await self._commit(batch)
-            finally:
-                for _ in batch:
-                    queue.task_done()
-
-    async def _commit(self, batch: list[_Delivery]) -> None:
-        loop = asyncio.get_running_loop()
-        first: dict[str, _Delivery] = {}
+    async def _commit(self, batch: list[Pending[tuple[bytes, EventEnvelope], StoreOutcome]]) -> None:
+        first: dict[str, Pending[tuple[bytes, EventEnvelope], StoreOutcome]] = {}
         for delivery in batch:
-            first.setdefault(delivery.envelope.event_id, delivery)
-        items = [(d.raw, d.envelope) for d in first.values()]
+            first.setdefault(delivery.item[1].event_id, delivery)
+        items = [d.item for d in first.values()]
         try:
-            stored, failed = await loop.run_in_executor(self._db_pool, self._store, items)
+            stored, failed = await self.run(self._store, items)
         except Exception as exc:
             log.warning("inbox write failed", events=len(items), error=repr(exc))
             for delivery in batch:
@@ -175,7 +136,7 @@ class InboxWriter:
         metrics.COMMIT_BATCH_SIZE.observe(len(items))
         new_ids: list[int] = []
         for delivery in batch:
-            event_id = delivery.envelope.event_id
+            event_id = delivery.item[1].event_id
             if delivery.future.done():
                 continue
             if event_id in failed:
@@ -230,26 +191,7 @@ class InboxWriter:
 
     async def drain(self, timeout_seconds: float = 10.0) -> None:
         """Wait until every queued delivery is written and every new row handed over."""
-        if self._queue is None or self._loop is not asyncio.get_running_loop():
-            return
         deadline = time.monotonic() + timeout_seconds
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout_seconds)
+        await self._drain_queue(timeout_seconds)
         while (self._handover_ids or self._handover_busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-
-    async def aclose(self) -> None:
-        """Drain, then stop the writer tasks and their threads."""
-        await self.drain()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
-                await task
-        self._tasks = []
-        self._queue = None
-        self._loop = None
-        for pool in (self._db_pool, self._broker_pool):
-            if pool is not None:
-                pool.shutdown(wait=False)
-        self._db_pool = self._broker_pool = None
