@@ -252,6 +252,11 @@ class TestLedgerAgainstModel:
                     ("capture", 0, 25), ("capture", 0, 24), ("release", 0), ("capture", 2, None)],
         overdraft=10,
     )  # fmt: skip
+    @example(  # a partly captured hold across two grants gives back to the last drawn first
+        operations=[("grant", 5, 1, "never"), ("grant", 20, 0, "never"), ("hold", 10), ("capture", 0, 3),
+                    ("hold", 12), ("release", 1)],
+        overdraft=0,
+    )  # fmt: skip
     @example(  # a frozen grant is not drawn; a clawback takes its frozen units before recording debt
         operations=[("grant", 20, 1, "never"), ("grant", 10, 0, "never"), ("consume", 5), ("freeze", 0),
                     ("consume", 4), ("clawback", 0, 18), ("unfreeze", 0), ("consume", 1)],
