@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,13 @@ class Bench:
     name: str
     script: str
     sizes: dict[str, tuple[str, ...]]
+    path: Path
 
 
 SIZES = ("smoke", "quick", "full")
+# Besides the sizes, BENCH_ALL may say what a script holds for itself while it runs ("uses": ["redis"]): with
+# --jobs, two scripts using the same thing never run at once (their queues would mix).
+KEYS = (*SIZES, "uses")
 # Scripts that print their own table rather than ``figure:`` lines (see scripts/benchkit.py).
 LEGACY_PARSERS: dict[str, Callable[[list[str]], list[Figure]]] = {"review": parse_review}
 
@@ -126,8 +131,8 @@ def declared_sizes(script: Path) -> dict[str, tuple[str, ...]]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "BENCH_ALL" for t in node.targets):
             value = ast.literal_eval(node.value)
-            if not isinstance(value, dict) or not set(value) <= set(SIZES):
-                raise ValueError(f"{script.name}: BENCH_ALL must be a dict with keys among {', '.join(SIZES)}")
+            if not isinstance(value, dict) or not set(value) <= set(KEYS):
+                raise ValueError(f"{script.name}: BENCH_ALL must be a dict with keys among {', '.join(KEYS)}")
             return {k: tuple(str(a) for a in v) for k, v in value.items()}
     return {}
 
@@ -142,7 +147,7 @@ def discover(scripts: Path = SCRIPTS) -> list[Bench]:
         sizes = declared_sizes(script)
         if "smoke" not in sizes and "--smoke" in script.read_text(encoding="utf-8"):
             sizes["smoke"] = ("--smoke",)
-        benches.append(Bench(script.stem.removeprefix("bench_"), script.name, sizes))
+        benches.append(Bench(script.stem.removeprefix("bench_"), script.name, sizes, script))
     return benches
 
 
@@ -204,8 +209,7 @@ def prepare_database(database_url: str) -> None:
 
 def run_one(bench: Bench, extra: list[str], *, env: dict[str, str], timeout: float, echo: bool) -> Result:
     """Run one benchmark script with ``extra`` arguments, echoing and keeping its output; read its figures."""
-    script = SCRIPTS / bench.script
-    argv = [sys.executable, str(script), *extra]
+    argv = [sys.executable, str(bench.path), *extra]
     result = Result(bench.name, bench.script, argv[1:])
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -285,6 +289,22 @@ def print_table(results: list[Result]) -> None:
     print(f"\nmachine: {machine_load()} at the end")
 
 
+def run_in_lanes(benches: list[Bench], run: Callable[[Bench], Result], *, jobs: int) -> list[Result]:
+    """Run every bench, up to ``jobs`` at once, never two that use the same thing together; results in order."""
+    if jobs <= 1:
+        return [run(b) for b in benches]
+    # One lane per shared thing (its scripts one after another), every other script a lane of its own.
+    lanes: dict[str, list[Bench]] = {}
+    for bench in benches:
+        uses = bench.sizes.get("uses", ())
+        lanes.setdefault(uses[0] if uses else f"own:{bench.name}", []).append(bench)
+    done: dict[str, Result] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for lane_results in pool.map(lambda lane: [run(b) for b in lane], lanes.values()):
+            done.update((r.name, r) for r in lane_results)
+    return [done[b.name] for b in benches]
+
+
 def parse_overrides(values: list[str], names: set[str]) -> dict[str, list[str]]:
     """``--args NAME=ARGS`` options: the arguments to give one script instead of its declared ones."""
     out: dict[str, list[str]] = {}
@@ -296,8 +316,13 @@ def parse_overrides(values: list[str], names: set[str]) -> dict[str, list[str]]:
     return out
 
 
-def main() -> int:
-    benches_found = discover()
+def main(argv: list[str] | None = None) -> int:
+    scripts_dir = SCRIPTS
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scripts-dir" in argv:  # tests point it at a folder of their own scripts
+        at = argv.index("--scripts-dir")
+        scripts_dir, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+    benches_found = discover(scripts_dir)
     names = {b.name for b in benches_found}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
@@ -315,8 +340,12 @@ def main() -> int:
     parser.add_argument("--broker-url", default=os.environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per script (default 900, --full 5400)")
     parser.add_argument("--quiet", action="store_true", help="do not echo each script's output as it runs")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="scripts run at once (default 1: figures are only comparable run alone; more for --smoke)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object at the end")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     wanted = {n.strip() for n in args.only.split(",") if n.strip()}
     unknown = wanted - names
@@ -343,14 +372,16 @@ def main() -> int:
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     env.setdefault("BENCH_DATABASE_URL", database_url.rsplit("/", 1)[0] + "/br_recon_bench")
     timeout = args.timeout or (5400.0 if args.full else 900.0)
-    results = []
-    for bench in benches:
+
+    def run(bench: Bench) -> Result:
         extra = overrides.get(bench.name, list(bench.sizes.get(level, ())))
         print(f"== {bench.name}: {bench.script} {' '.join(extra)} ({level} sizes)", file=sys.stderr, flush=True)
         result = run_one(bench, extra, env=env, timeout=timeout, echo=not args.quiet)
         if result.error:
             print(f"== {bench.name}: FAILED: {result.error}", file=sys.stderr, flush=True)
-        results.append(result)
+        return result
+
+    results = run_in_lanes(benches, run, jobs=args.jobs)
     if args.json:
         print(json.dumps({"level": level, "machine": machine_load(), "results": [r.as_dict() for r in results]}))
     else:

@@ -36,7 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchkit import figure, machine_load  # noqa: E402
 
 # Sizes for scripts/bench_all.py (smoke: the test suite's run; quick: its default; full: its --full).
-BENCH_ALL = {"smoke": ["--smoke"], "quick": ["--duration", "5", "--warmup", "1"], "full": []}
+BENCH_ALL = {
+    "smoke": ["--smoke"],
+    "quick": ["--duration", "5", "--warmup", "1"],
+    "full": [],
+    "uses": ["redis"],  # the receiver hands events over to the "events" queue
+}
 FIXTURE = REPO.parent / "shared" / "fixtures" / "stripe" / "events" / "charge.succeeded.srm.json"
 SECRET = "whsec_bench_secret"
 TARGET_RATE = 3000.0

@@ -33,6 +33,7 @@ BENCH_ALL = {
     "smoke": ["--smoke"],
     "quick": ["--customers", "120", "--single", "300"],
     "full": [],
+    "uses": ["redis"],  # its worker consumes the "events" queue
 }
 
 BILLING_CONFIG = """
@@ -131,7 +132,7 @@ def main() -> int:
     def drained() -> bool:
         return broker.llen("events") == 0 and broker.hlen("unacked") == 0
 
-    warmup_ids = store_all(generate_stream(customers=20, seed=seed + 2))
+    warmup_ids = store_all(generate_stream(customers=2 if args.smoke else 20, seed=seed + 2))
     round_ids = [store_all(stream) for stream in streams]
     event_ids = [event_id for ids in round_ids for event_id in ids]
     single_ids = store_all(single_events)
