@@ -152,7 +152,7 @@ def discover(scripts: Path = SCRIPTS) -> list[Bench]:
 
 
 # Sentences worth keeping beside the table: targets and whether they were met, growth, errors counted.
-VERDICT = re.compile(r"target|growth|peak memory|violation|not processed|failures|slowest page", re.IGNORECASE)
+VERDICT = re.compile(r"\btarget\b|growth|peak memory|violation|not processed|failures|slowest page", re.IGNORECASE)
 
 
 # --- running -------------------------------------------------------------------------------------------------------

@@ -437,6 +437,15 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def run_child(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the measured reconciliation's process; on failure, show what it said."""
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"the reconciliation process failed (exit {out.returncode}); its output is above")
+    return out
+
+
 def run_size(entries: int, url: str, workdir: Path) -> dict[str, Any]:
     from stripe_emulator import Clock, EmulatorServer, Store
 
@@ -477,7 +486,7 @@ def run_size(entries: int, url: str, workdir: Path) -> dict[str, Any]:
             *map(str, reports),
         ]
         env = {**os.environ, "DATABASE_URL": url}
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        out = run_child(cmd, env)
     finally:
         server.stop()
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -523,7 +532,7 @@ def run_seeded(url: str, workdir: Path, customers: int, faults: int) -> dict[str
             *map(str, world.reports),
         ]  # fmt: skip
         env = {**os.environ, "DATABASE_URL": url}
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        out = run_child(cmd, env)
     finally:
         server.stop()
         set_engine(None)
