@@ -115,14 +115,44 @@ class Bench:
     script: str
     sizes: dict[str, tuple[str, ...]]
     path: Path
+    declared: bool = True  # it has a BENCH_ALL literal (else its sizes were guessed from its options)
 
 
 SIZES = ("smoke", "quick", "full")
 # Besides the sizes, BENCH_ALL may say what a script holds for itself while it runs ("uses": ["redis"]): with
 # --jobs, two scripts using the same thing never run at once (their queues would mix).
 KEYS = (*SIZES, "uses")
+
+
+def parse_usage_api(lines: list[str]) -> list[Figure]:
+    """bench_usage_api.py's ``what  rate  p50  p99  baseline -> ratio%`` rows, under ``-- serve --workers N``."""
+    row = re.compile(
+        rf"^(?P<what>\S.*?)\s+(?P<rate>{NUM})\s+(?P<p50>{NUM})\s+(?P<p99>{NUM})\s+(?P<base>.+?) -> (?P<ratio>\d+%)\s*$"
+    )
+    section = ""
+    out = []
+    for line in lines:
+        if line.startswith("-- serve"):
+            section = line[3:].strip()
+            continue
+        m = row.match(line)
+        if m:
+            base = m["base"].strip()
+            out.append(
+                Figure(
+                    f"usage API: {m['what']} [{section}]",
+                    f"{m['rate']}/s, p50 {m['p50']} ms, p99 {m['p99']} ms",
+                    base,
+                    m["ratio"],
+                    work=f"{m['what']} over HTTP ({section})",
+                    baseline_work=base.split(":")[0],
+                )
+            )
+    return out
+
+
 # Scripts that print their own table rather than ``figure:`` lines (see scripts/benchkit.py).
-LEGACY_PARSERS: dict[str, Callable[[list[str]], list[Figure]]] = {"review": parse_review}
+LEGACY_PARSERS: dict[str, Callable[[list[str]], list[Figure]]] = {"review": parse_review, "usage_api": parse_usage_api}
 
 
 def declared_sizes(script: Path) -> dict[str, tuple[str, ...]]:
@@ -139,15 +169,17 @@ def declared_sizes(script: Path) -> dict[str, tuple[str, ...]]:
 
 def discover(scripts: Path = SCRIPTS) -> list[Bench]:
     """Every ``bench_*.py`` in scripts/ but this one, with its sizes (a script without BENCH_ALL runs its defaults,
-    and ``--smoke`` for the smallest size when its --help offers it)."""
+    and ``--smoke``, else ``--quick``, for the smallest size when it mentions one)."""
     benches = []
     for script in sorted(scripts.glob("bench_*.py")):
         if script.name == Path(__file__).name:
             continue
         sizes = declared_sizes(script)
-        if "smoke" not in sizes and "--smoke" in script.read_text(encoding="utf-8"):
-            sizes["smoke"] = ("--smoke",)
-        benches.append(Bench(script.stem.removeprefix("bench_"), script.name, sizes, script))
+        declared = bool(sizes)
+        text = script.read_text(encoding="utf-8")
+        if "smoke" not in sizes and ("--smoke" in text or "--quick" in text):
+            sizes["smoke"] = ("--smoke",) if "--smoke" in text else ("--quick",)
+        benches.append(Bench(script.stem.removeprefix("bench_"), script.name, sizes, script, declared))
     return benches
 
 
@@ -293,15 +325,19 @@ def run_in_lanes(benches: list[Bench], run: Callable[[Bench], Result], *, jobs: 
     """Run every bench, up to ``jobs`` at once, never two that use the same thing together; results in order."""
     if jobs <= 1:
         return [run(b) for b in benches]
-    # One lane per shared thing (its scripts one after another), every other script a lane of its own.
+    # One lane per shared thing (its scripts one after another), every other script a lane of its own. A script
+    # that declares nothing (no BENCH_ALL) may hold anything: it runs alone, after the others.
     lanes: dict[str, list[Bench]] = {}
+    alone = [b for b in benches if not b.declared]
     for bench in benches:
-        uses = bench.sizes.get("uses", ())
-        lanes.setdefault(uses[0] if uses else f"own:{bench.name}", []).append(bench)
+        if bench.declared:
+            uses = bench.sizes.get("uses", ())
+            lanes.setdefault(uses[0] if uses else f"own:{bench.name}", []).append(bench)
     done: dict[str, Result] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for lane_results in pool.map(lambda lane: [run(b) for b in lane], lanes.values()):
             done.update((r.name, r) for r in lane_results)
+    done.update((b.name, run(b)) for b in alone)
     return [done[b.name] for b in benches]
 
 
