@@ -10,10 +10,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import bench_all
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from tests.conftest import REPO, postgres_url, redis_url
@@ -58,12 +60,19 @@ class TestDiscovery:
 @pytest.mark.redis
 class TestRunning:
     @pytest.fixture
-    def servers(self) -> tuple[str, str]:
+    def servers(self) -> Iterator[tuple[str, str]]:
         database, broker = postgres_url(), redis_url()
         if database is None or broker is None:
             pytest.skip("no PostgreSQL and Redis configured: set DATABASE_URL and CELERY_BROKER_URL")
         url = make_url(database)
-        return url.set(database=f"{url.database}_bench_smoke").render_as_string(hide_password=False), broker
+        smoke = url.set(database=f"{url.database}_bench_smoke")
+        yield smoke.render_as_string(hide_password=False), broker
+        # The databases bench_all and bench_reconcile created for the run (the others drop their own).
+        admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            for name in (smoke.database, f"{smoke.database}_recon"):
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
     def run_all(self, servers: tuple[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         database, broker = servers
