@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # Stored events unhandled for longer than this are "stale": /readyz, the sweep and reconciliation use it.
     unprocessed_event_minutes: int = Field(default=15, ge=1)
     unprocessed_event_threshold: int = Field(default=100, ge=0)
+    # The worker commits its event batches without waiting for the WAL flush (see README, "Worker"); true makes
+    # it wait like every other commit (the benchmark measures both).
+    worker_synchronous_commit: bool = False
 
     # Usage API consumptions applied in parallel batches (group commit) per server process, on PostgreSQL.
     usage_writers: int = Field(default=4, ge=1, le=64)

@@ -1,36 +1,47 @@
-"""Run every benchmark script in scripts/ and print one table of figures and ratios.
+"""Run every benchmark script in scripts/ (every ``bench_*.py``) and print one table of figures and ratios.
 
 Each benchmark runs as its own subprocess (as a person would run it), its output is shown as it goes and kept,
-and its figures are read back from what it printed (or from its --json output, for a script that has one). The
-table at the end puts each measured figure beside the baseline it is judged against and their ratio, followed by
-each script's verdict lines (targets met or not).
+and its figures are read back from its ``figure:`` lines (scripts/benchkit.py). The table at the end puts each
+measured figure beside the baseline it is judged against, their ratio and the two sides' work in words, followed
+by each script's verdict lines (targets met or not). A script that exits non-zero, times out or prints no figure
+fails the whole run (exit 1, named at the end). Sizes come from each script's ``BENCH_ALL`` literal (smoke, quick,
+full); ``--args NAME=ARGS`` overrides one script's.
 
 The benchmarks need PostgreSQL and Redis (the production setup): DATABASE_URL and CELERY_BROKER_URL, or
 --database-url / --broker-url; defaults are the local servers, database br_bench and Redis db 8.
 
     python scripts/bench_all.py                 # quick but meaningful sizes (a few minutes)
     python scripts/bench_all.py --full          # each script's full sizes (as in its docstring)
+    python scripts/bench_all.py --smoke         # smallest sizes: every code path, seconds each (the test's run)
     python scripts/bench_all.py --only worker,reconcile --json
+    python scripts/bench_all.py --args 'ledger=--seconds 1 --workers 4'
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+from benchkit import machine_load, parse_figures  # noqa: E402
+
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/br_bench"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/8"
 
@@ -43,6 +54,8 @@ class Figure:
     figure: str
     baseline: str = ""
     ratio: str = ""
+    work: str = ""
+    baseline_work: str = ""
 
 
 @dataclass
@@ -73,128 +86,9 @@ class Result:
         }
 
 
-# --- parsers of each script's printed output --------------------------------------------------------------------
+# --- reading figures ------------------------------------------------------------------------------------------
 
 NUM = r"[\d,]+(?:\.\d+)?"
-
-
-def _n(text: str) -> float:
-    return float(text.replace(",", ""))
-
-
-def parse_ledger(lines: list[str]) -> list[Figure]:
-    """``scenario workers consumes/s pgbench-tps ratio% [server-side-tps ratio%] layout`` rows."""
-    row = re.compile(
-        rf"^(?P<name>\S.*?)\s+(?P<workers>\d+)\s+(?P<rate>{NUM})\s+(?P<tps>{NUM})\s+(?P<ratio>\d+)%"
-        rf"(?:\s+(?P<fn>{NUM})\s+(?P<fnratio>\d+)%)?\s"
-    )
-    out = []
-    for line in lines:
-        m = row.match(line)
-        if m:
-            out.append(
-                Figure(
-                    f"ledger consume, {m['name']}, {m['workers']} workers",
-                    f"{m['rate']} consumes/s",
-                    f"pgbench {m['tps']} tps",
-                    f"{m['ratio']}%",
-                )
-            )
-            if m["fn"]:
-                out.append(
-                    Figure(
-                        f"ledger_consume() driven by pgbench, {m['name']}, {m['workers']} workers",
-                        f"{m['fn']} tps",
-                        f"pgbench {m['tps']} tps",
-                        f"{m['fnratio']}%",
-                    )
-                )
-    return out
-
-
-def parse_webhooks(lines: list[str]) -> list[Figure]:
-    """``label rate/s p50 .. ms p99 .. ms ratio`` rows, the pgbench row and the webhook/pgbench ratio."""
-    row = re.compile(
-        rf"^(?P<label>\S.*?)\s+(?P<rate>{NUM})/s\s+p50\s+(?P<p50>{NUM}) ms\s+"
-        rf"p99\s+(?P<p99>{NUM}) ms\s*(?P<ratio>{NUM})?\s*$"
-    )
-    pgbench = re.compile(rf"^(?P<label>pgbench.*?)\s+(?P<rate>{NUM})/s")
-    section = ""
-    trivial: str | None = None
-    out: list[Figure] = []
-    pg_rate: str | None = None
-    hook_rate: str | None = None
-    for line in lines:
-        if line.startswith("== "):
-            section = line[3:].split(";")[0]
-            continue
-        m = row.match(line)
-        if m:
-            label = f"{m['label']} [{section}]" if section else m["label"]
-            if m["ratio"]:
-                hook_rate = m["rate"]
-                out.append(
-                    Figure(
-                        f"webhooks: {label}",
-                        f"{m['rate']}/s, p50 {m['p50']} ms, p99 {m['p99']} ms",
-                        f"/healthz {trivial}/s" if trivial else "/healthz",
-                        f"{_n(m['ratio']):.2f}",
-                    )
-                )
-            else:
-                trivial = m["rate"]
-            continue
-        m = pgbench.match(line)
-        if m:
-            pg_rate = m["rate"]
-            if hook_rate:
-                out.append(
-                    Figure(
-                        "webhooks: stored events vs INSERT-only pgbench",
-                        f"{hook_rate}/s",
-                        f"pgbench {pg_rate}/s",
-                        f"{_n(hook_rate) / _n(pg_rate):.2f}",
-                    )
-                )
-    return out
-
-
-def parse_worker(lines: list[str]) -> list[Figure]:
-    """``workload count seconds per-second ratio x`` rows (the first row is the no-op baseline)."""
-    row = re.compile(rf"^(?P<name>\S.*?)\s+(?P<count>\d+)\s+(?P<sec>{NUM})\s+(?P<rate>{NUM})\s+(?P<ratio>{NUM})x$")
-    out: list[Figure] = []
-    noop = ""
-    for line in lines:
-        m = row.match(line)
-        if not m:
-            continue
-        if not noop:
-            noop = m["rate"]
-            out.append(Figure(f"worker: {m['name']}", f"{m['rate']}/s", "(baseline)", "1.00"))
-        else:
-            out.append(Figure(f"worker: {m['name']}", f"{m['rate']}/s", f"no-op {noop}/s", m["ratio"]))
-    return out
-
-
-def parse_reconcile(lines: list[str]) -> list[Figure]:
-    """``entries topups events group-by reconcile paging ledger ratio peak-MB mismatches`` rows."""
-    row = re.compile(
-        rf"^\s*(?P<entries>\d+)\s+(?P<topups>\d+)\s+(?P<events>\d+)\s+(?P<gb>{NUM})\s+(?P<wall>{NUM})\s+"
-        rf"(?P<paging>{NUM})\s+(?P<ledger>{NUM})\s+(?P<ratio>{NUM}|inf)\s+(?P<peak>{NUM})\s+(?P<mm>\d+)\s*$"
-    )
-    out = []
-    for line in lines:
-        m = row.match(line)
-        if m:
-            out.append(
-                Figure(
-                    f"reconcile {int(m['entries']):,} entries",
-                    f"{m['wall']} s (Stripe paging {m['paging']} s), peak {m['peak']} MB",
-                    f"GROUP BY {m['gb']} s",
-                    f"{m['ratio']} (ledger part)",
-                )
-            )
-    return out
 
 
 def parse_review(lines: list[str]) -> list[Figure]:
@@ -215,38 +109,82 @@ def parse_review(lines: list[str]) -> list[Figure]:
 
 @dataclass(frozen=True)
 class Bench:
+    """One discovered script and the arguments of each size."""
+
     name: str
     script: str
-    quick: tuple[str, ...]
-    full: tuple[str, ...]
-    parse: Callable[[list[str]], list[Figure]]
+    sizes: dict[str, tuple[str, ...]]
+    path: Path
+    declared: bool = True  # it has a BENCH_ALL literal (else its sizes were guessed from its options)
 
 
-# Quick settings: small enough for a few minutes in all, big enough that each ratio still means something.
-BENCHES = (
-    Bench("ledger", "bench_ledger.py", ("--seconds", "2", "--accounts", "2000"), (), parse_ledger),
-    Bench("webhooks", "bench_webhooks.py", ("--duration", "5", "--warmup", "1"), (), parse_webhooks),
-    Bench(
-        "worker", "bench_worker.py", ("--customers", "120", "--noop-tasks", "2000", "--single", "300"), (), parse_worker
-    ),
-    Bench(
-        "reconcile",
-        "bench_reconcile.py",
-        ("--sizes", "10000,100000"),
-        ("--sizes", "10000,100000,1000000"),
-        parse_reconcile,
-    ),
-    Bench(
-        "review",
-        "bench_review.py",
-        ("--mismatches", "20000", "--entries", "200000", "--repeat", "5"),
-        (),
-        parse_review,
-    ),
-)
+SIZES = ("smoke", "quick", "full")
+# Besides the sizes, BENCH_ALL may say what a script holds for itself while it runs ("uses": ["redis"]): with
+# --jobs, two scripts using the same thing never run at once (their queues would mix).
+KEYS = (*SIZES, "uses")
+
+
+def parse_usage_api(lines: list[str]) -> list[Figure]:
+    """bench_usage_api.py's ``what  rate  p50  p99  baseline -> ratio%`` rows, under ``-- serve --workers N``."""
+    row = re.compile(
+        rf"^(?P<what>\S.*?)\s+(?P<rate>{NUM})\s+(?P<p50>{NUM})\s+(?P<p99>{NUM})\s+(?P<base>.+?) -> (?P<ratio>\d+%)\s*$"
+    )
+    section = ""
+    out = []
+    for line in lines:
+        if line.startswith("-- serve"):
+            section = line[3:].strip()
+            continue
+        m = row.match(line)
+        if m:
+            base = m["base"].strip()
+            out.append(
+                Figure(
+                    f"usage API: {m['what']} [{section}]",
+                    f"{m['rate']}/s, p50 {m['p50']} ms, p99 {m['p99']} ms",
+                    base,
+                    m["ratio"],
+                    work=f"{m['what']} over HTTP ({section})",
+                    baseline_work=base.split(":")[0],
+                )
+            )
+    return out
+
+
+# Scripts that print their own table rather than ``figure:`` lines (see scripts/benchkit.py).
+LEGACY_PARSERS: dict[str, Callable[[list[str]], list[Figure]]] = {"review": parse_review, "usage_api": parse_usage_api}
+
+
+def declared_sizes(script: Path) -> dict[str, tuple[str, ...]]:
+    """The script's ``BENCH_ALL = {...}`` literal, read without importing it (empty when it has none)."""
+    tree = ast.parse(script.read_text(encoding="utf-8"), filename=str(script))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "BENCH_ALL" for t in node.targets):
+            value = ast.literal_eval(node.value)
+            if not isinstance(value, dict) or not set(value) <= set(KEYS):
+                raise ValueError(f"{script.name}: BENCH_ALL must be a dict with keys among {', '.join(KEYS)}")
+            return {k: tuple(str(a) for a in v) for k, v in value.items()}
+    return {}
+
+
+def discover(scripts: Path = SCRIPTS) -> list[Bench]:
+    """Every ``bench_*.py`` in scripts/ but this one, with its sizes (a script without BENCH_ALL runs its defaults,
+    and ``--smoke``, else ``--quick``, for the smallest size when it mentions one)."""
+    benches = []
+    for script in sorted(scripts.glob("bench_*.py")):
+        if script.name == Path(__file__).name:
+            continue
+        sizes = declared_sizes(script)
+        declared = bool(sizes)
+        text = script.read_text(encoding="utf-8")
+        if "smoke" not in sizes and ("--smoke" in text or "--quick" in text):
+            sizes["smoke"] = ("--smoke",) if "--smoke" in text else ("--quick",)
+        benches.append(Bench(script.stem.removeprefix("bench_"), script.name, sizes, script, declared))
+    return benches
+
 
 # Sentences worth keeping beside the table: targets and whether they were met, growth, errors counted.
-VERDICT = re.compile(r"target|growth|peak memory|violation|not processed|failures|slowest page", re.IGNORECASE)
+VERDICT = re.compile(r"\btarget\b|growth|peak memory|violation|not processed|failures|slowest page", re.IGNORECASE)
 
 
 # --- running -------------------------------------------------------------------------------------------------------
@@ -301,49 +239,9 @@ def prepare_database(database_url: str) -> None:
         engine.dispose()
 
 
-def has_json_option(script: Path, env: dict[str, str]) -> bool:
-    """Whether the script offers machine-readable output (``--json`` in its --help)."""
-    try:
-        out = subprocess.run(
-            [sys.executable, str(script), "--help"], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    return "--json" in out.stdout
-
-
-def figures_from_json(text: str) -> list[Figure]:
-    """Figures from a script's JSON output: every numeric leaf, named by its path."""
-    start = text.find("{")
-    if start < 0:
-        return []
-    try:
-        data = json.loads(text[start:])
-    except ValueError:
-        return []
-    out: list[Figure] = []
-
-    def walk(value: Any, path: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{path}.{k}" if path else str(k))
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(v, f"{path}[{i}]")
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out.append(Figure(path, f"{value:g}", "", "ratio" if "ratio" in path else ""))
-
-    walk(data, "")
-    return out
-
-
-def run_one(bench: Bench, *, full: bool, env: dict[str, str], timeout: float, echo: bool) -> Result:
-    """Run one benchmark script, echoing and keeping its output; parse its figures."""
-    script = SCRIPTS / bench.script
-    argv = [sys.executable, str(script), *(bench.full if full else bench.quick)]
-    use_json = has_json_option(script, env)
-    if use_json:
-        argv.append("--json")
+def run_one(bench: Bench, extra: list[str], *, env: dict[str, str], timeout: float, echo: bool) -> Result:
+    """Run one benchmark script with ``extra`` arguments, echoing and keeping its output; read its figures."""
+    argv = [sys.executable, str(bench.path), *extra]
     result = Result(bench.name, bench.script, argv[1:])
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -389,45 +287,110 @@ def run_one(bench: Bench, *, full: bool, env: dict[str, str], timeout: float, ec
     elif result.returncode != 0:
         tail = [line for line in result.output if line.strip()][-3:]
         result.error = f"exit {result.returncode}: " + " / ".join(tail)
-    result.figures = figures_from_json("\n".join(result.output)) if use_json else bench.parse(result.output)
+    result.figures = [Figure(**f) for f in parse_figures(result.output)]
+    if not result.figures and bench.name in LEGACY_PARSERS:
+        result.figures = LEGACY_PARSERS[bench.name](result.output)
     result.verdicts = [line.strip() for line in result.output if VERDICT.search(line)]
     if not result.figures and not result.error:
-        result.error = "printed no figures this script's parser recognises; see its output above"
+        result.error = "printed no figures (scripts/benchkit.py figure() lines); see its output above"
     return result
 
 
 def print_table(results: list[Result]) -> None:
-    """One table of every figure, then each script's verdicts and errors."""
+    """One table of every figure with the two sides' work in words, then each script's verdicts and errors."""
     rows = [("benchmark", "measurement", "figure", "baseline", "ratio")]
     for r in results:
         for f in r.figures:
             rows.append((r.name, f.measurement, f.figure, f.baseline, f.ratio))
-    widths = [min(max(len(row[i]) for row in rows), 90) for i in range(5)]
+    widths = [min(max(len(row[i]) for row in rows), 70) for i in range(5)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(rows[0], widths, strict=True)))
     print("  ".join("-" * w for w in widths))
-    for row in rows[1:]:
-        print("  ".join(cell[:90].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for r in results:
+        for f in r.figures:
+            row = (r.name, f.measurement, f.figure, f.baseline, f.ratio)
+            print("  ".join(cell[:70].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+            if f.work or f.baseline_work:
+                print(f"{'':{widths[0]}}    work: {f.work or '?'}  |  baseline: {f.baseline_work or '?'}")
     print()
     for r in results:
         status = "ok" if not r.error else f"FAILED ({r.error})"
         print(f"{r.name} ({r.script} {' '.join(r.argv[1:])}): {r.seconds:.0f}s, {status}")
         for verdict in r.verdicts:
             print(f"    {verdict}")
-    print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"\nmachine: {machine_load()} at the end")
 
 
-def main() -> int:
+def run_in_lanes(benches: list[Bench], run: Callable[[Bench], Result], *, jobs: int) -> list[Result]:
+    """Run every bench, up to ``jobs`` at once, never two that use the same thing together; results in order."""
+    if jobs <= 1:
+        return [run(b) for b in benches]
+    # One lane per shared thing (its scripts one after another), every other script a lane of its own. A script
+    # that declares nothing (no BENCH_ALL) may hold anything: it runs alone, after the others.
+    lanes: dict[str, list[Bench]] = {}
+    alone = [b for b in benches if not b.declared]
+    for bench in benches:
+        if bench.declared:
+            uses = bench.sizes.get("uses", ())
+            lanes.setdefault(uses[0] if uses else f"own:{bench.name}", []).append(bench)
+    done: dict[str, Result] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for lane_results in pool.map(lambda lane: [run(b) for b in lane], lanes.values()):
+            done.update((r.name, r) for r in lane_results)
+    done.update((b.name, run(b)) for b in alone)
+    return [done[b.name] for b in benches]
+
+
+def parse_overrides(values: list[str], names: set[str]) -> dict[str, list[str]]:
+    """``--args NAME=ARGS`` options: the arguments to give one script instead of its declared ones."""
+    out: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or name not in names:
+            raise ValueError(f"--args {value!r}: expected NAME=ARGS with NAME among {', '.join(sorted(names))}")
+        out[name] = shlex.split(rest)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    scripts_dir = SCRIPTS
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scripts-dir" in argv:  # tests point it at a folder of their own scripts
+        at = argv.index("--scripts-dir")
+        scripts_dir, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+    benches_found = discover(scripts_dir)
+    names = {b.name for b in benches_found}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="each script's full sizes (slow: tens of minutes)")
-    parser.add_argument("--only", default="", help="comma-separated benchmarks: " + ",".join(b.name for b in BENCHES))
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="each script's full sizes (slow: tens of minutes)")
+    size.add_argument("--smoke", action="store_true", help="each script's smallest sizes (the test suite's run)")
+    parser.add_argument("--only", default="", help="comma-separated benchmarks: " + ",".join(sorted(names)))
+    parser.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="arguments for one script instead of its declared sizes, e.g. --args 'ledger=--seconds 1'",
+    )
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
     parser.add_argument("--broker-url", default=os.environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per script (default 900, --full 5400)")
     parser.add_argument("--quiet", action="store_true", help="do not echo each script's output as it runs")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="scripts run at once (default 1: figures are only comparable run alone; more for --smoke)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object at the end")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = wanted - names
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}; found: {', '.join(sorted(names))}")
+    try:
+        overrides = parse_overrides(args.args, names)
+    except ValueError as exc:
+        parser.error(str(exc))
     database_url = args.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
     problems = check_servers(database_url, args.broker_url)
     if problems:
@@ -436,33 +399,33 @@ def main() -> int:
             print(f"  - {problem}", file=sys.stderr)
         print("set DATABASE_URL and CELERY_BROKER_URL, or pass --database-url and --broker-url", file=sys.stderr)
         return 2
-    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
-    unknown = wanted - {b.name for b in BENCHES}
-    if unknown:
-        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
-    benches = [b for b in BENCHES if (not wanted or b.name in wanted)]
-    missing = [b.script for b in benches if not (SCRIPTS / b.script).is_file()]
-    benches = [b for b in benches if (SCRIPTS / b.script).is_file()]
+    benches = [b for b in benches_found if (not wanted or b.name in wanted)]
     prepare_database(database_url)
 
+    level = "full" if args.full else "smoke" if args.smoke else "quick"
     env = dict(os.environ)
     env.update(DATABASE_URL=database_url, CELERY_BROKER_URL=args.broker_url, PYTHONUNBUFFERED="1")
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     env.setdefault("BENCH_DATABASE_URL", database_url.rsplit("/", 1)[0] + "/br_recon_bench")
     timeout = args.timeout or (5400.0 if args.full else 900.0)
-    results = []
-    for bench in benches:
-        print(
-            f"== {bench.name}: {bench.script} ({'full' if args.full else 'quick'} sizes)", file=sys.stderr, flush=True
-        )
-        results.append(run_one(bench, full=args.full, env=env, timeout=timeout, echo=not args.quiet))
+
+    def run(bench: Bench) -> Result:
+        extra = overrides.get(bench.name, list(bench.sizes.get(level, ())))
+        print(f"== {bench.name}: {bench.script} {' '.join(extra)} ({level} sizes)", file=sys.stderr, flush=True)
+        result = run_one(bench, extra, env=env, timeout=timeout, echo=not args.quiet)
+        if result.error:
+            print(f"== {bench.name}: FAILED: {result.error}", file=sys.stderr, flush=True)
+        return result
+
+    results = run_in_lanes(benches, run, jobs=args.jobs)
     if args.json:
-        print(json.dumps({"results": [r.as_dict() for r in results], "missing": missing}, indent=2))
+        print(json.dumps({"level": level, "machine": machine_load(), "results": [r.as_dict() for r in results]}))
     else:
         print_table(results)
-        if missing:
-            print(f"not found (skipped): {', '.join(missing)}")
-    return 1 if any(r.error for r in results) else 0
+    failed = [r for r in results if r.error]
+    if failed:
+        print(f"\nFAILED: {', '.join(f'{r.name} ({r.error})' for r in failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

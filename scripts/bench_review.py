@@ -26,6 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import Engine, make_url, text
 
+# Sizes for scripts/bench_all.py (smoke: the test suite's run; quick: its default; full: its --full).
+BENCH_ALL = {
+    "smoke": ["--mismatches", "500", "--entries", "2000", "--repeat", "2"],
+    "quick": ["--mismatches", "20000", "--entries", "200000", "--repeat", "5"],
+    "full": [],
+}
+
 CUSTOMER = "cus_big"
 FLOOR = "floor: the login form (no database, same app and templates)"
 DEEP_LIST = "mismatch list, open, deep keyset page (3/4 down)"

@@ -15,7 +15,6 @@ server of ``serve`` was chosen). Figures on a shared machine are only comparable
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import hmac
 import json
@@ -28,15 +27,26 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import figure, machine_load  # noqa: E402
+
+# Sizes for scripts/bench_all.py (smoke: the test suite's run; quick: its default; full: its --full).
+BENCH_ALL = {
+    "smoke": ["--smoke"],
+    "quick": ["--duration", "5", "--warmup", "1"],
+    "full": [],
+    "uses": ["redis"],  # the receiver hands events over to the "events" queue
+}
 FIXTURE = REPO.parent / "shared" / "fixtures" / "stripe" / "events" / "charge.succeeded.srm.json"
 SECRET = "whsec_bench_secret"
 TARGET_RATE = 3000.0
 TARGET_P99_MS = 50.0
+OPEN_LOOP_SHARES = (0.5, 0.8)  # open-loop arrival rates, as shares of the closed loop's maximum
 
 
 # --- load generator (runs in its own process) ------------------------------------------------------------------
@@ -61,28 +71,17 @@ def _synthetic_event() -> dict[str, Any]:
     }
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    lower = head.lower()
-    start = lower.find(b"content-length:")
-    length = int(lower[start + 15 : lower.find(b"\r\n", start)]) if start >= 0 else 0
-    body = await reader.readexactly(length) if length else b""
-    return status, body, b"connection: close" in lower
+def _drive(options: dict[str, Any]) -> dict[str, Any]:
+    """One load run (closed loop, or open loop at ``options['rate']``) against /webhooks/stripe or /healthz."""
+    from loadgen import closed_loop, open_loop
 
-
-async def _drive(options: dict[str, Any]) -> dict[str, Any]:
-    host, port, mode = options["host"], options["port"], options["mode"]
-    warmup_until = time.perf_counter() + options["warmup"]
-    stop_at = warmup_until + options["duration"]
+    mode = options["mode"]
     run = uuid.uuid4().hex[:10]
     prefix, suffix = _event_template()
     secret = options["secret"].encode()
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
 
-    def webhook_request(conn: int, n: int) -> bytes:
-        body = b"%sevt_bench_%s_%d_%d%s" % (prefix, run.encode(), conn, n, suffix)
+    def webhook_request(n: int) -> bytes:
+        body = b"%sevt_bench_%s_%d%s" % (prefix, run.encode(), n, suffix)
         ts = int(time.time())
         sig = hmac.new(secret, b"%d.%s" % (ts, body), hashlib.sha256).hexdigest()
         return (
@@ -92,64 +91,36 @@ async def _drive(options: dict[str, Any]) -> dict[str, Any]:
 
     trivial = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
 
-    async def connection(conn: int) -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        n = 0
-        while True:
-            now = time.perf_counter()
-            if now >= stop_at:
-                break
-            request = webhook_request(conn, n) if mode == "webhook" else trivial
-            n += 1
-            writer.write(request)
-            status, body, close = await _read_response(reader)
-            done = time.perf_counter()
-            if now >= warmup_until:
-                latencies.append(done - now)
-                if status == 200 and mode == "webhook":
-                    statuses["stored" if b'"duplicate":false' in body else "duplicate"] += 1
-                else:
-                    statuses[str(status)] += 1
-            if close:
-                writer.close()
-                reader, writer = await asyncio.open_connection(host, port)
-        writer.close()
+    def classify(status: int, body: bytes) -> str:
+        if status == 200 and mode == "webhook":
+            return "stored" if b'"duplicate":false' in body else "duplicate"
+        return str(status)
 
-    await asyncio.gather(*(connection(c) for c in range(options["connections"])))
-    latencies.sort()
-    count = len(latencies)
-
-    def pct(q: float) -> float:
-        return latencies[min(count - 1, int(q * count))] * 1000 if count else float("nan")
-
-    ok = statuses["stored"] if mode == "webhook" else statuses["200"]
-    return {
-        "mode": mode,
-        "run": run,
-        "requests": count,
-        "statuses": dict(statuses),
-        "ok": ok,
-        "rate": ok / options["duration"],
-        "p50_ms": pct(0.50),
-        "p90_ms": pct(0.90),
-        "p99_ms": pct(0.99),
-        "max_ms": latencies[-1] * 1000 if count else float("nan"),
+    make = webhook_request if mode == "webhook" else (lambda _n: trivial)
+    common: dict[str, Any] = {
+        "duration": options["duration"],
+        "warmup": options["warmup"],
+        "connections": options["connections"],
+        "classify": classify,
+        "ok": ("stored",) if mode == "webhook" else ("200",),
     }
+    if options.get("rate"):
+        result = open_loop(options["host"], options["port"], make, rate=options["rate"], **common)
+    else:
+        result = closed_loop(options["host"], options["port"], make, **common)
+    out = result.as_dict()
+    out.update(mode=mode, run=run, statuses=out["counts"], ok=sum(out["counts"].get(k, 0) for k in common["ok"]))
+    return out
 
 
 def loadgen_main(options_json: str) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    print(json.dumps(asyncio.run(_drive(json.loads(options_json)))))
+    print(json.dumps(_drive(json.loads(options_json))))
 
 
-def run_loadgen(mode: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the load generator in a second process and return its figures."""
+def run_loadgen(mode: str, port: int, args: argparse.Namespace, rate: float | None = None) -> dict[str, Any]:
+    """Run the load generator in a second process (closed loop, or open loop at ``rate``); return its figures."""
     options = {
+        "rate": rate,
         "host": "127.0.0.1",
         "port": port,
         "mode": mode,
@@ -310,9 +281,11 @@ def measure_server(args: argparse.Namespace, server: str, workers: int) -> dict[
         hook["cpu_us_per_event"] = hook["server_cpu_seconds"] / max(1, hook["stored_in_db"]) * 1e6
         hook["handed_over"] = srv.metric("webhook_events_handed_over_total") - handed_before
         hook["handover_failed"] = srv.metric("webhook_handover_failed_events_total")
+        # Open loop at fixed shares of the maximum just measured: latency at a given arrival rate, queueing included.
+        open_runs = [run_loadgen("webhook", srv.port, args, rate=share * hook["rate"]) for share in OPEN_LOOP_SHARES]
     finally:
         srv.stop()
-    return {"server": server, "workers": workers, "trivial": trivial, "webhook": hook}
+    return {"server": server, "workers": workers, "trivial": trivial, "webhook": hook, "open": open_runs}
 
 
 def _row(label: str, rate: float, p50: float, p99: float, ref: float | None = None) -> str:
@@ -349,6 +322,41 @@ def report(result: dict[str, Any], pgbench: dict[str, Any] | None) -> None:
         f"server CPU per stored event (whole server, all threads and workers): {hook['cpu_us_per_event']:.0f} us,"
         f" i.e. {1e6 / hook['cpu_us_per_event']:,.0f} events per server CPU-second (capacity on one idle core)"
     )
+    for share, run in zip(OPEN_LOOP_SHARES, result["open"], strict=True):
+        print(
+            _row(f"open loop at {share:.0%} of max ({run['offered_rate']:,.0f}/s)", run["rate"], run["p50_ms"],
+                 run["p99_ms"])
+            + f"  (generator lag max {run['max_send_lag_ms']:.1f} ms, answers {run['counts']})"
+        )  # fmt: skip
+    hook_work = (
+        f"POST /webhooks/stripe, {name}: a signed Stripe event verified, stored (INSERT ON CONFLICT) and handed"
+        " over to Redis, closed loop"
+    )
+    figure(
+        f"webhook receiver, {name}, closed loop",
+        f"{hook['rate']:,.0f} events/s, p50 {hook['p50_ms']:.1f} ms, p99 {hook['p99_ms']:.1f} ms",
+        baseline=f"/healthz {trivial['rate']:,.0f}/s", ratio=hook["rate"] / trivial["rate"], work=hook_work,
+        baseline_work="GET /healthz on the same server and connections (no database, no verification)",
+    )  # fmt: skip
+    if pgbench:
+        figure(
+            f"webhook receiver, {name}, vs INSERT-only pgbench",
+            f"{hook['rate']:,.0f} events/s",
+            baseline=f"pgbench {pgbench['rate']:,.0f}/s",
+            ratio=hook["rate"] / pgbench["rate"],
+            work=hook_work,
+            baseline_work="pgbench -M prepared: the same INSERT ON CONFLICT of a same-sized event, one per commit",
+        )
+    for share, run in zip(OPEN_LOOP_SHARES, result["open"], strict=True):
+        figure(
+            f"webhook receiver, {name}, open loop at {share:.0%} of its max",
+            f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms at {run['offered_rate']:,.0f}/s offered,"
+            f" {run['rate']:,.0f}/s stored",
+            baseline=f"closed-loop max {hook['rate']:,.0f}/s",
+            ratio=share,
+            work="the same POST at a constant arrival rate; latency from each request's due time (queueing counted)",
+            baseline_work="the closed loop's maximum stored events/s",
+        )
     met = hook["rate"] >= TARGET_RATE and hook["p99_ms"] < TARGET_P99_MS
     print(
         f"target >= {TARGET_RATE:,.0f} events/s with p99 < {TARGET_P99_MS:.0f} ms: {'MET' if met else 'NOT MET'}"
@@ -369,7 +377,10 @@ def main() -> None:
     parser.add_argument("--pgbench-clients", type=int, default=16)
     parser.add_argument("--skip-pgbench", action="store_true")
     parser.add_argument("--compare-servers", action="store_true", help="uvicorn and granian, 1 and 2 workers")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: 1 s phases, 1 worker, 8 connections")
     args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.warmup, args.connections, args.workers, args.pgbench_clients = 1, 0.3, 8, 1, 4
     if args.loadgen:
         loadgen_main(args.loadgen)
         return
@@ -395,6 +406,7 @@ def main() -> None:
                 f"{r['server']:<8} {r['workers']} worker(s): {h['rate']:>8,.0f}/s  p99 {h['p99_ms']:.1f} ms"
                 f"  server CPU {h['cpu_us_per_event']:.0f} us/event   /healthz {r['trivial']['rate']:>8,.0f}/s"
             )
+    print(f"machine: {machine_load()} at the end")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from ledger.errors import LedgerError
 from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import Account
 from ledger.posting import BACKENDS
+from ledger.settings import get_settings
 from worker.gateway import StripeReader, is_transient_stripe_error
 from worker.handlers import handler_for, ignore_reason
 from worker.handlers.base import (
@@ -198,7 +199,7 @@ def _async_commits(conn: Connection) -> Iterator[None]:
     Safe for exactly-once effect: a crash loses only the newest commits, each whole (effect and status
     together, in WAL order), and the sweep runs those events again. It spares each event a disk flush.
     """
-    if conn.dialect.name != "postgresql":
+    if conn.dialect.name != "postgresql" or get_settings().worker_synchronous_commit:
         yield
         return
     conn.exec_driver_sql("SET synchronous_commit TO OFF")

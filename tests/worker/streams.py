@@ -234,3 +234,56 @@ def generate_stream(*, customers: int, seed: int, start: datetime | None = None)
     events = [e for life in lives for e in life]
     events.sort(key=lambda e: e["created"])
     return events
+
+
+# What each subscription status means for access, written out here (not taken from the worker's table): the
+# oracle for streams whose ties only Stripe's current object can settle.
+EXPECTED_ACCESS = {"active": "active", "past_due": "past_due", "unpaid": "suspended", "canceled": "canceled"}
+
+
+def emulator_ties(
+    store: Any, *, customers: int, start: datetime | None = None
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Subscription lives made by the Stripe emulator with several events of one subscription in one second.
+
+    Each customer subscribes; at the renewal the emulator itself records, in the renewal's second, the
+    subscription's new period and (the payment failing) its turn to ``past_due``; then, by customer, in that
+    same second too: the payment recovered (``active`` again), or retries exhausted then the subscription
+    canceled, or nothing more. Which of a second's events is the truth only Stripe's current object can say.
+    Returns the events (oldest first, as the Events API lists them) and each customer's subscription status
+    at the end, as the emulator holds it. Give it a store whose clock starts a month or more ago
+    (``Store(clock=Clock(...))``): the renewals come a month after the starts.
+    """
+    subs = []
+    for _ in range(customers):
+        customer = store.create_customer()
+        store.clock.advance(minutes=3)
+        subs.append((customer.id, store.create_subscription(customer, "price_pro_monthly")))
+        store.clock.advance(minutes=3)
+    for n, (_customer, sub) in enumerate(subs):
+        store.renew_subscription(sub, fail=True)  # the clock jumps to the period's end: new period + past_due
+        if n % 3 == 0:
+            store.recover_subscription(sub)  # same second: paid, active again
+        elif n % 3 == 1:
+            store.mark_subscription_unpaid(sub)  # same second: unpaid...
+            store.cancel_subscription(sub)  # ... and canceled
+    status = {customer: store.get(sub.id).status for customer, sub in subs}
+    ours = {customer for customer, _ in subs}
+    events = [e for e in store.events() if _customer_of(e) in ours]
+    return events, status
+
+
+def _customer_of(event: dict[str, Any]) -> str | None:
+    obj = event["data"]["object"]
+    customer = obj.get("customer") if obj.get("object") != "customer" else obj.get("id")
+    return customer if isinstance(customer, str) else None
+
+
+def same_second_ties(events: list[dict[str, Any]]) -> int:
+    """How many (subscription, second) pairs carry more than one subscription event."""
+    seen: dict[tuple[str, int], int] = {}
+    for e in events:
+        if e["type"].startswith("customer.subscription."):
+            key = (e["data"]["object"]["id"], e["created"])
+            seen[key] = seen.get(key, 0) + 1
+    return sum(1 for n in seen.values() if n > 1)

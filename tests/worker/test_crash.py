@@ -12,19 +12,19 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from sqlalchemy import Engine
-from stripe_emulator import EmulatorServer, Store
+from stripe_emulator import Clock, EmulatorServer, Store
 
 from ledger.settings import get_settings
 from tests.conftest import redis_url
 from tests.worker.conftest import store
-from tests.worker.streams import generate_stream
+from tests.worker.streams import EXPECTED_ACCESS, emulator_ties, generate_stream, same_second_ties
 from tests.worker.test_metamorphic import snapshot, wipe
 from tests.worker.workers import DONE, RedisServer, WorkerProcess, count_all, count_done, free_port, wait_until
 from worker.celery_app import configure
@@ -50,7 +50,8 @@ def shared_redis() -> str:
 
 @pytest.fixture
 def emulator() -> Iterator[EmulatorServer]:
-    server = EmulatorServer(Store()).start()
+    # Its clock starts 40 days ago, so that its subscriptions' renewals (a month on) are in the past.
+    server = EmulatorServer(Store(clock=Clock(datetime.now(UTC) - timedelta(days=40)))).start()
     yield server
     server.stop()
 
@@ -116,8 +117,13 @@ class TestWorkerKilled:
     ) -> None:
         engine, emulator, broker = crash_setup
         gateway = StripeGateway(api_base=emulator.url)
-        events = generate_stream(customers=16, seed=5)
+        # Besides the generated lives, subscriptions with several events in one second, made by the emulator
+        # (which the killed and restarted workers ask to settle each tie).
+        ties, live = emulator_ties(emulator.store, customers=3)
+        assert same_second_ties(ties) >= 3
+        events = sorted(generate_stream(customers=16, seed=5) + ties, key=lambda e: e["created"])
         expected = reference(events, engine, gateway)
+        assert {c: expected["accounts"][c][3] for c in live} == {c: EXPECTED_ACCESS[s] for c, s in live.items()}
 
         use_broker(monkeypatch, broker)
         worker = WorkerProcess(worker_env(broker, emulator), tmp_path / "worker.log")

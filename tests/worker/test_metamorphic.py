@@ -4,18 +4,20 @@ shuffled), the ledger ends the same: balances, grants, debts and access states."
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, delete, select
+from stripe_emulator import Clock, EmulatorServer, Store
 
 from ledger.check import check_ledger
 from ledger.db import Base, unit_of_work
 from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import Account, Grant
 from tests.worker.conftest import store
-from tests.worker.streams import generate_stream
+from tests.worker.streams import EXPECTED_ACCESS, emulator_ties, generate_stream, same_second_ties
+from worker.gateway import StripeGateway
 from worker.processing import process_events
 
 CUSTOMERS = 50
@@ -60,20 +62,22 @@ def wipe(engine: Engine) -> None:
                 conn.execute(delete(table))
 
 
-def deliver_in_order(events: list[dict[str, Any]]) -> None:
+def deliver_in_order(events: list[dict[str, Any]], gateway: StripeGateway | None = None) -> None:
     for start in range(0, len(events), 25):
         ids = [store(e) for e in events[start : start + 25]]
-        process_events(ids)
+        process_events(ids, gateway=gateway)
 
 
-def deliver_shuffled_with_duplicates(events: list[dict[str, Any]], rng: random.Random) -> int:
+def deliver_shuffled_with_duplicates(
+    events: list[dict[str, Any]], rng: random.Random, gateway: StripeGateway | None = None
+) -> int:
     deliveries = [e for e in events for _ in range(rng.randint(1, 3))]
     rng.shuffle(deliveries)
     position = 0
     while position < len(deliveries):
         size = rng.randint(1, 40)
         ids = [store(e) for e in deliveries[position : position + size]]
-        process_events(ids)
+        process_events(ids, gateway=gateway)
         position += size
     return len(deliveries)
 
@@ -121,3 +125,32 @@ class TestDeliveryOrderDoesNotMatter:
         assert sum(clawed.values()) == sum(expected.values())
         states = {a[3] for a in in_order["accounts"].values()}
         assert {"active", "canceled"} <= states
+
+
+class TestSameSecondTies:
+    def test_ties_settle_on_stripes_object_whatever_the_delivery(self, db: Engine) -> None:
+        """Several events of one subscription in one second, made by the emulator: delivered in order, or
+        shuffled with duplicates, the worker asks the emulator which is the truth, and ends on Stripe's state."""
+        emulator = Store(clock=Clock(datetime.now(UTC) - timedelta(days=40)))
+        server = EmulatorServer(emulator).start()
+        try:
+            gateway = StripeGateway(api_base=server.url, wait_initial=0.01, wait_max=0.05)
+            ties, live = emulator_ties(emulator, customers=3)
+            assert same_second_ties(ties) >= 3 and set(live.values()) == {"active", "past_due", "canceled"}
+            # Stable sort: within one second, the emulator's order (the Events API's).
+            events = sorted(generate_stream(customers=4, seed=13) + ties, key=lambda e: e["created"])
+
+            deliver_in_order(events, gateway)
+            in_order = snapshot()
+            wipe(db)
+            deliver_shuffled_with_duplicates(events, random.Random(17), gateway)
+            shuffled = snapshot()
+        finally:
+            server.stop()
+
+        assert in_order["statuses"] <= {EventStatus.PROCESSED, EventStatus.IGNORED}
+        assert shuffled["statuses"] <= {EventStatus.PROCESSED, EventStatus.IGNORED}
+        assert shuffled["accounts"] == in_order["accounts"]
+        assert shuffled["grants"] == in_order["grants"]
+        expected = {customer: EXPECTED_ACCESS[status] for customer, status in live.items()}
+        assert {c: in_order["accounts"][c][3] for c in live} == expected

@@ -69,8 +69,13 @@ class TestEagerHandOver:
         hand_over(ids)
         assert [event_row(i).status for i in ids] == [EventStatus.PROCESSED, EventStatus.IGNORED]
 
-    def test_hand_over_of_nothing_sends_nothing(self, eager: Engine) -> None:
+    def test_hand_over_of_nothing_sends_nothing(self, eager: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        sent: list[Any] = []
+        monkeypatch.setattr(tasks.process_events, "apply_async", lambda *a, **k: sent.append((a, k)))
         hand_over([])
+        assert sent == []
+        hand_over([7, 8])  # the recorder sees a real hand-over: one message with both ids
+        assert sent == [((), {"args": [[7, 8]]})]
 
 
 class TestSweep:

@@ -52,7 +52,9 @@ def handle_subscription_changed(ctx: EventContext) -> Outcome:
         as_of = as_of + timedelta(microseconds=1)
         record_version(ctx.session, sub_id, created=as_of, event_id=ctx.event_id, state=status)
     state = ACCESS_BY_STATUS[status]
-    grace_until = as_of + timedelta(days=ctx.config.access.grace_days) if state is AccessState.PAST_DUE else None
+    # The grace period runs from the event's own time: a tie settled above records as_of a microsecond on, and
+    # the deadline must not depend on whether the event came before or after its same-second twin.
+    grace_until = ctx.created + timedelta(days=ctx.config.access.grace_days) if state is AccessState.PAST_DUE else None
     applied = ledger_accounts.set_access_state(
         ctx.session, customer_id, state, as_of=as_of, source=f"{ctx.row.type}:{sub_id}", grace_until=grace_until
     )
