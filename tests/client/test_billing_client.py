@@ -216,8 +216,51 @@ class TestLayering:
         code = (
             "import sys, webhooks.client; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'ledger', 'worker', 'reconciliation', 'sqlalchemy', 'fastapi', 'celery', 'stripe', 'openai', 'anthropic'}); "
+            "{'ledger', 'worker', 'reconciliation', 'sqlalchemy', 'fastapi', 'celery', 'stripe', 'openai',"
+            " 'anthropic'}); "
             "print(','.join(bad))"
         )
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == ""
+
+
+def _batch_served(server: BillingServer) -> bool:
+    paths = httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
+    return "/v1/usage/batch" in paths
+
+
+class TestBatch:
+    def test_each_event_has_its_own_result_in_order(self, billing: Billing, billing_server: BillingServer) -> None:
+        if not _batch_served(billing_server):
+            pytest.skip("POST /v1/usage/batch is not served yet (issue 12, on main)")
+        fund("cus_b", 100)
+        events = [
+            {"customer_id": "cus_b", "request_id": "b1", "units": 30},
+            {"customer_id": "cus_b", "request_id": "b2", "units": 500},
+            {"customer_id": "cus_nobody", "request_id": "b3", "units": 1},
+            {
+                "customer_id": "cus_b",
+                "request_id": "b4",
+                "provider": "openai",
+                "model": "gpt-4o-2024-08-06",
+                "input_tokens": 10,
+                "output_tokens": 5,
+            },
+        ]
+        results = billing.record_usage_batch(events)  # type: ignore[arg-type]
+        assert [r.status for r in results] == [201, 402, 404, 201]
+        assert results[0].charge is not None and results[0].charge.units == 30
+        assert isinstance(results[1].error, InsufficientCredits) and results[1].error.available == 70
+        assert isinstance(results[2].error, UnknownCustomer)
+        assert results[3].charge is not None and results[3].charge.units == 20  # 10 + 5 x 2
+        # The same batch again charges nothing: every event is a replay of its first answer.
+        again = billing.record_usage_batch(events)  # type: ignore[arg-type]
+        assert [r.status for r in again] == [200, 402, 404, 200]
+        assert again[0].charge is not None and again[0].charge.replayed
+        assert billing.balance("cus_b").balance == 50
+
+    def test_a_batch_needs_events_with_their_own_request_ids(self, billing: Billing) -> None:
+        with pytest.raises(ValueError, match="at least one"):
+            billing.record_usage_batch([])
+        with pytest.raises(ValueError, match="request_id"):
+            billing.record_usage_batch([{"customer_id": "c", "units": 1}])
