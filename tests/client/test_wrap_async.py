@@ -85,6 +85,26 @@ class TestAsyncOpenAI:
         (hold,) = holds(pg_engine, "cus_async")
         assert (hold["release_reason"], hold["provider_request_id"]) == ("provider_timeout", hold["request_id"])
 
+    def test_background_settlement_is_awaited_by_aclose(
+        self, async_billing_factory, billing, provider, provider_url, pg_engine
+    ) -> None:
+        fund("cus_async", FUNDED)
+
+        async def calls() -> None:
+            abilling = async_billing_factory()
+            async with openai.AsyncOpenAI(base_url=f"{provider_url}/v1", api_key="k", max_retries=0) as client:
+                oai = abilling.wrap_openai(client, customer_id="cus_async", settle="background")
+                await asyncio.gather(
+                    *(
+                        oai.chat.completions.create(model="gpt-4o-2024-08-06", messages=PROMPT, max_tokens=100)
+                        for _ in range(4)
+                    )
+                )
+            await abilling.aclose()  # waits for the captures still pending
+
+        asyncio.run(calls())
+        assert_settled(billing, pg_engine, "cus_async", funded=FUNDED, charged=4 * 88)
+
     def test_sync_billing_refuses_an_async_client(self, billing: Billing, provider_url: str) -> None:
         with pytest.raises(TypeError, match="AsyncBilling"):
             billing.wrap_openai(openai.AsyncOpenAI(base_url=provider_url, api_key="k"), customer_id="c")

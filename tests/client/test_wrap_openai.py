@@ -172,3 +172,16 @@ class TestResponses:
         stream.close()
         # "Hi" received (2 characters: 1 token): prompt estimate 2 + 1 x 2 = 4
         assert_settled(billing, pg_engine, "cus_oai", funded=FUNDED, charged=4)
+
+
+class TestBackgroundSettlement:
+    def test_captures_off_the_callers_path_once_each(self, billing, openai_client, provider, pg_engine) -> None:
+        fund("cus_bg", FUNDED)
+        oai = billing.wrap_openai(openai_client, customer_id="cus_bg", settle="background")
+        for _ in range(3):
+            oai.chat.completions.create(model="gpt-4o-2024-08-06", messages=PROMPT, max_tokens=100)
+        stream = oai.chat.completions.create(model="gpt-4o-2024-08-06", messages=PROMPT, stream=True)
+        list(stream)
+        billing.flush()
+        # three plain calls (88 each) and a stream with its usage chunk (13)
+        assert_settled(billing, pg_engine, "cus_bg", funded=FUNDED, charged=3 * 88 + 13)

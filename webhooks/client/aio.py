@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
@@ -36,9 +38,10 @@ from webhooks.client.models import (
 )
 
 if TYPE_CHECKING:
-    from webhooks.client.wrappers import AbandonedStreamPolicy
+    from webhooks.client.wrappers import AbandonedStreamPolicy, SettleMode
 
 T = TypeVar("T")
+log = logging.getLogger("webhooks.client")
 
 
 class AsyncBilling:
@@ -68,6 +71,7 @@ class AsyncBilling:
         )
         if http is not None:
             self._http.headers.update(headers(token))
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> AsyncBilling:
         return self
@@ -76,9 +80,28 @@ class AsyncBilling:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool (when this client made it)."""
+        """Finish settling calls in the background, then close the connection pool (when this client made it)."""
+        await self.flush()
         if self._owns_http:
             await self._http.aclose()
+
+    def settle_later(self, settle: Awaitable[None]) -> None:
+        """Run ``settle`` as a task off the caller's path (a metered call's capture); its failure is logged."""
+
+        async def run() -> None:
+            try:
+                await settle
+            except Exception:
+                log.exception("metering: settling a call in the background failed (its hold's time-to-live will)")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending.add(task)  # a reference, or the task may be collected before it runs
+        task.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Wait until every call settling in the background is settled."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending))
 
     async def send(self, request: Request[T]) -> T:
         """Send one request, retrying what is transient; return its parsed result or raise its error."""
@@ -214,12 +237,13 @@ class AsyncBilling:
         ttl_seconds: int = 600,
         on_abandoned_stream: AbandonedStreamPolicy = "estimate",
         default_max_output_tokens: int = 4096,
+        settle: SettleMode = "inline",
     ) -> Any:
         """An ``openai.AsyncOpenAI`` whose chat.completions.create and responses.create are metered for the customer."""
         from webhooks.client.wrappers import MeteringOptions, wrap_openai
 
         options = MeteringOptions(
-            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens
+            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens, settle
         )
         return wrap_openai(self, client, options)
 
@@ -233,11 +257,12 @@ class AsyncBilling:
         ttl_seconds: int = 600,
         on_abandoned_stream: AbandonedStreamPolicy = "estimate",
         default_max_output_tokens: int = 4096,
+        settle: SettleMode = "inline",
     ) -> Any:
         """An ``anthropic.AsyncAnthropic`` whose messages.create is metered for the customer."""
         from webhooks.client.wrappers import MeteringOptions, wrap_anthropic
 
         options = MeteringOptions(
-            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens
+            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens, settle
         )
         return wrap_anthropic(self, client, options)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
@@ -36,9 +38,12 @@ from webhooks.client.models import (
 )
 
 if TYPE_CHECKING:
-    from webhooks.client.wrappers import AbandonedStreamPolicy
+    from webhooks.client.wrappers import AbandonedStreamPolicy, SettleMode
 
 T = TypeVar("T")
+log = logging.getLogger("webhooks.client")
+# Threads that settle metered calls in the background (settle="background"): captures are independent.
+SETTLER_THREADS = 4
 
 
 class Billing:
@@ -68,6 +73,8 @@ class Billing:
         )
         if http is not None:
             self._http.headers.update(headers(token))
+        self._settler: ThreadPoolExecutor | None = None
+        self._pending: set[Future[None]] = set()
 
     def __enter__(self) -> Billing:
         return self
@@ -76,9 +83,33 @@ class Billing:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool (when this client made it)."""
+        """Finish settling calls in the background, then close the connection pool (when this client made it)."""
+        self.flush()
+        if self._settler is not None:
+            self._settler.shutdown()
         if self._owns_http:
             self._http.close()
+
+    def settle_later(self, settle: Callable[[], None]) -> None:
+        """Run ``settle`` off the caller's path (a metered call's capture); its failure is logged."""
+        if self._settler is None:
+            # Not daemon threads: at interpreter exit, pending settlements still finish.
+            self._settler = ThreadPoolExecutor(SETTLER_THREADS, thread_name_prefix="billing-settle")
+
+        def run() -> None:
+            try:
+                settle()
+            except Exception:
+                log.exception("metering: settling a call in the background failed (its hold's time-to-live will)")
+
+        future = self._settler.submit(run)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    def flush(self) -> None:
+        """Wait until every call settling in the background is settled."""
+        while self._pending:
+            wait(list(self._pending))
 
     def send(self, request: Request[T]) -> T:
         """Send one request, retrying what is transient; return its parsed result or raise its error."""
@@ -213,12 +244,13 @@ class Billing:
         ttl_seconds: int = 600,
         on_abandoned_stream: AbandonedStreamPolicy = "estimate",
         default_max_output_tokens: int = 4096,
+        settle: SettleMode = "inline",
     ) -> Any:
         """An ``openai.OpenAI`` whose chat.completions.create and responses.create are metered for the customer."""
         from webhooks.client.wrappers import MeteringOptions, wrap_openai
 
         options = MeteringOptions(
-            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens
+            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens, settle
         )
         return wrap_openai(self, client, options)
 
@@ -232,11 +264,12 @@ class Billing:
         ttl_seconds: int = 600,
         on_abandoned_stream: AbandonedStreamPolicy = "estimate",
         default_max_output_tokens: int = 4096,
+        settle: SettleMode = "inline",
     ) -> Any:
         """An ``anthropic.Anthropic`` whose messages.create is metered for the customer."""
         from webhooks.client.wrappers import MeteringOptions, wrap_anthropic
 
         options = MeteringOptions(
-            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens
+            customer_id, user_id, feature, ttl_seconds, on_abandoned_stream, default_max_output_tokens, settle
         )
         return wrap_anthropic(self, client, options)

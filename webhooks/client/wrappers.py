@@ -15,6 +15,8 @@
    provider did report, else ``on_abandoned_stream``: ``"estimate"`` (the default: the prompt estimate plus the
    text received, marked as estimated in the ledger) or ``"release"``.
 
+With ``settle="background"`` the capture runs off the caller's path (the call returns after the provider
+answered; ``Billing.close()``/``flush()`` wait for pending captures; a failure is logged, not raised).
 Close a stream you stop reading (``with`` or ``.close()``): that is when it is settled. A stream dropped
 unclosed, or a process that dies mid-call, leaves the hold to its time-to-live, which releases it.
 Other methods (``parse``, ``with_raw_response``, the stream helpers) pass through unmetered.
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     from webhooks.client.sync import Billing
 
 AbandonedStreamPolicy = Literal["estimate", "release"]
+# "inline": the call returns after its capture; "background": the capture runs off the caller's path (on the
+# Billing's settling threads or the event loop), its failure logged; Billing.close() waits for pending ones.
+SettleMode = Literal["inline", "background"]
 log = logging.getLogger("webhooks.client")
 
 
@@ -59,10 +64,13 @@ class MeteringOptions:
     ttl_seconds: int = 600
     on_abandoned_stream: AbandonedStreamPolicy = "estimate"
     default_max_output_tokens: int = 4096
+    settle: SettleMode = "inline"
 
     def __post_init__(self) -> None:
         if self.on_abandoned_stream not in ("estimate", "release"):
             raise ValueError('on_abandoned_stream must be "estimate" or "release"')
+        if self.settle not in ("inline", "background"):
+            raise ValueError('settle must be "inline" or "background"')
 
 
 @dataclass
@@ -223,6 +231,9 @@ class MeteredStream:
             self._plan.record_failure(call, error)
         else:
             self._plan.record_stream_end(call, self.tracker, self._options.on_abandoned_stream, how)
+        if self._options.settle == "background" and error is None:
+            self._metered.billing.settle_later(lambda: self._metered.settle(failed=failed))
+            return
         try:
             self._metered.settle(failed=failed)
         except SettlementFailed as exc:
@@ -277,6 +288,9 @@ class _Method:
         if plan.stream:
             return MeteredStream(response, metered, plan, options)
         plan.record_response(call, response)
+        if options.settle == "background":
+            self._billing.settle_later(lambda: metered.settle(failed=False))
+            return response
         try:
             metered.settle(failed=False)
         except SettlementFailed as exc:
@@ -323,6 +337,9 @@ class AsyncMeteredStream:
             self._plan.record_failure(call, error)
         else:
             self._plan.record_stream_end(call, self.tracker, self._options.on_abandoned_stream, how)
+        if self._options.settle == "background" and error is None:
+            self._metered.billing.settle_later(self._metered.settle(failed=failed))
+            return
         try:
             await self._metered.settle(failed=failed)
         except SettlementFailed as exc:
@@ -382,6 +399,9 @@ class _AsyncMethod:
         if plan.stream:
             return AsyncMeteredStream(response, metered, plan, options)
         plan.record_response(call, response)
+        if options.settle == "background":
+            self._billing.settle_later(metered.settle(failed=False))
+            return response
         try:
             await metered.settle(failed=False)
         except SettlementFailed as exc:
