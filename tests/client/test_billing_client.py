@@ -25,6 +25,7 @@ from webhooks.client import (
     IdempotencyConflict,
     InsufficientCredits,
     InvalidRequest,
+    LimitExceeded,
     Unauthorized,
     UnknownCustomer,
     UnknownHold,
@@ -264,3 +265,41 @@ class TestBatch:
             billing.record_usage_batch([])
         with pytest.raises(ValueError, match="request_id"):
             billing.record_usage_batch([{"customer_id": "c", "units": 1}])
+
+
+class AnswerFirst(httpx.HTTPTransport):
+    """The first ``times`` requests are answered by a failing proxy in front of the server (never forwarded)."""
+
+    def __init__(self, status: int, body: dict[str, object], times: int) -> None:
+        super().__init__()
+        self.status, self.body, self.times = status, body, times
+        self.keys: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.keys.append(request.read().decode())
+        if len(self.keys) <= self.times:
+            return httpx.Response(self.status, json=self.body, headers={"Retry-After": "0"}, request=request)
+        return super().handle_request(request)
+
+
+class TestRetryOnStatus:
+    @pytest.mark.parametrize(
+        ("status", "code"), [(503, "database_unavailable"), (429, "overloaded"), (502, "bad_gateway")]
+    )
+    def test_overload_and_server_errors_are_retried_with_the_same_body(
+        self, billing_server: BillingServer, status: int, code: str
+    ) -> None:
+        fund("cus_a", 1000)
+        transport = AnswerFirst(status, {"error": {"code": code, "message": "try later"}}, times=2)
+        http = httpx.Client(base_url=billing_server.url, transport=transport)
+        with Billing(billing_server.url, TOKEN, http=http, retries=3) as b:
+            charge = b.record_usage("cus_a", request_id="r-retried", units=5)
+        assert (charge.replayed, charge.balance_after) == (False, 995)
+        assert len(transport.keys) == 3 and len(set(transport.keys)) == 1  # the same body, the same request id
+
+    def test_a_usage_limit_429_is_not_retried(self, billing_server: BillingServer) -> None:
+        transport = AnswerFirst(429, {"error": {"code": "limit_exceeded", "message": "daily limit", "limit": 10}}, 1)
+        http = httpx.Client(base_url=billing_server.url, transport=transport)
+        with Billing(billing_server.url, TOKEN, http=http, retries=3) as b, pytest.raises(LimitExceeded) as exc:
+            b.record_usage("cus_a", request_id="r-limit", units=5)
+        assert (len(transport.keys), exc.value.limit) == (1, 10)
