@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from conftest import REPO, TOKEN, BillingServer, assert_settled, free_port, fund, holds
+from client_helpers import REPO, TOKEN, BillingServer, assert_settled, free_port, fund, holds
 from sqlalchemy import Engine
 
 from ledger.accounts import set_access_state

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import TOKEN, BillingServer, fund, holds
+from client_helpers import TOKEN, BillingServer, fund, holds
 from fake_provider import FakeProvider, Reply
 from sqlalchemy import Engine, text
 

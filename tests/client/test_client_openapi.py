@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BillingServer
+from client_helpers import BillingServer
 
 from webhooks.client import AsyncBilling, Billing
 from webhooks.client._base import ENDPOINTS, Requests

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import anthropic
 import pytest
-from conftest import assert_settled, fund, holds, last_capture_reason
+from client_helpers import assert_settled, fund, holds, last_capture_reason
 from fake_provider import Reply
 from sqlalchemy import Engine
 

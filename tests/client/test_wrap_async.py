@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anthropic
 import openai
 import pytest
-from conftest import assert_settled, fund, holds, last_capture_reason
+from client_helpers import assert_settled, fund, holds, last_capture_reason
 from fake_provider import FakeProvider, Reply
 from sqlalchemy import Engine
 

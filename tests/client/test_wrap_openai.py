@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import assert_settled, fund, holds, last_capture_reason
+from client_helpers import assert_settled, fund, holds, last_capture_reason
 from fake_provider import Reply
 from sqlalchemy import Engine
 
@@ -143,6 +143,15 @@ class TestChatCompletions:
             oai.chat.completions.create(model="gpt-4o-2024-08-06", messages=PROMPT, max_tokens=100)
         assert (refused.value.available, refused.value.requested) == (100, 202)
         assert provider.log == []
+
+    def test_a_copy_made_with_with_options_is_metered_too(self, oai, billing, provider, pg_engine) -> None:
+        oai.with_options(max_retries=0).chat.completions.create(
+            model="gpt-4o-2024-08-06", messages=PROMPT, max_tokens=100, n=2
+        )
+        (hold,) = holds(pg_engine, "cus_oai")
+        # n=2 choices may each be 100 tokens long: prompt estimate 2 + 2 x 100 x 2 = 402 held
+        assert (hold["units"], hold["captured_units"]) == (402, 88)
+        assert_settled(billing, pg_engine, "cus_oai", funded=FUNDED, charged=88)
 
 
 class TestResponses:

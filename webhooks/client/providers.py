@@ -63,11 +63,14 @@ def max_output_tokens(endpoint: Endpoint, request: Mapping[str, Any], default: i
         "responses": ("max_output_tokens",),
         "messages": ("max_tokens",),
     }[endpoint]
+    # Chat Completions may ask for n choices: each is as long as the limit allows.
+    n = request.get("n") if endpoint == "chat" else 1
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
     for name in names:
         value = request.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return default
+            return value * choices
+    return default * choices
 
 
 def _get(obj: Any, name: str) -> Any:

@@ -83,6 +83,7 @@ class Plan:
     prompt_tokens: int
     max_output: int
     stream: bool
+    sent_request_id: str | None = None
 
     @classmethod
     def of(cls, provider: str, endpoint: Endpoint, request: dict[str, Any], options: MeteringOptions) -> Plan:
@@ -112,13 +113,17 @@ class Plan:
             stream_options.setdefault("include_usage", True)
             request["stream_options"] = stream_options
         if self.provider == "openai":
-            # OpenAI logs X-Client-Request-Id with the call (a timed-out call included), so it can be found later.
-            request["extra_headers"] = {"X-Client-Request-Id": request_id, **(request.get("extra_headers") or {})}
+            # OpenAI logs X-Client-Request-Id with the call (a timed-out call included), so it can be found later;
+            # a caller's own id stands.
+            headers = {"X-Client-Request-Id": request_id, **(request.get("extra_headers") or {})}
+            request["extra_headers"] = headers
+            sent = next((v for k, v in headers.items() if k.lower() == "x-client-request-id"), None)
+            self.sent_request_id = sent if isinstance(sent, str) else None
         return request
 
     def provider_request_id(self, call: Call) -> str | None:
-        """The id the provider knows the call by before it answers (OpenAI: the one we sent)."""
-        return call.request_id if self.provider == "openai" else None
+        """The id the provider knows the call by before it answers (OpenAI: the one sent with it)."""
+        return self.sent_request_id
 
     def record(self, call: Call, tokens: Tokens, model: str | None, note: str = "") -> None:
         """Record the tokens served, under the served model's name."""
@@ -447,6 +452,15 @@ def _method(
     return _Method(billing, create, provider, endpoint, options)
 
 
+def _copies(wrap: Callable[[Any], Any], client: Any) -> dict[str, Any]:
+    # client.with_options(...) (and its alias copy) makes a new client: it must be metered too.
+    return {
+        name: (lambda *args, _m=getattr(client, name), **kwargs: wrap(_m(*args, **kwargs)))
+        for name in ("with_options", "copy")
+        if callable(getattr(client, name, None))
+    }
+
+
 def wrap_openai(billing: Billing | AsyncBilling, client: Any, options: MeteringOptions) -> Any:
     """``client`` (openai.OpenAI or AsyncOpenAI) with chat.completions.create and responses.create metered."""
     completions = client.chat.completions
@@ -457,7 +471,8 @@ def wrap_openai(billing: Billing | AsyncBilling, client: Any, options: MeteringO
     responses = _Proxy(
         client.responses, create=_method(billing, client.responses.create, "openai", "responses", options)
     )
-    return _Proxy(client, chat=chat, responses=responses)
+    copies = _copies(lambda copy: wrap_openai(billing, copy, options), client)
+    return _Proxy(client, chat=chat, responses=responses, **copies)
 
 
 def wrap_anthropic(billing: Billing | AsyncBilling, client: Any, options: MeteringOptions) -> Any:
@@ -465,4 +480,5 @@ def wrap_anthropic(billing: Billing | AsyncBilling, client: Any, options: Meteri
     messages = _Proxy(
         client.messages, create=_method(billing, client.messages.create, "anthropic", "messages", options)
     )
-    return _Proxy(client, messages=messages)
+    copies = _copies(lambda copy: wrap_anthropic(billing, copy, options), client)
+    return _Proxy(client, messages=messages, **copies)
