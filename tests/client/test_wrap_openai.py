@@ -6,13 +6,14 @@ token, output 2, cached 0.5). The prompt "Say Foo!" is 8 characters: estimated a
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
-from client_helpers import assert_settled, fund, holds, last_capture_reason
+from client_helpers import TOKEN, BillingServer, assert_settled, fund, holds, last_capture_reason
 from fake_provider import Reply
 from sqlalchemy import Engine
 
-from webhooks.client import Billing, InsufficientCredits, InvalidRequest
+from webhooks.client import Billing, BillingUnavailable, InsufficientCredits, InvalidRequest, SettlementFailed
 
 pytestmark = pytest.mark.postgres
 
@@ -152,6 +153,32 @@ class TestChatCompletions:
         # n=2 choices may each be 100 tokens long: prompt estimate 2 + 2 x 100 x 2 = 402 held
         assert (hold["units"], hold["captured_units"]) == (402, 88)
         assert_settled(billing, pg_engine, "cus_oai", funded=FUNDED, charged=88)
+
+
+class CaptureUnreachable(httpx.HTTPTransport):
+    """Captures never reach the server (an outage after the provider answered); everything else does."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/capture"):
+            raise httpx.ConnectError("connection refused", request=request)
+        return super().handle_request(request)
+
+
+class TestSettlementFailure:
+    def test_a_served_call_that_cannot_be_charged_raises_with_the_answer(
+        self, billing_server: BillingServer, openai_client: openai.OpenAI, pg_engine: Engine
+    ) -> None:
+        fund("cus_out", FUNDED)
+        http = httpx.Client(base_url=billing_server.url, transport=CaptureUnreachable())
+        with Billing(billing_server.url, TOKEN, http=http, retries=1) as billing:
+            oai = billing.wrap_openai(openai_client, customer_id="cus_out")
+            with pytest.raises(SettlementFailed) as failed:
+                oai.chat.completions.create(model="gpt-4o-2024-08-06", messages=PROMPT, max_tokens=100)
+        assert failed.value.response.id == "chatcmpl-ABfvaueLEMLNYbT8YzpJxsmiQ6HSY"  # the caller keeps the answer
+        assert isinstance(failed.value.cause, BillingUnavailable)
+        # Nothing charged twice: the hold stays open until its time-to-live releases it.
+        (hold,) = holds(pg_engine, "cus_out")
+        assert (hold["status"], hold["request_id"]) == ("open", failed.value.request_id)
 
 
 class TestResponses:
