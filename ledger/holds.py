@@ -334,16 +334,45 @@ class CaptureRequest:
     digest: str
     actor: str
     now: datetime
+    note: str = ""
 
 
-def price_capture(request_id: str, *, units: int | None, usage: UsageInput | None, actor: str) -> CaptureRequest:
+def price_capture(
+    request_id: str, *, units: int | None, usage: UsageInput | None, actor: str, note: str = ""
+) -> CaptureRequest:
     """Check a capture request and price what the call used (before any lookup: a bad body is refused first)."""
     require_key("request_id", request_id)
     digest = request_hash(
-        request_id=request_id, units=units, usage=dataclasses.asdict(usage) if usage is not None else None
+        request_id=request_id,
+        units=units,
+        usage=dataclasses.asdict(usage) if usage is not None else None,
+        **({"note": note} if note else {}),  # without a note, the digest of captures stored before notes existed
     )
     wanted = None if units is None and usage is None else charge_for(units, usage)
-    return CaptureRequest(request_id, wanted, usage, digest, actor, utcnow())
+    return CaptureRequest(request_id, wanted, usage, digest, actor, utcnow(), note)
+
+
+@dataclass(frozen=True)
+class ReleaseNote:
+    """Why a hold is released and the provider call it stood for (``provider_timeout``: maybe served anyway)."""
+
+    reason: str
+    provider: str | None = None
+    model: str | None = None
+    provider_request_id: str | None = None
+
+    def describe(self) -> str:
+        """The release entry's reason text."""
+        call = ", ".join(
+            f"{k} {v}"
+            for k, v in (
+                ("provider", self.provider),
+                ("model", self.model),
+                ("provider request", self.provider_request_id),
+            )
+            if v
+        )
+        return f"hold released: {self.reason}" + (f" ({call})" if call else "")
 
 
 def capture_hold(
@@ -353,13 +382,16 @@ def capture_hold(
     units: int | None = None,
     usage: UsageInput | None = None,
     actor: str = "api",
+    note: str = "",
 ) -> CaptureResult:
     """Charge what the call used: fewer units than held releases the rest; more takes what the balance allows.
 
     Without units or usage, the held units are captured. The same request id returns the original capture.
+    ``note`` is added to the capture entry's reason (e.g. that the usage was estimated, not reported).
     """
-    request = price_capture(request_id, units=units, usage=usage, actor=actor)
-    if pgfast.installed(session, HOLD_SIGNATURE):
+    request = price_capture(request_id, units=units, usage=usage, actor=actor, note=note)
+    # A noted capture (rare: an estimate) takes the portable path, which writes the note; the function does not.
+    if not note and pgfast.installed(session, HOLD_SIGNATURE):
         row = _keyed(request_id, lambda: pgfast.call(session, _CAPTURE_CALL, _capture_params(request)))
         pgfast.forget_moved(session, [])
         forget(session, Hold, _hold_ids(session, request_id))
@@ -368,12 +400,17 @@ def capture_hold(
 
 
 def capture_hold_standalone(
-    request_id: str, *, units: int | None = None, usage: UsageInput | None = None, actor: str = "api"
+    request_id: str,
+    *,
+    units: int | None = None,
+    usage: UsageInput | None = None,
+    actor: str = "api",
+    note: str = "",
 ) -> CaptureResult:
     """:func:`capture_hold` as a unit of work of its own (the usage API); on PostgreSQL one round trip."""
-    request = price_capture(request_id, units=units, usage=usage, actor=actor)
+    request = price_capture(request_id, units=units, usage=usage, actor=actor, note=note)
     engine = get_engine()
-    if pgfast.installed_for(engine, HOLD_SIGNATURE):
+    if not note and pgfast.installed_for(engine, HOLD_SIGNATURE):
         row = _keyed(request_id, lambda: pgfast.call_autocommit(engine, _CAPTURE_CALL, _capture_params(request)))
         return _captured(row, request)
     with unit_of_work() as session:
@@ -459,7 +496,9 @@ def _capture_portable(session: Session, request: CaptureRequest) -> CaptureResul
         hold_id=hold.id,
         usage_id=usage_id,
         actor=actor,
-        reason=f"captured {captured} of {held} held" + (f", {shortfall} short" if shortfall else ""),
+        reason=f"captured {captured} of {held} held"
+        + (f", {shortfall} short" if shortfall else "")
+        + (f"; {request.note}" if request.note else ""),
         allocations=[(g, -u) for g, u in funded],
     )
     released = held - min(wanted, held)
@@ -495,7 +534,13 @@ def _capture_portable(session: Session, request: CaptureRequest) -> CaptureResul
 
 
 def _release(
-    session: Session, account: LockedAccount, hold: Any, status: HoldStatus, actor: str, now: datetime
+    session: Session,
+    account: LockedAccount,
+    hold: Any,
+    status: HoldStatus,
+    actor: str,
+    now: datetime,
+    note: ReleaseNote | None = None,
 ) -> None:
     _give_back(
         session,
@@ -504,33 +549,47 @@ def _release(
         hold.units,
         key=_release_key(hold.request_id),
         actor=actor,
-        reason="hold expired" if status is HoldStatus.EXPIRED else "hold released",
+        reason="hold expired" if status is HoldStatus.EXPIRED else note.describe() if note else "hold released",
     )
     account.held -= hold.units
-    session.execute(update(HOLDS).where(HOLDS.c.id == hold.id).values(status=status, settled_at=now))
+    noted = {}
+    if note is not None:
+        noted = {
+            "release_reason": note.reason,
+            "provider": note.provider,
+            "model": note.model,
+            "provider_request_id": note.provider_request_id,
+        }
+    session.execute(update(HOLDS).where(HOLDS.c.id == hold.id).values(status=status, settled_at=now, **noted))
     forget(session, Hold, [hold.id])
     save_account(session, account)
 
 
-def release_hold(session: Session, request_id: str, *, actor: str = "api") -> HoldResult:
-    """Give a hold's units back; releasing a released or expired hold again changes nothing."""
+def release_hold(
+    session: Session, request_id: str, *, actor: str = "api", note: ReleaseNote | None = None
+) -> HoldResult:
+    """Give a hold's units back; releasing a released or expired hold again changes nothing.
+
+    ``note`` records why (kept on the hold and in the release entry); a repeated release keeps the first one.
+    """
     require_key("request_id", request_id)
-    if pgfast.installed(session, HOLD_SIGNATURE):
+    # A noted release (a failed provider call) takes the portable path, which stores the note.
+    if note is None and pgfast.installed(session, HOLD_SIGNATURE):
         row = pgfast.call(session, _RELEASE_CALL, (request_id, actor, utcnow()))
         pgfast.forget_moved(session, [])
         forget(session, Hold, _hold_ids(session, request_id))
         return _released(row, request_id)
-    return _release_portable(session, request_id, actor)
+    return _release_portable(session, request_id, actor, note)
 
 
-def release_hold_standalone(request_id: str, *, actor: str = "api") -> HoldResult:
+def release_hold_standalone(request_id: str, *, actor: str = "api", note: ReleaseNote | None = None) -> HoldResult:
     """:func:`release_hold` as a unit of work of its own (the usage API); on PostgreSQL one round trip."""
     require_key("request_id", request_id)
     engine = get_engine()
-    if pgfast.installed_for(engine, HOLD_SIGNATURE):
+    if note is None and pgfast.installed_for(engine, HOLD_SIGNATURE):
         return _released(pgfast.call_autocommit(engine, _RELEASE_CALL, (request_id, actor, utcnow())), request_id)
     with unit_of_work() as session:
-        return _release_portable(session, request_id, actor)
+        return _release_portable(session, request_id, actor, note)
 
 
 def _released(row: Any, request_id: str) -> HoldResult:
@@ -550,7 +609,7 @@ def _released(row: Any, request_id: str) -> HoldResult:
     )
 
 
-def _release_portable(session: Session, request_id: str, actor: str) -> HoldResult:
+def _release_portable(session: Session, request_id: str, actor: str, note: ReleaseNote | None = None) -> HoldResult:
     hold = _load_hold(session, request_id)
     account = lock_account_by_id(session, hold.account_id)
     hold = _load_hold(session, request_id)
@@ -559,7 +618,7 @@ def _release_portable(session: Session, request_id: str, actor: str) -> HoldResu
         return _hold_result(session, hold, account.customer_id, replayed=True)
     if status is HoldStatus.CAPTURED:
         raise HoldNotOpen(f"hold {request_id!r} was captured, it cannot be released")
-    _release(session, account, hold, HoldStatus.RELEASED, actor, utcnow())
+    _release(session, account, hold, HoldStatus.RELEASED, actor, utcnow(), note)
     return _hold_result(session, _load_hold(session, request_id), account.customer_id, replayed=False)
 
 

@@ -271,6 +271,12 @@ class Hold(Base):
     usage_id: Mapped[int | None] = mapped_column(ForeignKey("usage_records.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why it was released (``provider_timeout``: the call may still have been served) and the provider call it
+    # stood for, so a provider report that shows the call served can be matched in reconciliation.
+    release_reason: Mapped[str | None] = mapped_column(String(64))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(255))
+    provider_request_id: Mapped[str | None] = mapped_column(String(255))
 
 
 class UsageRecord(Base):

@@ -18,7 +18,17 @@ from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig, Tolerance
 from ledger.inbox import EventStatus, StripeEvent
-from ledger.models import AccessState, Account, Entry, EntryKind, Grant, GrantSource, UsageDaily, UsageEnvironment
+from ledger.models import (
+    AccessState,
+    Account,
+    Entry,
+    EntryKind,
+    Grant,
+    GrantSource,
+    Hold,
+    UsageDaily,
+    UsageEnvironment,
+)
 from reconciliation.models import MismatchKind, StagedStripeAlias, StagedStripeObject
 from reconciliation.providers import ProviderReport, ReportKind
 from reconciliation.services import Finding
@@ -771,10 +781,49 @@ def _ledger_usage(session: Session, groups: Groups) -> LedgerUsage:
     return out
 
 
+# A day's calls that timed out unanswered, listed in a provider mismatch's evidence (at most this many).
+TIMED_OUT_EVIDENCE = 50
+
+
+def _timed_out_calls(session: Session, groups: Groups) -> dict[tuple[str, date, str | None], list[dict[str, Any]]]:
+    """Holds released because the provider call timed out with no answer (``provider_timeout``): the provider may
+    have served and billed them anyway, so they are the first suspects of a provider report above the ledger."""
+    days = sorted({k[0] for reported in groups.values() for k in reported})
+    if not days:
+        return {}
+    start = datetime.combine(days[0], time(), tzinfo=UTC)
+    end = datetime.combine(days[-1] + timedelta(days=1), time(), tzinfo=UTC)
+    stmt = (
+        select(
+            Hold.request_id, Hold.provider, Hold.model, Hold.provider_request_id, Hold.created_at, Account.customer_id
+        )
+        .join(Account, Account.id == Hold.account_id)
+        .where(Hold.release_reason == "provider_timeout", Hold.created_at >= start, Hold.created_at < end)
+        .order_by(Hold.id)
+    )
+    out: dict[tuple[str, date, str | None], list[dict[str, Any]]] = {}
+    for request_id, provider, model, provider_request_id, created_at, customer_id in session.execute(stmt):
+        at = _utc(created_at)
+        if provider is None or at is None:
+            continue
+        calls = out.setdefault((provider, at.date(), model), [])
+        if len(calls) < TIMED_OUT_EVIDENCE:
+            calls.append(
+                {
+                    "hold": request_id,
+                    "customer_id": customer_id,
+                    "provider_request_id": provider_request_id,
+                    "at": at.isoformat(),
+                }
+            )
+    return out
+
+
 def check_providers(ctx: CheckContext) -> Iterator[Finding]:
     """provider_cost_drift and provider_usage_drift, per provider, day, model (and project/workspace)."""
     tol: Tolerance = ctx.config.reconciliation.provider_tolerance
     groups = _reported(ctx.reports)
+    timed_out = _timed_out_calls(ctx.session, groups)
     for (provider, _kind, _scope), by_key in groups.items():
         for d, _m, _s in by_key:
             ctx.provider_scope_keys.add(f"{provider}:{d.isoformat()}")
@@ -804,6 +853,16 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
             ident = f"{provider}|{d.isoformat()}|{model}|{scope}"
             occurred_at = datetime.combine(d, time(), tzinfo=UTC)
             scope_key = f"{provider}:{d.isoformat()}"
+            ledger_side: dict[str, Any] = {
+                "usage_records": led[4],
+                "provider_cost_usd": str(led[0]),
+                "input_tokens": led[1],
+                "output_tokens": led[2],
+                "cached_tokens": led[3],
+            }
+            if (provider, d, model) in timed_out:
+                # Released unanswered, not charged: if the provider served them, they explain a report above us.
+                ledger_side["provider_timeouts"] = timed_out[(provider, d, model)]
             evidence = {
                 "provider": {
                     "provider": provider,
@@ -812,13 +871,7 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
                     "scope": scope,
                     "rows": rep.rows,
                 },
-                "ledger": {
-                    "usage_records": led[4],
-                    "provider_cost_usd": str(led[0]),
-                    "input_tokens": led[1],
-                    "output_tokens": led[2],
-                    "cached_tokens": led[3],
-                },
+                "ledger": ledger_side,
             }
             if kind is ReportKind.COST:
                 if _beyond(led[0] - rep.cost, rep.cost, tol.absolute_usd, tol.relative):

@@ -33,6 +33,7 @@ from ledger.errors import InvalidRequest, LedgerError
 from ledger.holds import (
     CaptureResult,
     HoldResult,
+    ReleaseNote,
     capture_hold_standalone,
     place_hold_standalone,
     release_hold_standalone,
@@ -168,6 +169,27 @@ class CaptureRequest(UsageFields):
     """Charge what the call used: fewer units than held gives the rest back."""
 
     units: Units | None = Field(default=None, description="Credits used; omitted: priced from the usage, or all held")
+    note: Annotated[str, Field(max_length=500, pattern=r"^[^\x00-\x1f\x7f]*$")] = Field(
+        default="", description="Added to the capture entry's reason, e.g. that the usage was estimated"
+    )
+
+
+class ReleaseRequest(BaseModel):
+    """Why a hold is released, and the provider call it stood for (all optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9_]+$")] = Field(
+        default="released",
+        description="e.g. provider_error, provider_timeout (the call may have been served: kept for reconciliation)",
+    )
+    provider: Name | None = None
+    model: Name | None = None
+    provider_request_id: Name | None = Field(default=None, description="The id the provider knows the call by")
+
+    def note(self) -> ReleaseNote:
+        """The ledger's release note."""
+        return ReleaseNote(self.reason, self.provider, self.model, self.provider_request_id)
 
 
 # --- responses ---------------------------------------------------------------------------------------------------
@@ -454,12 +476,12 @@ def apply_hold(body: HoldRequest, request_id: str) -> HoldResult:
 
 def apply_capture(hold_id: str, body: CaptureRequest) -> CaptureResult:
     """Capture a hold as a body asks, as a unit of work of its own."""
-    return capture_hold_standalone(hold_id, units=body.units, usage=body.usage_input())
+    return capture_hold_standalone(hold_id, units=body.units, usage=body.usage_input(), note=body.note)
 
 
-def apply_release(hold_id: str) -> HoldResult:
-    """Release a hold, as a unit of work of its own."""
-    return release_hold_standalone(hold_id)
+def apply_release(hold_id: str, body: ReleaseRequest | None = None) -> HoldResult:
+    """Release a hold (saying why, when the body does), as a unit of work of its own."""
+    return release_hold_standalone(hold_id, note=body.note() if body is not None else None)
 
 
 @router.post(
@@ -497,8 +519,10 @@ async def capture(
     responses=ERRORS,
     summary="Release a hold: the call did not happen, give the credits back",
 )
-async def release(hold_id: HoldId, response: Response, writer: Writer) -> HoldResponse:
-    result = await writer.run(apply_release, hold_id)
+async def release(
+    hold_id: HoldId, response: Response, writer: Writer, body: ReleaseRequest | None = None
+) -> HoldResponse:
+    result = await writer.run(apply_release, hold_id, body)
     _replayed(response, result.replayed, created=200)
     return hold_response(result)
 

@@ -39,6 +39,7 @@ _ERROR: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 _CONSUME = TypeAdapter(api.ConsumeRequest)
 _HOLD = TypeAdapter(api.HoldRequest)
 _CAPTURE = TypeAdapter(api.CaptureRequest)
+_RELEASE = TypeAdapter(api.ReleaseRequest)
 
 
 class _Decline(Exception):
@@ -112,7 +113,8 @@ class UsageEndpoints:
             capture = _CAPTURE.validate_json(_json(body, json_body)) if body else api.CaptureRequest()
             captured = await self.writer.run(api.apply_capture, hold_id, capture)
             return 200, api.capture_response(captured), captured.replayed
-        released = await self.writer.run(api.apply_release, hold_id)
+        release = _RELEASE.validate_json(_json(body, json_body)) if body else None
+        released = await self.writer.run(api.apply_release, hold_id, release)
         return 200, api.hold_response(released), released.replayed
 
 

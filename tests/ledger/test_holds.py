@@ -239,3 +239,60 @@ class TestReleaseExpiredHolds:
             assert release_hold(session, short.request_id).status == HoldStatus.EXPIRED
             assert capture_hold(session, long.request_id).captured == 20
         assert_consistent(customer)
+
+
+class TestNotes:
+    """Why a hold was released (kept on the hold) and a capture's note (in its entry), on both backends."""
+
+    def test_a_release_note_is_kept_on_the_hold_and_in_the_entry(self, engine: Engine) -> None:
+        from sqlalchemy import select
+
+        from ledger.holds import ReleaseNote, release_hold_standalone
+        from ledger.models import Entry, Hold
+
+        customer = make_account()
+        make_grant(customer_id=customer, units=100)
+        make_hold(customer_id=customer, units=30, request_id="hold-noted")
+        note = ReleaseNote("provider_timeout", "openai", "gpt-4o-2024-08-06", "call_1")
+
+        released = release_hold_standalone("hold-noted", note=note)
+        again = release_hold_standalone("hold-noted", note=ReleaseNote("provider_error"))
+
+        assert (released.status, released.replayed, again.replayed) == (HoldStatus.RELEASED, False, True)
+        with unit_of_work() as session:
+            hold = session.execute(select(Hold).where(Hold.request_id == "hold-noted")).scalar_one()
+            assert (hold.release_reason, hold.provider, hold.model, hold.provider_request_id) == (
+                "provider_timeout",  # the first release's note stays
+                "openai",
+                "gpt-4o-2024-08-06",
+                "call_1",
+            )
+            reason = session.execute(select(Entry.reason).where(Entry.kind == "release")).scalar_one()
+        assert (
+            reason
+            == "hold released: provider_timeout (provider openai, model gpt-4o-2024-08-06, provider request call_1)"
+        )
+        assert account_state(customer)[:2] == (100, 0)
+        assert_consistent(customer)
+
+    def test_a_capture_note_is_in_the_entry_and_part_of_the_request(self, engine: Engine) -> None:
+        from sqlalchemy import select
+
+        from ledger.holds import capture_hold_standalone
+        from ledger.models import Entry
+
+        customer = make_account()
+        make_grant(customer_id=customer, units=100)
+        make_hold(customer_id=customer, units=30, request_id="hold-estimated")
+
+        captured = capture_hold_standalone("hold-estimated", units=12, note="estimated: stream abandoned")
+        replay = capture_hold_standalone("hold-estimated", units=12, note="estimated: stream abandoned")
+
+        assert (captured.captured, captured.released, replay.replayed) == (12, 18, True)
+        with pytest.raises(IdempotencyConflict):
+            capture_hold_standalone("hold-estimated", units=12)
+        with unit_of_work() as session:
+            reason = session.execute(select(Entry.reason).where(Entry.kind == "capture")).scalar_one()
+        assert reason == "captured 12 of 30 held; estimated: stream abandoned"
+        assert account_state(customer)[:2] == (88, 0)
+        assert_consistent(customer)

@@ -408,6 +408,37 @@ class TestProviderAndMargin:
             cost = s.scalars(select(Mismatch).where(Mismatch.summary.contains("gpt-4o-2024-08-06"))).one()
             assert cost.expected_amount - cost.actual_amount == Decimal("1.00")
 
+    def test_a_call_released_on_a_provider_timeout_is_evidence_of_the_drift(
+        self, engine: Engine, emulator: Emulator, tmp_path: Path
+    ) -> None:
+        from ledger.holds import ReleaseNote, place_hold, release_hold
+        from ledger.models import Hold
+
+        c = emulator.store.create_customer().id
+        self._usage(emulator, c)
+        at = emulator.start + timedelta(hours=3)
+        haiku_model = "claude-3-5-haiku-20241022"
+        with session_factory().begin() as s:
+            place_hold(s, c, request_id="call_timed_out", units=10)
+        with session_factory().begin() as s:
+            note = ReleaseNote("provider_timeout", "anthropic", haiku_model, "req_unanswered")
+            release_hold(s, "call_timed_out", note=note)
+            s.execute(update(Hold).where(Hold.request_id == "call_timed_out").values(created_at=at))
+        with Session(engine) as s:
+            groups = b.usage_groups(s)
+        day0 = emulator.start.date()
+        # The provider served and billed the call the client gave up on: its report is above the ledger.
+        reports = b.write_reports(
+            tmp_path, groups, usage_drift={("anthropic", day0, haiku_model, "wrkspc_main"): 5_000}
+        )
+        _store_events(emulator)
+        _run(emulator, reports)
+        with Session(engine) as s:
+            m = s.scalars(select(Mismatch).where(Mismatch.kind == MismatchKind.PROVIDER_USAGE_DRIFT)).one()
+        assert m.evidence["ledger"]["provider_timeouts"] == [
+            {"hold": "call_timed_out", "customer_id": c, "provider_request_id": "req_unanswered", "at": at.isoformat()}
+        ]
+
     def test_usage_the_provider_never_reported_is_drift(
         self, engine: Engine, emulator: Emulator, tmp_path: Path
     ) -> None:
