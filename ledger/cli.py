@@ -68,6 +68,19 @@ Environment = Annotated[
 ]
 
 
+class CommandFailed(Exception):
+    """A mistake found before or while a command ran: one line for the person, a stable code, an exit code.
+
+    The root command (worker.cli) prints it once, as a line on stderr or, with --json, one JSON object.
+    """
+
+    def __init__(self, code: str, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.exit_code = exit_code
+
+
 class UsageError(Exception):
     """The command line asks for something that makes no sense (exit 2)."""
 

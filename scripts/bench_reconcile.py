@@ -305,7 +305,7 @@ def child(args: argparse.Namespace) -> None:
     """Run one reconciliation and print its figures as JSON (peak memory is this process's VmHWM)."""
     from ledger.db import make_engine, session_factory, set_engine
     from reconciliation.engine import reconcile
-    from worker.gateway import StripeGateway
+    from reconciliation.gateway import StripeGateway
 
     engine = make_engine(args.url)
     set_engine(engine)

@@ -139,11 +139,13 @@ def backfill_events(
     since: Annotated[str, typer.Option(help="ISO time; Stripe keeps events for 30 days, so at most that far.")],
 ) -> None:
     """Fetch events from Stripe's Events API and store (and process) the ones the inbox misses."""
+    from reconciliation.gateway import get_gateway
     from worker.backfill import backfill
     from worker.enqueue import hand_over
-    from worker.gateway import get_gateway
 
-    report = backfill(get_gateway(), since=_parse_time(since), hand_over=hand_over)
+    gateway = get_gateway()
+    gateway.require_key()
+    report = backfill(gateway, since=_parse_time(since), hand_over=hand_over)
     if report.clamped:
         typer.echo(f"note: Stripe keeps 30 days of events; backfilling from {report.since.isoformat()}", err=True)
     typer.echo(

@@ -270,7 +270,7 @@ class TestCli:
     @pytest.fixture
     def cli(self, emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
         from ledger.settings import get_settings
-        from worker.gateway import get_gateway
+        from reconciliation.gateway import get_gateway
 
         monkeypatch.setenv("STRIPE_API_BASE", emulator.server.url)
         monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
@@ -380,7 +380,7 @@ class TestCli:
         self, engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         from ledger.settings import get_settings
-        from worker.gateway import get_gateway
+        from reconciliation.gateway import get_gateway
 
         monkeypatch.setenv("STRIPE_API_BASE", "http://127.0.0.1:9")
         monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")

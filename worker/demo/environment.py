@@ -183,8 +183,8 @@ def apply_settings(backend: Backend, creds: Credentials, *, stripe_api_base: str
     os.environ.update(env)
     get_settings.cache_clear()
     get_billing_config.cache_clear()
+    from reconciliation.gateway import get_gateway
     from worker.celery_app import configure
-    from worker.gateway import get_gateway
 
     get_gateway.cache_clear()
     db.set_engine(None)
@@ -197,7 +197,7 @@ def drop_stripe_connections() -> None:
 
     Left open, each holds an emulator request thread that the interpreter waits on for seconds at exit.
     """
-    from worker.gateway import get_gateway
+    from reconciliation.gateway import get_gateway
 
     get_gateway.cache_clear()
     gc.collect()

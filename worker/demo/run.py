@@ -275,7 +275,7 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
 
         # --- reconciliation ----------------------------------------------------------------------------------
         from reconciliation.engine import reconcile
-        from worker.gateway import get_gateway
+        from reconciliation.gateway import get_gateway
 
         runs = []
         stripe_since = story.since.replace(hour=0)
