@@ -103,6 +103,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def print_json(payload: dict[str, Any], *, ok: bool = True) -> None:
+    """The --json contract: exactly one JSON object on stdout, on one line, ``ok`` true exactly when exit is 0.
+
+    Lists are one object with the items under a named key (``entries``, ``events``, ``mismatches``, ``rows``),
+    never JSON Lines; errors are ``{"ok": false, "code": ..., "error": ...}``.
+    """
+    typer.echo(json.dumps(_jsonable({"ok": ok, **payload}), sort_keys=True, default=str))
+
+
 def _emit(as_json: bool, payload: dict[str, Any], text: str, *, err: bool = False) -> None:
     if as_json:
         typer.echo(json.dumps(_jsonable(payload), sort_keys=True))

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE
+from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE, CommandFailed, print_json
 from ledger.db import session_factory, unit_of_work
 from ledger.errors import InvalidRequest
 from reconciliation import services
@@ -54,9 +54,12 @@ def _parse_time(value: str, option: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+_ERROR_CODES = {EXIT_USAGE: "usage_error", EXIT_UNKNOWN: "unknown_mismatch", EXIT_CHECK_FAILED: "run_failed"}
+
+
+def _fail(message: str, code: int) -> CommandFailed:
+    # Printed by the root command: one line, or one JSON object with --json.
+    return CommandFailed(_ERROR_CODES.get(code, "error"), message, code)
 
 
 def _gateway() -> StripeGateway:
@@ -88,7 +91,7 @@ def reconcile_command(
         list[Path] | None,
         typer.Option("--provider-report", help="An OpenAI or Anthropic cost/usage report (repeatable)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
     actor: ActorOption = None,
 ) -> None:
     """Reconcile the ledger against Stripe and provider reports for [since, until)."""
@@ -134,7 +137,8 @@ def reconcile_command(
     except Exception as exc:  # Stripe or the database failed mid-run: the run row says so too
         raise _fail(f"reconciliation failed: {type(exc).__name__}: {exc}", EXIT_CHECK_FAILED) from exc
     if as_json:
-        typer.echo(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
+        found = {"code": "mismatches_found"} if summary.total else {}
+        print_json({**summary.as_dict(), **found}, ok=not summary.total)
     else:
         _print_summary(summary)
     if summary.total:
@@ -151,7 +155,7 @@ def margin_command(
     since: Annotated[str, typer.Option("--since", help="Window start (ISO 8601, UTC if no offset).")],
     until: Annotated[str, typer.Option("--until", help="Window end, exclusive (ISO 8601).")],
     customer: Annotated[str | None, typer.Option("--customer")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """Margin per customer, feature and model: credits sold against provider cost, for [since, until)."""
     from reconciliation.margin import margin_rows
@@ -162,7 +166,7 @@ def margin_command(
     with unit_of_work() as session:
         rows = [r.as_dict() for r in margin_rows(session, since=start, until=end, customer_id=customer)]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        print_json({"rows": rows})
         return
     table = Table("customer", "feature", "model", "requests", "credits", "revenue $", "cost $", "margin $")
     for r in rows:
@@ -189,7 +193,7 @@ def list_command(
     customer: Annotated[str | None, typer.Option("--customer")] = None,
     run: Annotated[int | None, typer.Option("--run", help="Last seen by this run.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """List mismatches, oldest first."""
     with unit_of_work() as session:
@@ -198,7 +202,7 @@ def list_command(
         )
         data = [services.mismatch_dict(m) for m in rows]
     if as_json:
-        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        print_json({"mismatches": data})
         return
     table = Table("id", "kind", "status", "customer", "expected", "actual", "unit", "summary")
     for m in data:
@@ -218,7 +222,7 @@ def list_command(
 @mismatches_app.command("show")
 def show_command(
     mismatch_id: Annotated[int, typer.Argument(metavar="ID")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """Show one mismatch with its evidence and audit trail."""
     with unit_of_work() as session:
@@ -229,7 +233,7 @@ def show_command(
         data = services.mismatch_dict(mismatch)
         data["actions"] = [services.action_dict(a) for a in services.list_actions(session, mismatch_id)]
     if as_json:
-        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        print_json(data)
         return
     console = Console()
     console.print(f"[bold]mismatch {data['id']}[/bold] {data['kind']} ({data['status']})")

@@ -39,7 +39,8 @@ class TestList:
         process_events([ignored])
         result = runner.invoke(app, ["events", "list", "--status", "ignored", "--json"])
         assert result.exit_code == 0, result.output
-        rows = [json.loads(line) for line in result.output.splitlines()]
+        (line,) = result.output.splitlines()  # one JSON object, the list under "events"
+        rows = json.loads(line)["events"]
         assert [r["id"] for r in rows] == [ignored]
         assert rows[0]["status_reason"]
         result = runner.invoke(app, ["events", "list", "--type", "invoice.paid"])
