@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -18,6 +18,7 @@ from ledger.logs import get_logger
 from ledger.models import Account, EntryKind
 from webhooks.review import cases, customers
 from webhooks.review.auth import LoginThrottle, authenticate, log_in, log_out
+from webhooks.review.params import parse_day, parse_id
 from webhooks.review.security import safe_next
 from webhooks.review.state import review_users
 from webhooks.review.templating import render
@@ -114,10 +115,10 @@ async def customer_search(request: Request) -> Response:
     return render(request, "review/customers.html", {"section": "customers", "q": q, "recent": recent})
 
 
-def _parse_day(raw: str | None, default: datetime) -> datetime:
+def _parse_day(raw: str | None, default: datetime, name: str) -> datetime:
     if not raw:
         return default
-    return datetime.combine(date.fromisoformat(raw), time(0), tzinfo=UTC)
+    return datetime.combine(parse_day(raw, name), time(0), tzinfo=UTC)
 
 
 def _customer_context(
@@ -168,11 +169,11 @@ async def customer_page(request: Request) -> Response:
     customer_id = request.path_params["customer_id"]
     params = request.query_params
     try:
-        before_id = int(params["before"]) if params.get("before") else None
+        before_id = parse_id(params["before"], "before") if params.get("before") else None
         kind = EntryKind(params["kind"]) if params.get("kind") else None
         now = datetime.now(UTC)
-        until = _parse_day(params.get("until"), now)
-        since = _parse_day(params.get("since"), until - timedelta(days=USAGE_WINDOW_DAYS))
+        until = _parse_day(params.get("until"), now, "until")
+        since = _parse_day(params.get("since"), until - timedelta(days=USAGE_WINDOW_DAYS), "since")
     except ValueError:
         return bad_request(request, "before must be an entry id, kind an entry kind, since/until dates (YYYY-MM-DD).")
     if since >= until:
