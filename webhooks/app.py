@@ -10,7 +10,7 @@ import orjson
 import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -146,6 +146,17 @@ def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter |
         log.warning("write unavailable", error=repr(exc))
         status, body = unavailable(exc)
         return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+    @app.exception_handler(DataError)
+    async def _out_of_range(_: Request, exc: DataError) -> Response:
+        # A value the request carried, or a total it adds to (the day's usage roll-up), does not fit its column.
+        # The transaction rolled back: nothing was charged or recorded.
+        log.info("value out of range", error=str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
+        return error_response(
+            422,
+            "value_out_of_range",
+            "a value, or a total it adds to (such as the day's usage roll-up), is beyond what can be stored",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
