@@ -268,7 +268,7 @@ class TestThrottle:
         self, engine: Engine, client: TestClient, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         from webhooks.review import views
-        from webhooks.review.auth import LoginThrottle
+        from webhooks.review.sessions import LoginThrottle
 
         monkeypatch.setattr(views, "throttle", LoginThrottle(max_failures=3, window_seconds=60))
         for _ in range(3):

@@ -19,10 +19,9 @@ from webhooks.review.params import IdConvertor
 from webhooks.review.security import ReviewGate, SecureCookiesOverHttps, form_action
 from webhooks.review.state import review_users
 from webhooks.review.templating import STATIC_DIR
+from webhooks.review.views import SESSION_MAX_AGE_SECONDS
 
 SESSION_COOKIE = "review_session"
-# A working day: after that, sign in again.
-SESSION_MAX_AGE_SECONDS = 12 * 3600
 _DEFAULT_SECRET = "change-me-in-production"
 
 log = get_logger(__name__)
@@ -81,4 +80,4 @@ def create_review_app() -> Starlette:
 
 async def _out_of_range(request: Request, exc: Exception) -> Response:
     log.info("review.value_out_of_range", path=request.url.path, error=type(exc).__name__)
-    return PlainTextResponse("Bad request: a value in the address is out of range.", status_code=400)
+    return PlainTextResponse("Bad request: a value in the request is out of range.", status_code=400)

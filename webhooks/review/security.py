@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, quote, urlsplit
 
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, MutableHeaders
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
@@ -80,7 +81,7 @@ class ReviewGate:
             return
         if not path.startswith(PUBLIC_PREFIXES):
             request = Request(scope, receive)
-            user = session_user(request, self.users())
+            user = await run_in_threadpool(session_user, request, self.users())
             if user is None:
                 target = scope["path"] + (
                     "?" + scope["query_string"].decode("latin-1") if scope["query_string"] else ""
