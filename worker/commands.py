@@ -162,8 +162,10 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run the Celery worker that applies stored events (and, with --beat, the periodic jobs)."""
+    from ledger.db import get_engine
     from worker.celery_app import get_app
 
+    get_engine()  # the database is reachable and migrated, or one line says why not (before any process starts)
     argv = ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--queues={queues}"]
     if beat:
         argv.append("--beat")

@@ -117,6 +117,27 @@ class TestDatabaseMistakes:
         assert_one_line(invoke(args), "newer billing-reconciler", "zz_from_the_future", "upgrade")
 
 
+class TestMigrateAndWorker:
+    @pytest.mark.parametrize("args", [["migrate"], ["worker"]])
+    def test_a_database_that_cannot_be_reached(self, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+        use(monkeypatch, "postgres://postgres@127.0.0.1:5432/billing")
+        assert_one_line(invoke(args), "DATABASE_URL", "postgresql+psycopg://")
+        use(monkeypatch, f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/billing")
+        assert_one_line(invoke(args), "cannot reach PostgreSQL")
+
+    def test_the_worker_refuses_a_database_never_migrated(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        use(monkeypatch, f"sqlite:///{tmp_path / 'billing.db'}")
+        assert_one_line(invoke(["worker"]), "is empty", "billing-reconciler migrate")
+
+    def test_migrate_makes_the_empty_database_usable(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        use(monkeypatch, f"sqlite:///{tmp_path / 'billing.db'}")
+        assert invoke(["migrate"]).exit_code == 0
+        db.set_engine(None)
+        assert invoke(["check", "--json"]).exit_code == 0
+
+
 class TestMissingDatabase:
     @pytest.mark.postgres
     @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
