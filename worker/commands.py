@@ -86,14 +86,19 @@ def show_event(
         if row is None:
             raise CommandFailed("unknown_event", f"no stored event {ident!r}", EXIT_UNKNOWN)
         summary = _summary(row)
-        try:
-            summary["payload"] = orjson.loads(row.payload)
-        except orjson.JSONDecodeError:
-            summary["payload"] = row.payload.decode("utf-8", "replace")
+        raw = bytes(row.payload)
+    try:
+        summary["payload"] = orjson.loads(raw)
+        text = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        # Not JSON, or nested deeper than an encoder will go (a signed event may nest to 1,024 levels): the
+        # payload as stored, as a string.
+        summary["payload"] = raw.decode("utf-8", "replace")
+        text = json.dumps(summary, indent=2)
     if as_json:
         print_json(summary)
         return
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(text)
 
 
 @events_app.command("replay")
