@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 
 from ledger.cli import CommandFailed
 from ledger.config import ConfigError, get_billing_config
-from ledger.logs import configure_logging
+from ledger.logs import configure_logging, redact_text
 from ledger.settings import describe_validation_error, get_settings
 
 # Outside the contract's 0-5 on purpose (sysexits' EX_SOFTWARE): a script can tell "the command failed in a way
@@ -57,7 +57,8 @@ def classify(exc: BaseException) -> CommandFailed:
     if described is not None:
         return CommandFailed("database_unreachable", described)
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    detail = f": {lines[0][:300]}" if lines else ""
+    # Redacted like a log line: an exception's text may quote a key or a token.
+    detail = f": {redact_text(lines[0][:300])}" if lines else ""
     return CommandFailed(
         "unexpected_error",
         f"unexpected {type(exc).__name__}{detail} (run `billing-reconciler --debug ...` or set LOG_LEVEL=DEBUG "
