@@ -36,7 +36,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`billing-reconciler serve --request-timeout 1` on a migrated SQLite database, in its own process."""
+    """`serve --request-timeout 1 --max-connections 3` on a migrated SQLite database, in its own process."""
     path = tmp_path_factory.mktemp("serve") / "billing.db"
     engine = db.make_engine(f"sqlite:///{path}")
     migrate(engine)
@@ -45,7 +45,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{path}", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     command = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(port)]
-    process = subprocess.Popen([*command, "--request-timeout", "1"], env=env, cwd=REPO)
+    process = subprocess.Popen(
+        [*command, "--request-timeout", "1", "--max-connections", "3"], env=env, cwd=REPO
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -91,6 +93,19 @@ class TestSlowClients:
         with socket.create_connection(("127.0.0.1", port)) as slow:
             slow.sendall(b"GET /healthz HTTP/1.1\r\n")
             assert httpx.get(f"{served}/healthz", timeout=5).status_code == 200
+
+
+class TestConnectionCap:
+    def test_beyond_max_connections_requests_get_503(self, served: str) -> None:
+        port = int(served.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            assert httpx.get(f"{served}/healthz", timeout=5).status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{served}/healthz", timeout=5).status_code == 200
 
 
 class TestRedaction:
