@@ -69,6 +69,8 @@ def classify(exc: BaseException) -> CommandFailed:
 
 def report_failure(failure: CommandFailed, *, as_json: bool) -> None:
     """Print the failure: one JSON object on stdout with --json, else one line on stderr."""
+    # One line whatever the message quotes (a driver's or a library's text may run to several).
+    failure.message = " ".join(part.strip() for part in failure.message.splitlines() if part.strip())
     if as_json:
         typer.echo(json.dumps({"ok": False, "code": failure.code, "error": failure.message}, sort_keys=True))
     else:

@@ -243,7 +243,8 @@ def prepare_database(backend: Backend, *, reset: bool) -> Engine:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
-            raise DemoError(f"PostgreSQL at DATABASE_URL does not answer: {exc}") from exc
+            described = db.describe_connection_error(exc, backend.database_url)
+            raise DemoError(described or f"PostgreSQL at DATABASE_URL does not answer: {exc}") from exc
         existing = set(inspect(engine).get_table_names())
         ours = [t for t in project_tables() if t in existing]
         with engine.begin() as conn:
