@@ -116,6 +116,8 @@ class BillingGroup(TyperGroup):
         return code
 
     def invoke(self, ctx: Context) -> Any:
+        from ledger import db
+
         try:
             return super().invoke(ctx)
         except (typer.Exit, click_exceptions.ClickException, typer.Abort, KeyboardInterrupt, EOFError):
@@ -126,6 +128,9 @@ class BillingGroup(TyperGroup):
                 traceback.print_exception(exc, file=sys.stderr)
             report_failure(failure, as_json="--json" in self.argv)
             raise typer.Exit(failure.exit_code) from None
+        finally:
+            # The check belongs to this command; code that runs the CLI in-process (tests) starts clean next time.
+            db.check_on_first_use(None)
 
 
 app = typer.Typer(
