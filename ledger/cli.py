@@ -68,6 +68,19 @@ Environment = Annotated[
 ]
 
 
+class CommandFailed(Exception):
+    """A mistake found before or while a command ran: one line for the person, a stable code, an exit code.
+
+    The root command (worker.cli) prints it once, as a line on stderr or, with --json, one JSON object.
+    """
+
+    def __init__(self, code: str, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.exit_code = exit_code
+
+
 class UsageError(Exception):
     """The command line asks for something that makes no sense (exit 2)."""
 
@@ -88,6 +101,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     return value
+
+
+def print_json(payload: dict[str, Any], *, ok: bool = True) -> None:
+    """The --json contract: exactly one JSON object on stdout, on one line, ``ok`` true exactly when exit is 0.
+
+    Lists are one object with the items under a named key (``entries``, ``events``, ``mismatches``, ``rows``),
+    never JSON Lines; errors are ``{"ok": false, "code": ..., "error": ...}``.
+    """
+    typer.echo(json.dumps(_jsonable({"ok": ok, **payload}), sort_keys=True, default=str))
 
 
 def _emit(as_json: bool, payload: dict[str, Any], text: str, *, err: bool = False) -> None:

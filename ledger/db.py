@@ -7,7 +7,7 @@ session they are given and never commit.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,6 +72,9 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         engine = create_engine(url, **kwargs)
         _configure_sqlite(engine)
         return engine
+    if "connect_timeout" not in url:
+        # libpq waits for the OS's TCP timeout (minutes) on a host that drops packets: fail in seconds instead.
+        kwargs.setdefault("connect_args", {"connect_timeout": 10})
     kwargs.setdefault("pool_size", settings.database_pool_size)
     kwargs.setdefault("max_overflow", settings.database_pool_size)
     kwargs.setdefault("pool_pre_ping", settings.database_pool_pre_ping)
@@ -82,14 +85,33 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
 _lock = threading.Lock()
 _engine: Engine | None = None
 _factory: sessionmaker[Session] | None = None
+_first_use_check: Callable[[Engine], None] | None = None
+
+
+def check_on_first_use(check: Callable[[Engine], None] | None) -> None:
+    """Run ``check`` on the process-wide engine when it is first created (the CLI: is the database usable?).
+
+    The engine is kept only if the check passes; commands that never touch the database never pay for it.
+    """
+    global _first_use_check
+    with _lock:
+        _first_use_check = check
 
 
 def get_engine() -> Engine:
     """The process-wide engine, created on first use."""
-    global _engine, _factory
+    global _engine, _factory, _first_use_check
     with _lock:
         if _engine is None:
-            _engine = make_engine()
+            engine = make_engine()
+            if _first_use_check is not None:
+                try:
+                    _first_use_check(engine)
+                except BaseException:
+                    engine.dispose()
+                    raise
+                _first_use_check = None
+            _engine = engine
             _factory = sessionmaker(_engine, expire_on_commit=False)
         return _engine
 
@@ -116,3 +138,46 @@ def unit_of_work() -> Iterator[Session]:
     """One transaction: commit when the block ends, roll back if it raises."""
     with session_factory().begin() as session:
         yield session
+
+
+def describe_connection_error(exc: BaseException, url: str | None = None) -> str | None:
+    """One line naming why the database cannot be used and the fix, or None when ``exc`` is not a connection error.
+
+    The driver's own messages run to several lines (libpq adds hints per address tried); a person needs the
+    cause and what to change.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError
+
+    raw = url or get_settings().database_url
+    if isinstance(exc, ArgumentError | NoSuchModuleError):
+        return (
+            f"DATABASE_URL {raw.split('://')[0]}://... is not a database URL this project reads ({exc}): use "
+            "postgresql+psycopg://user:password@host:5432/dbname or sqlite:///path/to/billing.db"
+        )
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return None
+    try:
+        parsed = make_url(raw)
+    except ArgumentError:
+        return None
+    shown = parsed.render_as_string(hide_password=True)
+    text = str(getattr(exc, "orig", None) or exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if parsed.get_backend_name() == "sqlite":
+        return (
+            f"cannot open the SQLite database {parsed.database} ({first}): its directory must exist and be "
+            "writable; fix DATABASE_URL"
+        )
+    host, port = parsed.host or "localhost", parsed.port or 5432
+    where = f"{host}:{port}"
+    if "does not exist" in text and "database" in text:
+        return (
+            f'database "{parsed.database}" does not exist on {where}: create it (createdb -h {host} -p {port} '
+            f"-U {parsed.username or 'postgres'} {parsed.database}) or fix DATABASE_URL"
+        )
+    if "password authentication failed" in text or "no password supplied" in text:
+        return f"PostgreSQL at {where} refused the user or password in DATABASE_URL ({shown}): fix DATABASE_URL"
+    reason = "connection refused" if "refused" in text else first.split(": ")[-1]
+    return f"cannot reach PostgreSQL at {where} ({reason}): start the server or fix DATABASE_URL ({shown})"

@@ -107,21 +107,46 @@ class EventEnvelope:
     customer_id: str | None
 
 
+# When a Stripe event can have been created: Stripe did not exist before 2010, and a time past 2100 is no event's.
+# Anything outside is refused at the door, so no later step (ordering, windows, a page's date arithmetic) meets a
+# time at the edge of what Python or the database holds.
+EARLIEST_CREATED = datetime(2010, 1, 1, tzinfo=UTC)
+LATEST_CREATED = datetime(2100, 1, 1, tzinfo=UTC)
+
+
 def _created(value: object) -> datetime:
     if isinstance(value, bool):
         raise NotAStripeEvent("created must be a timestamp")
     if isinstance(value, int):
         try:
-            return datetime.fromtimestamp(value, tz=UTC)
+            created = datetime.fromtimestamp(value, tz=UTC)
         except (OverflowError, OSError, ValueError) as exc:
             raise NotAStripeEvent("created is out of range") from exc
-    if isinstance(value, str):  # thin (v2) events carry an ISO 8601 string
+    elif isinstance(value, str):  # thin (v2) events carry an ISO 8601 string
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as exc:
+            created = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError) as exc:
             raise NotAStripeEvent("created is not an ISO 8601 time") from exc
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    raise NotAStripeEvent("created is missing")
+    else:
+        raise NotAStripeEvent("created is missing")
+    if not EARLIEST_CREATED <= created < LATEST_CREATED:
+        raise NotAStripeEvent("created is out of range")
+    return created
+
+
+def has_nul(raw: bytes) -> bool:
+    """True when a JSON document's text holds a NUL character (an unescaped ``\\u0000``): no column can store it."""
+    start = raw.find(b"\\u0000")
+    while start != -1:
+        # An escape only when preceded by an even number of backslashes (``\\\\u0000`` is a backslash, then text).
+        backslashes = 0
+        while start - backslashes - 1 >= 0 and raw[start - backslashes - 1] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return True
+        start = raw.find(b"\\u0000", start + 1)
+    return False
 
 
 def parse_envelope(event: object) -> EventEnvelope:

@@ -12,12 +12,24 @@ import structlog
 
 # Values that look like credentials are masked wherever they appear in a log event.
 _SECRET = re.compile(r"\b(sk|rk|pk)_(live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9]+|\bBearer\s+\S+")
+# A credential sent in a query string (``?token=...``, ``&api_key=...``): the value goes, the name stays, so the
+# log still says a token was sent. Access logs print the whole request target.
+_QUERY_SECRET = re.compile(
+    r"([?&;](?:[A-Za-z0-9_.-]*?)(?:token|api[_-]?key|key|secret|password|passwd|auth|authorization|session|"
+    r"signature|sig|code)=)[^&;#\s\"']*",
+    re.IGNORECASE,
+)
+
+
+def redact_text(value: str) -> str:
+    """``value`` with every credential-looking part (API keys, bearer tokens, query-string tokens) masked."""
+    return _QUERY_SECRET.sub(r"\1[redacted]", _SECRET.sub("[redacted]", value))
 
 
 def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
         if isinstance(value, str):
-            event[key] = _SECRET.sub("[redacted]", value)
+            event[key] = redact_text(value)
     return event
 
 

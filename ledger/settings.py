@@ -6,10 +6,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./billing.db"
+STRIPE_LIVE_API_BASE = "https://api.stripe.com"
+# The URL schemes make_engine() knows: PostgreSQL through psycopg 3, and the embedded SQLite default.
+DATABASE_SCHEMES = ("postgresql+psycopg", "postgresql", "sqlite", "sqlite+pysqlite")
 
 
 def _split_csv(value: object) -> object:
@@ -38,13 +41,16 @@ class Settings(BaseSettings):
     celery_task_always_eager: bool = False
 
     # Stripe. The API base can point at the local emulator in tests and the demo.
-    stripe_api_key: SecretStr = SecretStr("sk_test_emulator")
-    stripe_api_base: str = "https://api.stripe.com"
+    # No default key: a command that would call the live API without one stops with a clear error instead.
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str = STRIPE_LIVE_API_BASE
     stripe_webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     stripe_webhook_tolerance_seconds: int = Field(default=300, ge=1)
     stripe_max_retries: int = Field(default=4, ge=0)
 
     webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # A client must send a whole request (headers and body) within this many seconds, or `serve` closes it.
+    request_read_timeout_seconds: float = Field(default=10.0, ge=0.5)
     # Stored events unhandled for longer than this are "stale": /readyz, the sweep and reconciliation use it.
     unprocessed_event_minutes: int = Field(default=15, ge=1)
     unprocessed_event_threshold: int = Field(default=100, ge=0)
@@ -68,6 +74,22 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        scheme, sep, _ = value.partition("://")
+        if not sep or scheme not in DATABASE_SCHEMES:
+            raise ValueError(
+                f"scheme {scheme + sep if sep else value!r} is not one this project reads: use "
+                "postgresql+psycopg://user:password@host:5432/dbname or sqlite:///path/to/billing.db"
+            )
+        return value
+
+    @property
+    def stripe_is_live(self) -> bool:
+        """True when the gateway would call Stripe itself (not the emulator or another local server)."""
+        return self.stripe_api_base.rstrip("/") == STRIPE_LIVE_API_BASE
+
     @field_validator("stripe_webhook_secrets", "api_tokens", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -77,6 +99,17 @@ class Settings(BaseSettings):
     def is_postgres(self) -> bool:
         """True when the database is PostgreSQL (the production path)."""
         return self.database_url.startswith("postgresql")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable, and why."""
+    parts = []
+    for error in exc.errors():
+        loc = error.get("loc", ())
+        name = str(loc[0]).upper() if loc else "settings"
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{name}: {message}")
+    return "; ".join(parts)
 
 
 @lru_cache(maxsize=1)

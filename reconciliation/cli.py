@@ -11,21 +11,23 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE
+from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE, CommandFailed, print_json
 from ledger.db import session_factory, unit_of_work
 from ledger.errors import InvalidRequest
 from reconciliation import services
 from reconciliation.engine import RunSummary, previous_utc_day, reconcile
 from reconciliation.models import MismatchKind, MismatchStatus
 from reconciliation.providers import ReportError
-from reconciliation.stripe_source import StripeSource
+
+if TYPE_CHECKING:
+    from reconciliation.gateway import StripeGateway
 
 mismatches_app = typer.Typer(help="Review reconciliation mismatches.", no_args_is_help=True)
 
@@ -52,14 +54,17 @@ def _parse_time(value: str, option: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+_ERROR_CODES = {EXIT_USAGE: "usage_error", EXIT_UNKNOWN: "unknown_mismatch", EXIT_CHECK_FAILED: "run_failed"}
 
 
-def _gateway() -> StripeSource:
-    # Wired here, not at import: reconciliation must not depend on the worker package.
-    from worker.gateway import get_gateway
+def _fail(message: str, code: int) -> CommandFailed:
+    # Printed by the root command: one line, or one JSON object with --json.
+    return CommandFailed(_ERROR_CODES.get(code, "error"), message, code)
+
+
+def _gateway() -> StripeGateway:
+    # Imported when a command runs: the Stripe SDK costs ~0.7 s to load, which --help and the other commands skip.
+    from reconciliation.gateway import get_gateway
 
     return get_gateway()
 
@@ -86,7 +91,7 @@ def reconcile_command(
         list[Path] | None,
         typer.Option("--provider-report", help="An OpenAI or Anthropic cost/usage report (repeatable)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
     actor: ActorOption = None,
 ) -> None:
     """Reconcile the ledger against Stripe and provider reports for [since, until)."""
@@ -94,6 +99,11 @@ def reconcile_command(
     if end <= start:
         raise _fail("--until must be after --since", EXIT_USAGE)
     err = Console(stderr=True)
+    # Mistakes in the setup (no Stripe key, a database that cannot be used) stop here with their own message and
+    # exit code 2, before the run starts; only what fails during the run is a failed run.
+    gateway = _gateway()
+    gateway.require_key()
+    sessions = session_factory()
     try:
         with Progress(
             SpinnerColumn(),
@@ -112,8 +122,8 @@ def reconcile_command(
                 bar.advance(tasks[step], n)
 
             summary = reconcile(
-                session_factory(),
-                _gateway(),
+                sessions,
+                gateway,
                 since=start,
                 until=end,
                 provider_reports=provider_report or [],
@@ -127,7 +137,8 @@ def reconcile_command(
     except Exception as exc:  # Stripe or the database failed mid-run: the run row says so too
         raise _fail(f"reconciliation failed: {type(exc).__name__}: {exc}", EXIT_CHECK_FAILED) from exc
     if as_json:
-        typer.echo(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
+        found = {"code": "mismatches_found"} if summary.total else {}
+        print_json({**summary.as_dict(), **found}, ok=not summary.total)
     else:
         _print_summary(summary)
     if summary.total:
@@ -144,7 +155,7 @@ def margin_command(
     since: Annotated[str, typer.Option("--since", help="Window start (ISO 8601, UTC if no offset).")],
     until: Annotated[str, typer.Option("--until", help="Window end, exclusive (ISO 8601).")],
     customer: Annotated[str | None, typer.Option("--customer")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """Margin per customer, feature and model: credits sold against provider cost, for [since, until)."""
     from reconciliation.margin import margin_rows
@@ -155,7 +166,7 @@ def margin_command(
     with unit_of_work() as session:
         rows = [r.as_dict() for r in margin_rows(session, since=start, until=end, customer_id=customer)]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        print_json({"rows": rows})
         return
     table = Table("customer", "feature", "model", "requests", "credits", "revenue $", "cost $", "margin $")
     for r in rows:
@@ -182,7 +193,7 @@ def list_command(
     customer: Annotated[str | None, typer.Option("--customer")] = None,
     run: Annotated[int | None, typer.Option("--run", help="Last seen by this run.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """List mismatches, oldest first."""
     with unit_of_work() as session:
@@ -191,7 +202,7 @@ def list_command(
         )
         data = [services.mismatch_dict(m) for m in rows]
     if as_json:
-        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        print_json({"mismatches": data})
         return
     table = Table("id", "kind", "status", "customer", "expected", "actual", "unit", "summary")
     for m in data:
@@ -211,7 +222,7 @@ def list_command(
 @mismatches_app.command("show")
 def show_command(
     mismatch_id: Annotated[int, typer.Argument(metavar="ID")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """Show one mismatch with its evidence and audit trail."""
     with unit_of_work() as session:
@@ -222,7 +233,7 @@ def show_command(
         data = services.mismatch_dict(mismatch)
         data["actions"] = [services.action_dict(a) for a in services.list_actions(session, mismatch_id)]
     if as_json:
-        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        print_json(data)
         return
     console = Console()
     console.print(f"[bold]mismatch {data['id']}[/bold] {data['kind']} ({data['status']})")

@@ -1,8 +1,7 @@
 """What reconciliation needs from Stripe, as a small Protocol.
 
-``worker.gateway.StripeGateway`` satisfies it (reconciliation never imports the worker at module level); tests
-may pass the same gateway pointed at the local emulator. Lists are lazy iterators of plain dicts, paged by the
-source, so nothing here holds a whole window in memory.
+``reconciliation.gateway.StripeGateway`` satisfies it; tests may pass the same gateway pointed at the local
+emulator. Lists are lazy iterators of plain dicts, paged by the source, so nothing here holds a whole window in memory.
 """
 
 from __future__ import annotations

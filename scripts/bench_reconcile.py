@@ -368,7 +368,7 @@ def child(args: argparse.Namespace) -> None:
     from ledger.db import make_engine, session_factory, set_engine
     from reconciliation import staging
     from reconciliation.engine import reconcile
-    from worker.gateway import StripeGateway
+    from reconciliation.gateway import StripeGateway
 
     engine = make_engine(args.url)
     set_engine(engine)

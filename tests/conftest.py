@@ -50,6 +50,43 @@ def redis_url() -> str | None:
     return None
 
 
+# --- what the run covers: said at the start and in the summary -----------------------------------------------
+
+NO_POSTGRES = "no PostgreSQL configured"
+NO_REDIS = "no Redis"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say up front which databases and broker this run uses."""
+    if postgres_url() is None:
+        databases = (
+            "databases: SQLite only; tests that need PostgreSQL will be SKIPPED "
+            "(set DATABASE_URL=postgresql+psycopg://... to run them)"
+        )
+    else:
+        databases = "databases: SQLite and PostgreSQL (DATABASE_URL)"
+    broker = "broker: Redis (CELERY_BROKER_URL)" if redis_url() else "broker: none; Redis tests will be SKIPPED"
+    return [databases, broker]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> Iterator[None]:
+    """End with one line counting the tests skipped for want of PostgreSQL or Redis: they did not pass."""
+    yield  # after pytest's own summaries, just above the final count
+    skipped = terminalreporter.stats.get("skipped", [])
+    no_pg = sum(1 for report in skipped if NO_POSTGRES in str(report.longrepr))
+    no_redis = sum(1 for report in skipped if NO_REDIS in str(report.longrepr))
+    if no_pg or no_redis:
+        parts = []
+        if no_pg:
+            parts.append(f"{no_pg} need PostgreSQL (set DATABASE_URL=postgresql+psycopg://...)")
+        if no_redis:
+            parts.append(f"{no_redis} need Redis (set CELERY_BROKER_URL=redis://...)")
+        terminalreporter.write_sep("=", "NOT RUN: " + "; ".join(parts), yellow=True, bold=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test reads settings and billing config afresh, so monkeypatched env vars take effect."""

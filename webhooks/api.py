@@ -65,6 +65,7 @@ def _plausible_time(value: datetime) -> datetime:
 
 Timestamp = Annotated[AwareDatetime, AfterValidator(_plausible_time)]
 Tokens = Annotated[int, Field(strict=True, ge=0, le=10**12)]
+MAX_PROVIDER_COST_USD = Decimal(10_000)
 Units = Annotated[int, Field(strict=True, ge=0, le=10**15)]
 
 bearer = HTTPBearer(auto_error=False, description="An API token from API_TOKENS")
@@ -108,8 +109,15 @@ class UsageFields(BaseModel):
     input_tokens: Tokens = 0
     output_tokens: Tokens = 0
     cached_tokens: Tokens = 0
+    # At most $10,000 a call: no AI call costs more, and the daily roll-up (BIGINT 10^-10 USD, ~$922M a row) then
+    # takes ~92,000 of the largest calls on one day and key before it is full (then 422, value_out_of_range).
     provider_cost_usd: Decimal | None = Field(
-        default=None, ge=0, max_digits=20, decimal_places=10, description='A decimal string, e.g. "0.0042"'
+        default=None,
+        ge=0,
+        le=MAX_PROVIDER_COST_USD,
+        max_digits=20,
+        decimal_places=10,
+        description='A decimal string, e.g. "0.0042"; at most 10000',
     )
     billable: bool = True
     environment: UsageEnvironment = UsageEnvironment.PRODUCTION

@@ -10,7 +10,7 @@ import orjson
 import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -113,6 +113,10 @@ def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter |
         # FastAPI's OpenTelemetry hooks ask the tracer and meter providers on every request (several environment
         # reads each); this service exports Prometheus metrics (/metrics) and structured logs instead.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # /docs is served below from local copies of Swagger UI's files (nothing loads from another host);
+        # ReDoc has no local copy, so it is off.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.inbox_writer = writer
     app.state.usage_writer = usage_writer
@@ -129,6 +133,7 @@ def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter |
     app.include_router(health.router)
     app.include_router(api.router)
     app.mount("/review", create_review_app())
+    _local_docs(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
@@ -147,6 +152,17 @@ def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter |
         status, body = unavailable(exc)
         return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
+    @app.exception_handler(DataError)
+    async def _out_of_range(_: Request, exc: DataError) -> Response:
+        # A value the request carried, or a total it adds to (the day's usage roll-up), does not fit its column.
+        # The transaction rolled back: nothing was charged or recorded.
+        log.info("value out of range", error=str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
+        return error_response(
+            422,
+            "value_out_of_range",
+            "a value, or a total it adds to (such as the day's usage roll-up), is beyond what can be stored",
+        )
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
         details = validation_details(exc.errors())
@@ -161,3 +177,30 @@ def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter |
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+DOCS_ASSETS = "/docs/assets"
+
+
+def _local_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's script, stylesheet and icon served by this app (swagger-ui-bundle's copies)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # not installed: no /docs (the schema stays at /openapi.json)
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs_assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="billing-reconciler API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            # The online validator badge would fetch from validator.swagger.io: off.
+            swagger_ui_parameters={"validatorUrl": None},
+        )

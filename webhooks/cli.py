@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import tempfile
 from enum import StrEnum
 
 import typer
+
+from ledger.cli import CommandFailed
+from ledger.settings import get_settings
+from webhooks.server import DEFAULT_MAX_CONNECTIONS, ReadDeadlineProtocol
 
 APP_FACTORY = "webhooks.app:create_app"
 
@@ -32,9 +38,28 @@ def serve(
     ),
     server: Server = typer.Option(DEFAULT_SERVER, help="ASGI server."),
     access_log: bool = typer.Option(False, help="Log every request (costs throughput)."),
+    request_timeout: float | None = typer.Option(
+        None,
+        min=0.5,
+        help="Seconds a client has to send a whole request (headers and body) before the connection is closed "
+        "[default: REQUEST_READ_TIMEOUT_SECONDS, 10].",
+        show_default=False,
+    ),
+    max_connections: int = typer.Option(
+        DEFAULT_MAX_CONNECTIONS, min=1, help="Connections per server process beyond which requests get 503."
+    ),
 ) -> None:
     """Serve the webhook receiver, usage API, health, metrics and review pages."""
+    from ledger.db import get_engine
     from webhooks.metrics import multiprocess_mode
+
+    require_free_port(host, port)
+    if request_timeout is not None:
+        # Through the environment, so that uvicorn's and granian's worker processes read it too.
+        os.environ["REQUEST_READ_TIMEOUT_SECONDS"] = str(request_timeout)
+        get_settings.cache_clear()
+    timeout = get_settings().request_read_timeout_seconds
+    get_engine()  # the database is reachable and migrated (checked on first use), or one line says why not
 
     if workers > 1 and not multiprocess_mode():
         # Several processes: prometheus_client must write samples to shared files, chosen before it is imported
@@ -44,6 +69,7 @@ def serve(
         try:
             from granian import Granian
             from granian.constants import Interfaces, Loops
+            from granian.http import HTTP1Settings
         except ImportError:
             raise typer.BadParameter(
                 "granian is not installed: pip install 'billing-reconciler[granian]'", param_hint="--server"
@@ -59,6 +85,8 @@ def serve(
             loop=Loops.uvloop,
             log_access=access_log,
             backlog=2048,
+            backpressure=max_connections,
+            http1_settings=HTTP1Settings(header_read_timeout=int(timeout * 1000)),
         ).serve()
         return
     import uvicorn
@@ -70,9 +98,11 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=ReadDeadlineProtocol,
         access_log=access_log,
         backlog=2048,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
         log_config=None,
     )
 
@@ -132,6 +162,22 @@ def import_usage_file(
         if len(report.problems) > 50:
             typer.echo(f"... and {len(report.problems) - 50} more (--json lists them all)", err=True)
     raise typer.Exit(0 if report.clean else 1)
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Raise CommandFailed (exit 2, one line) when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            busy = exc.errno == errno.EADDRINUSE
+            raise CommandFailed(
+                "port_in_use" if busy else "cannot_listen",
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
+                + ("stop what uses it or choose another --port" if busy else "choose another --host or --port"),
+            ) from None
 
 
 def register(app: typer.Typer) -> None:

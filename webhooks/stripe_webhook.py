@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from ledger.inbox import EventEnvelope, NotAStripeEvent, parse_envelope
+from ledger.inbox import EventEnvelope, NotAStripeEvent, has_nul, parse_envelope
 from webhooks import metrics
 from webhooks.inbox_writer import InboxUnavailable, InboxWriter, StoreOutcome
 from webhooks.responses import send_error, send_json
@@ -106,6 +106,9 @@ class StripeWebhookEndpoint:
         try:
             envelope = parse_envelope(event)
             _check_storable(envelope)
+            if has_nul(body):
+                # Anywhere in the event: a handler would later write that string to a text column and fail.
+                raise NotAStripeEvent("a field contains a NUL character")
         except (NotAStripeEvent, ValueError, TypeError, OverflowError) as exc:
             # ValueError and friends too: a field the envelope reads may be of any shape; none is a server error.
             raise Rejected(400, "not_a_stripe_event", f"the body is not a Stripe event: {exc}") from exc

@@ -11,7 +11,7 @@ import orjson
 
 from ledger.db import unit_of_work
 from ledger.inbox import EventSource, NotAStripeEvent, parse_envelope, store_events
-from worker.gateway import EVENTS_RETENTION_DAYS
+from reconciliation.gateway import EVENTS_RETENTION_DAYS
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,7 +119,7 @@ def _fresh_connections_in_child(**_: Any) -> None:
     from sqlalchemy.orm import configure_mappers
 
     from ledger.db import get_engine
-    from worker.gateway import get_gateway
+    from reconciliation.gateway import get_gateway
 
     get_engine().dispose(close=False)
     # One-time costs paid now rather than inside the first batch, with its accounts locked: configuring the

@@ -10,7 +10,7 @@ import orjson
 import typer
 from sqlalchemy import select, update
 
-from ledger.cli import EXIT_UNKNOWN, EXIT_USAGE
+from ledger.cli import EXIT_UNKNOWN, CommandFailed, print_json
 from ledger.db import unit_of_work
 from ledger.inbox import EventStatus, StripeEvent, get_event
 
@@ -21,8 +21,7 @@ def _parse_time(value: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        typer.echo(f"error: {value!r} is not an ISO 8601 time", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise CommandFailed("usage_error", f"{value!r} is not an ISO 8601 time") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -51,7 +50,7 @@ def list_events(
     status: Annotated[EventStatus | None, typer.Option(help="Only events with this status.")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="Only events of this Stripe type.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """List stored events, newest first."""
     with unit_of_work() as session:
@@ -62,8 +61,7 @@ def list_events(
             stmt = stmt.where(StripeEvent.type == type_)
         rows = [_summary(r) for r in session.scalars(stmt)]
     if as_json:
-        for row in rows:
-            typer.echo(json.dumps(row))
+        print_json({"events": rows})
         return
     if not rows:
         typer.echo("no events")
@@ -80,19 +78,27 @@ def list_events(
 @events_app.command("show")
 def show_event(
     ident: Annotated[str, typer.Argument(help="Row id or Stripe event id (evt_...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
     """Show one stored event: what we did with it, and its raw payload."""
     with unit_of_work() as session:
         row = get_event(session, ident)
         if row is None:
-            typer.echo(f"error: no stored event {ident!r}", err=True)
-            raise typer.Exit(EXIT_UNKNOWN)
+            raise CommandFailed("unknown_event", f"no stored event {ident!r}", EXIT_UNKNOWN)
         summary = _summary(row)
-        try:
-            summary["payload"] = orjson.loads(row.payload)
-        except orjson.JSONDecodeError:
-            summary["payload"] = row.payload.decode("utf-8", "replace")
-    typer.echo(json.dumps(summary, indent=2))
+        raw = bytes(row.payload)
+    try:
+        summary["payload"] = orjson.loads(raw)
+        text = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        # Not JSON, or nested deeper than an encoder will go (a signed event may nest to 1,024 levels): the
+        # payload as stored, as a string.
+        summary["payload"] = raw.decode("utf-8", "replace")
+        text = json.dumps(summary, indent=2)
+    if as_json:
+        print_json(summary)
+        return
+    typer.echo(text)
 
 
 @events_app.command("replay")
@@ -104,14 +110,12 @@ def replay_events(
     from worker.enqueue import hand_over
 
     if (ident is None) == (since is None):
-        typer.echo("error: give an event id or --since, not both", err=True)
-        raise typer.Exit(EXIT_USAGE)
+        raise CommandFailed("usage_error", "give an event id or --since, not both")
     with unit_of_work() as session:
         if ident is not None:
             row = get_event(session, ident)
             if row is None:
-                typer.echo(f"error: no stored event {ident!r}", err=True)
-                raise typer.Exit(EXIT_UNKNOWN)
+                raise CommandFailed("unknown_event", f"no stored event {ident!r}", EXIT_UNKNOWN)
             ids = [row.id]
         else:
             assert since is not None
@@ -139,11 +143,13 @@ def backfill_events(
     since: Annotated[str, typer.Option(help="ISO time; Stripe keeps events for 30 days, so at most that far.")],
 ) -> None:
     """Fetch events from Stripe's Events API and store (and process) the ones the inbox misses."""
+    from reconciliation.gateway import get_gateway
     from worker.backfill import backfill
     from worker.enqueue import hand_over
-    from worker.gateway import get_gateway
 
-    report = backfill(get_gateway(), since=_parse_time(since), hand_over=hand_over)
+    gateway = get_gateway()
+    gateway.require_key()
+    report = backfill(gateway, since=_parse_time(since), hand_over=hand_over)
     if report.clamped:
         typer.echo(f"note: Stripe keeps 30 days of events; backfilling from {report.since.isoformat()}", err=True)
     typer.echo(
@@ -161,8 +167,10 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run the Celery worker that applies stored events (and, with --beat, the periodic jobs)."""
+    from ledger.db import get_engine
     from worker.celery_app import get_app
 
+    get_engine()  # the database is reachable and migrated, or one line says why not (before any process starts)
     argv = ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--queues={queues}"]
     if beat:
         argv.append("--beat")

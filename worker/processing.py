@@ -32,7 +32,7 @@ from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import Account
 from ledger.posting import BACKENDS
 from ledger.settings import get_settings
-from worker.gateway import StripeReader, is_transient_stripe_error
+from reconciliation.gateway import StripeReader, is_transient_stripe_error
 from worker.handlers import handler_for, ignore_reason
 from worker.handlers.base import (
     ClaimedEvent,

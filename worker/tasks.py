@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,9 +19,9 @@ from ledger import grants as ledger_grants
 from ledger import holds as ledger_holds
 from ledger.db import unit_of_work
 from ledger.settings import get_settings
+from reconciliation.gateway import StripeReader, get_gateway
 from worker import processing
 from worker.celery_app import app
-from worker.gateway import StripeReader, get_gateway
 from worker.sweep import sweep
 
 log = structlog.get_logger("worker.tasks")
@@ -66,13 +67,17 @@ def noop(event_row_ids: list[int]) -> int:
     return len(event_row_ids)
 
 
+def _send_to_process_events(event_row_ids: Sequence[int]) -> None:
+    process_events.apply_async(args=[[int(i) for i in event_row_ids]])
+
+
 @app.task(name="worker.sweep_unprocessed")
 def sweep_unprocessed(older_than_minutes: float | None = None) -> int:
     """Re-send stored events left unprocessed past the threshold, and waiting events whose retry time came."""
-    from worker.enqueue import hand_over
-
     minutes = get_settings().unprocessed_event_minutes if older_than_minutes is None else older_than_minutes
-    sent = sweep(hand_over, older_than=timedelta(minutes=minutes))
+    # Sent straight to process_events (the sweep's batches are smaller than a message's limit): worker.enqueue
+    # imports this module, and this module does not import it back.
+    sent = sweep(_send_to_process_events, older_than=timedelta(minutes=minutes))
     if sent:
         log.info("sweep_requeued", events=sent)
     return sent

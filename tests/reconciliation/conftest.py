@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from stripe_emulator import Clock, EmulatorServer, Store
 
+from reconciliation.gateway import StripeGateway
 from tests.reconciliation.builders import TEST_BILLING_CONFIG
-from worker.gateway import StripeGateway
 
 
 @dataclass

@@ -14,9 +14,9 @@ from stripe_emulator import Clock, EmulatorServer, Store
 
 from ledger.db import session_factory
 from reconciliation.engine import reconcile
+from reconciliation.gateway import StripeGateway
 from reconciliation.models import Mismatch, MismatchAction, MismatchKind, MismatchStatus
 from tests.reconciliation import seeded
-from worker.gateway import StripeGateway
 
 FAULTS = 30
 # The kinds the issue asks to seed; margin review items are tested on their own (test_checks).

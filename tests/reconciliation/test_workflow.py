@@ -270,7 +270,7 @@ class TestCli:
     @pytest.fixture
     def cli(self, emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
         from ledger.settings import get_settings
-        from worker.gateway import get_gateway
+        from reconciliation.gateway import get_gateway
 
         monkeypatch.setenv("STRIPE_API_BASE", emulator.server.url)
         monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
@@ -292,12 +292,13 @@ class TestCli:
         result = self._invoke(cli, "reconcile", "--since", since, "--until", until, "--json", "--actor", "cron")
         assert result.exit_code == 1, result.output  # mismatches found
         summary = json.loads(result.stdout)
+        assert (summary["ok"], summary["code"]) == (False, "mismatches_found")  # ok exactly when exit 0
         assert summary["counts"] == {"amount_mismatch": 1, "payment_without_grant": 1}
         assert summary["status"] == "succeeded"
 
         listed = self._invoke(cli, "mismatches", "list", "--kind", "amount_mismatch", "--json")
         assert listed.exit_code == 0, listed.output
-        (item,) = json.loads(listed.stdout)
+        (item,) = json.loads(listed.stdout)["mismatches"]
         mid = str(item["id"])
 
         shown = self._invoke(cli, "mismatches", "show", mid, "--json")
@@ -372,7 +373,7 @@ class TestCli:
         since, until = emulator.start.isoformat(), _until().isoformat()
         result = self._invoke(cli, "margin", "--since", since, "--until", until, "--json")
         assert result.exit_code == 0, result.output
-        (row,) = json.loads(result.stdout)
+        (row,) = json.loads(result.stdout)["rows"]
         assert (row["customer_id"], row["units"], row["cost_usd"]) == (c, 750, "2.5000000000")
         assert self._invoke(cli, "margin", "--since", until, "--until", since).exit_code == 2
 
@@ -380,7 +381,7 @@ class TestCli:
         self, engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         from ledger.settings import get_settings
-        from worker.gateway import get_gateway
+        from reconciliation.gateway import get_gateway
 
         monkeypatch.setenv("STRIPE_API_BASE", "http://127.0.0.1:9")
         monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")

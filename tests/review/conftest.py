@@ -41,7 +41,7 @@ _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 def _fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
     """Failed sign-ins in one test do not count against the next."""
     from webhooks.review import views
-    from webhooks.review.auth import LoginThrottle
+    from webhooks.review.sessions import LoginThrottle
 
     monkeypatch.setattr(views, "throttle", LoginThrottle())
 

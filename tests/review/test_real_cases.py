@@ -17,11 +17,11 @@ from stripe_emulator import Clock, EmulatorServer, Store
 
 from ledger.db import session_factory
 from reconciliation.engine import reconcile
+from reconciliation.gateway import StripeGateway
 from reconciliation.models import Mismatch
 from tests.reconciliation import seeded
 from tests.review.conftest import log_in, mounted_review_app
 from webhooks.review.cases import find_refs
-from worker.gateway import StripeGateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.usefixtures("test_config")]
 

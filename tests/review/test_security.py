@@ -102,7 +102,7 @@ class TestWithoutSession:
         # A new page or action added later must be added to the lists above, or this fails.
         app = create_review_app()
         covered = {"/", "/login", "/logout", "/mismatches", "/mismatches.csv", "/runs", "/customers"}
-        covered |= {"/mismatches/{mismatch_id:int}", "/mismatches/{mismatch_id:int}/{action:str}"}
+        covered |= {"/mismatches/{mismatch_id:billing_id}", "/mismatches/{mismatch_id:billing_id}/{action:str}"}
         covered |= {"/customers/{customer_id:str}", "/events/{event_id:str}"}
         paths = {r.path for r in app.routes if isinstance(r, Route)}
         assert paths == covered
@@ -268,7 +268,7 @@ class TestThrottle:
         self, engine: Engine, client: TestClient, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         from webhooks.review import views
-        from webhooks.review.auth import LoginThrottle
+        from webhooks.review.sessions import LoginThrottle
 
         monkeypatch.setattr(views, "throttle", LoginThrottle(max_failures=3, window_seconds=60))
         for _ in range(3):

@@ -39,7 +39,8 @@ class TestList:
         process_events([ignored])
         result = runner.invoke(app, ["events", "list", "--status", "ignored", "--json"])
         assert result.exit_code == 0, result.output
-        rows = [json.loads(line) for line in result.output.splitlines()]
+        (line,) = result.output.splitlines()  # one JSON object, the list under "events"
+        rows = json.loads(line)["events"]
         assert [r["id"] for r in rows] == [ignored]
         assert rows[0]["status_reason"]
         result = runner.invoke(app, ["events", "list", "--type", "invoice.paid"])
@@ -99,3 +100,21 @@ class TestReplay:
         assert runner.invoke(app, ["events", "replay"]).exit_code == 2
         assert runner.invoke(app, ["events", "replay", "1", "--since", "2020-01-01"]).exit_code == 2
         assert runner.invoke(app, ["events", "replay", "--since", "yesterday"]).exit_code == 2
+
+
+class TestShowDeepEvents:
+    def test_an_event_nested_as_deep_as_the_receiver_allows_is_shown(self, cli_db: Engine) -> None:
+        # Written by hand: 1,000 levels inside the envelope, within the 1,024 the receiver's parser accepts.
+        deep = '{"a": ' * 1000 + '{"id": "cus_deep"}' + "}" * 1000
+        raw = (
+            '{"id": "evt_deep_cli", "object": "event", "type": "customer.updated", "created": 1760000000, '
+            '"data": {"object": {"id": "cus_deep", "object": "customer", "nested": ' + deep + "}}}"
+        ).encode()
+        store(raw)
+        shown = runner.invoke(app, ["events", "show", "evt_deep_cli"])
+        assert shown.exit_code == 0, shown.output
+        assert "cus_deep" in shown.output
+        as_json = runner.invoke(app, ["events", "show", "evt_deep_cli", "--json"])
+        assert as_json.exit_code == 0, as_json.output
+        body = json.loads(as_json.stdout)
+        assert body["ok"] is True and body["event_id"] == "evt_deep_cli" and "cus_deep" in body["payload"]

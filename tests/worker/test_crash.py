@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from stripe_emulator import Clock, EmulatorServer, Store
 
 from ledger.settings import get_settings
+from reconciliation.gateway import StripeGateway
 from tests.conftest import redis_url
 from tests.worker.conftest import store
 from tests.worker.streams import EXPECTED_ACCESS, emulator_ties, generate_stream, same_second_ties
@@ -29,7 +30,6 @@ from tests.worker.test_metamorphic import snapshot, wipe
 from tests.worker.workers import DONE, RedisServer, WorkerProcess, count_all, count_done, free_port, wait_until
 from worker.celery_app import configure
 from worker.enqueue import hand_over
-from worker.gateway import StripeGateway
 from worker.processing import process_events
 from worker.sweep import sweep
 

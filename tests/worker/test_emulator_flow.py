@@ -14,9 +14,9 @@ from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.inbox import EventSource, EventStatus, StripeEvent
 from ledger.models import AccessState, Account, Grant, GrantSource
+from reconciliation.gateway import StripeGateway
 from tests.worker.conftest import event_row, store
 from worker.backfill import backfill
-from worker.gateway import StripeGateway
 from worker.processing import process_events
 
 

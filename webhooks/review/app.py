@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import DataError
 from starlette.applications import Starlette
+from starlette.convertors import register_url_convertor
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ledger.logs import get_logger
 from ledger.settings import get_settings
 from webhooks.review import mismatch_views, views
+from webhooks.review.params import IdConvertor
 from webhooks.review.security import ReviewGate, SecureCookiesOverHttps, form_action
 from webhooks.review.state import review_users
 from webhooks.review.templating import STATIC_DIR
+from webhooks.review.views import SESSION_MAX_AGE_SECONDS
 
 SESSION_COOKIE = "review_session"
-# A working day: after that, sign in again.
-SESSION_MAX_AGE_SECONDS = 12 * 3600
 _DEFAULT_SECRET = "change-me-in-production"
 
 log = get_logger(__name__)
+register_url_convertor("billing_id", IdConvertor())
 
 
 def create_review_app() -> Starlette:
@@ -39,9 +44,9 @@ def create_review_app() -> Starlette:
         Route("/logout", form_action(views.logout), methods=["POST"]),
         Route("/mismatches", mismatch_views.mismatch_list, methods=["GET"]),
         Route("/mismatches.csv", mismatch_views.mismatch_csv, methods=["GET"]),
-        Route("/mismatches/{mismatch_id:int}", mismatch_views.mismatch_page, methods=["GET"]),
+        Route("/mismatches/{mismatch_id:billing_id}", mismatch_views.mismatch_page, methods=["GET"]),
         Route(
-            "/mismatches/{mismatch_id:int}/{action:str}",
+            "/mismatches/{mismatch_id:billing_id}/{action:str}",
             form_action(mismatch_views.mismatch_action),
             methods=["POST"],
         ),
@@ -64,4 +69,15 @@ def create_review_app() -> Starlette:
         ),
         Middleware(ReviewGate, users=review_users),
     ]
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        # The last line behind the parsers in webhooks.review.params: a value no column or date can hold is the
+        # request's fault (400), not the server's.
+        exception_handlers={OverflowError: _out_of_range, DataError: _out_of_range},
+    )
+
+
+async def _out_of_range(request: Request, exc: Exception) -> Response:
+    log.info("review.value_out_of_range", path=request.url.path, error=type(exc).__name__)
+    return PlainTextResponse("Bad request: a value in the request is out of range.", status_code=400)

@@ -1,9 +1,10 @@
 """Who may use the review pages: users with scrypt password hashes, signed session cookies, CSRF tokens.
 
 Users come from the ``REVIEW_USERS`` setting as ``name:hash`` pairs separated by commas, where ``hash`` is
-``scrypt$<n>$<r>$<p>$<salt b64>$<key b64>`` (see :func:`hash_password`). The session itself lives in a cookie
-signed with ``SECRET_KEY`` (Starlette's SessionMiddleware); it carries the user's name, a fingerprint of their
-stored hash (so changing a password ends their sessions) and the per-session CSRF token.
+``scrypt$<n>$<r>$<p>$<salt b64>$<key b64>`` (see :func:`hash_password`). The session is a row in the database
+(webhooks.review.sessions) named by a random token in a cookie signed with ``SECRET_KEY`` (Starlette's
+SessionMiddleware); the cookie also carries the user's name, a fingerprint of their stored hash (so changing a
+password ends their sessions) and the per-session CSRF token.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import base64
 import hashlib
 import hmac
 import secrets
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,6 +25,7 @@ SCRYPT_P = 1
 _KEY_LEN = 32
 _MAX_MEM = 64 * 1024 * 1024
 
+SESSION_ID = "sid"
 SESSION_USER = "user"
 SESSION_FINGERPRINT = "pwfp"
 SESSION_CSRF = "csrf"
@@ -134,62 +133,43 @@ def csrf_valid(request: Request, submitted: object) -> bool:
     return hmac.compare_digest(expected.encode(), submitted.encode())
 
 
-def log_in(request: Request, user: ReviewUser) -> None:
-    """Start a fresh session for ``user``: nothing from before the login survives, the CSRF token is new."""
+def log_in(request: Request, user: ReviewUser, *, lifetime_seconds: int) -> None:
+    """Start a fresh session for ``user`` (recorded server-side): nothing from before survives, the CSRF token is new.
+
+    Blocking (a database write): call it from a thread.
+    """
+    from webhooks.review.sessions import start_session
+
     request.session.clear()
+    request.session[SESSION_ID] = start_session(user.name, lifetime_seconds=lifetime_seconds)
     request.session[SESSION_USER] = user.name
     request.session[SESSION_FINGERPRINT] = user.fingerprint
     request.session[SESSION_CSRF] = secrets.token_urlsafe(32)
 
 
 def log_out(request: Request) -> None:
-    """End the session."""
+    """End the session on the server (a copy of the cookie opens nothing afterwards) and clear the cookie."""
+    from webhooks.review.sessions import end_session
+
+    token = request.session.get(SESSION_ID)
+    if isinstance(token, str):
+        end_session(token)
     request.session.clear()
 
 
 def session_user(request: Request, users: dict[str, ReviewUser]) -> ReviewUser | None:
-    """The logged-in user, if the session names a configured user whose password has not changed since."""
+    """The logged-in user: the cookie names a live server-side session of a configured user whose password has not
+    changed since. Blocking (a database read): call it from a thread."""
+    from webhooks.review.sessions import end_session, session_is_live
+
     name = request.session.get(SESSION_USER)
-    if not isinstance(name, str):
+    token = request.session.get(SESSION_ID)
+    if not isinstance(name, str) or not isinstance(token, str):
         return None
     user = users.get(name)
-    if user is None:
-        return None
     fingerprint = request.session.get(SESSION_FINGERPRINT)
-    if not isinstance(fingerprint, str) or not hmac.compare_digest(fingerprint, user.fingerprint):
+    if user is None or not isinstance(fingerprint, str) or not hmac.compare_digest(fingerprint, user.fingerprint):
+        # The user is gone or their password changed: the session they had ends here, for good.
+        end_session(token)
         return None
-    return user
-
-
-class LoginThrottle:
-    """Refuses sign-in for a name after too many recent failures (guessing is slow for everyone, per process)."""
-
-    def __init__(self, max_failures: int = 10, window_seconds: float = 900.0) -> None:
-        self.max_failures = max_failures
-        self.window_seconds = window_seconds
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _recent(self, name: str, now: float) -> deque[float]:
-        failures = self._failures.setdefault(name, deque())
-        while failures and failures[0] <= now - self.window_seconds:
-            failures.popleft()
-        return failures
-
-    def blocked(self, name: str) -> bool:
-        """True while ``name`` has had too many failures within the window."""
-        with self._lock:
-            return len(self._recent(name.lower(), time.monotonic())) >= self.max_failures
-
-    def failed(self, name: str) -> None:
-        """Count a failed sign-in for ``name``."""
-        with self._lock:
-            now = time.monotonic()
-            self._recent(name.lower(), now).append(now)
-            if len(self._failures) > 10_000:  # names are attacker-chosen: do not grow without bound
-                self._failures = {k: v for k, v in self._failures.items() if v and v[-1] > now - self.window_seconds}
-
-    def succeeded(self, name: str) -> None:
-        """Forget the failures of a name that signed in."""
-        with self._lock:
-            self._failures.pop(name.lower(), None)
+    return user if session_is_live(token, name) else None

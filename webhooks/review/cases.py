@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import BigInteger, ColumnElement, Select, Text, bindparam, cast, func, or_, select, tuple_
@@ -25,6 +25,7 @@ from reconciliation.models import (
     MismatchStatus,
     ReconciliationRun,
 )
+from webhooks.review import params as params_
 from webhooks.review.customers import GRANT_ENTRY_KINDS
 from webhooks.review.models import amount_gap, gap_expr
 
@@ -86,14 +87,10 @@ def parse_filter(params: Mapping[str, str]) -> MismatchFilter:
 
     def day(name: str) -> date | None:
         raw = get(name)
-        try:
-            return date.fromisoformat(raw) if raw else None
-        except ValueError:
-            raise ValueError(f"{name}: not a date (YYYY-MM-DD): {raw!r}") from None
+        return params_.parse_day(raw, name) if raw else None
 
     run = get("run")
-    if run and not run.isdigit():
-        raise ValueError(f"run: not a run id: {run!r}")
+    run_id = params_.parse_id(run, "run") if run else None
     sort = get("sort") or "newest"
     if sort not in SORTS:
         raise ValueError(f"sort: one of {', '.join(SORTS)}")
@@ -104,7 +101,7 @@ def parse_filter(params: Mapping[str, str]) -> MismatchFilter:
         status=enum_value("status", MismatchStatus),
         kind=enum_value("kind", MismatchKind),
         customer=get("customer") or None,
-        run_id=int(run) if run else None,
+        run_id=run_id,
         seen=seen,  # type: ignore[arg-type]  # checked just above
         occurred_from=day("from"),
         occurred_to=day("to"),
@@ -153,15 +150,12 @@ def encode_cursor(sort: Sort, row: Mismatch, gap: Decimal | None) -> str:
 def decode_cursor(sort: Sort, cursor: str) -> tuple[Any, int]:
     """The (sort value, id) a cursor names; ValueError if it is not one."""
     value, sep, row_id = cursor.rpartition("~")
-    if not sep or not row_id.isdigit():
+    if not sep:
         raise ValueError("cursor: not a page cursor")
+    position = params_.parse_id(row_id, "cursor")
     if sort in ("amount", "amount_asc"):
-        try:
-            return Decimal(value), int(row_id)
-        except InvalidOperation:
-            raise ValueError("cursor: not a page cursor") from None
-    parsed = datetime.fromisoformat(value)
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)), int(row_id)
+        return params_.parse_amount(value, "cursor"), position
+    return params_.parse_time(value, "cursor"), position
 
 
 @dataclass(frozen=True, slots=True)

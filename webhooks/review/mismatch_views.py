@@ -20,6 +20,7 @@ from ledger.logs import get_logger
 from reconciliation import services
 from reconciliation.models import MismatchStatus
 from webhooks.review import cases, charts
+from webhooks.review.params import parse_day, parse_id
 from webhooks.review.security import current_user
 from webhooks.review.templating import flash, render
 from webhooks.review.views import bad_request, not_found
@@ -261,10 +262,10 @@ async def run_list(request: Request) -> Response:
     """Runs with counts per kind, and the daily chart of credits granted, Stripe payments and provider cost."""
     params = request.query_params
     try:
-        before_id = int(params["before"]) if params.get("before") else None
-        run_id = int(params["run"]) if params.get("run") else None
-        since = date.fromisoformat(params["from"]) if params.get("from") else None
-        until = date.fromisoformat(params["to"]) if params.get("to") else None
+        before_id = parse_id(params["before"], "before") if params.get("before") else None
+        run_id = parse_id(params["run"], "run") if params.get("run") else None
+        since = parse_day(params["from"], "from") if params.get("from") else None
+        until = parse_day(params["to"], "to") if params.get("to") else None
     except ValueError:
         return bad_request(request, "before and run must be ids; from and to dates (YYYY-MM-DD).")
     if (since is None) != (until is None) or (since and until and since > until):

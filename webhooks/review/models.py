@@ -1,13 +1,19 @@
-"""Indexes the review pages need on other packages' tables (the review package has no tables of its own).
+"""The review pages' own tables (sign-in sessions, failed sign-ins) and the indexes they need on other packages'
+tables.
 
-Declared here, beside the queries that use them, so the models and migration 0004 stay in step; the tables
-belong to their packages. Sessions are signed cookies, so nothing about logins is stored.
+The indexes are declared here, beside the queries that use them, so the models and migration 0004 stay in step;
+those tables belong to their packages. A session lives in the database (the signed cookie only names it), so
+signing out ends it everywhere; failed sign-ins are counted there too, shared by every server process.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Index, Numeric, func, literal_column, text
+from datetime import datetime
 
+from sqlalchemy import DateTime, Index, Numeric, String, func, literal_column, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ledger.db import Base, BigId
 from ledger.inbox import StripeEvent
 from ledger.models import Entry, Grant, UsageRecord
 from reconciliation.models import Mismatch
@@ -50,3 +56,32 @@ ix_review_mismatches_gap = Index("ix_review_mismatches_gap", gap_expr, Mismatch.
 ix_review_mismatches_status_gap = Index("ix_review_mismatches_status_gap", Mismatch.status, gap_expr, Mismatch.id)
 # "New in run N" (the list's run filter with seen=first).
 ix_review_mismatches_first_seen_run_id = Index("ix_review_mismatches_first_seen_run_id", Mismatch.first_seen_run_id)
+
+
+# --- sign-in ------------------------------------------------------------------------------------------------------
+
+
+class ReviewSession(Base):
+    """A signed-in reviewer's session; the cookie carries a random token whose SHA-256 is the key."""
+
+    __tablename__ = "review_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(255), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ReviewLoginFailure(Base):
+    """One failed sign-in, by name and client address (rows older than the throttle's window are deleted)."""
+
+    __tablename__ = "review_login_failures"
+    __table_args__ = (
+        Index("ix_review_login_failures_name_address", "username", "client_address", "failed_at"),
+        Index("ix_review_login_failures_address", "client_address", "failed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(255))
+    client_address: Mapped[str] = mapped_column(String(64))
+    failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, MutableHeaders
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from webhooks.review.auth import CSRF_FIELD, ReviewUser, csrf_valid, session_user
+from webhooks.review.params import has_control_characters
 
 # Reached without a session: the login form itself and the stylesheet it uses.
 PUBLIC_PREFIXES = ("/login", "/static/")
@@ -71,9 +73,15 @@ class ReviewGate:
             await send(message)
 
         path = route_path(scope)
+        if _hostile(scope):
+            refused = PlainTextResponse(
+                "Bad request: control characters (such as NUL) have no place in an address.", status_code=400
+            )
+            await refused(scope, receive, send_with_headers)
+            return
         if not path.startswith(PUBLIC_PREFIXES):
             request = Request(scope, receive)
-            user = session_user(request, self.users())
+            user = await run_in_threadpool(session_user, request, self.users())
             if user is None:
                 target = scope["path"] + (
                     "?" + scope["query_string"].decode("latin-1") if scope["query_string"] else ""
@@ -86,6 +94,20 @@ class ReviewGate:
                 return
             scope.setdefault("state", {})["review_user"] = user
         await self.app(scope, receive, send_with_headers)
+
+
+def _hostile(scope: Scope) -> bool:
+    """True when the path or a query value carries NUL or another control character (no id or name does)."""
+    if has_control_characters(scope["path"]):
+        return True
+    query = scope.get("query_string", b"")
+    if not query:
+        return False
+    try:
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        return True
+    return any(has_control_characters(key) or has_control_characters(value) for key, value in pairs)
 
 
 def current_user(request: Request) -> ReviewUser:

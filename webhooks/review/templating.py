@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -110,15 +111,57 @@ def redact(value: Any) -> Any:
     return value
 
 
+# Deeper than this, a document is shown as stored (redacted by pattern) instead of re-indented: Python's JSON and
+# the redaction recurse, and a signed event may legally nest as deep as the receiver's parser allows (1,024).
+MAX_PRETTY_DEPTH = 100
+_SECRET_VALUE = re.compile(
+    r'("(?:[^"\\]*_secret|client_secret|secret|password|api_key|secret_key|ephemeral_key)"\s*:\s*)'
+    r'"(?:[^"\\]|\\.)*"',
+    re.IGNORECASE,
+)
+
+
+def json_depth(value: object, limit: int = MAX_PRETTY_DEPTH) -> int:
+    """How deep a JSON value nests, counted without recursion and no further than ``limit + 1``."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def fmt_json(value: object) -> str:
     """Pretty JSON for evidence and raw events (bytes are decoded as the JSON they were stored as), redacted."""
+    raw: str | None = None
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value).decode("utf-8", errors="replace")
         try:
             value = json.loads(raw)
+        except RecursionError:
+            return _shown_as_stored(raw)
         except ValueError:
             return "(not JSON: not shown)"
+    if json_depth(value) > MAX_PRETTY_DEPTH:
+        return _shown_as_stored(raw if raw is not None else _dump_flat(value))
     return json.dumps(redact(value), indent=2, sort_keys=True, default=str, ensure_ascii=False)
+
+
+def _shown_as_stored(text: str) -> str:
+    return f"(nested deeper than {MAX_PRETTY_DEPTH} levels: shown as stored)\n" + _SECRET_VALUE.sub(
+        lambda m: m.group(1) + f'"{REDACTED}"', text
+    )
+
+
+def _dump_flat(value: object) -> str:
+    try:
+        return json.dumps(value, default=str, ensure_ascii=False)
+    except RecursionError:
+        return "(too deeply nested to show)"
 
 
 def fmt_amount(value: object, unit: object = "minor", currency: object = None) -> str:
@@ -142,8 +185,12 @@ def stripe_object(payload: object) -> str:
     if isinstance(payload, bytes | bytearray | memoryview):
         try:
             doc = json.loads(bytes(payload))
+        except RecursionError:
+            return fmt_json(payload)
         except ValueError:
             return "(not JSON: not shown)"
+        if json_depth(doc) > MAX_PRETTY_DEPTH:
+            return fmt_json(payload)
         data = doc.get("data") if isinstance(doc, dict) else None
         if isinstance(data, dict) and "object" in data:
             return fmt_json(data["object"])

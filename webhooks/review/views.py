@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
@@ -17,12 +18,16 @@ from ledger.inbox import StripeEvent, get_event
 from ledger.logs import get_logger
 from ledger.models import Account, EntryKind
 from webhooks.review import cases, customers
-from webhooks.review.auth import LoginThrottle, authenticate, log_in, log_out
+from webhooks.review.auth import authenticate, log_in, log_out
+from webhooks.review.params import has_control_characters, parse_day, parse_id
 from webhooks.review.security import safe_next
+from webhooks.review.sessions import LoginThrottle
 from webhooks.review.state import review_users
 from webhooks.review.templating import render
 
 USAGE_WINDOW_DAYS = 30
+# A working day: after that, sign in again (the cookie's max age, webhooks.review.app, is the same).
+SESSION_MAX_AGE_SECONDS = 12 * 3600
 
 log = get_logger(__name__)
 throttle = LoginThrottle()
@@ -63,24 +68,28 @@ async def login(request: Request, form: FormData) -> Response:
         "username": name,
         "users_configured": bool(users),
     }
-    if throttle.blocked(name):
-        log.warning("review.login_throttled", username=name)
-        context["error"] = "Too many failed sign-ins for this name. Wait 15 minutes and try again."
+    address = request.client.host if request.client else "unknown"
+    if has_control_characters(name):
+        # No reviewer's name has them (and the database could not count them): a plain refusal.
+        return render(request, "review/login.html", context, status_code=401)
+    if await run_in_threadpool(throttle.blocked, name, address):
+        log.warning("review.login_throttled", username=name, client=address)
+        context["error"] = "Too many failed sign-ins from here. Wait 15 minutes and try again."
         return render(request, "review/login.html", context, status_code=429)
     user = await run_in_threadpool(authenticate, users, name, password) if name and password else None
     if user is None:
-        throttle.failed(name)
-        log.info("review.login_failed", username=name)
+        await run_in_threadpool(throttle.failed, name, address)
+        log.info("review.login_failed", username=name, client=address)
         return render(request, "review/login.html", context, status_code=401)
-    throttle.succeeded(name)
-    log_in(request, user)
+    await run_in_threadpool(throttle.succeeded, name, address)
+    await run_in_threadpool(partial(log_in, lifetime_seconds=SESSION_MAX_AGE_SECONDS), request, user)
     log.info("review.login", username=user.name)
     return RedirectResponse(safe_next(request.scope, str(form.get("next", ""))), status_code=303)
 
 
 async def logout(request: Request, form: FormData) -> Response:
-    """End the session."""
-    log_out(request)
+    """End the session, on the server too."""
+    await run_in_threadpool(log_out, request)
     return RedirectResponse(f"{request.scope.get('root_path', '')}/login", status_code=303)
 
 
@@ -114,10 +123,10 @@ async def customer_search(request: Request) -> Response:
     return render(request, "review/customers.html", {"section": "customers", "q": q, "recent": recent})
 
 
-def _parse_day(raw: str | None, default: datetime) -> datetime:
+def _parse_day(raw: str | None, default: datetime, name: str) -> datetime:
     if not raw:
         return default
-    return datetime.combine(date.fromisoformat(raw), time(0), tzinfo=UTC)
+    return datetime.combine(parse_day(raw, name), time(0), tzinfo=UTC)
 
 
 def _customer_context(
@@ -168,11 +177,11 @@ async def customer_page(request: Request) -> Response:
     customer_id = request.path_params["customer_id"]
     params = request.query_params
     try:
-        before_id = int(params["before"]) if params.get("before") else None
+        before_id = parse_id(params["before"], "before") if params.get("before") else None
         kind = EntryKind(params["kind"]) if params.get("kind") else None
         now = datetime.now(UTC)
-        until = _parse_day(params.get("until"), now)
-        since = _parse_day(params.get("since"), until - timedelta(days=USAGE_WINDOW_DAYS))
+        until = _parse_day(params.get("until"), now, "until")
+        since = _parse_day(params.get("since"), until - timedelta(days=USAGE_WINDOW_DAYS), "since")
     except ValueError:
         return bad_request(request, "before must be an entry id, kind an entry kind, since/until dates (YYYY-MM-DD).")
     if since >= until:

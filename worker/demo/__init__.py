@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from ledger.cli import CommandFailed, print_json
 
 
 def demo(
@@ -15,15 +16,27 @@ def demo(
         Path, typer.Option("--workdir", help="Work directory for the demo's files (recreated on each run).")
     ] = Path(".billing-demo"),
     port: Annotated[
-        int, typer.Option("--port", min=0, max=65535, help="Receiver port (0 or taken: a free one).")
-    ] = 8000,
+        int | None,
+        typer.Option(
+            "--port",
+            min=0,
+            max=65535,
+            help="Receiver port; 0: any free one. Default: 8000, or a free one when 8000 is taken.",
+            show_default=False,
+        ),
+    ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to serve on.")] = "127.0.0.1",
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit when done instead of serving until Ctrl-C.")] = False,
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait", help="Exit once the summary is printed (stopping the servers) instead of serving until Ctrl-C."
+        ),
+    ] = False,
     reset: Annotated[
         bool, typer.Option("--reset", help="PostgreSQL only: empty the project's tables of a database holding data.")
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON summary at the end (progress on stderr).")
+        bool, typer.Option("--json", help="Print one JSON object at the end (progress on stderr).")
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the scripted activity.")] = 7,
 ) -> None:
@@ -41,7 +54,7 @@ def demo(
 
     def emit(summary: dict[str, Any]) -> None:
         if as_json:
-            typer.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+            print_json(summary)
 
     try:
         run_demo(
@@ -54,8 +67,8 @@ def demo(
         Console(stderr=True).print("interrupted")
         raise typer.Exit(130) from None
     except DemoError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(exc.exit_code) from exc
+        # One line (or, with --json, one JSON object), printed by the root command like every other mistake.
+        raise CommandFailed("demo_failed", str(exc), exc.exit_code) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -68,9 +68,29 @@ def provider_fixture_dir() -> Path:
     return repo_root().parent / "shared" / "fixtures" / "providers"
 
 
-def bind_port(host: str, port: int) -> socket.socket:
-    """A listening socket on ``port``, or on a free port when that one is taken (or 0)."""
-    for candidate in (port, 0) if port else (0,):
+DEFAULT_PORT = 8000
+
+
+def bind_port(host: str, port: int | None) -> socket.socket:
+    """A listening socket: on ``port`` when given (0: any free one), else on 8000 or any free port if it is taken.
+
+    A port asked for by name that is taken is a mistake to report (exit 2), not something to work around.
+    """
+    if port is not None and port != 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise DemoError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): stop what uses it, choose another --port, "
+                "or leave --port out to take a free one"
+            ) from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+    for candidate in (DEFAULT_PORT, 0) if port is None else (0,):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -183,8 +203,8 @@ def apply_settings(backend: Backend, creds: Credentials, *, stripe_api_base: str
     os.environ.update(env)
     get_settings.cache_clear()
     get_billing_config.cache_clear()
+    from reconciliation.gateway import get_gateway
     from worker.celery_app import configure
-    from worker.gateway import get_gateway
 
     get_gateway.cache_clear()
     db.set_engine(None)
@@ -197,7 +217,7 @@ def drop_stripe_connections() -> None:
 
     Left open, each holds an emulator request thread that the interpreter waits on for seconds at exit.
     """
-    from worker.gateway import get_gateway
+    from reconciliation.gateway import get_gateway
 
     get_gateway.cache_clear()
     gc.collect()
@@ -223,7 +243,8 @@ def prepare_database(backend: Backend, *, reset: bool) -> Engine:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
-            raise DemoError(f"PostgreSQL at DATABASE_URL does not answer: {exc}") from exc
+            described = db.describe_connection_error(exc, backend.database_url)
+            raise DemoError(described or f"PostgreSQL at DATABASE_URL does not answer: {exc}") from exc
         existing = set(inspect(engine).get_table_names())
         ours = [t for t in project_tables() if t in existing]
         with engine.begin() as conn:

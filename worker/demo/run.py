@@ -7,6 +7,7 @@ emulator and against the sample provider reports; print balances and mismatches;
 
 from __future__ import annotations
 
+import shlex
 import signal
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ SWEEP_EVERY_SECONDS = 3.0
 @dataclass(frozen=True)
 class DemoOptions:
     workdir: Path
-    port: int
+    port: int | None  # None: 8000, or any free port when 8000 is taken
     host: str
     wait: bool
     reset: bool
@@ -158,10 +159,19 @@ def deliver(
     )
 
 
+def export_line(backend: env.Backend) -> str:
+    """The shell line that points the CLI at the demo's database (PostgreSQL: the one already in DATABASE_URL)."""
+    if backend.postgres:
+        return "export DATABASE_URL=...  (the demo used the PostgreSQL database your DATABASE_URL names)"
+    return f"export DATABASE_URL={shlex.quote(backend.database_url)}"
+
+
 def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = lambda _s: None) -> dict[str, Any]:
     """Run the demo; hand the summary to ``emit``, then keep serving until Ctrl-C when asked to wait."""
     console = options.console
     progress = Progress(console)
+    # First, so that a port asked for and taken stops the demo before it changes anything.
+    listening = env.bind_port(options.host, options.port)
     emulator_mod = env.load_emulator()
     workdir = env.prepare_workdir(options.workdir)
     backend = env.choose_backend(workdir)
@@ -182,10 +192,10 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
         env.prepare_database(backend, reset=options.reset)
         progress.done(f"database ready: {report.safe_url(backend.database_url)} ({backend.label})")
 
-        receiver = env.Receiver(env.bind_port(options.host, options.port)).start()
+        receiver = env.Receiver(listening).start()
         stack.callback(receiver.stop)
-        if options.port and not receiver.url.endswith(f":{options.port}"):
-            progress.note(f"port {options.port} is taken: serving on {receiver.url} instead")
+        if options.port is None and not receiver.url.endswith(f":{env.DEFAULT_PORT}"):
+            progress.note(f"port {env.DEFAULT_PORT} is taken: serving on {receiver.url} instead")
         worker_proc: env.WorkerProcess | None = None
         if backend.broker_url:
             if options.reset:
@@ -275,7 +285,7 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
 
         # --- reconciliation ----------------------------------------------------------------------------------
         from reconciliation.engine import reconcile
-        from worker.gateway import get_gateway
+        from reconciliation.gateway import get_gateway
 
         runs = []
         stripe_since = story.since.replace(hour=0)
@@ -348,7 +358,13 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
             "usage_by_model": usage_by_model,
             "ledger_check": {"violations": [v.__dict__ for v in violations]},
         }
+        summary["export"] = export_line(backend)
         report.print_summary(console, summary, story)
+        console.print(
+            "\nTo run CLI commands on the demo's data (billing-reconciler balance, mismatches list, ...) in another "
+            f"shell:\n  [bold]{summary['export']}[/bold]",
+            soft_wrap=True,
+        )
         emit(summary)
 
         if options.wait:

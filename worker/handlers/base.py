@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
 from ledger.inbox import EventStatus
-from worker.gateway import StripeReader
+from reconciliation.gateway import StripeReader
 
 
 @dataclass(frozen=True, slots=True)

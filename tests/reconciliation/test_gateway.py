@@ -8,7 +8,7 @@ import pytest
 import stripe
 from stripe_emulator import EmulatorServer, Store
 
-from worker.gateway import StripeGateway, is_transient_stripe_error
+from reconciliation.gateway import StripeGateway, is_transient_stripe_error
 
 
 @pytest.fixture

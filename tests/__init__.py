@@ -1,0 +1,1 @@
+"""The test suite (a package, so that tests/reconciliation is never imported as the real reconciliation)."""
