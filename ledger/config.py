@@ -44,6 +44,13 @@ class PeriodEnd(StrEnum):
     ROLLOVER = "rollover"
 
 
+class Interval(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+    YEAR = "year"
+
+
 class Plan(_Strict):
     """A subscription price: each paid period grants ``credits_per_period``."""
 
@@ -52,6 +59,30 @@ class Plan(_Strict):
     credits_per_period: int = Field(gt=0)
     period_end: PeriodEnd = PeriodEnd.EXPIRE
     priority: int = 10
+    # The price's billing interval, as Stripe bills it: a proration's fraction of the period needs the period's
+    # length, and not every invoice shape carries the price's recurring interval.
+    interval: Interval = Interval.MONTH
+    interval_count: int = Field(default=1, gt=0)
+    # Credits granted once per subscription when it starts with a trial (none when 0).
+    trial_credits: int = Field(default=0, ge=0)
+
+
+class OnUpgrade(StrEnum):
+    PRORATE = "prorate"
+    FULL = "full"
+    NEXT_PERIOD = "next_period"
+
+
+class OnDowngrade(StrEnum):
+    NEXT_PERIOD = "next_period"
+    PRORATE = "prorate"
+
+
+class PlanChanges(_Strict):
+    """What a change of plan or quantity in the middle of a period does to the period's credits."""
+
+    on_upgrade: OnUpgrade = OnUpgrade.PRORATE
+    on_downgrade: OnDowngrade = OnDowngrade.NEXT_PERIOD
 
 
 class ModelPrice(_Strict):
@@ -99,6 +130,7 @@ class BillingConfig(_Strict):
     plans: list[Plan] = []
     operations: dict[str, int] = {}
     models: list[ModelPrice] = []
+    plan_changes: PlanChanges = PlanChanges()
     access: Access = Access()
     reconciliation: Reconciliation = Reconciliation()
 
