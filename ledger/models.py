@@ -412,6 +412,8 @@ class SubscriptionGrant(Base):
     period_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     effective_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     supersedes: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Retired by a later full upgrade of its period (what was left of it expired).
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     invoice_id: Mapped[str | None] = mapped_column(String(255))
 
 
@@ -427,3 +429,16 @@ class SubscriptionReduction(Base):
     units: Mapped[int] = mapped_column(BigInteger)
     # Units taken so far (a reduction that lands before its period's grant is applied when the grant lands).
     applied: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class SubscriptionReductionTake(Base):
+    """How many units a reduction took from one grant; given back to the reduction if a full upgrade later
+    supersedes that grant (the reduction then applies to the grant in force), so any order ends the same."""
+
+    __tablename__ = "subscription_reduction_takes"
+
+    change_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"), primary_key=True)
+    units: Mapped[int] = mapped_column(BigInteger)
+    # How many times the share moved (each move is one entry, keyed by this count).
+    moves: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

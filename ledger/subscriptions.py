@@ -28,6 +28,7 @@ from ledger.models import (
     Subscription,
     SubscriptionGrant,
     SubscriptionReduction,
+    SubscriptionReductionTake,
 )
 from ledger.posting import (
     ACCOUNTS,
@@ -309,65 +310,114 @@ def settle_period(session: Session, customer_id: str, subscription_id: str, peri
     """Apply the period's full upgrades and prorated downgrades to its plan grants; return the units retired.
 
     Order-independent: a grant a ``full`` upgrade supersedes (an earlier effective time in the same period) is
-    retired entirely at the upgrade's time, whether it landed before or after the upgrade; a downgrade's
-    reduction takes what is unspent of the period's earlier grants, up to its units, as they land.
+    retired entirely at the upgrade's time, whether it landed before or after the upgrade, and what reductions
+    had taken from it goes back to them; a downgrade's reduction then takes what is unspent of the period's
+    grants in force before it (the most recent terms first), up to its units, as they land.
     """
     if period_end is None:
         return 0
     period_end = _aware("period_end", period_end)
+    account_id = session.scalar(
+        select(GRANTS.c.account_id)
+        .join(SubscriptionGrant, SubscriptionGrant.grant_id == GRANTS.c.id)
+        .where(SubscriptionGrant.subscription_id == subscription_id, SubscriptionGrant.period_end == period_end)
+        .limit(1)
+    )
+    if account_id is None:
+        return 0
+    account = lock_account_by_id(session, account_id)
+    # Read under the account's lock: consumption may have moved units since.
     rows = session.execute(
-        select(SubscriptionGrant, GRANTS.c.remaining, GRANTS.c.account_id)
+        select(SubscriptionGrant, GRANTS.c.remaining)
         .join(GRANTS, GRANTS.c.id == SubscriptionGrant.grant_id)
         .where(SubscriptionGrant.subscription_id == subscription_id, SubscriptionGrant.period_end == period_end)
+        .execution_options(populate_existing=True)
     ).all()
-    if not rows:
-        return 0
-    account = lock_account_by_id(session, rows[0].account_id)
-    # Re-read under the account's lock: consumption may have moved units since.
-    remaining = dict(
-        session.execute(
-            select(GRANTS.c.id, GRANTS.c.remaining).where(GRANTS.c.id.in_([r[0].grant_id for r in rows]))
-        ).all()
-    )
     grants = sorted((r[0] for r in rows), key=lambda g: (as_utc(g.effective_at), g.kind, g.grant_id))
-    retired = 0
-    full_times = [as_utc(g.effective_at) for g in grants if g.supersedes]
-    if full_times:
-        latest = max(t for t in full_times if t is not None)
-        for g in grants:
-            left = remaining.get(g.grant_id, 0)
-            if as_utc(g.effective_at) < latest and left > 0:  # type: ignore[operator]
-                _retire(session, account, g.grant_id, left, f"supersede:{g.grant_id}:{latest.isoformat()}",
-                        "superseded by a full upgrade", whole=True, at=latest)  # fmt: skip
-                remaining[g.grant_id] = 0
-                retired += left
-    reductions = session.scalars(
-        select(SubscriptionReduction)
-        .where(
-            SubscriptionReduction.subscription_id == subscription_id,
-            SubscriptionReduction.period_end == period_end,
-            SubscriptionReduction.applied < SubscriptionReduction.units,
+    remaining = {r[0].grant_id: r[1] for r in rows}
+    reductions = {
+        r.change_key: r
+        for r in session.scalars(
+            select(SubscriptionReduction)
+            .where(
+                SubscriptionReduction.subscription_id == subscription_id,
+                SubscriptionReduction.period_end == period_end,
+            )
+            .with_for_update()
+            .execution_options(populate_existing=True)
         )
-        .order_by(SubscriptionReduction.effective_at, SubscriptionReduction.change_key)
-        .with_for_update()
-    ).all()
-    for reduction in reductions:
-        # From the grants the downgrade found in force (earlier in the period), the most recent terms first.
-        for g in reversed(grants):
-            need = reduction.units - reduction.applied
-            left = remaining.get(g.grant_id, 0)
+    }
+    retired = 0
+    full_times = [t for t in (as_utc(g.effective_at) for g in grants if g.supersedes) if t is not None]
+    for g in grants:
+        # A grant ends at the first full upgrade after its terms began (in any order of landing).
+        later = [t for t in full_times if t > as_utc(g.effective_at)]  # type: ignore[operator]
+        if not later:
+            continue
+        ended = min(later)
+        session.execute(update(GRANTS).where(GRANTS.c.id == g.grant_id).values(expired_at=ended))
+        if g.superseded:
+            continue
+        left = remaining[g.grant_id]
+        if left > 0:
+            _retire(session, account, g.grant_id, left, f"supersede:{g.grant_id}", "superseded by a full upgrade")
+            retired += left
+            remaining[g.grant_id] = 0
+        g.superseded = True
+        # What reductions took from it is theirs to take again from the grant in force.
+        for take in session.scalars(
+            select(SubscriptionReductionTake).where(SubscriptionReductionTake.grant_id == g.grant_id)
+        ):
+            if take.change_key in reductions:
+                reductions[take.change_key].applied -= take.units
+            take.units = 0
+    # The reductions' shares, worked out afresh from the grants in force (newest terms first), so a grant that
+    # lands late moves a share onto itself exactly as if it had landed first.
+    takes = {
+        (t.change_key, t.grant_id): t
+        for t in session.scalars(
+            select(SubscriptionReductionTake).where(SubscriptionReductionTake.change_key.in_(list(reductions)))
+        )
+    }
+    active = [g for g in grants if not g.superseded]
+    capacity = {
+        g.grant_id: remaining[g.grant_id] + sum(t.units for (_, gid), t in takes.items() if gid == g.grant_id)
+        for g in active
+    }
+    targets: dict[tuple[str, int], int] = {}
+    for reduction in sorted(reductions.values(), key=lambda r: (as_utc(r.effective_at), r.change_key)):
+        need = reduction.units
+        for g in reversed(active):
             if need <= 0:
                 break
-            if left <= 0 or not as_utc(g.effective_at) < as_utc(reduction.effective_at):  # type: ignore[operator]
+            if not as_utc(g.effective_at) < as_utc(reduction.effective_at):  # type: ignore[operator]
                 continue
-            take = min(need, left)
-            reduction.applied += take
-            _retire(session, account, g.grant_id, take,
-                    f"reduce:{reduction.change_key}:{g.grant_id}:{reduction.applied}",
-                    f"unspent plan credits taken back by a prorated downgrade ({reduction.change_key})",
-                    whole=False, at=None)  # fmt: skip
-            remaining[g.grant_id] = left - take
-            retired += take
+            share = min(need, capacity[g.grant_id])
+            if share > 0:
+                targets[(reduction.change_key, g.grant_id)] = share
+                capacity[g.grant_id] -= share
+                need -= share
+        reduction.applied = reduction.units - need
+    active_ids = {g.grant_id for g in active}
+    for pair in sorted(set(targets) | {p for p in takes if p[1] in active_ids}):
+        change_key, grant_id = pair
+        take = takes.get(pair) or SubscriptionReductionTake(change_key=change_key, grant_id=grant_id, units=0, moves=0)
+        if pair not in takes:
+            session.add(take)
+        delta = targets.get(pair, 0) - take.units
+        if delta == 0:
+            continue
+        take.moves += 1
+        take.units += delta
+        key = f"reduce:{change_key}:{grant_id}:{take.moves}"
+        if delta > 0:
+            _retire(session, account, grant_id, delta, key,
+                    f"unspent plan credits taken back by a prorated downgrade ({change_key})")  # fmt: skip
+            retired += delta
+        else:
+            _restore(session, account, grant_id, -delta, key,
+                     f"a prorated downgrade's share moved to the period's newer grant ({change_key})")  # fmt: skip
+            retired += delta
     session.flush()
     save_account(session, account)
     return retired
@@ -380,14 +430,9 @@ def _retire(
     units: int,
     key: str,
     reason: str,
-    *,
-    whole: bool,
-    at: datetime | None,
 ) -> None:
-    """Take ``units`` unspent units out of a grant as an EXPIRE entry (and mark it expired when it is all of it)."""
+    """Take ``units`` unspent units out of a grant as an EXPIRE entry."""
     move_grant_units(session, account, [(grant_id, -units)])
-    if whole:
-        session.execute(update(GRANTS).where(GRANTS.c.id == grant_id).values(expired_at=at))
     insert_entry(
         session,
         account,
@@ -397,6 +442,22 @@ def _retire(
         grant_id=grant_id,
         reason=reason,
         allocations=[(grant_id, -units)],
+    )
+    forget(session, Grant, [grant_id])
+
+
+def _restore(session: Session, account: LockedAccount, grant_id: int, units: int, key: str, reason: str) -> None:
+    """Give ``units`` back to a grant a reduction had taken them from (an ADJUSTMENT entry)."""
+    move_grant_units(session, account, [(grant_id, units)])
+    insert_entry(
+        session,
+        account,
+        kind=EntryKind.ADJUSTMENT,
+        units=units,
+        key=key,
+        grant_id=grant_id,
+        reason=reason,
+        allocations=[(grant_id, units)],
     )
     forget(session, Grant, [grant_id])
 

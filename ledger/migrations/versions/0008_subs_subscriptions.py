@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.Column("period_end", sa.DateTime(timezone=True), nullable=True),
         sa.Column("effective_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("supersedes", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("superseded", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("invoice_id", sa.String(length=255), nullable=True),
         sa.ForeignKeyConstraint(["grant_id"], ["grants.id"], name=op.f("fk_subscription_grants_grant_id_grants")),
         sa.PrimaryKeyConstraint("grant_id", name=op.f("pk_subscription_grants")),
@@ -66,9 +67,21 @@ def upgrade() -> None:
         sa.Column("applied", sa.BigInteger(), server_default="0", nullable=False),
         sa.PrimaryKeyConstraint("change_key", name=op.f("pk_subscription_reductions")),
     )
+    op.create_table(
+        "subscription_reduction_takes",
+        sa.Column("change_key", sa.String(length=255), nullable=False),
+        sa.Column("grant_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("units", sa.BigInteger(), nullable=False),
+        sa.Column("moves", sa.Integer(), server_default="0", nullable=False),
+        sa.ForeignKeyConstraint(
+            ["grant_id"], ["grants.id"], name=op.f("fk_subscription_reduction_takes_grant_id_grants")
+        ),
+        sa.PrimaryKeyConstraint("change_key", "grant_id", name=op.f("pk_subscription_reduction_takes")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("subscription_reduction_takes")
     op.drop_table("subscription_reductions")
     op.drop_index("ix_subscription_grants_period", table_name="subscription_grants")
     op.drop_table("subscription_grants")
