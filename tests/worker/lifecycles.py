@@ -144,8 +144,17 @@ class Renderer:
 
     # --- invoices -----------------------------------------------------------------------------------------
 
-    def line(self, sub: Sub, price: str, quantity: int, amount: int, period: tuple[int, int], proration: bool,
-             basil: bool, description: str = "") -> dict[str, Any]:  # fmt: skip
+    def line(
+        self,
+        sub: Sub,
+        price: str,
+        quantity: int,
+        amount: int,
+        period: tuple[int, int],
+        proration: bool,
+        basil: bool,
+        description: str = "",
+    ) -> dict[str, Any]:
         line: dict[str, Any] = {
             "id": self.next_id("il"),
             "object": "line_item",
@@ -172,8 +181,9 @@ class Renderer:
             line["price"] = {"id": price, "object": "price", "unit_amount": PLANS[price][1]}
         return line
 
-    def invoice_object(self, sub: Sub, invoice_id: str, reason: str, lines: list[dict[str, Any]], *, paid: bool,
-                       basil: bool) -> dict[str, Any]:  # fmt: skip
+    def invoice_object(
+        self, sub: Sub, invoice_id: str, reason: str, lines: list[dict[str, Any]], *, paid: bool, basil: bool
+    ) -> dict[str, Any]:
         total = sum(line["amount"] for line in lines)
         invoice: dict[str, Any] = {
             "id": invoice_id,
@@ -191,8 +201,9 @@ class Renderer:
         }
         if basil:
             invoice["parent"] = {"type": "subscription_details", "subscription_details": {"subscription": sub.id}}
-            invoice["payments"] = {"data": [{"payment": {"type": "payment_intent",
-                                                          "payment_intent": f"pi_{invoice_id[3:]}"}}]}  # fmt: skip
+            invoice["payments"] = {
+                "data": [{"payment": {"type": "payment_intent", "payment_intent": f"pi_{invoice_id[3:]}"}}]
+            }
         else:
             invoice["subscription"] = sub.id
             invoice["payment_intent"] = f"pi_{invoice_id[3:]}"
@@ -202,8 +213,9 @@ class Renderer:
     def period_invoice(self, sub: Sub, reason: str, *, paid: bool, basil: bool, invoice_id: str | None = None) -> str:
         start, end = sub.period_bounds()
         invoice_id = invoice_id or self.next_id("in")
-        line = self.line(sub, sub.price, sub.quantity, PLANS[sub.price][1] * sub.quantity, (ts(start), ts(end)),
-                         False, basil)  # fmt: skip
+        line = self.line(
+            sub, sub.price, sub.quantity, PLANS[sub.price][1] * sub.quantity, (ts(start), ts(end)), False, basil
+        )
         obj = self.invoice_object(sub, invoice_id, reason, [line], paid=paid, basil=basil)
         self.emit("invoice.paid" if paid else "invoice.payment_failed", obj)
         return invoice_id
@@ -236,8 +248,9 @@ def change_plan(r: Renderer, sub: Sub, price: str, quantity: int, *, invoiced: b
         r.line(sub, old_price, old_quantity, unused, period, True, basil, "Unused time"),
         r.line(sub, price, quantity, remaining, period, True, basil, "Remaining time"),
     ]
-    r.emit("invoice.paid", r.invoice_object(sub, sub.latest_invoice, "subscription_update", lines, paid=True,
-                                            basil=basil))  # fmt: skip
+    r.emit(
+        "invoice.paid", r.invoice_object(sub, sub.latest_invoice, "subscription_update", lines, paid=True, basil=basil)
+    )
 
 
 def top_up(r: Renderer, customer: str, *, refund: bool) -> None:
@@ -247,23 +260,51 @@ def top_up(r: Renderer, customer: str, *, refund: bool) -> None:
     meta = {"price_id": PACK_PRICE}
     r.emit(
         "checkout.session.completed",
-        {"id": session, "object": "checkout.session", "mode": "payment", "payment_status": "paid",
-         "payment_intent": pi, "customer": customer, "amount_total": PACK_AMOUNT, "currency": "usd",
-         "created": session_created, "metadata": meta},
-    )  # fmt: skip
+        {
+            "id": session,
+            "object": "checkout.session",
+            "mode": "payment",
+            "payment_status": "paid",
+            "payment_intent": pi,
+            "customer": customer,
+            "amount_total": PACK_AMOUNT,
+            "currency": "usd",
+            "created": session_created,
+            "metadata": meta,
+        },
+    )
     r.emit(
         "payment_intent.succeeded",
-        {"id": pi, "object": "payment_intent", "customer": customer, "amount": PACK_AMOUNT,
-         "amount_received": PACK_AMOUNT, "currency": "usd", "created": session_created + 40, "latest_charge": charge,
-         "status": "succeeded", "metadata": meta},
-    )  # fmt: skip
+        {
+            "id": pi,
+            "object": "payment_intent",
+            "customer": customer,
+            "amount": PACK_AMOUNT,
+            "amount_received": PACK_AMOUNT,
+            "currency": "usd",
+            "created": session_created + 40,
+            "latest_charge": charge,
+            "status": "succeeded",
+            "metadata": meta,
+        },
+    )
     if refund:
         r.emit(
             "charge.refunded",
-            {"id": charge, "object": "charge", "customer": customer, "payment_intent": pi, "amount": PACK_AMOUNT,
-             "amount_captured": PACK_AMOUNT, "amount_refunded": PACK_AMOUNT // 4, "refunded": False, "paid": True,
-             "status": "succeeded", "currency": "usd"},
-        )  # fmt: skip
+            {
+                "id": charge,
+                "object": "charge",
+                "customer": customer,
+                "payment_intent": pi,
+                "amount": PACK_AMOUNT,
+                "amount_captured": PACK_AMOUNT,
+                "amount_refunded": PACK_AMOUNT // 4,
+                "refunded": False,
+                "paid": True,
+                "status": "succeeded",
+                "currency": "usd",
+            },
+        )
 
 
 def subscription_life(r: Renderer, customer: str, *, steps: int) -> Iterator[None]:
@@ -272,8 +313,14 @@ def subscription_life(r: Renderer, customer: str, *, steps: int) -> Iterator[Non
     A generator: each ``next()`` renders one step, so several lives of one customer interleave in time.
     """
     rng = r.rng
-    sub = Sub(id=r.next_id("sub"), customer=customer, price=rng.choice(list(PLANS)), quantity=rng.randint(1, 2),
-              anchor=datetime.fromtimestamp(r.tick(), tz=UTC), trial=rng.random() < 0.3)  # fmt: skip
+    sub = Sub(
+        id=r.next_id("sub"),
+        customer=customer,
+        price=rng.choice(list(PLANS)),
+        quantity=rng.randint(1, 2),
+        anchor=datetime.fromtimestamp(r.tick(), tz=UTC),
+        trial=rng.random() < 0.3,
+    )
     sub.status = "trialing" if sub.trial else "active"
     sub.latest_invoice = r.next_id("in")
     r.subscription_event("customer.subscription.created", sub)
@@ -281,8 +328,9 @@ def subscription_life(r: Renderer, customer: str, *, steps: int) -> Iterator[Non
         r.period_invoice(sub, "subscription_create", paid=True, basil=rng.random() < 0.5, invoice_id=sub.latest_invoice)
     yield
     for _ in range(steps):
-        action = rng.choice(["upgrade", "downgrade", "seats", "free_change", "renew", "fail", "pause",
-                             "cancel_at_period_end"])  # fmt: skip
+        action = rng.choice(
+            ["upgrade", "downgrade", "seats", "free_change", "renew", "fail", "pause", "cancel_at_period_end"]
+        )
         if sub.status in ("trialing", "past_due", "paused") or action in ("renew", "fail"):
             _next_period(r, sub, failed=action == "fail")
         elif action in ("upgrade", "downgrade", "seats", "free_change"):

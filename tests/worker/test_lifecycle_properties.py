@@ -26,10 +26,25 @@ from tests.worker.lifecycles import LIFECYCLE_CONFIG, generate_lifecycles
 from worker.processing import process_events
 
 GRANT_FIELDS = (
-    "source", "units", "remaining", "frozen", "priority", "expires_at", "expired_at", "stripe_object_id",
-    "stripe_object_type", "amount_minor", "currency", "clawed_back", "refunded_minor", "idempotency_key", "reason",
-    "actor", "period_start", "period_end",
-)  # fmt: skip
+    "source",
+    "units",
+    "remaining",
+    "frozen",
+    "priority",
+    "expires_at",
+    "expired_at",
+    "stripe_object_id",
+    "stripe_object_type",
+    "amount_minor",
+    "currency",
+    "clawed_back",
+    "refunded_minor",
+    "idempotency_key",
+    "reason",
+    "actor",
+    "period_start",
+    "period_end",
+)
 SUBSCRIPTION_FIELDS = tuple(c.name for c in Subscription.__table__.columns if c.name != "updated_at")
 
 
@@ -55,32 +70,42 @@ def snapshot() -> dict[str, Any]:
                     _plain(a.access_state),
                     _plain(a.grace_until),
                     _plain(a.access_as_of),
-                )  # fmt: skip
+                )
                 for a in session.scalars(select(Account))
             },
             "grants": sorted(
-                (customers[g.account_id], *(_plain(getattr(g, f)) for f in GRANT_FIELDS))
-                for g in session.scalars(select(Grant))
-            , key=repr),
+                [
+                    (customers[g.account_id], *(_plain(getattr(g, f)) for f in GRANT_FIELDS))
+                    for g in session.scalars(select(Grant))
+                ],
+                key=repr,
+            ),
             "subscriptions": sorted(
-                tuple(
-                    _plain(getattr(s, f)) if f != "account_id" else customers[s.account_id] for f in SUBSCRIPTION_FIELDS
-                )  # fmt: skip
-                for s in session.scalars(select(Subscription))
-            , key=repr),
+                [
+                    tuple(
+                        _plain(getattr(s, f)) if f != "account_id" else customers[s.account_id]
+                        for f in SUBSCRIPTION_FIELDS
+                    )
+                    for s in session.scalars(select(Subscription))
+                ],
+                key=repr,
+            ),
             "subscription_grants": sorted(
-                (
-                    keys[sg.grant_id],
-                    sg.subscription_id,
-                    sg.kind,
-                    _plain(sg.period_end),
-                    _plain(sg.effective_at),
-                    sg.supersedes,
-                    sg.superseded,
-                    sg.invoice_id,
-                )  # fmt: skip
-                for sg in session.scalars(select(SubscriptionGrant))
-            , key=repr),
+                [
+                    (
+                        keys[sg.grant_id],
+                        sg.subscription_id,
+                        sg.kind,
+                        _plain(sg.period_end),
+                        _plain(sg.effective_at),
+                        sg.supersedes,
+                        sg.superseded,
+                        sg.invoice_id,
+                    )
+                    for sg in session.scalars(select(SubscriptionGrant))
+                ],
+                key=repr,
+            ),
             "reductions": sorted(
                 (r.change_key, r.units, r.applied) for r in session.scalars(select(SubscriptionReduction))
             ),
@@ -113,8 +138,13 @@ class TestLifecyclesInAnyOrder:
     ) -> None:
         seen: set[str] = set()
 
-        @settings(max_examples=5, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+        @settings(
+            max_examples=5,
+            deadline=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        )
         @given(
             seed=st.integers(0, 10**6),
             order_seed=st.integers(0, 10**6),

@@ -9,6 +9,8 @@ from Silver ($10/month) to Gold on 2020-09-01 17:42:28 UTC (1598982148) in the p
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,13 +18,17 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
+from typer.testing import CliRunner
 
 from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.inbox import EventStatus
 from ledger.models import AccessState, Account, Grant, GrantSource
+from ledger.queries import balance_summary
 from ledger.subscriptions import subscriptions_of
 from tests.worker.conftest import event_row, load_fixture, store
+from webhooks.api import SubscriptionOut
+from worker.cli import app as cli_app
 from worker.processing import process_events
 
 DOCS_PERIOD_START, DOCS_CHANGE, DOCS_PERIOD_END = 1596749288, 1598982148, 1599427688
@@ -115,8 +121,13 @@ def at(ts: int) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
-def proration_invoice(*, old: tuple[str, int, int], new: tuple[str, int, int], invoice_id: str = DOCS_INVOICE,
-                      amount_paid: int | None = None) -> dict[str, Any]:  # fmt: skip
+def proration_invoice(
+    *,
+    old: tuple[str, int, int],
+    new: tuple[str, int, int],
+    invoice_id: str = DOCS_INVOICE,
+    amount_paid: int | None = None,
+) -> dict[str, Any]:
     """The docs proration invoice.paid with its two lines set to (price, quantity, amount)."""
     event = load_fixture("invoice.paid.subscription_update_proration.derived.json")
     event["id"] = f"evt_{invoice_id}"
@@ -167,11 +178,21 @@ def renewal(
     event["id"] = f"evt_{invoice_id}"
     event["created"] = DOCS_PERIOD_START + 60
     invoice = event["data"]["object"]
-    invoice.update(id=invoice_id, billing_reason="subscription_cycle", amount_paid=credits_amount,
-                   charge=f"ch_{invoice_id}", payment_intent=f"pi_{invoice_id}")  # fmt: skip
+    invoice.update(
+        id=invoice_id,
+        billing_reason="subscription_cycle",
+        amount_paid=credits_amount,
+        charge=f"ch_{invoice_id}",
+        payment_intent=f"pi_{invoice_id}",
+    )
     line = invoice["lines"]["data"][0]
-    line.update(amount=credits_amount, proration=False, type="subscription", quantity=quantity,
-                period={"start": DOCS_PERIOD_START, "end": DOCS_PERIOD_END})  # fmt: skip
+    line.update(
+        amount=credits_amount,
+        proration=False,
+        type="subscription",
+        quantity=quantity,
+        period={"start": DOCS_PERIOD_START, "end": DOCS_PERIOD_END},
+    )
     line["price"]["id"] = line["plan"]["id"] = price
     invoice["lines"]["data"] = [line]
     return event
@@ -299,8 +320,13 @@ class TestSharedPlanChangeFixtures:
             "invoice.paid.subscription_update_proration.derived.json",
         ]
         rows = [run(load_fixture(n)) for n in names]
-        assert [r.status for r in rows] == [EventStatus.PROCESSED, EventStatus.PROCESSED, EventStatus.PROCESSED,
-                                           EventStatus.IGNORED, EventStatus.PROCESSED]  # fmt: skip
+        assert [r.status for r in rows] == [
+            EventStatus.PROCESSED,
+            EventStatus.PROCESSED,
+            EventStatus.PROCESSED,
+            EventStatus.IGNORED,
+            EventStatus.PROCESSED,
+        ]
         # The upgrade was invoiced (a new latest_invoice): its credits wait for that invoice, not granted twice.
         assert by_source("cus_UZ11RVzkmLf6Cf", GrantSource.PLAN_CHANGE) == []
         [docs] = by_source(DOCS_CUSTOMER, GrantSource.PLAN_CHANGE)
@@ -362,8 +388,16 @@ class TestTrialCredits:
     def test_a_trial_grants_its_credits_once_until_the_trial_ends(self, policy: Any) -> None:
         trial_end = 1779785433 + 14 * 86400
         for created in (1779785439, 1779785500):
-            run(subscription_event("customer.subscription.updated", "sub_T", "trialing", created,
-                                   trial_start=1779785433, trial_end=trial_end))  # fmt: skip
+            run(
+                subscription_event(
+                    "customer.subscription.updated",
+                    "sub_T",
+                    "trialing",
+                    created,
+                    trial_start=1779785433,
+                    trial_end=trial_end,
+                )
+            )
         [g] = by_source("cus_UZ11RVzkmLf6Cf", GrantSource.TRIAL)
         assert (g.units, aware(g.expires_at), g.idempotency_key) == (300, at(trial_end), "trial:sub_T")
 
@@ -373,18 +407,69 @@ class TestTopUpInAnyOrder:
     def test_the_grant_is_the_same_whichever_event_comes_first(self, policy: Any, session_first: bool) -> None:
         customer, pi = "cus_TopUpOrder", "pi_TopUpOrder"
         meta = {"price_id": "price_credits_large"}
-        checkout = {"id": "evt_cs_order", "object": "event", "type": "checkout.session.completed", "created": 1780000100,
-                    "data": {"object": {"id": "cs_order", "object": "checkout.session", "mode": "payment",
-                                        "payment_status": "paid", "payment_intent": pi, "customer": customer,
-                                        "amount_total": 10000, "currency": "usd", "created": 1780000000,
-                                        "metadata": meta}}}  # fmt: skip
-        intent = {"id": "evt_pi_order", "object": "event", "type": "payment_intent.succeeded", "created": 1780000090,
-                  "data": {"object": {"id": pi, "object": "payment_intent", "customer": customer, "amount": 10000,
-                                      "amount_received": 10000, "currency": "usd", "created": 1780000060,
-                                      "metadata": meta}}}  # fmt: skip
+        checkout = {
+            "id": "evt_cs_order",
+            "object": "event",
+            "type": "checkout.session.completed",
+            "created": 1780000100,
+            "data": {
+                "object": {
+                    "id": "cs_order",
+                    "object": "checkout.session",
+                    "mode": "payment",
+                    "payment_status": "paid",
+                    "payment_intent": pi,
+                    "customer": customer,
+                    "amount_total": 10000,
+                    "currency": "usd",
+                    "created": 1780000000,
+                    "metadata": meta,
+                }
+            },
+        }
+        intent = {
+            "id": "evt_pi_order",
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "created": 1780000090,
+            "data": {
+                "object": {
+                    "id": pi,
+                    "object": "payment_intent",
+                    "customer": customer,
+                    "amount": 10000,
+                    "amount_received": 10000,
+                    "currency": "usd",
+                    "created": 1780000060,
+                    "metadata": meta,
+                }
+            },
+        }
         for event in (checkout, intent) if session_first else (intent, checkout):
             run(event)
         [g] = grants(customer)
         # 365 days from the payment's earliest moment, the session's creation (1780000000).
         assert aware(g.expires_at) == at(1780000000) + timedelta(days=365)
         assert (g.units, g.reason, g.stripe_object_id, g.priority) == (12000, f"top-up {pi}", pi, 0)
+
+
+class TestSubscriptionsAreShown:
+    def test_balance_cli_and_api_model_show_each_subscription(self, policy: Any) -> None:
+        customer = "cus_UZ11RVzkmLf6Cf"
+        run(subscription_event("customer.subscription.created", "sub_A", "active", 1779785439))
+        run(load_fixture("customer.subscription.updated.cancel_at_period_end.dahlia.derived.json"))
+        result = CliRunner().invoke(cli_app, ["balance", customer])
+        assert result.exit_code == 0, result.output
+        assert "subscription sub_1TbGh3JEe0yY0QKrmHd5I4l8: Zulip Standard x1, active" in result.stdout
+        assert "cancels at period end" in result.stdout and "subscription sub_A" in result.stdout
+        shown = CliRunner().invoke(cli_app, ["balance", customer, "--json"])
+        subs = {s["subscription_id"]: s for s in json.loads(shown.stdout)["subscriptions"]}
+        assert subs["sub_1TbGh3JEe0yY0QKrmHd5I4l8"]["cancel_at_period_end"] is True
+        assert subs["sub_A"]["current_period_end"] is not None
+        with unit_of_work() as session:
+            summary = balance_summary(session, customer)
+        out = [SubscriptionOut(**dataclasses.asdict(v)) for v in summary.subscriptions]
+        assert {(o.subscription_id, o.plan, o.cancel_at_period_end) for o in out} == {
+            ("sub_A", "Zulip Standard", False),
+            ("sub_1TbGh3JEe0yY0QKrmHd5I4l8", "Zulip Standard", True),
+        }
