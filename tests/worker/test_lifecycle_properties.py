@@ -139,7 +139,7 @@ class TestLifecyclesInAnyOrder:
         seen: set[str] = set()
 
         @settings(
-            max_examples=5,
+            max_examples=4,
             deadline=None,
             derandomize=True,
             phases=[Phase.explicit, Phase.generate],
