@@ -7,6 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from ledger.db import get_engine
 
@@ -29,3 +30,9 @@ def migrate(engine: Engine | None = None, revision: str = "head") -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        if revision == "head":
+            # PostgreSQL's ledger functions read the access policy from the database: write the config's.
+            from ledger.access import sync_access_policy
+
+            with Session(bind=conn) as session:
+                sync_access_policy(session)

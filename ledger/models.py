@@ -442,3 +442,13 @@ class SubscriptionReductionTake(Base):
     units: Mapped[int] = mapped_column(BigInteger)
     # How many times the share moved (each move is one entry, keyed by this count).
     moves: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class AccessPolicy(Base):
+    """[access.spend] as PostgreSQL's ledger functions read it: per policy key (an access state, or
+    ``past_due_after_grace``), the grant sources it may spend (NULL: all; empty: none; else a comma list)."""
+
+    __tablename__ = "ledger_access_policy"
+
+    policy_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sources: Mapped[str | None] = mapped_column(Text)
