@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 
 from ledger.access import sync_access_policy
 from ledger.accounts import set_access_state
+from ledger.config import EXAMPLE_CONFIG_PATH, Access, ConfigError, load_billing_config
 from ledger.db import unit_of_work
 from ledger.errors import AccessRefused, InsufficientCredits
 from ledger.holds import capture_hold
@@ -111,3 +112,20 @@ class TestConfiguredPolicy:
         billing_config_file("")
         with unit_of_work() as session:
             sync_access_policy(session)  # back to the default for the tests that follow on this database
+
+
+class TestPolicyConfig:
+    def test_a_bad_policy_names_the_field(self, tmp_path: Path) -> None:
+        path = tmp_path / "billing.toml"
+        path.write_text('[access.spend]\ncanceled = ["top_ups"]\n', encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"access.*spend\.canceled: unknown grant sources \['top_ups'\]"):
+            load_billing_config(path)
+        path.write_text("[access.spend]\ngone = []\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"spend\.gone: not an access state"):
+            load_billing_config(path)
+
+    def test_the_shipped_example_states_the_default(self) -> None:
+        example = load_billing_config(EXAMPLE_CONFIG_PATH).access
+        assert {k: example.sources_for(k) for k in example.spend} == {
+            k: Access().sources_for(k) for k in Access().spend
+        }
