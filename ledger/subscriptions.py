@@ -97,6 +97,8 @@ def _aware(name: str, value: datetime | None) -> datetime | None:
 
 def _locked_row(session: Session, customer_id: str, subscription_id: str) -> Subscription:
     account_id = ensure_account_id(session, customer_id)
+    # The account first, then the subscription: every path that moves units locks in this order.
+    lock_account_by_id(session, account_id)
     session.execute(
         upsert(session, Subscription.__table__)  # type: ignore[arg-type]
         .values(subscription_id=subscription_id, account_id=account_id)
