@@ -84,3 +84,32 @@ class TestPlanChangeNotApplied:
         assert m.evidence["stripe"]["new_items"] == [["price_team_monthly", 1]]
         assert m.evidence["ledger"]["grants"] == []
         assert any(e["type"] == "invoice.paid" for e in m.evidence["ledger"]["stored_events"])
+
+
+class TestAccessPerSubscription:
+    def test_a_subscription_whose_end_the_ledger_missed_is_named_and_nothing_else(
+        self, engine: Engine, emulator: Emulator
+    ) -> None:
+        store = emulator.store
+        customer = store.create_customer(email="two@example.com").id
+        kept = store.create_subscription(customer, "price_pro_monthly")
+        store.clock.advance(minutes=5)
+        ended = store.create_subscription(customer, "price_team_monthly")
+        store.clock.advance(hours=1)
+        store.cancel_subscription(ended)
+        store.clock.advance(minutes=5)
+        deleted = [e["id"] for e in store.events() if e["type"] == "customer.subscription.deleted"]
+        with session_factory().begin() as s:
+            b.store_all_events(s, store.events(), status=EventStatus.PENDING)
+            # The deletion was received but lost by a worker bug: left processed, never applied.
+            s.execute(update(StripeEvent).where(StripeEvent.event_id.in_(deleted)).values(status=EventStatus.PROCESSED))
+            pending = list(s.scalars(select(StripeEvent.id).where(StripeEvent.status == EventStatus.PENDING)))
+        process_events(pending, gateway=emulator.gateway)
+        summary = _run(emulator)
+        # The customer's access (the best of the two) is right; the ended subscription's is not.
+        assert summary.counts == {"access_state_drift": 1}
+        with Session(engine) as s:
+            m = s.scalars(select(Mismatch)).one()
+        assert m.fingerprint == b.fingerprint(MismatchKind.ACCESS_STATE_DRIFT, ended.id)
+        assert (m.evidence["stripe"]["status"], m.evidence["ledger"]["access_state"]) == ("canceled", "active")
+        assert kept.id not in m.summary
