@@ -225,6 +225,18 @@ def balance(customer: str, as_json: JsonFlag = False) -> None:
             f"access     {summary.access_state.value}"
             + (f" (grace until {summary.grace_until.isoformat()})" if summary.grace_until else ""),
         ]
+        for sub in summary.subscriptions:
+            period = (
+                f"{sub.current_period_start.isoformat()} .. {sub.current_period_end.isoformat()}"
+                if sub.current_period_start and sub.current_period_end
+                else "period unknown"
+            )
+            lines.append(
+                f"  subscription {sub.subscription_id}: {sub.plan or sub.price or 'plan unknown'} x{sub.quantity}, "
+                f"{sub.status or 'status unknown'} (access {sub.access_state.value}), {period}"
+                + (", cancels at period end" if sub.cancel_at_period_end else "")
+                + (f", collection paused ({sub.pause_collection})" if sub.pause_collection else "")
+            )
         for g in summary.grants:
             expiry = g.expires_at.isoformat() if g.expires_at else "never"
             lines.append(

@@ -44,6 +44,13 @@ class PeriodEnd(StrEnum):
     ROLLOVER = "rollover"
 
 
+class Interval(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+    YEAR = "year"
+
+
 class Plan(_Strict):
     """A subscription price: each paid period grants ``credits_per_period``."""
 
@@ -52,6 +59,30 @@ class Plan(_Strict):
     credits_per_period: int = Field(gt=0)
     period_end: PeriodEnd = PeriodEnd.EXPIRE
     priority: int = 10
+    # The price's billing interval, as Stripe bills it: a proration's fraction of the period needs the period's
+    # length, and not every invoice shape carries the price's recurring interval.
+    interval: Interval = Interval.MONTH
+    interval_count: int = Field(default=1, gt=0)
+    # Credits granted once per subscription when it starts with a trial (none when 0).
+    trial_credits: int = Field(default=0, ge=0)
+
+
+class OnUpgrade(StrEnum):
+    PRORATE = "prorate"
+    FULL = "full"
+    NEXT_PERIOD = "next_period"
+
+
+class OnDowngrade(StrEnum):
+    NEXT_PERIOD = "next_period"
+    PRORATE = "prorate"
+
+
+class PlanChanges(_Strict):
+    """What a change of plan or quantity in the middle of a period does to the period's credits."""
+
+    on_upgrade: OnUpgrade = OnUpgrade.PRORATE
+    on_downgrade: OnDowngrade = OnDowngrade.NEXT_PERIOD
 
 
 class ModelPrice(_Strict):
@@ -74,8 +105,44 @@ class Credits(_Strict):
     topup_priority: int = 0
 
 
+# The access policy's keys: each access state, and past_due once its grace deadline has passed.
+ACCESS_POLICY_KEYS = ("active", "trialing", "past_due", "past_due_after_grace", "suspended", "canceled")
+GRANT_SOURCES = ("top_up", "renewal", "plan_change", "trial", "promotion", "adjustment")
+PAID_SIDE_SOURCES = ["top_up", "promotion", "adjustment"]
+
+
+def _default_spend() -> dict[str, list[str]]:
+    # What was paid for is never taken away: a canceled customer (or one past the grace deadline) keeps spending
+    # top-ups, promotions and adjustments, not plan credits; an unpaid (suspended) one spends nothing.
+    return {
+        "active": ["all"],
+        "trialing": ["all"],
+        "past_due": ["all"],
+        "past_due_after_grace": list(PAID_SIDE_SOURCES),
+        "suspended": [],
+        "canceled": list(PAID_SIDE_SOURCES),
+    }
+
+
 class Access(_Strict):
     grace_days: int = Field(default=7, ge=0)
+    # Per access state: which grant sources consumption and holds may draw ("all", or grant sources).
+    spend: dict[str, list[str]] = Field(default_factory=_default_spend)
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> Access:
+        for key, sources in self.spend.items():
+            if key not in ACCESS_POLICY_KEYS:
+                raise ValueError(f"spend.{key}: not an access state (one of {', '.join(ACCESS_POLICY_KEYS)})")
+            unknown = sorted(set(sources) - {"all", *GRANT_SOURCES})
+            if unknown:
+                raise ValueError(f"spend.{key}: unknown grant sources {unknown} (all, {', '.join(GRANT_SOURCES)})")
+        return self
+
+    def sources_for(self, key: str) -> frozenset[str] | None:
+        """The grant sources an access-policy key may spend: None for all of them."""
+        sources = self.spend.get(key, _default_spend()[key])
+        return None if "all" in sources else frozenset(sources)
 
 
 class Tolerance(_Strict):
@@ -99,6 +166,7 @@ class BillingConfig(_Strict):
     plans: list[Plan] = []
     operations: dict[str, int] = {}
     models: list[ModelPrice] = []
+    plan_changes: PlanChanges = PlanChanges()
     access: Access = Access()
     reconciliation: Reconciliation = Reconciliation()
 

@@ -38,10 +38,13 @@ class InsufficientCredits(LedgerError):
 class AccessRefused(LedgerError):
     code = "access_refused"
 
-    def __init__(self, customer_id: str, state: str) -> None:
-        super().__init__(f"{customer_id}: access state {state!r} does not allow usage")
+    def __init__(self, customer_id: str, state: str, reason: str | None = None) -> None:
+        super().__init__(
+            f"{customer_id}: access state {state!r} does not allow usage" + (f": {reason}" if reason else "")
+        )
         self.customer_id = customer_id
         self.state = state
+        self.reason = reason
 
 
 class IdempotencyConflict(LedgerError):

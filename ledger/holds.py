@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ledger import pgfast
+from ledger.access import describe_refusal, spendable_sources
 from ledger.consume import charge_for
 from ledger.consumption import usage_row
 from ledger.db import get_engine, unit_of_work
@@ -230,7 +231,7 @@ def _placed(row: Any, request: HoldRequest) -> HoldResult:
     if status == "unknown_customer":
         raise UnknownCustomer(request.customer_id)
     if status == "access_refused":
-        raise AccessRefused(request.customer_id, state)
+        raise AccessRefused(request.customer_id, state, describe_refusal(state))
     if status == "insufficient":
         raise InsufficientCredits(request.customer_id, request.charge, available)
     if status == "replay" and original_hash != request.digest:
@@ -264,8 +265,8 @@ def _place_hold_portable(session: Session, request: HoldRequest) -> HoldResult:
             balance_after=original.balance_after,
             replayed=True,
         )
-    check_access(account, now)
-    drawn, funded, uncovered = debit(session, account, request.charge, now)
+    sources = check_access(account, now)
+    drawn, funded, uncovered = debit(session, account, request.charge, now, sources=sources)
     hold_id: int = session.execute(
         insert(HOLDS)
         .values(
@@ -480,7 +481,14 @@ def _capture_portable(session: Session, request: CaptureRequest) -> CaptureResul
     extra, uncovered, shortfall = 0, 0, 0
     if wanted > held:
         # The call used more than was held: charge what the balance (and overdraft) allows, report the rest.
-        extra, funded, uncovered = debit(session, account, wanted - held, now, partial=True)
+        extra, funded, uncovered = debit(
+            session,
+            account,
+            wanted - held,
+            now,
+            partial=True,
+            sources=spendable_sources(account.access_state, account.grace_until, now),
+        )
         shortfall = wanted - held - extra
     captured = min(wanted, held) + extra
     usage_id = insert_usage(session, account.id, request_id, usage, captured, now) if usage is not None else None

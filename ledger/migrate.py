@@ -10,6 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from ledger.db import get_engine
 
@@ -32,6 +33,12 @@ def migrate(engine: Engine | None = None, revision: str = "head") -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        if revision == "head":
+            # PostgreSQL's ledger functions read the access policy from the database: write the config's.
+            from ledger.access import sync_access_policy
+
+            with Session(bind=conn) as session:
+                sync_access_policy(session)
 
 
 class DatabaseNotReady(Exception):

@@ -36,6 +36,7 @@ from sqlalchemy import (
     String,
     Text,
     cast,
+    false,
     func,
     type_coerce,
 )
@@ -107,6 +108,14 @@ class GrantSource(StrEnum):
     RENEWAL = "renewal"
     PROMOTION = "promotion"
     ADJUSTMENT = "adjustment"
+    # A paid (or free) change of plan or quantity in the middle of a period.
+    PLAN_CHANGE = "plan_change"
+    # A subscription's trial credits (once per subscription).
+    TRIAL = "trial"
+
+
+# Grant sources that come with a subscription plan (what a canceled customer stops spending).
+PLAN_SOURCES = (GrantSource.RENEWAL, GrantSource.PLAN_CHANGE, GrantSource.TRIAL)
 
 
 class EntryKind(StrEnum):
@@ -356,3 +365,96 @@ class UsageDaily(Base):
     model: Mapped[str | None] = mapped_column(String(255))
     workspace: Mapped[str | None] = mapped_column(String(255))
     feature: Mapped[str | None] = mapped_column(String(255))
+
+
+class Subscription(Base):
+    """One Stripe subscription of a customer: its own status and access state, each newer-only in Stripe time.
+
+    The account's ``access_state`` is the best of its subscriptions' (see ``ledger.subscriptions``).
+    """
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (Index("ix_subscriptions_account_id", "account_id"),)
+
+    subscription_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    # What the newest subscription event said (fields below), and its Stripe time.
+    status: Mapped[str | None] = mapped_column(String(32))
+    price: Mapped[str | None] = mapped_column(String(255))
+    quantity: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    current_period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    current_period_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    cancel_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    pause_collection: Mapped[str | None] = mapped_column(String(32))
+    trial_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    object_as_of: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The access this subscription gives, from its events and its invoices' (newest Stripe time wins).
+    access_state: Mapped[AccessState] = mapped_column(
+        _enum(AccessState, "access_state"), default=AccessState.ACTIVE, server_default=AccessState.ACTIVE.value
+    )
+    grace_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    access_as_of: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    access_source: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class SubscriptionGrant(Base):
+    """A grant made for a subscription's period (renewal, plan change, trial), grouped by the period's end.
+
+    ``effective_at`` is when the grant's terms began in Stripe time (the period start, or the change's time);
+    a grant of a ``full`` upgrade (``supersedes``) retires what is left of the period's earlier plan grants,
+    whichever of them lands first.
+    """
+
+    __tablename__ = "subscription_grants"
+    __table_args__ = (Index("ix_subscription_grants_period", "subscription_id", "period_end"),)
+
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    period_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    effective_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    supersedes: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Retired by a later full upgrade of its period (what was left of it expired).
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    invoice_id: Mapped[str | None] = mapped_column(String(255))
+
+
+class SubscriptionReduction(Base):
+    """Unspent plan credits a prorated downgrade takes back from its period's grants (once per change)."""
+
+    __tablename__ = "subscription_reductions"
+
+    change_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(255))
+    period_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    effective_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    units: Mapped[int] = mapped_column(BigInteger)
+    # Units taken so far (a reduction that lands before its period's grant is applied when the grant lands).
+    applied: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class SubscriptionReductionTake(Base):
+    """How many units a reduction took from one grant; given back to the reduction if a full upgrade later
+    supersedes that grant (the reduction then applies to the grant in force), so any order ends the same."""
+
+    __tablename__ = "subscription_reduction_takes"
+
+    change_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"), primary_key=True)
+    units: Mapped[int] = mapped_column(BigInteger)
+    # How many times the share moved (each move is one entry, keyed by this count).
+    moves: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class AccessPolicy(Base):
+    """[access.spend] as PostgreSQL's ledger functions read it: per policy key (an access state, or
+    ``past_due_after_grace``), the grant sources it may spend (NULL: all; empty: none; else a comma list)."""
+
+    __tablename__ = "ledger_access_policy"
+
+    policy_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sources: Mapped[str | None] = mapped_column(Text)

@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ledger.access import describe_refusal
 from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption, usage_row
 from ledger.errors import (
     AccessRefused,
@@ -305,7 +306,7 @@ def _result(row: Any, request: Consumption) -> ConsumeResult:
     if status == "unknown_customer":
         raise UnknownCustomer(customer_id)
     if status == "access_refused":
-        raise AccessRefused(customer_id, state)
+        raise AccessRefused(customer_id, state, describe_refusal(state))
     if status == "insufficient":
         raise InsufficientCredits(customer_id, request.charge, available)
     if status == "replay" and original_hash != request.digest:

@@ -13,8 +13,9 @@ from typing import Any
 from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
+from ledger.access import policy_key, refusal_reason
 from ledger.consumption import ConsumeResult, Consumption, usage_row
-from ledger.errors import IdempotencyConflict, InsufficientCredits
+from ledger.errors import AccessRefused, IdempotencyConflict, InsufficientCredits
 from ledger.models import EntryKind, UsageRecord
 from ledger.posting import (
     ENTRIES,
@@ -77,7 +78,13 @@ def replayed_result(session: Session, request: Consumption, original: Any) -> Co
 
 
 def debit(
-    session: Session, account: LockedAccount, units: int, now: datetime, *, partial: bool = False
+    session: Session,
+    account: LockedAccount,
+    units: int,
+    now: datetime,
+    *,
+    partial: bool = False,
+    sources: frozenset[str] | None = None,
 ) -> tuple[int, list[tuple[int, int]], int]:
     """Draw ``units`` from the account's grants (expiring lapsed ones first); return (drawn, funded, new debt).
 
@@ -88,6 +95,14 @@ def debit(
         return 0, [], 0
     eligible, lapsed = drawable_grants(session, account.id, now)
     available = max(0, account.balance - sum(g.remaining for g in lapsed) + account.overdraft_limit)
+    if sources is not None:
+        # The access policy limits the draw to some grant sources: what they hold, no overdraft, no new debt.
+        everything = available
+        eligible = [g for g in eligible if g.source in sources]
+        available = max(0, min(sum(g.remaining for g in eligible), account.balance - sum(g.remaining for g in lapsed)))
+        if available < units and not partial and everything >= units:
+            key = policy_key(account.access_state, account.grace_until, now)
+            raise AccessRefused(account.customer_id, account.access_state.value, refusal_reason(key, sources))
     if available < units:
         if not partial:
             raise InsufficientCredits(account.customer_id, units, available)
@@ -105,8 +120,8 @@ def consume(session: Session, request: Consumption) -> ConsumeResult:
     original = find_original(session, request.key)
     if original is not None:
         return replayed_result(session, request, original)
-    check_access(account, request.now)
-    drawn, funded, uncovered = debit(session, account, request.charge, request.now)
+    sources = check_access(account, request.now)
+    drawn, funded, uncovered = debit(session, account, request.charge, request.now, sources=sources)
     usage_id = (
         insert_usage(session, account.id, request.request_id, request.usage, request.charge, request.now)
         if request.usage is not None

@@ -23,6 +23,7 @@ from sqlalchemy import CursorResult, Executable, Table, bindparam, insert, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ledger.access import policy_key, refusal_reason, spendable_sources
 from ledger.errors import AccessRefused, InvalidRequest, UnknownCustomer
 from ledger.models import AccessState, Account, Allocation, Entry, EntryKind, Grant
 
@@ -196,14 +197,13 @@ def forget(session: Session, model: type[Any], ids: Iterable[int]) -> None:
             session.expire(obj)
 
 
-def check_access(account: LockedAccount, now: datetime) -> None:
-    """Refuse usage unless the access state allows it (past_due only until its grace deadline)."""
-    state = account.access_state
-    if state in (AccessState.ACTIVE, AccessState.TRIALING):
-        return
-    if state is AccessState.PAST_DUE and (account.grace_until is None or now < account.grace_until):
-        return
-    raise AccessRefused(account.customer_id, state.value)
+def check_access(account: LockedAccount, now: datetime) -> frozenset[str] | None:
+    """The grant sources the account's access state may spend ([access.spend]; None: all); refuse when none."""
+    sources = spendable_sources(account.access_state, account.grace_until, now)
+    if sources is not None and not sources:
+        key = policy_key(account.access_state, account.grace_until, now)
+        raise AccessRefused(account.customer_id, account.access_state.value, refusal_reason(key, sources))
+    return sources
 
 
 def insert_entry(
@@ -289,6 +289,7 @@ class DrawableGrant:
     id: int
     remaining: int
     expires_at: datetime | None
+    source: str | None = None
 
 
 def drawable_grants(
@@ -296,7 +297,7 @@ def drawable_grants(
 ) -> tuple[list[DrawableGrant], list[DrawableGrant]]:
     """The account's grants with units left: (those consumption may draw, in draw order; those lapsed)."""
     rows = session.execute(
-        select(GRANTS.c.id, GRANTS.c.remaining, GRANTS.c.expires_at)
+        select(GRANTS.c.id, GRANTS.c.remaining, GRANTS.c.expires_at, GRANTS.c.source)
         .where(GRANTS.c.account_id == account_id, GRANTS.c.remaining > 0)
         # Draw order: higher priority first, then earliest expiry (never-expiring last), then oldest.
         .order_by(GRANTS.c.priority.desc(), GRANTS.c.expires_at.is_(None), GRANTS.c.expires_at, GRANTS.c.id)
@@ -304,7 +305,7 @@ def drawable_grants(
     eligible: list[DrawableGrant] = []
     lapsed: list[DrawableGrant] = []
     for row in rows:
-        grant = DrawableGrant(row.id, row.remaining, as_utc(row.expires_at))
+        grant = DrawableGrant(row.id, row.remaining, as_utc(row.expires_at), str(row.source))
         (lapsed if grant.expires_at is not None and grant.expires_at <= now else eligible).append(grant)
     return eligible, lapsed
 

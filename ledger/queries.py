@@ -15,6 +15,7 @@ from ledger.config import get_billing_config
 from ledger.errors import InvalidRequest
 from ledger.models import AccessState, Entry, Grant, GrantSource, UsageRecord
 from ledger.posting import as_utc, utcnow
+from ledger.subscriptions import SubscriptionView, subscriptions_of
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class BalanceSummary:
     grace_until: datetime | None
     usage_allowed: bool
     grants: tuple[GrantSummary, ...]  # grants with units left or frozen, in draw order
+    # Each subscription (best access first): id, plan, status, current period, cancel_at_period_end.
+    subscriptions: tuple[SubscriptionView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def balance_summary(session: Session, customer_id: str) -> BalanceSummary:
             )
             for g in grants
         ),
+        subscriptions=tuple(subscriptions_of(session, customer_id)),
     )
 
 

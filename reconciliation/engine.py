@@ -40,6 +40,7 @@ WINDOWED_KINDS = (
     MismatchKind.NEGATIVE_MARGIN,
     MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
     MismatchKind.CLAWBACK_DEBT,
+    MismatchKind.PLAN_CHANGE_NOT_APPLIED,
 )
 # Kinds about the current state: every run sees all of it.
 GLOBAL_KINDS = (MismatchKind.ACCESS_STATE_DRIFT, MismatchKind.UNPROCESSED_EVENT)
@@ -49,6 +50,7 @@ CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ..
     ("grants", checks.check_grants),
     ("refunds", checks.check_refunds),
     ("disputes", checks.check_disputes),
+    ("plan_changes", checks.check_plan_changes),
     ("access_state", checks.check_access_state),
     ("unprocessed_events", checks.check_unprocessed_events),
     ("missed_events", checks.check_missed_events),

@@ -39,6 +39,8 @@ class MismatchKind(StrEnum):
     NON_BILLABLE_PRODUCTION_USAGE = "non_billable_production_usage"
     # A refund or lost dispute clawed back credits the customer had already spent: recorded as debt.
     CLAWBACK_DEBT = "clawback_debt"
+    # A paid change of plan or quantity whose credits are missing, or differ from the [plan_changes] policy.
+    PLAN_CHANGE_NOT_APPLIED = "plan_change_not_applied"
 
 
 class MismatchStatus(StrEnum):

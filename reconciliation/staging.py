@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
+from ledger.plan_changes import PlanNotConfigured, change_effect, proration_lines
 from reconciliation.models import ReconciliationRun, RunStatus, StagedStripeAlias, StagedStripeObject
 from reconciliation.stripe_source import StripeSource, stripe_id
 
@@ -281,6 +282,10 @@ class Stager:
             aliases: list[dict[str, Any] | None] = []
             for inv in page:
                 paid = int(inv.get("amount_paid") or 0)
+                if inv.get("status") == "paid" and inv.get("billing_reason") == "subscription_update":
+                    if (change := self._plan_change_row(inv)) is not None:
+                        objects.append(change)
+                    continue
                 if inv.get("status") != "paid" or paid <= 0 or inv.get("billing_reason") not in RENEWAL_REASONS:
                     continue  # only subscription periods buy credits
                 pi, charge = _invoice_refs(inv)
@@ -303,6 +308,39 @@ class Stager:
                 aliases += [self._alias(inv["id"], inv["id"]), self._alias(pi, inv["id"])]
                 aliases.append(self._alias(charge, inv["id"]))
             self._flush("invoice", objects, [a for a in aliases if a])
+
+    def _plan_change_row(self, inv: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A paid change of plan or quantity, with what the [plan_changes] policy says it should do."""
+        lines = proration_lines(inv)
+        if lines is None:
+            return None
+        try:
+            effect = change_effect(self.config, old=lines.old, new=lines.new, changed_at=lines.changed_at,
+                                   period_end=lines.period_end)  # fmt: skip
+        except PlanNotConfigured as exc:
+            action, units, explanation = "unknown", None, str(exc)
+        else:
+            action, units, explanation = effect.action.value, effect.units, effect.explanation
+        pi, charge = _invoice_refs(inv)
+        return self._row(
+            "plan_change",
+            inv,
+            ref=pi,
+            amount=int(inv.get("amount_paid") or 0),
+            expected_credits=units,
+            detail={
+                "source": "invoice",
+                "subscription": _invoice_subscription(inv),
+                "action": action,
+                "explanation": explanation,
+                "changed_at": lines.changed_at.isoformat(),
+                "period_end": lines.period_end.isoformat(),
+                "payment_intent": pi,
+                "charge": charge,
+                "old_items": [[i.price, i.quantity] for i in lines.old],
+                "new_items": [[i.price, i.quantity] for i in lines.new],
+            },
+        )
 
     def stage_charges(self, since: datetime, until: datetime) -> None:
         for page in self._pages(self.stripe.list_charges(created_gte=since, created_lt=until)):

@@ -8,6 +8,7 @@ Units are integers; money (provider cost, margin) is a decimal string, never a f
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -249,6 +250,22 @@ class GrantOut(BaseModel):
     stripe_object_id: str | None
 
 
+class SubscriptionOut(BaseModel):
+    subscription_id: str
+    status: str | None
+    price: str | None
+    plan: str | None
+    quantity: int
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    cancel_at_period_end: bool
+    cancel_at: datetime | None
+    pause_collection: str | None
+    trial_end: datetime | None
+    access_state: AccessState
+    grace_until: datetime | None
+
+
 class BalanceResponse(BaseModel):
     customer_id: str
     external_id: str | None
@@ -261,6 +278,7 @@ class BalanceResponse(BaseModel):
     grace_until: datetime | None
     usage_allowed: bool
     grants: list[GrantOut]
+    subscriptions: list[SubscriptionOut] = []
 
 
 class EntryOut(BaseModel):
@@ -553,6 +571,7 @@ def get_balance(customer_id: CustomerId) -> BalanceResponse:
         grace_until=summary.grace_until,
         usage_allowed=summary.usage_allowed,
         grants=[GrantOut(**vars(g)) for g in summary.grants],
+        subscriptions=[SubscriptionOut(**dataclasses.asdict(s)) for s in summary.subscriptions],
     )
 
 

@@ -192,6 +192,8 @@ class Subscription(Record):
     latest_invoice: str | None = None
     currency: str = "usd"
     metadata: Metadata = field(default_factory=lambda: NO_METADATA)
+    # pause_collection.behavior (keep_as_draft, mark_uncollectible, void) while collection is paused.
+    pause_collection: str | None = None
 
     object_name = "subscription"
 
@@ -208,6 +210,8 @@ class InvoiceLine:
     period_end: int
     subscription: str | None
     subscription_item: str | None
+    # A proration of a change in the middle of a period ("Unused time on ..." / "Remaining time on ...").
+    proration: bool = False
 
 
 @dataclass(slots=True)

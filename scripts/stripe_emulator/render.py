@@ -646,7 +646,7 @@ class Renderer:
             "metadata": dict(s.metadata),
             "next_pending_invoice_item_invoice": None,
             "on_behalf_of": None,
-            "pause_collection": None,
+            "pause_collection": {"behavior": s.pause_collection, "resumes_at": None} if s.pause_collection else None,
             "payment_settings": {
                 "payment_method_options": None,
                 "payment_method_types": None,
@@ -697,7 +697,7 @@ class Renderer:
                     "invoice_item_details": None,
                     "subscription_item_details": {
                         "invoice_item": None,
-                        "proration": False,
+                        "proration": line.proration,
                         "proration_details": {"credited_items": None},
                         "subscription": line.subscription,
                         "subscription_item": line.subscription_item,
@@ -715,10 +715,10 @@ class Renderer:
             else:
                 item["plan"] = self.plan(price) if isinstance(price, Price) else None
                 item["price"] = self.price(price) if isinstance(price, Price) else None
-                item["proration"] = False
+                item["proration"] = line.proration
                 item["subscription"] = line.subscription
                 item["subscription_item"] = line.subscription_item
-                item["type"] = "subscription"
+                item["type"] = "invoiceitem" if line.proration else "subscription"
             out.append(item)
         return out
 

@@ -1075,6 +1075,128 @@ class Store:
             self._end_subscription(sub, ts, reason=reason)
             return sub
 
+    def change_subscription(
+        self,
+        subscription: Subscription | str,
+        *,
+        price: str | None = None,
+        quantity: int | None = None,
+        proration_behavior: str = "always_invoice",
+        fail: bool = False,
+        at: Instant | None = None,
+    ) -> Invoice | None:
+        """Change the item's price or quantity in the middle of the period, as Stripe prorates it.
+
+        Records ``customer.subscription.updated`` (``previous_attributes`` with the old ``items``, and
+        ``latest_invoice`` when invoiced). ``always_invoice`` bills the proration at once: an invoice with
+        ``billing_reason=subscription_update`` and two proration lines, "Unused time on" the old item (negative)
+        and "Remaining time on" the new one, each ``unit_amount x quantity x seconds left / period seconds``
+        (https://docs.stripe.com/billing/subscriptions/prorations), then its payment's events. With
+        ``create_prorations`` or ``none`` nothing is invoiced now (pending proration items are not modelled).
+        """
+        with self.lock:
+            sub = self._subscription(subscription)
+            if sub.status in _ENDED:
+                raise EmulatorError("This subscription is canceled.", code="subscription_canceled")
+            if proration_behavior not in ("always_invoice", "create_prorations", "none"):
+                raise EmulatorError(f"Invalid proration_behavior: {proration_behavior}", param="proration_behavior")
+            ts = self._at(at)
+            before = snapshot(sub)
+            old_price = self.resolve_price(sub.price)
+            new_price = self.resolve_price(price) if price is not None else old_price
+            new_quantity = quantity if quantity is not None else sub.quantity
+            sub.price, sub.quantity = new_price.id, new_quantity
+            invoice: Invoice | None = None
+            if proration_behavior == "always_invoice":
+                span = sub.current_period_end - sub.current_period_start
+                left = max(0, sub.current_period_end - ts)
+                unused = -round(old_price.unit_amount * before.quantity * left / span)
+                remaining = round(new_price.unit_amount * new_quantity * left / span)
+                day = datetime.fromtimestamp(ts, tz=UTC).strftime("%d %b %Y")
+                lines = tuple(
+                    InvoiceLine(
+                        self.new_id("il"),
+                        amount,
+                        sub.currency,
+                        f"{text} after {day}",
+                        p.id,
+                        q,
+                        ts,
+                        sub.current_period_end,
+                        sub.id,
+                        sub.item_id,
+                        proration=True,
+                    )
+                    for amount, text, p, q in (
+                        (unused, f"Unused time on {before.quantity} × {old_price.id}", old_price, before.quantity),
+                        (remaining, f"Remaining time on {new_quantity} × {new_price.id}", new_price, new_quantity),
+                    )
+                )
+                total = unused + remaining
+                customer = self._customer(sub.customer)
+                invoice = self._add(
+                    Invoice(
+                        self.new_id("in"),
+                        ts,
+                        0,
+                        customer=sub.customer,
+                        subscription=sub.id,
+                        status="draft",
+                        billing_reason="subscription_update",
+                        # A negative total is credited to the customer's balance: nothing is due now.
+                        amount_due=max(0, total),
+                        amount_remaining=max(0, total),
+                        currency=sub.currency,
+                        total=total,
+                        lines=lines,
+                        period_start=ts,
+                        period_end=ts,
+                        customer_email=customer.email,
+                        customer_name=customer.name,
+                    )
+                )
+                sub.latest_invoice = invoice.id
+            self._emit("customer.subscription.updated", sub, ts, prev=before)
+            if invoice is not None:
+                self._emit("invoice.created", invoice, ts)
+                self._attempt_invoice(invoice, ts, fail=fail, first=True)
+            return invoice
+
+    def pause_subscription(self, subscription: Subscription | str, *, at: Instant | None = None) -> Subscription:
+        """Pause: status ``paused``, recorded as ``customer.subscription.paused``."""
+        with self.lock:
+            sub = self._subscription(subscription)
+            if sub.status in _ENDED or sub.status == "paused":
+                raise EmulatorError(f"A {sub.status} subscription cannot be paused.", code="subscription_not_pausable")
+            before = snapshot(sub)
+            sub.status = "paused"
+            self._emit("customer.subscription.paused", sub, self._at(at), prev=before)
+            return sub
+
+    def resume_subscription(self, subscription: Subscription | str, *, at: Instant | None = None) -> Subscription:
+        """Resume a paused subscription: status ``active``, recorded as ``customer.subscription.resumed``."""
+        with self.lock:
+            sub = self._subscription(subscription)
+            if sub.status != "paused":
+                raise EmulatorError("Only a paused subscription can be resumed.", code="subscription_not_paused")
+            before = snapshot(sub)
+            sub.status = "active"
+            self._emit("customer.subscription.resumed", sub, self._at(at), prev=before)
+            return sub
+
+    def pause_collection(
+        self, subscription: Subscription | str, behavior: str | None, *, at: Instant | None = None
+    ) -> Subscription:
+        """Set (or clear, with None) ``pause_collection``; recorded as ``customer.subscription.updated``."""
+        with self.lock:
+            sub = self._subscription(subscription)
+            if behavior not in (None, "keep_as_draft", "mark_uncollectible", "void"):
+                raise EmulatorError(f"Invalid pause_collection[behavior]: {behavior}", param="pause_collection")
+            before = snapshot(sub)
+            sub.pause_collection = behavior
+            self._emit("customer.subscription.updated", sub, self._at(at), prev=before)
+            return sub
+
     def _end_subscription(self, sub: Subscription, ts: int, *, reason: str) -> None:
         sub.status = "canceled"
         sub.canceled_at = sub.canceled_at or ts

@@ -28,7 +28,7 @@ from ledger.errors import (
     LedgerError,
     UnknownCustomer,
 )
-from ledger.models import AccessState, Allocation, Entry, EntryKind, UsageEnvironment, UsageRecord
+from ledger.models import AccessState, Allocation, Entry, EntryKind, GrantSource, UsageEnvironment, UsageRecord
 
 NOW = datetime.now(UTC)
 
@@ -142,7 +142,8 @@ class TestConsume:
     @pytest.mark.parametrize("state", [AccessState.SUSPENDED, AccessState.CANCELED])
     def test_suspended_or_canceled_access_is_refused(self, ledger_engine: Engine, state: AccessState) -> None:
         customer = make_account()
-        make_grant(customer_id=customer, units=30)
+        # Plan credits: neither state may spend them under the default access policy.
+        make_grant(customer_id=customer, units=30, source=GrantSource.RENEWAL)
         with unit_of_work() as session:
             set_access_state(session, customer, state, as_of=NOW, source="test")
         before = account_state(customer)
@@ -165,7 +166,8 @@ class TestConsume:
     def test_past_due_is_allowed_until_grace_ends(self, ledger_engine: Engine) -> None:
         in_grace, past_grace = make_account(), make_account()
         for customer, grace in ((in_grace, NOW + timedelta(days=3)), (past_grace, NOW - timedelta(seconds=1))):
-            make_grant(customer_id=customer, units=30)
+            # Plan credits: past the grace deadline they may no longer be spent (the default access policy).
+            make_grant(customer_id=customer, units=30, source=GrantSource.RENEWAL)
             with unit_of_work() as session:
                 set_access_state(session, customer, AccessState.PAST_DUE, as_of=NOW, source="t", grace_until=grace)
 

@@ -20,6 +20,7 @@ from ledger.config import BillingConfig
 from ledger.consumption import consume_key
 from ledger.inbox import StripeEvent
 from ledger.models import Account, Entry, EntryKind, Grant, GrantSource, Hold, UsageRecord
+from ledger.subscriptions import SubscriptionView, subscriptions_of
 
 LEDGER_PAGE_SIZE = 50
 GRANTS_SHOWN = 200
@@ -92,6 +93,7 @@ class CustomerOverview:
     active_grant_units: int
     debt_entries: list[Entry]
     events: list[StripeEvent]
+    subscriptions: list[SubscriptionView]
 
 
 def find_account(session: Session, customer_id: str) -> Account | None:
@@ -141,6 +143,7 @@ def customer_overview(session: Session, account: Account) -> CustomerOverview:
         active_grant_units=int(active_units),
         debt_entries=debt_entries,
         events=events,
+        subscriptions=subscriptions_of(session, account.customer_id),
     )
 
 

@@ -15,10 +15,13 @@ from typing import Any
 
 from ledger import accounts as ledger_accounts
 from ledger import grants as ledger_grants
+from ledger import subscriptions as ledger_subscriptions
 from ledger.config import PeriodEnd, Plan
 from ledger.errors import IdempotencyConflict
 from ledger.models import AccessState, GrantSource
+from ledger.plan_changes import PlanNotConfigured, change_effect, is_proration_line, proration_lines
 from worker.handlers.base import EventContext, Outcome, PermanentEventError, as_int, stripe_id, timestamp
+from worker.handlers.plan_change import apply_change
 from worker.payments import find_funded_grant, link_payment
 
 RENEWAL_REASONS = ("subscription_create", "subscription_cycle")
@@ -85,7 +88,7 @@ def _plan_lines(ctx: EventContext, invoice: Mapping[str, Any]) -> tuple[list[Pla
     found: list[PlanLine] = []
     unknown: list[str] = []
     for line in _lines(invoice):
-        if not _is_subscription_line(line) or line.get("proration"):
+        if not _is_subscription_line(line) or is_proration_line(line):
             continue
         price = _line_price(line)
         plan = ctx.config.plan_for_price(price)
@@ -121,8 +124,10 @@ def handle_invoice_paid(ctx: EventContext) -> Outcome:
     invoice = ctx.obj
     invoice_id = stripe_id(invoice.get("id"))
     reason = invoice.get("billing_reason")
+    if reason == "subscription_update":
+        return _plan_change_paid(ctx, invoice)
     if reason not in RENEWAL_REASONS:
-        return Outcome.ignore(f"billing_reason {reason!r} is not a subscription start or renewal")
+        return Outcome.ignore(f"billing_reason {reason!r} is not a subscription start, renewal or change")
     customer_id = stripe_id(invoice.get("customer"))
     if invoice_id is None or customer_id is None:
         raise PermanentEventError("invoice has no id or no customer")
@@ -167,16 +172,68 @@ def handle_invoice_paid(ctx: EventContext) -> Outcome:
     if result.replayed:
         return _already_granted(ctx, result.grant_id, customer_id, ids)
     ctx.linked_ids |= link_payment(ctx.session, result.grant_id, customer_id, ids)
-    # A paid invoice restores access (after a failed attempt, say), unless a newer state is already applied.
-    ledger_accounts.set_access_state(
-        ctx.session, customer_id, AccessState.ACTIVE, as_of=ctx.created, source=f"invoice.paid:{invoice_id}"
-    )
+    if subscription is not None:
+        # The period's plan grant: a full upgrade or a prorated downgrade of this period may already be applied.
+        ledger_subscriptions.record_plan_grant(
+            ctx.session,
+            result.grant_id,
+            subscription_id=subscription,
+            kind="period",
+            period_end=period_end,
+            effective_at=period_start or ctx.created,
+            invoice_id=invoice_id,
+        )
+        ledger_subscriptions.settle_period(ctx.session, customer_id, subscription, period_end)
+    _paid_restores_access(ctx, customer_id, subscription, invoice_id)
     return Outcome.processed(f"granted {result.units} units for {invoice_id} to {customer_id}")
+
+
+def _paid_restores_access(ctx: EventContext, customer_id: str, subscription: str | None, invoice_id: str) -> None:
+    # A paid invoice restores access (after a failed attempt, say), unless a newer state is already applied.
+    source = f"invoice.paid:{invoice_id}"
+    if subscription is not None:
+        ledger_subscriptions.set_subscription_access(
+            ctx.session, customer_id, subscription, AccessState.ACTIVE, as_of=ctx.created, source=source
+        )
+    else:
+        ledger_accounts.set_access_state(ctx.session, customer_id, AccessState.ACTIVE, as_of=ctx.created, source=source)
 
 
 def _already_granted(ctx: EventContext, grant_id: int, customer_id: str, ids: list[str | None]) -> Outcome:
     ctx.linked_ids |= link_payment(ctx.session, grant_id, customer_id, ids)
     return Outcome.processed(f"period already granted (grant {grant_id})")
+
+
+def _plan_change_paid(ctx: EventContext, invoice: Mapping[str, Any]) -> Outcome:
+    """invoice.paid of a change of plan or quantity (``subscription_update``): the [plan_changes] policy."""
+    invoice_id = stripe_id(invoice.get("id"))
+    customer_id = stripe_id(invoice.get("customer"))
+    subscription = subscription_id_of(invoice)
+    if invoice_id is None or customer_id is None or subscription is None:
+        raise PermanentEventError("subscription_update invoice has no id, customer or subscription")
+    lines = proration_lines(invoice)
+    if lines is None:
+        return Outcome.ignore(f"invoice {invoice_id}: subscription_update without proration lines changes no credits")
+    try:
+        effect = change_effect(ctx.config, old=lines.old, new=lines.new, changed_at=lines.changed_at,
+                               period_end=lines.period_end)  # fmt: skip
+    except PlanNotConfigured as exc:
+        raise PermanentEventError(f"invoice {invoice_id}: {exc}") from exc
+    currency = invoice.get("currency")
+    note = apply_change(
+        ctx,
+        effect,
+        key=f"plan_change:{invoice_id}",
+        customer_id=customer_id,
+        subscription_id=subscription,
+        changed_at=lines.changed_at,
+        invoice_id=invoice_id,
+        amount_minor=as_int(invoice.get("amount_paid")),
+        currency=currency if isinstance(currency, str) else None,
+        payment_ids=_payment_ids(invoice),
+    )
+    _paid_restores_access(ctx, customer_id, subscription, invoice_id)
+    return Outcome.processed(note)
 
 
 def handle_invoice_payment_failed(ctx: EventContext) -> Outcome:
@@ -189,14 +246,17 @@ def handle_invoice_payment_failed(ctx: EventContext) -> Outcome:
     if customer_id is None:
         raise PermanentEventError("invoice has no customer")
     grace_until = ctx.created + timedelta(days=ctx.config.access.grace_days)
-    applied = ledger_accounts.set_access_state(
-        ctx.session,
-        customer_id,
-        AccessState.PAST_DUE,
-        as_of=ctx.created,
-        source=f"invoice.payment_failed:{stripe_id(invoice.get('id'))}",
-        grace_until=grace_until,
-    )
+    source = f"invoice.payment_failed:{stripe_id(invoice.get('id'))}"
+    subscription = subscription_id_of(invoice)
+    if subscription is not None:
+        applied = ledger_subscriptions.set_subscription_access(
+            ctx.session, customer_id, subscription, AccessState.PAST_DUE, as_of=ctx.created, source=source,
+            grace_until=grace_until,
+        )  # fmt: skip
+    else:
+        applied = ledger_accounts.set_access_state(
+            ctx.session, customer_id, AccessState.PAST_DUE, as_of=ctx.created, source=source, grace_until=grace_until
+        )
     if not applied:
         return Outcome.processed("a newer access state is already applied; unchanged")
     return Outcome.processed(f"{customer_id} past_due until {grace_until.isoformat()}")

@@ -3,6 +3,11 @@
 Checkout sends ``checkout.session.completed`` (and ``async_payment_succeeded`` for delayed methods); direct
 integrations send ``payment_intent.succeeded``. All of them key the grant on the payment intent id, so the
 second event for one payment finds the grant made by the first.
+
+Every field of the grant is the same whatever the order: the reason names only the payment, and an expiring
+pack counts its days from the payment's earliest known moment (the checkout session's or the payment intent's
+``created``, whichever is earlier): the event that makes the grant records the moment it knows as the grant's
+``period_start``, and a later event that knows an earlier one moves the start and the expiry back together.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
+from sqlalchemy import select, update
+
 from ledger import grants as ledger_grants
-from ledger.models import GrantSource
+from ledger.models import Grant, GrantSource
+from ledger.posting import as_utc
 from worker.handlers.base import (
     EventContext,
     Outcome,
@@ -111,26 +119,39 @@ def _grant_topup(
         units=units,
         source=GrantSource.TOP_UP,
         idempotency_key=f"topup:{payment_key}",
-        reason=f"top-up {payment_key} ({ctx.row.type} {ctx.event_id})",
+        reason=f"top-up {payment_key}",
         priority=priority if priority is not None else ctx.config.credits.topup_priority,
         expires_at=paid_at + timedelta(days=expiry_days) if expiry_days else None,
         stripe_object_id=payment_key,
         stripe_object_type=payment_type,
         amount_minor=amount_minor,
         currency=currency.lower() if currency else None,
+        period_start=paid_at,
     )
     ctx.linked_ids |= link_payment(ctx.session, result.grant_id, customer_id, [payment_key, *linked])
     verb = "already granted" if result.replayed else "granted"
     return Outcome.processed(f"{verb} {result.units} units to {customer_id} for {payment_key}")
 
 
-def _existing(ctx: EventContext, customer_id: str | None, ids: list[str | None]) -> Outcome | None:
-    """When another event of this payment already made its grant, only link the ids this one adds."""
+def _existing(ctx: EventContext, customer_id: str | None, ids: list[str | None], paid_at: datetime) -> Outcome | None:
+    """When another event of this payment already made its grant, link the ids this one adds, and move the
+    grant's start (and expiry) back when this event knows an earlier moment of the payment."""
     # Only the worker's own links: a top-up grant is always made (and linked) here.
     grant = find_funded_grant(ctx.session, ids, unlinked=False)
     if grant is None:
         return None
     ctx.linked_ids |= link_payment(ctx.session, grant.id, customer_id or "", ids)
+    start, expires = ctx.session.execute(select(Grant.period_start, Grant.expires_at).where(Grant.id == grant.id)).one()
+    start, expires = as_utc(start), as_utc(expires)
+    if start is not None and paid_at < start:
+        shift = start - paid_at
+        ctx.session.execute(
+            update(Grant)
+            .where(Grant.id == grant.id)
+            .values(period_start=paid_at, expires_at=expires - shift if expires is not None else None)
+            .execution_options(synchronize_session=False)
+        )
+        return Outcome.processed(f"payment already granted (grant {grant.id}); its start moved back to {paid_at}")
     return Outcome.processed(f"payment already granted (grant {grant.id}); nothing new")
 
 
@@ -159,7 +180,8 @@ def handle_checkout_session_paid(ctx: EventContext) -> Outcome:
     customer_id = stripe_id(session.get("customer")) or _customer_from_metadata(session)
     payment_key = payment_intent or session_id
     ids: list[str | None] = [payment_intent, session_id, stripe_id(session.get("invoice"))]
-    done = _existing(ctx, customer_id, ids)
+    paid_at = timestamp(session.get("created")) or ctx.created
+    done = _existing(ctx, customer_id, ids, paid_at)
     if done is not None:
         return done
     amount = as_int(session.get("amount_total"))
@@ -176,7 +198,7 @@ def handle_checkout_session_paid(ctx: EventContext) -> Outcome:
         customer_id=customer_id,
         amount_minor=amount,
         currency=session.get("currency"),
-        paid_at=timestamp(session.get("created")) or ctx.created,
+        paid_at=paid_at,
         linked=ids,
         credits=credits,
     )
@@ -199,7 +221,8 @@ def handle_payment_intent_succeeded(ctx: EventContext) -> Outcome:
         return Outcome.ignore("payment of an invoice: credited by invoice.paid")
     customer_id = stripe_id(pi.get("customer")) or _customer_from_metadata(pi)
     ids: list[str | None] = [pi_id, *_charge_ids(pi)]
-    done = _existing(ctx, customer_id, ids)
+    paid_at = timestamp(pi.get("created")) or ctx.created
+    done = _existing(ctx, customer_id, ids, paid_at)
     if done is not None:
         return done
     amount = as_int(pi.get("amount_received", pi.get("amount")))
@@ -212,6 +235,7 @@ def handle_payment_intent_succeeded(ctx: EventContext) -> Outcome:
             customer_id = customer_id or stripe_id(session.get("customer"))
             credits = _credits_from_metadata(ctx, metadata(session))
             session_id = stripe_id(session.get("id"))
+            paid_at = min(paid_at, timestamp(session.get("created")) or paid_at)
             if credits is None and session_id:
                 credits = _credits_from_line_items(ctx, ctx.gateway.retrieve_checkout_session_line_items(session_id))
     if credits is None:
@@ -223,7 +247,7 @@ def handle_payment_intent_succeeded(ctx: EventContext) -> Outcome:
         customer_id=customer_id,
         amount_minor=amount,
         currency=pi.get("currency"),
-        paid_at=timestamp(pi.get("created")) or ctx.created,
+        paid_at=paid_at,
         linked=ids,
         credits=credits,
     )
