@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -80,3 +81,11 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Return the process-wide settings, read from the environment on first use."""
     return Settings()
+
+
+def secrets_from_env(name: str) -> list[SecretStr]:
+    """The comma-separated secrets in environment variable ``name`` (several during a secret roll).
+
+    Notification endpoints name their secret's variable in the billing config; this is the one place it is read.
+    """
+    return [SecretStr(part.strip()) for part in os.environ.get(name, "").split(",") if part.strip()]
