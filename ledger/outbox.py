@@ -190,6 +190,18 @@ def note_balance(
     return BalanceCrossing(tuple(emitted))
 
 
+def balance_dropped(session: Session, customer_id: str, units: int, *, cause: str) -> BalanceCrossing:
+    """After a movement that took ``units`` off a customer's balance (under its lock), emit any crossing."""
+    if units <= 0:
+        return BalanceCrossing(())
+    row = run(session, _ACCOUNT, {"customer_id": customer_id}).first()
+    if row is None:
+        return BalanceCrossing(())
+    before = max(0, row.balance + units + row.overdraft_limit)
+    after = max(0, row.balance + row.overdraft_limit)
+    return note_balance(session, account_id=row.id, customer_id=customer_id, before=before, after=after, cause=cause)
+
+
 def spendable(session: Session, customer_id: str) -> tuple[int, int] | None:
     """(account id, spendable balance) of a customer, or None when there is no account."""
     row = run(session, _ACCOUNT, {"customer_id": customer_id}).first()

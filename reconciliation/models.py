@@ -39,6 +39,10 @@ class MismatchKind(StrEnum):
     NON_BILLABLE_PRODUCTION_USAGE = "non_billable_production_usage"
     # A refund or lost dispute clawed back credits the customer had already spent: recorded as debt.
     CLAWBACK_DEBT = "clawback_debt"
+    # A customer's or user's usage in the last hour far above its own baseline (spike detection, every 15 min).
+    USAGE_SPIKE = "usage_spike"
+    # An outbound notification endpoint failed for the whole retry horizon and was disabled.
+    NOTIFICATION_ENDPOINT_DISABLED = "notification_endpoint_disabled"
 
 
 class MismatchStatus(StrEnum):

@@ -21,6 +21,8 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from ledger.errors import InvalidRequest
+from ledger.outbox import emit
+from ledger.suspensions import lift_suspensions
 from reconciliation.models import (
     ActionKind,
     Mismatch,
@@ -162,6 +164,7 @@ def record_finding(session: Session, run: ReconciliationRun, finding: Finding, *
             run_id=run.id,
             at=now,
         )
+        _announce(session, mismatch)
         return "new"
 
     outcome = "unchanged"
@@ -215,7 +218,26 @@ def record_finding(session: Session, run: ReconciliationRun, finding: Finding, *
     existing.scope_key = finding.scope_key
     existing.last_seen_run_id = run.id
     existing.last_seen_at = now
+    if outcome in ("reappeared", "reopened"):
+        _announce(session, existing)
     return outcome
+
+
+def _announce(session: Session, mismatch: Mismatch) -> None:
+    """``mismatch.opened`` (and ``usage.spike`` for a spike), in the transaction that opens the review item."""
+    data = {
+        "mismatch_id": mismatch.id,
+        "kind": mismatch.kind.value,
+        "summary": mismatch.summary,
+        "unit": mismatch.unit,
+        "currency": mismatch.currency,
+        "expected": mismatch.expected_amount,
+        "actual": mismatch.actual_amount,
+        "occurred_at": mismatch.occurred_at,
+    }
+    emit(session, "mismatch.opened", mismatch.customer_id, data)
+    if mismatch.kind is MismatchKind.USAGE_SPIKE:
+        emit(session, "usage.spike", mismatch.customer_id, {**data, "evidence": mismatch.evidence})
 
 
 def close_unseen(
@@ -307,6 +329,9 @@ def _transition(
     mismatch.status = to
     mismatch.status_changed_at = now
     _audit(session, mismatch, action=action, actor=actor.strip(), note=note.strip(), from_status=before, at=now)
+    if mismatch.kind is MismatchKind.USAGE_SPIKE and to in (MismatchStatus.RESOLVED, MismatchStatus.IGNORED):
+        # The reviewer's decision lifts a suspension the spike caused; the audit row above says who and why.
+        lift_suspensions(session, review_item_id=mismatch.id, actor=actor.strip(), note=note.strip(), now=now)
     session.flush()
     return mismatch
 

@@ -5,7 +5,12 @@ Revision ID: notify_1
 Revises: 0007
 
 Mirrors ledger.models (LimitCounter, OutboxEvent, NotificationDelivery, NotificationEndpointState,
-BalanceThreshold, UsageSuspension). Tables only: nothing existing changes.
+BalanceThreshold, UsageSuspension), and the triggers that write the outbox rows of changes every writer makes:
+``credits.granted`` / ``credits.clawed_back`` / ``credits.expired`` from the entries a grant, clawback or expiry
+appends, and ``access.changed`` from an account whose access state changed. Triggers, not the Python paths, so
+the PostgreSQL functions (ledger_consume expiring lapsed grants, ledger_grant, ledger_grant_movement) and any
+future writer emit them too, in the writer's own transaction. Their conditions are checked before the trigger
+runs, so the hot path's other entries (consume, hold, capture, release) and balance updates pay nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,93 @@ depends_on = None
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _TS = sa.DateTime(timezone=True)
+
+
+# The notification's data, the same on both backends: amounts as positive units, times as ISO 8601 UTC.
+_ENTRY_KINDS = "('grant', 'clawback', 'expire')"
+_ENTRY_WHEN = f"NEW.kind IN {_ENTRY_KINDS} AND (NEW.units <> 0 OR NEW.frozen_delta <> 0)"
+
+PG_ENTRY_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION outbox_iso(t timestamptz) RETURNS text LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00'
+$fn$;
+
+CREATE OR REPLACE FUNCTION outbox_entry_event() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO outbox (event_id, type, customer_id, data, created_at)
+    SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''),
+           CASE NEW.kind WHEN 'grant' THEN 'credits.granted' WHEN 'clawback' THEN 'credits.clawed_back'
+                ELSE 'credits.expired' END,
+           a.customer_id,
+           json_build_object(
+               'entry_id', NEW.id, 'grant_id', NEW.grant_id,
+               'units', CASE NEW.kind WHEN 'grant' THEN NEW.units WHEN 'clawback' THEN -NEW.units - NEW.frozen_delta
+                        ELSE -NEW.units END,
+               'debt', NEW.debt_delta, 'balance_after', NEW.balance_after, 'reason', NEW.reason,
+               'stripe_object_id', NEW.stripe_object_id, 'source', g.source, 'priority', g.priority,
+               'expires_at', outbox_iso(g.expires_at)),
+           clock_timestamp()
+      FROM accounts a LEFT JOIN grants g ON g.id = NEW.grant_id
+     WHERE a.id = NEW.account_id;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION outbox_access_event() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO outbox (event_id, type, customer_id, data, created_at)
+    VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), 'access.changed', NEW.customer_id,
+            json_build_object('previous', OLD.access_state, 'access_state', NEW.access_state,
+                              'source', NEW.access_source, 'as_of', outbox_iso(NEW.access_as_of),
+                              'grace_until', outbox_iso(NEW.grace_until)),
+            clock_timestamp());
+    RETURN NULL;
+END
+$fn$;
+"""
+PG_TRIGGERS = (
+    f"CREATE TRIGGER entries_outbox AFTER INSERT ON entries FOR EACH ROW WHEN ({_ENTRY_WHEN}) "
+    "EXECUTE FUNCTION outbox_entry_event()",
+    "CREATE TRIGGER accounts_access_outbox AFTER UPDATE OF access_state ON accounts FOR EACH ROW "
+    "WHEN (OLD.access_state IS DISTINCT FROM NEW.access_state) EXECUTE FUNCTION outbox_access_event()",
+)
+
+
+def _sqlite_iso(column: str) -> str:
+    # SQLite keeps naive UTC text ("2026-03-05 08:00:00.000000"); render it as PostgreSQL's trigger does.
+    return f"CASE WHEN {column} IS NULL THEN NULL ELSE replace({column}, ' ', 'T') || '+00:00' END"
+
+
+_SQLITE_EVENT_ID = "'evt_' || lower(hex(randomblob(16)))"
+_SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+SQLITE_TRIGGERS = (
+    f"""CREATE TRIGGER entries_outbox AFTER INSERT ON entries WHEN {_ENTRY_WHEN} BEGIN
+    INSERT INTO outbox (event_id, type, customer_id, data, created_at)
+    SELECT {_SQLITE_EVENT_ID},
+           CASE NEW.kind WHEN 'grant' THEN 'credits.granted' WHEN 'clawback' THEN 'credits.clawed_back'
+                ELSE 'credits.expired' END,
+           a.customer_id,
+           json_object(
+               'entry_id', NEW.id, 'grant_id', NEW.grant_id,
+               'units', CASE NEW.kind WHEN 'grant' THEN NEW.units WHEN 'clawback' THEN -NEW.units - NEW.frozen_delta
+                        ELSE -NEW.units END,
+               'debt', NEW.debt_delta, 'balance_after', NEW.balance_after, 'reason', NEW.reason,
+               'stripe_object_id', NEW.stripe_object_id, 'source', g.source, 'priority', g.priority,
+               'expires_at', {_sqlite_iso("g.expires_at")}),
+           {_SQLITE_NOW}
+      FROM accounts a LEFT JOIN grants g ON g.id = NEW.grant_id
+     WHERE a.id = NEW.account_id;
+END""",
+    f"""CREATE TRIGGER accounts_access_outbox AFTER UPDATE OF access_state ON accounts
+WHEN OLD.access_state IS NOT NEW.access_state BEGIN
+    INSERT INTO outbox (event_id, type, customer_id, data, created_at)
+    VALUES ({_SQLITE_EVENT_ID}, 'access.changed', NEW.customer_id,
+            json_object('previous', OLD.access_state, 'access_state', NEW.access_state,
+                        'source', NEW.access_source, 'as_of', {_sqlite_iso("NEW.access_as_of")},
+                        'grace_until', {_sqlite_iso("NEW.grace_until")}),
+            {_SQLITE_NOW});
+END""",
+)
 
 
 def upgrade() -> None:
@@ -118,8 +210,22 @@ def upgrade() -> None:
     )
     op.create_index("ix_usage_suspensions_customer_id", "usage_suspensions", ["customer_id", "lifted_at"])
 
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(PG_ENTRY_FUNCTION)
+        for statement in PG_TRIGGERS:
+            op.execute(statement)
+    else:
+        for statement in SQLITE_TRIGGERS:
+            op.execute(statement)
+
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER IF EXISTS accounts_access_outbox" + (" ON accounts" if _pg() else ""))
+    op.execute("DROP TRIGGER IF EXISTS entries_outbox" + (" ON entries" if _pg() else ""))
+    if _pg():
+        op.execute("DROP FUNCTION IF EXISTS outbox_access_event()")
+        op.execute("DROP FUNCTION IF EXISTS outbox_entry_event()")
+        op.execute("DROP FUNCTION IF EXISTS outbox_iso(timestamptz)")
     op.drop_index("ix_usage_suspensions_customer_id", table_name="usage_suspensions")
     op.drop_table("usage_suspensions")
     op.drop_table("balance_thresholds")
@@ -132,3 +238,7 @@ def downgrade() -> None:
     op.drop_table("outbox")
     op.drop_index("ix_limit_counters_window_end", table_name="limit_counters")
     op.drop_table("limit_counters")
+
+
+def _pg() -> bool:
+    return bool(op.get_bind().dialect.name == "postgresql")
