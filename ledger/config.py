@@ -215,6 +215,8 @@ class Spikes(_Strict):
     mad_floor_share: Decimal = Field(default=Decimal("0.1"), ge=0)
     min_units: int = Field(default=500, ge=0)
     min_cost_usd: Decimal = Field(default=Decimal(5), ge=0)
+    # After a spike, the same customer or user is not reported again for this long (one burst, one item).
+    quiet_hours: int = Field(default=6, ge=1)
 
 
 class BillingConfig(_Strict):

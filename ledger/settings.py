@@ -63,6 +63,9 @@ class Settings(BaseSettings):
 
     billing_config: Path | None = None
 
+    # Outbound notifications: how long one delivery attempt may take before it counts as failed.
+    notification_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
     log_level: str = "INFO"
     log_json: bool = False
 

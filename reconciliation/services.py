@@ -30,6 +30,7 @@ from reconciliation.models import (
     MismatchKind,
     MismatchStatus,
     ReconciliationRun,
+    RunStatus,
 )
 
 
@@ -498,3 +499,30 @@ def export_csv(session: Session, out: IO[str] | Path, **filters: Any) -> int:
         writer.writerow({k: row[k] for k in EXPORT_COLUMNS})
         n += 1
     return n
+
+
+def open_review_item(session: Session, finding: Finding, *, actor: str, now: datetime) -> tuple[Mismatch, str]:
+    """Record a finding that a job other than the nightly run made (a usage spike, a disabled notification
+    endpoint) as a review item, through a run row of its own so the audit trail has the same shape; return the
+    mismatch and what happened (new, unchanged, updated, reopened, reappeared)."""
+    run = ReconciliationRun(
+        since=finding.occurred_at or now,
+        until=now,
+        started_at=now,
+        finished_at=now,
+        status=RunStatus.SUCCEEDED,
+        actor=actor,
+        counts={finding.kind.value: 1},
+        stats={"source": actor},
+    )
+    session.add(run)
+    session.flush()
+    outcome = record_finding(session, run, finding, now=now)
+    session.flush()
+    mismatch = session.scalars(select(Mismatch).where(Mismatch.fingerprint == finding.fingerprint)).one()
+    return mismatch, outcome
+
+
+def find_review_item(session: Session, finding: Finding) -> Mismatch | None:
+    """The stored review item of a finding (by fingerprint), if any."""
+    return session.scalars(select(Mismatch).where(Mismatch.fingerprint == finding.fingerprint)).one_or_none()
