@@ -26,7 +26,14 @@ from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig, get_billing_config
 from ledger.errors import InvalidRequest, UnknownCustomer
-from ledger.models import BalanceThreshold, Grant, OutboxEvent
+from ledger.models import (
+    BalanceThreshold,
+    DeliveryStatus,
+    Grant,
+    NotificationDelivery,
+    NotificationEndpointState,
+    OutboxEvent,
+)
 from ledger.posting import ACCOUNTS, as_utc, run, upsert, utcnow
 
 EVENT_TYPES = (
@@ -44,6 +51,8 @@ EVENT_TYPES = (
 OUTBOX: Table = OutboxEvent.__table__  # type: ignore[assignment]
 THRESHOLDS: Table = BalanceThreshold.__table__  # type: ignore[assignment]
 GRANTS: Table = Grant.__table__  # type: ignore[assignment]
+DELIVERIES: Table = NotificationDelivery.__table__  # type: ignore[assignment]
+ENDPOINTS: Table = NotificationEndpointState.__table__  # type: ignore[assignment]
 
 _INSERT = insert(OUTBOX)
 _EFFECTIVE = select(THRESHOLDS.c.effective_units).where(THRESHOLDS.c.account_id == bindparam("account_id"))
@@ -214,3 +223,59 @@ def mark_dispatched(session: Session, outbox_ids: Sequence[int], now: datetime) 
     """Record that these rows' deliveries exist (the worker's fan-out)."""
     if outbox_ids:
         session.execute(update(OUTBOX).where(OUTBOX.c.id.in_(list(outbox_ids))).values(dispatched_at=now))
+
+
+# --- the delivery log (written by the worker) ---------------------------------------------------------------
+
+
+def list_deliveries(
+    session: Session, *, status: DeliveryStatus | None = None, customer_id: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """The delivery log, newest first, with each event's id and type (the CLI and the review page)."""
+    query = (
+        select(DELIVERIES, OUTBOX.c.event_id, OUTBOX.c.type)
+        .join(OUTBOX, OUTBOX.c.id == DELIVERIES.c.outbox_id)
+        .order_by(DELIVERIES.c.id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(DELIVERIES.c.status == status)
+    if customer_id is not None:
+        query = query.where(DELIVERIES.c.customer_id == customer_id)
+    return [
+        {
+            "id": r.id,
+            "event_id": r.event_id,
+            "type": r.type,
+            "customer_id": r.customer_id,
+            "endpoint": r.endpoint_url,
+            "status": DeliveryStatus(r.status).value,
+            "attempts": r.attempts,
+            "last_status_code": r.last_status_code,
+            "last_latency_ms": r.last_latency_ms,
+            "last_error": r.last_error,
+            "next_attempt_at": _iso(r.next_attempt_at) if r.status == DeliveryStatus.PENDING else None,
+            "delivered_at": _iso(r.delivered_at),
+            "created_at": _iso(r.created_at),
+        }
+        for r in session.execute(query)
+    ]
+
+
+def _iso(value: datetime | None) -> str | None:
+    utc = as_utc(value)
+    return utc.isoformat() if utc is not None else None
+
+
+def endpoint_states(session: Session) -> list[dict[str, Any]]:
+    """Each endpoint the worker has tried: failing since, last success, disabled (and why)."""
+    return [
+        {
+            "url": r.url,
+            "failing_since": _iso(r.failing_since),
+            "last_success_at": _iso(r.last_success_at),
+            "disabled_at": _iso(r.disabled_at),
+            "disabled_reason": r.disabled_reason,
+        }
+        for r in session.execute(select(ENDPOINTS).order_by(ENDPOINTS.c.url))
+    ]

@@ -365,45 +365,6 @@ def deliver_pending(
 # --- operators --------------------------------------------------------------------------------------------------
 
 
-def list_deliveries(
-    session: Session, *, status: DeliveryStatus | None = None, customer_id: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
-    """The delivery log, newest first, with each event's id and type."""
-    query = (
-        select(DELIVERIES, OUTBOX.c.event_id, OUTBOX.c.type)
-        .join(OUTBOX, OUTBOX.c.id == DELIVERIES.c.outbox_id)
-        .order_by(DELIVERIES.c.id.desc())
-        .limit(limit)
-    )
-    if status is not None:
-        query = query.where(DELIVERIES.c.status == status)
-    if customer_id is not None:
-        query = query.where(DELIVERIES.c.customer_id == customer_id)
-    return [
-        {
-            "id": r.id,
-            "event_id": r.event_id,
-            "type": r.type,
-            "customer_id": r.customer_id,
-            "endpoint": r.endpoint_url,
-            "status": DeliveryStatus(r.status).value,
-            "attempts": r.attempts,
-            "last_status_code": r.last_status_code,
-            "last_latency_ms": r.last_latency_ms,
-            "last_error": r.last_error,
-            "next_attempt_at": _iso(r.next_attempt_at) if r.status == DeliveryStatus.PENDING else None,
-            "delivered_at": _iso(r.delivered_at),
-            "created_at": _iso(r.created_at),
-        }
-        for r in session.execute(query)
-    ]
-
-
-def _iso(value: datetime | None) -> str | None:
-    utc = as_utc(value)
-    return utc.isoformat() if utc is not None else None
-
-
 class UnknownDelivery(LookupError):
     """No delivery or event has this id."""
 

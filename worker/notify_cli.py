@@ -13,8 +13,8 @@ from ledger.db import unit_of_work
 from ledger.errors import LedgerError, UnknownCustomer
 from ledger.limits import customer_plans
 from ledger.models import DeliveryStatus
-from ledger.outbox import set_low_balance_threshold
-from worker.notifications import UnknownDelivery, list_deliveries, redeliver
+from ledger.outbox import list_deliveries, set_low_balance_threshold
+from worker.notifications import UnknownDelivery, redeliver
 
 notifications_app = typer.Typer(
     help="Outbound notifications: the delivery log, redelivery, low-balance thresholds.", no_args_is_help=True
