@@ -2,7 +2,7 @@
 health, low-balance thresholds and usage suspensions (usage spikes)
 
 Revision ID: notify_1
-Revises: 0007
+Revises: 0009
 
 Mirrors ledger.models (LimitCounter, OutboxEvent, NotificationDelivery, NotificationEndpointState,
 BalanceThreshold, UsageSuspension), and the triggers that write the outbox rows of changes every writer makes:
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "notify_1"
-down_revision = "0007"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
