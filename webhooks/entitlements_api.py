@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field
 from ledger.db import unit_of_work
 from ledger.entitlements import check_call, overview
 from ledger.errors import LimitExceeded
-from ledger.limits import LimitStatus
+from ledger.limits import LimitStatus, customer_plans
 from ledger.models import AccessState
+from ledger.outbox import set_low_balance_threshold
 from ledger.pricing import UsageInput
 from webhooks.api import ERRORS, CustomerId, Name, Units, UsageFields, require_token
 
@@ -174,3 +175,27 @@ def post_check(body: CheckRequest) -> CheckResponse:
         limits=[_limit(s) for s in verdict.limits],
         **extra,
     )
+
+
+class ThresholdRequest(BaseModel):
+    """A customer's own low-balance threshold in units; null goes back to the plan's."""
+
+    units: Annotated[int, Field(strict=True, ge=0, le=10**15)] | None
+
+
+class ThresholdResponse(BaseModel):
+    customer_id: str
+    low_balance_threshold: int | None = Field(description="The threshold in force (the customer's, else the plan's)")
+
+
+@router.put(
+    "/customers/{customer_id}/low-balance-threshold",
+    response_model=ThresholdResponse,
+    responses=ERRORS,
+    summary="Set a customer's low-balance threshold (balance.low fires when the balance falls below it)",
+)
+def put_threshold(customer_id: CustomerId, body: ThresholdRequest) -> ThresholdResponse:
+    with unit_of_work() as session:
+        plans = customer_plans(session, customer_id, datetime.now(UTC)).plans
+        effective = set_low_balance_threshold(session, customer_id, body.units, plans=plans)
+    return ThresholdResponse(customer_id=customer_id, low_balance_threshold=effective)

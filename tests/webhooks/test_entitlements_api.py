@@ -123,6 +123,17 @@ class TestEntitlements:
         assert body["entitlements"]["models"] == ["gpt-4o-mini*"]
         assert [limit["name"] for limit in body["limits"]] == ["monthly-spend"]
 
+    def test_own_threshold_set_shown_and_cleared(self, client: TestClient) -> None:
+        subscribe("cus_pro", "Pro", 2000)
+        url = "/v1/customers/cus_pro/low-balance-threshold"
+        assert client.put(url, json={"units": 150}, headers=AUTH).json()["low_balance_threshold"] == 150
+        body = client.get("/v1/customers/cus_pro/entitlements", headers=AUTH).json()
+        assert body["low_balance_threshold"] == 150
+        assert client.put(url, json={"units": None}, headers=AUTH).json()["low_balance_threshold"] is None
+        assert client.put(url, json={"units": -1}, headers=AUTH).status_code == 422
+        unknown = client.put("/v1/customers/cus_x/low-balance-threshold", json={"units": 1}, headers=AUTH)
+        assert unknown.status_code == 404
+
     def test_unknown_customer_is_404(self, client: TestClient) -> None:
         response = client.get("/v1/customers/cus_nobody/entitlements", headers=AUTH)
         assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_customer"
