@@ -6,6 +6,7 @@ import threading
 import tomllib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -319,3 +320,47 @@ class TestRace:
             (status,) = limit_usage(session, customer, now=NOW, user_id="u1" if with_user else None, config=cfg)
             assert status.used == limit
             assert session.scalar(select(func.count()).select_from(OutboxEvent)) == 1  # limit.reached once
+
+
+class TestConfig:
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ('[[limits]]\nname = "a"\nwindow = "day"\n', "exactly one of max_requests"),
+            ('[[limits]]\nname = "a"\nwindow = "day"\nmax_requests = 1\nmax_units = 2\n', "got max_requests"),
+            ('[[limits]]\nname = "a"\nwindow = "week"\nmax_requests = 1\n', "limits.0.window"),
+            ('[[limits]]\nname = "a"\nscope = "team"\nwindow = "day"\nmax_requests = 1\n', "limits.0.scope"),
+            ('[[limits]]\nname = "a"\nwindow = "day"\nmax_cost_usd = 0.1\n', "limits.0.max_cost_usd"),
+            ('[[limits]]\nname = "a"\nwindow = "day"\nmax_requests = -1\n', "limits.0.max_requests"),
+            ('[[limits]]\nname = "a"\nwindow = "day"\nmax_requests = 1\n' * 2, "limits.name: duplicate"),
+            ('[[limits]]\nname = "a"\nplans = ["nope"]\nwindow = "day"\nmax_requests = 1\n', "limits.0.plans"),
+            ('[[plans]]\nprice = "p"\ncredits_per_period = 1\nlow_balance_units = 5\nlow_balance_share = "0.1"\n',
+             "at most one of low_balance_units"),
+            ('[[plans]]\nprice = "p"\ncredits_per_period = 1\non_spike = "panic"\n', "plans.0.on_spike"),
+            ('[[notifications.endpoints]]\nurl = "ftp://x"\nsecret_env = "S"\n', "notifications.endpoints.0.url"),
+            ('[[notifications.endpoints]]\nurl = "https://x"\nsecret_env = "not a name"\n',
+             "notifications.endpoints.0.secret_env"),
+        ],
+    )  # fmt: skip
+    def test_invalid_field_is_named(self, billing_config_file: Any, body: str, field: str) -> None:
+        from ledger.config import ConfigError, load_billing_config
+
+        path = billing_config_file(body)
+        with pytest.raises(ConfigError) as info:
+            load_billing_config(path)
+        assert field in str(info.value)
+
+    def test_the_issue_example_is_valid(self) -> None:
+        cfg = config(
+            """
+[[limits]]
+name = "pro-images-per-user-daily"
+plans = ["price_pro"]
+scope = "user"
+operation = "image"
+window = "day"
+max_requests = 50
+"""
+        )
+        (limit,) = cfg.limits
+        assert (limit.maximum, limit.measure.value, limit.window) == (50, "requests", LimitWindow.DAY)
