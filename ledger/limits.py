@@ -17,16 +17,18 @@ the field out never gets around a limit.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import Table, and_, bindparam, case, select, update
+from sqlalchemy import BigInteger, Table, and_, bindparam, case, select, type_coerce, update
 from sqlalchemy.orm import Session
 
+from ledger import pgfast
 from ledger.config import BillingConfig, Limit, LimitMeasure, LimitScope, LimitWindow, OnSpike, get_billing_config
 from ledger.errors import AccessRefused, InvalidRequest, LimitExceeded, NotEntitled
 from ledger.models import Grant, GrantSource, LimitCounter, UsageSuspension
@@ -329,21 +331,36 @@ def limit_usage(
 # --- reservations -----------------------------------------------------------------------------------------------
 
 
-def _reserve_statement(dialect: Any, column: str) -> Any:
+def _reserve_statement(dialect: Any) -> Any:
+    # One statement for every applicable limit (executemany with RETURNING is one multi-row INSERT): each row adds
+    # the request to its counter only if the counter's own measure stays within the row's maximum; a row whose
+    # check fails is not returned. Rows go in limit-name order, so concurrent reservations lock counters in one
+    # order and cannot deadlock.
     ins = dialect.insert(COUNTERS)
-    col = COUNTERS.c[column]
+    within = (
+        case(
+            (ins.excluded.measure == LimitMeasure.REQUESTS.value, COUNTERS.c.requests + ins.excluded.requests),
+            (ins.excluded.measure == LimitMeasure.UNITS.value, COUNTERS.c.units + ins.excluded.units),
+            (ins.excluded.measure == LimitMeasure.TOKENS.value, COUNTERS.c.tokens + ins.excluded.tokens),
+            else_=type_coerce(COUNTERS.c.cost_usd, BigInteger) + type_coerce(ins.excluded.cost_usd, BigInteger),
+        )
+        <= ins.excluded.maximum
+    )
+    added = {name: COUNTERS.c[name] + ins.excluded[name] for name in MEASURE_COLUMNS.values()}
     return ins.on_conflict_do_update(
         index_elements=_KEY,
-        set_={name: COUNTERS.c[name] + ins.excluded[name] for name in MEASURE_COLUMNS.values()},
-        where=col + ins.excluded[column] <= bindparam("maximum", type_=col.type),
-    ).returning(col)
+        set_={**added, "measure": ins.excluded.measure, "maximum": ins.excluded.maximum},
+        where=within,
+    ).returning(COUNTERS.c.limit_name, *(COUNTERS.c[name] for name in MEASURE_COLUMNS.values()))
 
 
-def _reserve_statements(column: str) -> dict[str, Any]:
-    return for_each_backend(lambda dialect: _reserve_statement(dialect, column))
+_RESERVE = for_each_backend(_reserve_statement)
+_COST_SCALE = Decimal(10) ** 10
 
 
-_RESERVE = {column: _reserve_statements(column) for column in MEASURE_COLUMNS.values()}
+def _stored_maximum(limit: Limit) -> int:
+    """The maximum as the counter stores it: an integer, in 10^-10 USD for a cost limit."""
+    return int(limit.maximum * _COST_SCALE) if limit.measure is LimitMeasure.COST_USD else int(limit.maximum)
 
 
 def _floored(name: str) -> Any:
@@ -390,6 +407,108 @@ def check_entitled(
         raise AccessRefused(customer_id, "suspended_usage_spike")
 
 
+@dataclass(frozen=True)
+class PreparedLimits:
+    """A request's rows for the limits that apply to it, ready to apply (portably, or by ``limits_reserve``)."""
+
+    customer_id: str
+    request: LimitRequest
+    limits: tuple[Limit, ...]
+    rows: tuple[dict[str, Any], ...]
+
+    def as_json(self) -> str:
+        """The rows as ``limits_reserve(customer, rows jsonb)`` takes them: integers, cost in 10^-10 USD."""
+        return json.dumps(
+            [
+                {
+                    **row,
+                    "window_start": row["window_start"].isoformat(),
+                    "window_end": row["window_end"].isoformat(),
+                    "cost_usd": int(row["cost_usd"] * _COST_SCALE),
+                    "scope": limit.scope.value,
+                }
+                for limit, row in zip(self.limits, self.rows, strict=True)
+            ]
+        )
+
+    def reservations(self, used: Sequence[int | Decimal]) -> list[Reservation]:
+        """The reservations, given each counter's value after (in the limits' order; cost in 10^-10 USD)."""
+        taken = []
+        for limit, row, value in zip(self.limits, self.rows, used, strict=True):
+            amount = Decimal(value) / _COST_SCALE if limit.measure is LimitMeasure.COST_USD else int(value)
+            taken.append(
+                Reservation(
+                    limit.name, row["scope_value"], row["window_start"], row["window_end"], limit.measure, amount,
+                    limit.maximum,
+                )
+            )  # fmt: skip
+        return taken
+
+    def refusal(self, limit_name: str, used: int | Decimal) -> LimitExceeded:
+        """The error for a refused limit, given what its counter held (cost in 10^-10 USD)."""
+        limit, row = next((lim, r) for lim, r in zip(self.limits, self.rows, strict=True) if lim.name == limit_name)
+        shown = Decimal(used) / _COST_SCALE if limit.measure is LimitMeasure.COST_USD else int(used)
+        return LimitExceeded(
+            self.customer_id,
+            limit.name,
+            scope_value=row["scope_value"],
+            used=shown.normalize() if isinstance(shown, Decimal) else shown,
+            maximum=limit.maximum,
+            requested=self.request.amount(limit.measure),
+            reset_at=row["window_end"],
+        )
+
+
+def prepare_limits(
+    session: Session,
+    customer_id: str,
+    request: LimitRequest,
+    *,
+    now: datetime,
+    plans: CustomerPlans | None = None,
+    config: BillingConfig | None = None,
+) -> PreparedLimits | None:
+    """Check entitlements and suspension (raising NotEntitled / AccessRefused) and build the counter rows of the
+    limits that apply to ``request``; None when no limit applies. Costs no statement unless the config has
+    entitlements, suspending plans or plan-specific limits (then the customer's plans are read, unless given).
+
+    A consumption implemented in SQL passes :meth:`PreparedLimits.as_json` to ``limits_reserve`` in its own
+    statement; :func:`reserve_limits` does all of it for a Python caller.
+    """
+    config = config or get_billing_config()
+    if not config.limits and not _suspends(config) and not _needs_plans(config):
+        return None
+    _validate(request)
+    if plans is None:
+        plans = customer_plans(session, customer_id, now, config=config) if _needs_plans(config) else CustomerPlans()
+    check_entitled(session, customer_id, request, plans=plans, config=config)
+    limits = applicable_limits(config, plans.plans, request)
+    if not limits:
+        return None
+    rows = []
+    for limit in limits:
+        start, reset = window_bounds(limit.window, now, plans.period)
+        rows.append(
+            {
+                "limit_name": limit.name,
+                "scope_value": scope_value(limit, customer_id, request),
+                "window_start": start,
+                "window_end": reset,
+                "requests": request.requests,
+                "units": request.units,
+                "tokens": request.tokens,
+                "cost_usd": Decimal(request.cost_usd),
+                "measure": MEASURE_COLUMNS[limit.measure],
+                "maximum": _stored_maximum(limit),
+            }
+        )
+    return PreparedLimits(customer_id, request, tuple(limits), tuple(rows))
+
+
+_RESERVE_SIGNATURE = "limits_reserve(text, jsonb)"
+_RESERVE_CALL = "SELECT refused, used, counters FROM limits_reserve(%s, %s::jsonb)"
+
+
 def reserve_limits(
     session: Session,
     customer_id: str,
@@ -402,54 +521,49 @@ def reserve_limits(
     """Check entitlements and take room for ``request`` in every applicable limit, atomically, in the caller's
     transaction; raise NotEntitled, AccessRefused (usage suspended by a spike) or LimitExceeded.
 
-    With no limits, entitlements or suspending plans configured this costs no statement. ``plans`` may be
-    passed by a caller that knows them; otherwise they are read (only when some rule depends on them). On a
-    refusal, room already taken in other limits by this call is given back before raising, so a caller that
-    goes on in the same transaction (a batch with savepoints) keeps exact counters.
+    One statement for all the limits (``limits_reserve`` on PostgreSQL, a multi-row conditional upsert
+    elsewhere); none when no limit, entitlement or suspending plan is configured. ``plans`` may be passed by a
+    caller that knows them. All or nothing: on a refusal the room taken in the other limits is given back before
+    raising, so a caller that goes on in the same transaction (a batch with savepoints) keeps exact counters.
     """
-    config = config or get_billing_config()
-    if not config.limits and not _suspends(config) and not _needs_plans(config):
+    prepared = prepare_limits(session, customer_id, request, now=now, plans=plans, config=config)
+    if prepared is None:
         return []
-    _validate(request)
-    if plans is None:
-        plans = customer_plans(session, customer_id, now, config=config) if _needs_plans(config) else CustomerPlans()
-    check_entitled(session, customer_id, request, plans=plans, config=config)
+    for limit, row in zip(prepared.limits, prepared.rows, strict=True):
+        if request.amount(limit.measure) > limit.maximum:  # more than a whole window holds: refused unwritten
+            _refuse(session, customer_id, limit, request, row["scope_value"], (row["window_start"], row["window_end"]))
+    if pgfast.installed(session, _RESERVE_SIGNATURE):
+        refused, used, counters = pgfast.call(session, _RESERVE_CALL, (customer_id, prepared.as_json()))
+        if refused is not None:
+            raise prepared.refusal(refused, used)
+        return prepared.reservations(counters)
+    return _reserve_portably(session, prepared)
+
+
+def _reserve_portably(session: Session, prepared: PreparedLimits) -> list[Reservation]:
+    customer_id, request, limits = prepared.customer_id, prepared.request, prepared.limits
+    rows = list(prepared.rows)
     dialect = session.get_bind().dialect.name
+    result = run(session, _RESERVE[dialect], rows if len(rows) > 1 else rows[0])
+    counters = {row.limit_name: row for row in result.all()}
     taken: list[Reservation] = []
-    for limit in applicable_limits(config, plans.plans, request):
+    for limit, row in zip(limits, rows, strict=True):
+        counter = counters.get(limit.name)
+        if counter is None:
+            continue
         column = MEASURE_COLUMNS[limit.measure]
+        used = Decimal(getattr(counter, column)) if column == "cost_usd" else int(getattr(counter, column))
+        taken.append(
+            Reservation(limit.name, row["scope_value"], row["window_start"], row["window_end"], limit.measure, used,
+                        limit.maximum)
+        )  # fmt: skip
+    if len(taken) < len(limits):
+        _give_back(session, taken, request)
+        refused, row = next((lim, r) for lim, r in zip(limits, rows, strict=True) if lim.name not in counters)
+        _refuse(session, customer_id, refused, request, row["scope_value"], (row["window_start"], row["window_end"]))
+    for reservation, limit in zip(taken, limits, strict=True):
         amount = request.amount(limit.measure)
-        start, reset = window_bounds(limit.window, now, plans.period)
-        value = scope_value(limit, customer_id, request)
-        row = None
-        if amount <= limit.maximum:
-            params = {
-                "limit_name": limit.name,
-                "scope_value": value,
-                "window_start": start,
-                "window_end": reset,
-                "requests": request.requests,
-                "units": request.units,
-                "tokens": request.tokens,
-                "cost_usd": Decimal(request.cost_usd),
-                "maximum": limit.maximum,
-            }
-            row = run(session, _RESERVE[column][dialect], params).first()
-        if row is None:
-            used = _used(session, limit.name, value, start, column)
-            _give_back(session, taken, request)
-            raise LimitExceeded(
-                customer_id,
-                limit.name,
-                scope_value=value,
-                used=used,
-                maximum=limit.maximum,
-                requested=amount,
-                reset_at=reset,
-            )
-        used_now = Decimal(row[0]) if column == "cost_usd" else int(row[0])
-        taken.append(Reservation(limit.name, value, start, reset, limit.measure, used_now, limit.maximum))
-        if used_now >= limit.maximum > used_now - amount:
+        if reservation.used >= limit.maximum > reservation.used - amount:
             emit(
                 session,
                 "limit.reached",
@@ -457,22 +571,44 @@ def reserve_limits(
                 {
                     "limit": limit.name,
                     "scope": limit.scope.value,
-                    "scope_value": value,
+                    "scope_value": reservation.scope_value,
                     "measure": limit.measure.value,
-                    "used": used_now,
+                    "used": reservation.used,
                     "maximum": limit.maximum,
-                    "window_start": start,
-                    "reset_at": reset,
+                    "window_start": reservation.window_start,
+                    "reset_at": reservation.reset_at,
                 },
             )
     return taken
 
 
+def _refuse(
+    session: Session,
+    customer_id: str,
+    limit: Limit,
+    request: LimitRequest,
+    value: str,
+    bounds: tuple[datetime, datetime],
+) -> NoReturn:
+    used = _used(session, limit.name, value, bounds[0], MEASURE_COLUMNS[limit.measure])
+    raise LimitExceeded(
+        customer_id,
+        limit.name,
+        scope_value=value,
+        used=used,
+        maximum=limit.maximum,
+        requested=request.amount(limit.measure),
+        reset_at=bounds[1],
+    )
+
+
 def _give_back(session: Session, taken: Sequence[Reservation], request: LimitRequest) -> None:
-    for reservation in taken:
-        run(
-            session,
-            _RELEASE,
+    if not taken:
+        return
+    run(
+        session,
+        _RELEASE,
+        [
             {
                 "l_name": reservation.limit,
                 "s_value": reservation.scope_value,
@@ -481,8 +617,10 @@ def _give_back(session: Session, taken: Sequence[Reservation], request: LimitReq
                 "units_back": request.units,
                 "tokens_back": request.tokens,
                 "cost_usd_back": Decimal(request.cost_usd),
-            },
-        )
+            }
+            for reservation in taken
+        ],
+    )
 
 
 def release_limits(

@@ -365,6 +365,7 @@ class LimitCounter(Base):
     __table_args__ = (
         UniqueConstraint("limit_name", "scope_value", "window_start", name="uq_limit_counters_key"),
         Index("ix_limit_counters_window_end", "window_end"),
+        {"postgresql_with": {"fillfactor": 70}},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -378,6 +379,10 @@ class LimitCounter(Base):
     tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # Integer 10^-10 USD on both backends, so the conditional add is an exact integer comparison.
     cost_usd: Mapped[Decimal] = mapped_column(UsdAmount(integer=True), default=Decimal(0), server_default="0")
+    # What the limit counts (requests, units, tokens, cost_usd) and its maximum as of the last reservation (for a
+    # cost limit in 10^-10 USD): the reservation's condition reads them from the row it writes.
+    measure: Mapped[str] = mapped_column(String(16))
+    maximum: Mapped[int] = mapped_column(BigInteger)
 
 
 class OutboxEvent(Base):

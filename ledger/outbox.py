@@ -63,7 +63,7 @@ _ACCOUNT = select(ACCOUNTS.c.id, ACCOUNTS.c.balance, ACCOUNTS.c.overdraft_limit)
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return format(value, "f")
+        return format(value.normalize(), "f")
     if isinstance(value, datetime):
         return as_utc(value).isoformat()  # type: ignore[union-attr]
     if isinstance(value, dict):

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select
 
+from ledger import pgfast
 from ledger.accounts import open_account
 from ledger.config import BillingConfig, LimitWindow
 from ledger.db import unit_of_work
@@ -148,7 +149,7 @@ def _outbox_types(engine: Engine) -> list[str]:
 
 
 class TestReserve:
-    def test_up_to_the_maximum_then_refused_with_details(self, engine: Engine) -> None:
+    def test_up_to_the_maximum_then_refused_with_details(self, ledger_engine: Engine) -> None:
         cfg = config(ONE_LIMIT)
         customer = unique("cus")
         request = LimitRequest(operation="image", user_id="u1")
@@ -168,10 +169,22 @@ class TestReserve:
             # A text call is not covered at all.
             text_call = LimitRequest(operation="text", user_id="u1")
             assert reserve_limits(session, customer, text_call, now=NOW, config=cfg) == []
-        # limit.reached once: when u1's counter reached 3 (u2 and the next day are at 1).
-        assert _outbox_types(engine) == ["limit.reached"]
+        # limit.reached once: when u1's counter reached 3 (u2 and the next day are at 1); the same on every path.
+        assert _outbox_types(ledger_engine) == ["limit.reached"]
+        with unit_of_work() as session:
+            (data,) = session.scalars(select(OutboxEvent.data)).all()
+        assert data == {
+            "limit": "images-per-user",
+            "scope": "user",
+            "scope_value": f"{customer}/user:u1",
+            "measure": "requests",
+            "used": 3,
+            "maximum": 3,
+            "window_start": "2026-03-14T00:00:00+00:00",
+            "reset_at": "2026-03-15T00:00:00+00:00",
+        }
 
-    def test_without_user_id_counted_under_the_customer(self, engine: Engine) -> None:
+    def test_without_user_id_counted_under_the_customer(self, ledger_engine: Engine) -> None:
         cfg = config(ONE_LIMIT)
         customer = unique("cus")
         anonymous = LimitRequest(operation="image")
@@ -182,7 +195,7 @@ class TestReserve:
                 reserve_limits(session, customer, anonymous, now=NOW, config=cfg)
             assert info.value.scope_value == customer
 
-    def test_release_gives_room_back_and_never_below_zero(self, engine: Engine) -> None:
+    def test_release_gives_room_back_and_never_below_zero(self, ledger_engine: Engine) -> None:
         cfg = config(ONE_LIMIT)
         customer = unique("cus")
         request = LimitRequest(operation="image", user_id="u1")
@@ -196,7 +209,7 @@ class TestReserve:
             (status,) = limit_usage(session, customer, now=NOW, user_id="u1", config=cfg, plans=CustomerPlans())
             assert (status.used, status.remaining) == (0, 3)
 
-    def test_refusal_gives_back_room_taken_in_other_limits(self, engine: Engine) -> None:
+    def test_refusal_gives_back_room_taken_in_other_limits(self, ledger_engine: Engine) -> None:
         cfg = config(
             """
 [[limits]]
@@ -219,7 +232,7 @@ max_units = 100
             used = {s.limit: s.used for s in limit_usage(session, customer, now=NOW, config=cfg)}
             assert used == {"a-units-daily": 80, "b-units-hourly": 80}
 
-    def test_cost_limit_is_exact_decimal(self, engine: Engine) -> None:
+    def test_cost_limit_is_exact_decimal(self, ledger_engine: Engine) -> None:
         cfg = config('[[limits]]\nname = "spend"\nwindow = "month"\nmax_cost_usd = "0.30"\n')
         customer = unique("cus")
         with unit_of_work() as session:
@@ -229,7 +242,7 @@ max_units = 100
                 reserve_limits(session, customer, LimitRequest(cost_usd=Decimal("0.0000000001")), now=NOW, config=cfg)
             assert info.value.used == Decimal("0.3")
 
-    def test_rolled_back_reservation_takes_no_room(self, engine: Engine) -> None:
+    def test_rolled_back_reservation_takes_no_room(self, ledger_engine: Engine) -> None:
         cfg = config(ONE_LIMIT)
         customer = unique("cus")
         request = LimitRequest(operation="image", user_id="u1")
@@ -240,7 +253,7 @@ max_units = 100
             (status,) = limit_usage(session, customer, now=NOW, user_id="u1", config=cfg)
             assert status.used == 0
 
-    def test_entitlement_refused_before_any_counter(self, engine: Engine) -> None:
+    def test_entitlement_refused_before_any_counter(self, ledger_engine: Engine) -> None:
         cfg = config(ONE_LIMIT)
         with unit_of_work() as session, pytest.raises(NotEntitled):
             reserve_limits(
@@ -252,7 +265,7 @@ max_units = 100
                 plans=CustomerPlans(("price_free",)),
             )
 
-    def test_check_reads_only(self, engine: Engine) -> None:
+    def test_check_reads_only(self, ledger_engine: Engine) -> None:
         cfg = config(ONE_LIMIT)
         customer = unique("cus")
         request = LimitRequest(operation="image", user_id="u1")
@@ -265,7 +278,7 @@ max_units = 100
             verdict = check_request(session, customer, request, now=NOW, config=cfg)
             assert (verdict.allowed, verdict.code) == (False, "limit_exceeded")
 
-    def test_plans_and_period_from_renewal_grants(self, engine: Engine) -> None:
+    def test_plans_and_period_from_renewal_grants(self, ledger_engine: Engine) -> None:
         cfg = config("")
         customer = unique("cus")
         start, end = datetime(2026, 3, 5, tzinfo=UTC), datetime(2026, 4, 5, tzinfo=UTC)
@@ -287,8 +300,9 @@ max_units = 100
 
 @pytest.mark.postgres
 class TestRace:
-    @pytest.mark.parametrize("with_user", [True, False])
-    def test_64_threads_at_a_limit_of_n(self, pg_engine: Engine, with_user: bool) -> None:
+    @pytest.mark.parametrize("in_function", [True, False], ids=["limits_reserve", "portable"])
+    @pytest.mark.parametrize("with_user", [True, False], ids=["user", "no-user"])
+    def test_64_threads_at_a_limit_of_n(self, pg_engine: Engine, with_user: bool, in_function: bool) -> None:
         limit = 17
         cfg = config(ONE_LIMIT.replace("max_requests = 3", f"max_requests = {limit}"))
         customer = unique("cus")
@@ -299,6 +313,7 @@ class TestRace:
 
         def client(i: int) -> None:
             request = LimitRequest(operation="image", user_id="u1" if with_user else None)
+            pgfast.use_function(in_function)
             barrier.wait()
             try:
                 with unit_of_work() as session:
