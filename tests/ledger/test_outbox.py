@@ -143,3 +143,28 @@ class TestBalanceCrossing:
             clawback(session, grant.grant_id, units=200, idempotency_key="c2", reason="refund")  # 600 -> 400: at 500
         low = [d for t, d in events(customer) if t == "balance.low"]
         assert [(d["balance_before"], d["balance"], d["threshold"]) for d in low] == [(600, 400, 500)]
+
+
+@pytest.mark.postgres
+class TestBalanceNoticeInSql:
+    def test_same_crossings_as_note_balance(self, pg_engine: Engine) -> None:
+        """balance_notice (for consumptions written in SQL) against the same hand-worked steps."""
+        from sqlalchemy import text
+
+        customer = unique("cus")
+        make_grant(customer_id=customer, units=1)
+        with unit_of_work() as session:
+            account_id, _ = spendable(session, customer) or (0, 0)
+            set_low_balance_threshold(session, customer, 100)
+        steps = [((500, 150), 0), ((100, 99), 1), ((99, 20), 0), ((20, 0), 1), ((0, 400), 0), ((400, 0), 2)]
+        for (before, after), expected in steps:
+            with unit_of_work() as session:
+                emitted = session.execute(
+                    text("SELECT balance_notice(:a, :c, :b, :f, 'test')"),
+                    {"a": account_id, "c": customer, "b": before, "f": after},
+                ).scalar_one()
+            assert emitted == expected, (before, after)
+        crossing_types = [t for t, _ in events(customer) if t.startswith("balance.")]
+        assert crossing_types == ["balance.low", "balance.depleted", "balance.low", "balance.depleted"]
+        low = next(d for t, d in events(customer) if t == "balance.low")
+        assert low == {"balance_before": 100, "balance": 99, "cause": "test", "threshold": 100}

@@ -240,6 +240,9 @@ class TestDelivery:
         result = runner.invoke(cli_app, ["notifications", "redeliver", str(row.id), "--json"], env={"X": "1"})
         assert result.exit_code == 0, result.output
         assert runner.invoke(cli_app, ["notifications", "redeliver", "nope"]).exit_code == 5
+        threshold = runner.invoke(cli_app, ["notifications", "threshold", "cus_nobody", "--units", "5", "--json"])
+        assert threshold.exit_code == 5 and json.loads(threshold.output)["code"] == "unknown_customer"
+        assert runner.invoke(cli_app, ["notifications", "threshold", "cus_nobody"]).exit_code == 2
         report = deliver_pending(config=cfg, now=t0 + timedelta(days=3, minutes=3))
         assert report.delivered == 3  # the redelivered one, and the two waiting behind the re-enabled endpoint
         assert {d.status for d in deliveries()} == {DeliveryStatus.SUCCEEDED}
