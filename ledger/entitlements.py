@@ -14,17 +14,17 @@ from ledger.config import BillingConfig, get_billing_config
 from ledger.errors import InsufficientCredits, InvalidRequest
 from ledger.limits import (
     CheckResult,
-    LimitRequest,
     LimitStatus,
     active_suspension,
     check_request,
     customer_plans,
     entitlements,
+    limit_request,
     limit_usage,
 )
 from ledger.models import BalanceThreshold
 from ledger.posting import ACCOUNTS
-from ledger.pricing import UsageInput, list_price, provider_cost
+from ledger.pricing import UsageInput, list_price
 from ledger.queries import BalanceSummary, balance_summary
 
 
@@ -111,17 +111,7 @@ def check_call(
             units = list_price(usage, config) if usage.charges else 0
         except InvalidRequest:
             units = 0  # nothing to price from: only the request itself counts
-    request = LimitRequest(
-        operation=usage.operation,
-        feature=usage.feature,
-        provider=usage.provider,
-        model=usage.model,
-        user_id=usage.user_id,
-        workspace=usage.workspace,
-        units=units,
-        tokens=usage.input_tokens + usage.output_tokens + usage.cached_tokens,
-        cost_usd=provider_cost(usage, config),
-    )
+    request = limit_request(usage, units=units, config=config)
     verdict = check_request(session, customer_id, request, now=now, config=config)
     if not balance.usage_allowed:
         reason = f"{customer_id}: access state {balance.access_state.value!r} does not allow usage"

@@ -34,6 +34,7 @@ from ledger.errors import AccessRefused, InvalidRequest, LimitExceeded, NotEntit
 from ledger.models import Grant, GrantSource, LimitCounter, UsageSuspension
 from ledger.outbox import emit
 from ledger.posting import ACCOUNTS, as_utc, for_each_backend, run
+from ledger.pricing import UsageInput, provider_cost
 
 COUNTERS: Table = LimitCounter.__table__  # type: ignore[assignment]
 SUSPENSIONS: Table = UsageSuspension.__table__  # type: ignore[assignment]
@@ -71,6 +72,24 @@ class LimitRequest:
         if measure is LimitMeasure.TOKENS:
             return self.tokens
         return self.cost_usd
+
+
+def limit_request(usage: UsageInput | None, *, units: int, config: BillingConfig | None = None) -> LimitRequest:
+    """What a consumption or hold uses, as limits count it: the usage's fields, the priced units, its tokens and
+    its provider cost (as reported, else estimated from the config's list prices)."""
+    if usage is None:
+        return LimitRequest(units=units)
+    return LimitRequest(
+        operation=usage.operation,
+        feature=usage.feature,
+        provider=usage.provider,
+        model=usage.model,
+        user_id=usage.user_id,
+        workspace=usage.workspace,
+        units=units,
+        tokens=usage.input_tokens + usage.output_tokens + usage.cached_tokens,
+        cost_usd=provider_cost(usage, config or get_billing_config()),
+    )
 
 
 @dataclass(frozen=True)

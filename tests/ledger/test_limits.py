@@ -23,6 +23,7 @@ from ledger.limits import (
     check_request,
     customer_plans,
     entitlement_refusal,
+    limit_request,
     limit_usage,
     matches,
     release_limits,
@@ -120,6 +121,24 @@ max_tokens = 1000000
         assert scope_value(per_user, "cus_1", image) == "cus_1/user:u1"
         # No user id: counted under the customer, never let through uncounted.
         assert scope_value(per_user, "cus_1", LimitRequest(operation="image")) == "cus_1"
+
+    def test_limit_request_from_a_usage(self) -> None:
+        from ledger.pricing import UsageInput
+
+        usage = UsageInput(user_id="u1", feature="chat", provider="openai", model="gpt-4o-2024-08-06",
+                           input_tokens=1000, output_tokens=500, cached_tokens=200)  # fmt: skip
+        cfg = BillingConfig.model_validate(
+            tomllib.loads(
+                '[[models]]\nprovider = "openai"\nmodel = "gpt-4o-2024-08-06"\ncredits_per_million_input = "500"\n'
+                'credits_per_million_output = "2000"\ncost_per_million_input_usd = "2.50"\n'
+                'cost_per_million_output_usd = "10.00"\ncost_per_million_cached_usd = "1.25"\n'
+            )
+        )
+        request = limit_request(usage, units=2, config=cfg)
+        # 1000 x 2.50 + 500 x 10.00 + 200 x 1.25 per million = 0.00775 USD
+        assert (request.tokens, request.cost_usd, request.user_id, request.units) == (1700, Decimal("0.00775"), "u1", 2)
+        reported = limit_request(UsageInput(model="m", provider_cost_usd=Decimal("0.5")), units=0, config=cfg)
+        assert reported.cost_usd == Decimal("0.5") and limit_request(None, units=7).units == 7
 
     def test_entitlements_union_of_plans_and_globs(self) -> None:
         cfg = config("")
