@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from ledger import pgfast
 from ledger.errors import IdempotencyConflict, InvalidRequest
 from ledger.models import EntryKind, Grant
+from ledger.outbox import balance_dropped
 from ledger.posting import (
     ACCOUNT_COLUMNS,
     ACCOUNTS,
@@ -150,6 +151,8 @@ def clawback(
     )  # fmt: skip
     if moved is not None:
         clawed = -moved.units - moved.debt_delta - moved.frozen_delta
+        if not moved.replayed:
+            balance_dropped(session, moved.customer_id, -moved.units, cause="credits.clawed_back")
         return ClawbackResult(grant_id, moved.customer_id, units, clawed, moved.debt_delta, moved.replayed)
     account, grant = _lock_grant(session, grant_id)
     original = _original(session, key, digest, "clawback")
@@ -201,6 +204,7 @@ def clawback(
             reason=reason,
         )
     save_account(session, account)
+    balance_dropped(session, account.customer_id, from_remaining + debt, cause="credits.clawed_back")
     return ClawbackResult(grant_id, account.customer_id, units, from_remaining + from_frozen, debt, replayed=False)
 
 
@@ -214,6 +218,8 @@ def freeze_grant(session: Session, grant_id: int, *, idempotency_key: str, reaso
         stripe_object_id=None,
     )  # fmt: skip
     if moved is not None:
+        if not moved.replayed:
+            balance_dropped(session, moved.customer_id, -moved.units, cause="dispute.frozen")
         return moved.frozen_delta
     account, grant = _lock_grant(session, grant_id)
     original = _original(session, key, digest, "freeze")
@@ -235,6 +241,7 @@ def freeze_grant(session: Session, grant_id: int, *, idempotency_key: str, reaso
     )
     _set_grant(session, account, grant_id, remaining=-units, frozen=units)
     save_account(session, account)
+    balance_dropped(session, account.customer_id, units, cause="dispute.frozen")
     return int(units)
 
 

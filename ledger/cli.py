@@ -26,6 +26,8 @@ from ledger.errors import (
     InsufficientCredits,
     InvalidRequest,
     LedgerError,
+    LimitExceeded,
+    NotEntitled,
     UnknownCustomer,
     UnknownHold,
 )
@@ -40,6 +42,7 @@ EXIT_USAGE = 2
 EXIT_INSUFFICIENT = 3
 EXIT_ACCESS = 4
 EXIT_UNKNOWN = 5
+EXIT_LIMIT = 6  # a usage limit of the billing config is reached for its window
 
 EXIT_CODES: dict[type[LedgerError], int] = {
     UnknownCustomer: EXIT_UNKNOWN,
@@ -49,6 +52,8 @@ EXIT_CODES: dict[type[LedgerError], int] = {
     IdempotencyConflict: EXIT_USAGE,
     InvalidRequest: EXIT_USAGE,
     HoldNotOpen: EXIT_USAGE,
+    LimitExceeded: EXIT_LIMIT,
+    NotEntitled: EXIT_ACCESS,
 }
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")]

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ledger.settings import get_settings
 
@@ -51,8 +51,20 @@ class Interval(StrEnum):
     YEAR = "year"
 
 
+class OnSpike(StrEnum):
+    REPORT = "report"
+    SUSPEND = "suspend"
+
+
 class Plan(_Strict):
-    """A subscription price: each paid period grants ``credits_per_period``."""
+    """A subscription price: each paid period grants ``credits_per_period``.
+
+    Entitlements: ``allow_operations``, ``allow_features`` and ``allow_models`` list what the plan may use
+    (exact names or globs such as ``"gpt-4o*"``); a list left out allows everything. Low balance: a
+    ``balance.low`` notification when the balance falls below ``low_balance_units``, or below
+    ``low_balance_share`` of the customer's last grant. ``on_spike = "suspend"`` stops usage on a usage spike
+    until a reviewer resolves it.
+    """
 
     price: str = Field(min_length=1)
     name: str = ""
@@ -65,6 +77,18 @@ class Plan(_Strict):
     interval_count: int = Field(default=1, gt=0)
     # Credits granted once per subscription when it starts with a trial (none when 0).
     trial_credits: int = Field(default=0, ge=0)
+    allow_operations: tuple[str, ...] | None = None
+    allow_features: tuple[str, ...] | None = None
+    allow_models: tuple[str, ...] | None = None
+    low_balance_units: int | None = Field(default=None, ge=0)
+    low_balance_share: Decimal | None = Field(default=None, gt=0, lt=1)
+    on_spike: OnSpike = OnSpike.REPORT
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> Plan:
+        if self.low_balance_units is not None and self.low_balance_share is not None:
+            raise ValueError("set at most one of low_balance_units and low_balance_share")
+        return self
 
 
 class OnUpgrade(StrEnum):
@@ -158,6 +182,110 @@ class Reconciliation(_Strict):
     provider_tolerance: Tolerance = Tolerance()
 
 
+class LimitScope(StrEnum):
+    CUSTOMER = "customer"
+    USER = "user"
+    WORKSPACE = "workspace"
+
+
+class LimitWindow(StrEnum):
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+    BILLING_PERIOD = "billing_period"
+
+
+class LimitMeasure(StrEnum):
+    """What a limit counts: requests, credit units, tokens (input + output + cached) or provider cost in USD."""
+
+    REQUESTS = "requests"
+    UNITS = "units"
+    TOKENS = "tokens"
+    COST_USD = "cost_usd"
+
+
+class Limit(_Strict):
+    """A usage limit: at most ``max_*`` per ``scope`` value per ``window``, for matching usage of some plans."""
+
+    name: str = Field(min_length=1, max_length=100)
+    plans: tuple[str, ...] | None = None
+    scope: LimitScope = LimitScope.CUSTOMER
+    operation: str | None = Field(default=None, min_length=1)
+    feature: str | None = Field(default=None, min_length=1)
+    provider: str | None = Field(default=None, min_length=1)
+    model: str | None = Field(default=None, min_length=1)
+    window: LimitWindow
+    max_requests: int | None = Field(default=None, ge=0)
+    max_units: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_cost_usd: Decimal | None = Field(default=None, ge=0)
+
+    @field_validator("max_cost_usd", mode="before")
+    @classmethod
+    def _cost_is_a_string(cls, value: object) -> object:
+        # A TOML float (0.1) is already inexact; only a quoted decimal or an integer is a money amount.
+        if isinstance(value, float):
+            raise ValueError('must be a quoted decimal string such as "12.50", not a float')
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_maximum(self) -> Limit:
+        given = [m for m in ("max_requests", "max_units", "max_tokens", "max_cost_usd") if getattr(self, m) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of max_requests, max_units, max_tokens, max_cost_usd is required"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def measure(self) -> LimitMeasure:
+        """What this limit counts."""
+        if self.max_requests is not None:
+            return LimitMeasure.REQUESTS
+        if self.max_units is not None:
+            return LimitMeasure.UNITS
+        if self.max_tokens is not None:
+            return LimitMeasure.TOKENS
+        return LimitMeasure.COST_USD
+
+    @property
+    def maximum(self) -> int | Decimal:
+        """The limit's maximum, in its measure."""
+        for value in (self.max_requests, self.max_units, self.max_tokens, self.max_cost_usd):
+            if value is not None:
+                return value
+        raise AssertionError("validated: one maximum is set")
+
+
+class NotificationEndpoint(_Strict):
+    """Where outbound notifications go: a URL, the event types it wants ("*" for all), the secret's env var."""
+
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    events: tuple[str, ...] = ("*",)
+    secret_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    description: str = ""
+
+
+class Notifications(_Strict):
+    endpoints: list[NotificationEndpoint] = []
+
+
+class Spikes(_Strict):
+    """Usage spike detection: the last hour against the same hour of the week over ``baseline_days``."""
+
+    baseline_days: int = Field(default=14, ge=7)
+    # A spike is above median + threshold_mads x MAD (MAD floored at mad_floor_share of the median), and at
+    # least min_ratio x the median, and at least the minimum volume (so tiny accounts do not flap).
+    threshold_mads: Decimal = Field(default=Decimal(6), gt=0)
+    min_ratio: Decimal = Field(default=Decimal(3), ge=1)
+    mad_floor_share: Decimal = Field(default=Decimal("0.1"), ge=0)
+    min_units: int = Field(default=500, ge=0)
+    min_cost_usd: Decimal = Field(default=Decimal(5), ge=0)
+    # After a spike, the same customer or user is not reported again for this long (one burst, one item).
+    quiet_hours: int = Field(default=6, ge=1)
+
+
 class BillingConfig(_Strict):
     """The whole billing config file."""
 
@@ -169,6 +297,9 @@ class BillingConfig(_Strict):
     plan_changes: PlanChanges = PlanChanges()
     access: Access = Access()
     reconciliation: Reconciliation = Reconciliation()
+    limits: list[Limit] = []
+    notifications: Notifications = Notifications()
+    spikes: Spikes = Spikes()
 
     @model_validator(mode="after")
     def _unique_keys(self) -> BillingConfig:
@@ -176,6 +307,7 @@ class BillingConfig(_Strict):
             ("packs.price", [p.price for p in self.packs]),
             ("plans.price", [p.price for p in self.plans]),
             ("models", [f"{m.provider}/{m.model}" for m in self.models]),
+            ("limits.name", [limit.name for limit in self.limits]),
         ):
             dupes = sorted({k for k in keys if keys.count(k) > 1})
             if dupes:
@@ -183,6 +315,11 @@ class BillingConfig(_Strict):
         for op, units in self.operations.items():
             if units < 0:
                 raise ValueError(f"operations.{op}: must be >= 0")
+        prices = {p.price for p in self.plans}
+        for i, limit in enumerate(self.limits):
+            unknown = sorted(set(limit.plans or ()) - prices)
+            if unknown:
+                raise ValueError(f"limits.{i}.plans: {unknown} are not plans of this config ([[plans]] price)")
         return self
 
     def pack_for_price(self, price: str | None) -> CreditPack | None:

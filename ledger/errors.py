@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class LedgerError(Exception):
     """Base class: a request the ledger refused, with nothing written."""
@@ -63,3 +66,38 @@ class HoldNotOpen(LedgerError):
     """The hold was already captured, released or expired and cannot take this action."""
 
     code = "hold_not_open"
+
+
+class LimitExceeded(LedgerError):
+    """A usage limit of the billing config is reached for its window: nothing was consumed."""
+
+    code = "limit_exceeded"
+
+    def __init__(
+        self, customer_id: str, limit: str, *, scope_value: str, used: Any, maximum: Any, requested: Any, reset_at: Any
+    ) -> None:
+        super().__init__(
+            f"{customer_id}: limit {limit!r} reached for {scope_value} ({used} used of {maximum}, {requested} "
+            f"requested); resets at {reset_at.isoformat()}"
+        )
+        self.customer_id = customer_id
+        self.limit = limit
+        self.scope_value = scope_value
+        self.used = used
+        self.maximum = maximum
+        self.requested = requested
+        self.reset_at = reset_at
+
+
+class NotEntitled(LedgerError):
+    """The customer's plan does not include this operation, feature or model."""
+
+    code = "not_entitled"
+
+    def __init__(self, customer_id: str, *, what: str, value: str, plans: Sequence[str]) -> None:
+        on = f"plan {', '.join(plans)}" if plans else "no plan"
+        super().__init__(f"{customer_id}: {what} {value!r} is not included in {on}")
+        self.customer_id = customer_id
+        self.what = what
+        self.value = value
+        self.plans = tuple(plans)

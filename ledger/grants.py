@@ -11,8 +11,11 @@ from sqlalchemy.orm import Session
 
 from ledger import pgfast
 from ledger.accounts import lock_or_open_account, open_account
+from ledger.config import get_billing_config
 from ledger.errors import IdempotencyConflict, InvalidRequest, UnknownCustomer
+from ledger.limits import customer_plans
 from ledger.models import EntryKind, Grant, GrantSource
+from ledger.outbox import note_balance, refresh_threshold, spendable
 from ledger.posting import (
     ENTRIES,
     GRANTS,
@@ -108,12 +111,15 @@ def grant_credits(
     currency = currency.lower() if currency else None
     period_start, period_end = _aware("period_start", period_start), _aware("period_end", period_end)
     if pgfast.installed(session, _FUNCTION_SIGNATURE):
-        return _grant_in_function(
+        result = _grant_in_function(
             session,
             customer_id,
             (units, source.value, idempotency_key, digest, reason, actor, priority, expires_at, stripe_object_id,
              stripe_object_type, amount_minor, currency, period_start, period_end),
         )  # fmt: skip
+        if not result.replayed:
+            _after_grant(session, customer_id)
+        return result
     entry_key = f"grant:{idempotency_key}"
     account = lock_or_open_account(session, customer_id)
     settle = min(units, account.debt)
@@ -172,7 +178,18 @@ def grant_credits(
             allocations=[(grant_id, -settle)],
         )
     save_account(session, account)
+    _after_grant(session, customer_id)
     return GrantResult(grant_id, customer_id, units, balance_after, replayed=False)
+
+
+def _after_grant(session: Session, customer_id: str) -> None:
+    """A new grant may move the low-balance threshold (a share of the last grant, or a new plan's)."""
+    config = get_billing_config()
+    if any(p.low_balance_units is not None or p.low_balance_share is not None for p in config.plans):
+        found = spendable(session, customer_id)
+        if found is not None:
+            plans = customer_plans(session, customer_id, utcnow(), config=config).plans
+            refresh_threshold(session, found[0], plans, config=config)
 
 
 def _grant_in_function(session: Session, customer_id: str, params: tuple[Any, ...]) -> GrantResult:
@@ -215,7 +232,16 @@ def expire_grants(session: Session, *, now: datetime) -> int:
         account = lock_account_by_id(session, account_id)
         _, lapsed = drawable_grants(session, account.id, now_utc)
         if lapsed:
+            before = account.available
             expire_lapsed(session, account, lapsed, now_utc)
             save_account(session, account)
+            note_balance(
+                session,
+                account_id=account.id,
+                customer_id=account.customer_id,
+                before=before,
+                after=account.available,
+                cause="credits.expired",
+            )
             expired += len(lapsed)
     return expired

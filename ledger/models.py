@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     cast,
     false,
     func,
@@ -458,3 +460,132 @@ class AccessPolicy(Base):
 
     policy_key: Mapped[str] = mapped_column(String(32), primary_key=True)
     sources: Mapped[str | None] = mapped_column(Text)
+
+
+class LimitCounter(Base):
+    """What one scope value (a customer, a user or a workspace of a customer) used of a limit in one window.
+
+    Reservations add to it with a conditional upsert (``... WHERE used + n <= max``), so a limit holds under
+    concurrent requests the way a balance does; a released hold gives its room back.
+    """
+
+    __tablename__ = "limit_counters"
+    __table_args__ = (
+        UniqueConstraint("limit_name", "scope_value", "window_start", name="uq_limit_counters_key"),
+        Index("ix_limit_counters_window_end", "window_end"),
+        {"postgresql_with": {"fillfactor": 70}},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    limit_name: Mapped[str] = mapped_column(String(100))
+    # "<customer>" or "<customer>/user:<id>" or "<customer>/workspace:<id>": a user id is unique per customer only.
+    scope_value: Mapped[str] = mapped_column(String(600))
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    units: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Integer 10^-10 USD on both backends, so the conditional add is an exact integer comparison.
+    cost_usd: Mapped[Decimal] = mapped_column(UsdAmount(integer=True), default=Decimal(0), server_default="0")
+    # What the limit counts (requests, units, tokens, cost_usd) and its maximum as of the last reservation (for a
+    # cost limit in 10^-10 USD): the reservation's condition reads them from the row it writes.
+    measure: Mapped[str] = mapped_column(String(16))
+    maximum: Mapped[int] = mapped_column(BigInteger)
+
+
+class OutboxEvent(Base):
+    """A notification to the product, written in the same transaction as the change that caused it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_customer_id_id", "customer_id", "id"),
+        Index("ix_outbox_dispatched_at", "dispatched_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # The public id ("evt_..."): receivers deduplicate on it, since delivery is at least once.
+    event_id: Mapped[str] = mapped_column(String(40), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    customer_id: Mapped[str | None] = mapped_column(String(255))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Set when the worker has created this event's deliveries (one per subscribed endpoint).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    # Gave up: failing for longer than the retry horizon (3 days), or the endpoint was disabled.
+    FAILED = "failed"
+
+
+class NotificationDelivery(Base):
+    """One outbox event to one endpoint: the delivery log (attempts, last status, latency, last error)."""
+
+    __tablename__ = "notification_deliveries"
+    __table_args__ = (
+        UniqueConstraint("outbox_id", "endpoint_url", name="uq_notification_deliveries_outbox_endpoint"),
+        Index("ix_notification_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_notification_deliveries_order", "endpoint_url", "customer_id", "outbox_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"))
+    endpoint_url: Mapped[str] = mapped_column(String(2048))
+    customer_id: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_latency_ms: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class NotificationEndpointState(Base):
+    """An endpoint's health: failing since when, disabled when (after failing for the whole retry horizon)."""
+
+    __tablename__ = "notification_endpoints"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048), unique=True)
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class BalanceThreshold(Base):
+    """A customer's low-balance threshold: an override set through the API or CLI, else the plan's."""
+
+    __tablename__ = "balance_thresholds"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    # Set by a person (API or CLI); None means the plan's threshold applies.
+    override_units: Mapped[int | None] = mapped_column(BigInteger)
+    # The threshold in force (the override, or the plan's, a share resolved against the last grant), kept at
+    # grants and overrides so the crossing check after a consumption is one primary-key read.
+    effective_units: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UsageSuspension(Base):
+    """Usage stopped for a customer (a usage spike on a plan with ``on_spike = "suspend"``) until lifted."""
+
+    __tablename__ = "usage_suspensions"
+    __table_args__ = (Index("ix_usage_suspensions_customer_id", "customer_id", "lifted_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
+    # The review item (reconciliation's mismatch) whose resolution lifts it.
+    review_item_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lifted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lifted_by: Mapped[str | None] = mapped_column(String(255))
+    lift_note: Mapped[str | None] = mapped_column(Text)

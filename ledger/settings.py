@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -71,6 +72,9 @@ class Settings(BaseSettings):
 
     billing_config: Path | None = None
 
+    # Outbound notifications: how long one delivery attempt may take before it counts as failed.
+    notification_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -116,3 +120,11 @@ def describe_validation_error(exc: ValidationError) -> str:
 def get_settings() -> Settings:
     """Return the process-wide settings, read from the environment on first use."""
     return Settings()
+
+
+def secrets_from_env(name: str) -> list[SecretStr]:
+    """The comma-separated secrets in environment variable ``name`` (several during a secret roll).
+
+    Notification endpoints name their secret's variable in the billing config; this is the one place it is read.
+    """
+    return [SecretStr(part.strip()) for part in os.environ.get(name, "").split(",") if part.strip()]

@@ -41,6 +41,10 @@ class MismatchKind(StrEnum):
     CLAWBACK_DEBT = "clawback_debt"
     # A paid change of plan or quantity whose credits are missing, or differ from the [plan_changes] policy.
     PLAN_CHANGE_NOT_APPLIED = "plan_change_not_applied"
+    # A customer's or user's usage in the last hour far above its own baseline (spike detection, every 15 min).
+    USAGE_SPIKE = "usage_spike"
+    # An outbound notification endpoint failed for the whole retry horizon and was disabled.
+    NOTIFICATION_ENDPOINT_DISABLED = "notification_endpoint_disabled"
 
 
 class MismatchStatus(StrEnum):

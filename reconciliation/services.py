@@ -21,6 +21,8 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from ledger.errors import InvalidRequest
+from ledger.outbox import emit
+from ledger.suspensions import lift_suspensions
 from reconciliation.models import (
     ActionKind,
     Mismatch,
@@ -28,6 +30,7 @@ from reconciliation.models import (
     MismatchKind,
     MismatchStatus,
     ReconciliationRun,
+    RunStatus,
 )
 
 
@@ -162,6 +165,7 @@ def record_finding(session: Session, run: ReconciliationRun, finding: Finding, *
             run_id=run.id,
             at=now,
         )
+        _announce(session, mismatch)
         return "new"
 
     outcome = "unchanged"
@@ -215,7 +219,26 @@ def record_finding(session: Session, run: ReconciliationRun, finding: Finding, *
     existing.scope_key = finding.scope_key
     existing.last_seen_run_id = run.id
     existing.last_seen_at = now
+    if outcome in ("reappeared", "reopened"):
+        _announce(session, existing)
     return outcome
+
+
+def _announce(session: Session, mismatch: Mismatch) -> None:
+    """``mismatch.opened`` (and ``usage.spike`` for a spike), in the transaction that opens the review item."""
+    data = {
+        "mismatch_id": mismatch.id,
+        "kind": mismatch.kind.value,
+        "summary": mismatch.summary,
+        "unit": mismatch.unit,
+        "currency": mismatch.currency,
+        "expected": mismatch.expected_amount,
+        "actual": mismatch.actual_amount,
+        "occurred_at": mismatch.occurred_at,
+    }
+    emit(session, "mismatch.opened", mismatch.customer_id, data)
+    if mismatch.kind is MismatchKind.USAGE_SPIKE:
+        emit(session, "usage.spike", mismatch.customer_id, {**data, "evidence": mismatch.evidence})
 
 
 def close_unseen(
@@ -307,6 +330,9 @@ def _transition(
     mismatch.status = to
     mismatch.status_changed_at = now
     _audit(session, mismatch, action=action, actor=actor.strip(), note=note.strip(), from_status=before, at=now)
+    if mismatch.kind is MismatchKind.USAGE_SPIKE and to in (MismatchStatus.RESOLVED, MismatchStatus.IGNORED):
+        # The reviewer's decision lifts a suspension the spike caused; the audit row above says who and why.
+        lift_suspensions(session, review_item_id=mismatch.id, actor=actor.strip(), note=note.strip(), now=now)
     session.flush()
     return mismatch
 
@@ -473,3 +499,30 @@ def export_csv(session: Session, out: IO[str] | Path, **filters: Any) -> int:
         writer.writerow({k: row[k] for k in EXPORT_COLUMNS})
         n += 1
     return n
+
+
+def open_review_item(session: Session, finding: Finding, *, actor: str, now: datetime) -> tuple[Mismatch, str]:
+    """Record a finding that a job other than the nightly run made (a usage spike, a disabled notification
+    endpoint) as a review item, through a run row of its own so the audit trail has the same shape; return the
+    mismatch and what happened (new, unchanged, updated, reopened, reappeared)."""
+    run = ReconciliationRun(
+        since=finding.occurred_at or now,
+        until=now,
+        started_at=now,
+        finished_at=now,
+        status=RunStatus.SUCCEEDED,
+        actor=actor,
+        counts={finding.kind.value: 1},
+        stats={"source": actor},
+    )
+    session.add(run)
+    session.flush()
+    outcome = record_finding(session, run, finding, now=now)
+    session.flush()
+    mismatch = session.scalars(select(Mismatch).where(Mismatch.fingerprint == finding.fingerprint)).one()
+    return mismatch, outcome
+
+
+def find_review_item(session: Session, finding: Finding) -> Mismatch | None:
+    """The stored review item of a finding (by fingerprint), if any."""
+    return session.scalars(select(Mismatch).where(Mismatch.fingerprint == finding.fingerprint)).one_or_none()

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from ledger.errors import LedgerError
 from ledger.settings import get_settings
-from webhooks import api, health
+from webhooks import api, entitlements_api, health
 from webhooks.inbox_writer import InboxWriter
 from webhooks.responses import error_response, ledger_error_response, unavailable, validation_details
 from webhooks.review.app import create_review_app
@@ -132,6 +132,7 @@ def create_app(*, writer: InboxWriter | None = None, usage_writer: UsageWriter |
     app.router.routes.insert(0, Route(WEBHOOK_PATH, endpoint, methods=["POST"], name="stripe_webhook"))
     app.include_router(health.router)
     app.include_router(api.router)
+    app.include_router(entitlements_api.router)
     app.mount("/review", create_review_app())
     _local_docs(app)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -17,6 +19,8 @@ from ledger.errors import (
     InsufficientCredits,
     InvalidRequest,
     LedgerError,
+    LimitExceeded,
+    NotEntitled,
     UnknownCustomer,
     UnknownHold,
 )
@@ -31,6 +35,8 @@ LEDGER_STATUS: dict[type[LedgerError], int] = {
     IdempotencyConflict: 409,
     HoldNotOpen: 409,
     InvalidRequest: 422,
+    LimitExceeded: 429,
+    NotEntitled: 403,
 }
 
 
@@ -69,13 +75,32 @@ def ledger_error(exc: LedgerError) -> tuple[int, dict[str, Any]]:
         details = {"available": exc.available, "requested": exc.requested}
     elif isinstance(exc, AccessRefused):
         details = {"access_state": exc.state}
+    elif isinstance(exc, LimitExceeded):
+        # The limit, what was used of what maximum, and when the window resets.
+        details = {
+            "limit": exc.limit,
+            "scope_value": exc.scope_value,
+            "used": _amount(exc.used),
+            "maximum": _amount(exc.maximum),
+            "requested": _amount(exc.requested),
+            "reset_at": exc.reset_at.isoformat(),
+        }
+    elif isinstance(exc, NotEntitled):
+        details = {"not_allowed": {"kind": exc.what, "value": exc.value}, "plans": list(exc.plans)}
     return status, error_body(exc.code, str(exc), **details)
+
+
+def _amount(value: Any) -> Any:
+    return format(value.normalize(), "f") if isinstance(value, Decimal) else value
 
 
 def ledger_error_response(exc: LedgerError) -> Response:
     """Translate a ledger refusal into its status and a stable error code."""
     status, body = ledger_error(exc)
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    headers = None
+    if isinstance(exc, LimitExceeded):
+        headers = {"Retry-After": str(max(1, int((exc.reset_at - datetime.now(UTC)).total_seconds()) + 1))}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def validation_details(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -30,6 +30,8 @@ TASK_ROUTES = {
     "worker.release_expired_holds": {"queue": MAINTENANCE_QUEUE},
     "worker.expire_grants": {"queue": MAINTENANCE_QUEUE},
     "worker.run_reconciliation": {"queue": RECONCILIATION_QUEUE},
+    "worker.deliver_notifications": {"queue": MAINTENANCE_QUEUE},
+    "worker.detect_usage_spikes": {"queue": MAINTENANCE_QUEUE},
 }
 
 BEAT_SCHEDULE = {
@@ -37,6 +39,9 @@ BEAT_SCHEDULE = {
     "release-expired-holds": {"task": "worker.release_expired_holds", "schedule": 60.0},
     "expire-grants": {"task": "worker.expire_grants", "schedule": 300.0},
     "nightly-reconciliation": {"task": "worker.run_reconciliation", "schedule": crontab(hour=3, minute=15)},
+    # The outbox: fan out and deliver what is due (new events, and retries whose backoff ran out).
+    "deliver-notifications": {"task": "worker.deliver_notifications", "schedule": 10.0},
+    "detect-usage-spikes": {"task": "worker.detect_usage_spikes", "schedule": crontab(minute="*/15")},
 }
 
 

@@ -173,8 +173,9 @@ def _register_all() -> None:
     from webhooks import cli as webhooks_cli
     from worker import commands as worker_commands
     from worker import demo as demo_cli
+    from worker import notify_cli
 
-    for module in (ledger_cli, webhooks_cli, worker_commands, reconciliation_cli, demo_cli):
+    for module in (ledger_cli, webhooks_cli, worker_commands, reconciliation_cli, demo_cli, notify_cli):
         module.register(app)
 
 

@@ -118,3 +118,21 @@ def run_reconciliation() -> dict[str, Any]:
             return {"ran": f"{module_name}.{attr}", "result": str(result)}
     log.warning("reconciliation_not_available")
     return {"ran": None}
+
+
+@app.task(name="worker.deliver_notifications")
+def deliver_notifications() -> dict[str, Any]:
+    """Deliver the outbox to the configured endpoints (at least once, signed, with backoff)."""
+    from worker.notifications import deliver_pending
+
+    timeout = get_settings().notification_timeout_seconds
+    return deliver_pending(timeout=timeout).as_dict()
+
+
+@app.task(name="worker.detect_usage_spikes")
+def detect_usage_spikes() -> dict[str, Any]:
+    """Compare each customer's and user's last hour with its own baseline; open a review item per spike."""
+    from reconciliation.spikes import scan_spikes
+
+    with unit_of_work() as session:
+        return scan_spikes(session, now=datetime.now(UTC)).as_dict()

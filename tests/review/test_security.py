@@ -46,6 +46,8 @@ def _page_urls(s: Seeded) -> list[str]:
         "/review/customers/cus_alpha",
         f"/review/customers/cus_alpha?find={s.charge_request_id}",
         "/review/events/evt_alpha_charge_2",
+        "/review/notifications",
+        "/review/notifications?status=failed&customer=cus_alpha",
     ]
 
 
@@ -103,7 +105,7 @@ class TestWithoutSession:
         app = create_review_app()
         covered = {"/", "/login", "/logout", "/mismatches", "/mismatches.csv", "/runs", "/customers"}
         covered |= {"/mismatches/{mismatch_id:billing_id}", "/mismatches/{mismatch_id:billing_id}/{action:str}"}
-        covered |= {"/customers/{customer_id:str}", "/events/{event_id:str}"}
+        covered |= {"/customers/{customer_id:str}", "/events/{event_id:str}", "/notifications"}
         paths = {r.path for r in app.routes if isinstance(r, Route)}
         assert paths == covered
 

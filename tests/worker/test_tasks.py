@@ -50,14 +50,17 @@ class TestAppConfig:
         assert broker_url(get_settings()) == "sqla+sqlite:////tmp/somewhere/billing-queue.db"
         assert embedded_broker_url(get_settings()).startswith("sqla+sqlite:///")
 
-    def test_beat_runs_the_sweep_holds_expiry_and_nightly_reconciliation(self) -> None:
+    def test_beat_runs_the_sweep_holds_expiry_nightly_reconciliation_notifications_and_spikes(self) -> None:
         tasks_scheduled = {entry["task"] for entry in BEAT_SCHEDULE.values()}
         assert tasks_scheduled == {
             "worker.sweep_unprocessed",
             "worker.release_expired_holds",
             "worker.expire_grants",
             "worker.run_reconciliation",
+            "worker.deliver_notifications",
+            "worker.detect_usage_spikes",
         }
+        assert set(TASK_ROUTES) >= tasks_scheduled
 
 
 class TestEagerHandOver:

@@ -2,7 +2,7 @@
 sign-ins counted per name and client address, shared by every server process and kept across restarts.
 
 Revision ID: ops_1
-Revises: 0009
+Revises: client_1
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "ops_1"
-down_revision = "0009"
+down_revision = "client_1"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """subscriptions: each Stripe subscription's state and access, and the grants made for its periods.
 
 Revision ID: subs_1
-Revises: 0009
+Revises: ops_1
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "subs_1"
-down_revision = "0009"
+down_revision = "ops_1"
 branch_labels = None
 depends_on = None
 
