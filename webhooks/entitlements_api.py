@@ -70,7 +70,7 @@ class BalanceOut(BaseModel):
     overdraft_limit: int
 
 
-class SubscriptionOut(BaseModel):
+class PlanOut(BaseModel):
     price: str
     name: str
     current_period_start: datetime | None
@@ -96,7 +96,7 @@ class EntitlementsResponse(BaseModel):
     usage_allowed: bool
     suspended: SuspensionOut | None
     balance: BalanceOut
-    subscriptions: list[SubscriptionOut]
+    subscriptions: list[PlanOut]
     limits: list[LimitOut]
     entitlements: EntitlementsOut
     low_balance_threshold: int | None
@@ -125,7 +125,7 @@ def get_entitlements(
         balance=BalanceOut(
             balance=b.balance, available=b.available, held=b.held, debt=b.debt, overdraft_limit=b.overdraft_limit
         ),
-        subscriptions=[SubscriptionOut(**vars(p)) for p in view.plans],
+        subscriptions=[PlanOut(**vars(p)) for p in view.plans],
         limits=[_limit(s) for s in view.limits],
         entitlements=EntitlementsOut(**view.entitlements),
         low_balance_threshold=view.low_balance_threshold,

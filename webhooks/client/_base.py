@@ -19,8 +19,11 @@ from webhooks.client.models import (
     BatchResult,
     Capture,
     Charge,
+    CheckResult,
+    Entitlements,
     EntriesPage,
     Hold,
+    Threshold,
     UsageEvent,
     UsageFields,
     UsageReport,
@@ -239,6 +242,31 @@ class Requests:
         )
 
 
+    @staticmethod
+    def entitlements(customer_id: str, *, user_id: str | None, workspace: str | None) -> Request[Entitlements]:
+        params = {k: v for k, v in (("user_id", user_id), ("workspace", workspace)) if v is not None}
+        return Request(
+            "GET",
+            f"/v1/customers/{_segment(customer_id)}/entitlements",
+            lambda r: Entitlements.model_validate(r.json()),
+            params=params,
+        )
+
+    @staticmethod
+    def check(customer_id: str, *, units: int | None, usage: UsageFields) -> Request[CheckResult]:
+        body = usage_body({"customer_id": customer_id, "units": units, **usage})
+        return Request("POST", "/v1/check", lambda r: CheckResult.model_validate(r.json()), json=body)
+
+    @staticmethod
+    def set_low_balance_threshold(customer_id: str, units: int | None) -> Request[Threshold]:
+        return Request(
+            "PUT",
+            f"/v1/customers/{_segment(customer_id)}/low-balance-threshold",
+            lambda r: Threshold.model_validate(r.json()),
+            json={"units": units},
+        )
+
+
 # Every /v1 operation of the API and the client method that calls it (a test holds this to /openapi.json).
 ENDPOINTS: dict[tuple[str, str], str] = {
     ("post", "/v1/usage"): "record_usage",
@@ -249,6 +277,9 @@ ENDPOINTS: dict[tuple[str, str], str] = {
     ("get", "/v1/customers/{customer_id}/balance"): "balance",
     ("get", "/v1/customers/{customer_id}/entries"): "entries",
     ("get", "/v1/customers/{customer_id}/usage"): "usage_report",
+    ("get", "/v1/customers/{customer_id}/entitlements"): "entitlements",
+    ("post", "/v1/check"): "check",
+    ("put", "/v1/customers/{customer_id}/low-balance-threshold"): "set_low_balance_threshold",
 }
 
 

@@ -29,9 +29,12 @@ from webhooks.client.models import (
     BatchResult,
     Capture,
     Charge,
+    CheckResult,
+    Entitlements,
     EntriesPage,
     Entry,
     Hold,
+    Threshold,
     UsageEvent,
     UsageFields,
     UsageReport,
@@ -201,6 +204,20 @@ class AsyncBilling:
     ) -> UsageReport:
         """Usage grouped by day, feature, model or user: tokens, credits, provider cost and margin."""
         return await self.send(Requests.usage_report(customer_id, group_by=group_by, since=since, until=until))
+
+    async def entitlements(
+        self, customer_id: str, *, user_id: str | None = None, workspace: str | None = None
+    ) -> Entitlements:
+        """Access, balance, plans, each limit (used / remaining / reset) and the entitlements, in one call."""
+        return await self.send(Requests.entitlements(customer_id, user_id=user_id, workspace=workspace))
+
+    async def check(self, customer_id: str, *, units: int | None = None, **usage: Unpack[UsageFields]) -> CheckResult:
+        """Whether a call (``units``, or priced from the usage fields) would be allowed now; consumes nothing."""
+        return await self.send(Requests.check(customer_id, units=units, usage=usage))
+
+    async def set_low_balance_threshold(self, customer_id: str, units: int | None) -> Threshold:
+        """The customer's own low-balance threshold in units (None: back to the plan's)."""
+        return await self.send(Requests.set_low_balance_threshold(customer_id, units))
 
     # --- metering --------------------------------------------------------------------------------------------
 

@@ -96,6 +96,25 @@ class Grant(Result):
     stripe_object_id: str | None
 
 
+class Subscription(Result):
+    """One Stripe subscription of the customer, as the ledger follows it."""
+
+    openapi_schema = "SubscriptionOut"
+    subscription_id: str
+    status: str | None
+    price: str | None
+    plan: str | None
+    quantity: int
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+    cancel_at_period_end: bool
+    cancel_at: datetime | None
+    pause_collection: str | None
+    trial_end: datetime | None
+    access_state: str
+    grace_until: datetime | None
+
+
 class Balance(Result):
     """A customer's balance, holds, debt, access state and grants."""
 
@@ -111,6 +130,7 @@ class Balance(Result):
     grace_until: datetime | None
     usage_allowed: bool
     grants: list[Grant]
+    subscriptions: list[Subscription] = []
 
 
 class Entry(Result):
@@ -166,6 +186,102 @@ class UsageReport(Result):
     rows: list[UsageRow]
 
 
+class Limit(Result):
+    """A usage limit as it stands for the customer (or one user or workspace) in its current window."""
+
+    openapi_schema = "LimitOut"
+    name: str
+    scope: str
+    scope_value: str
+    window: str
+    measure: str
+    # Counts are integers; a cost limit's figures are decimal strings of USD (never floats).
+    used: int | str
+    maximum: int | str
+    remaining: int | str
+    window_start: datetime
+    reset_at: datetime
+    filters: dict[str, str]
+
+
+class Spendable(Result):
+    """The balance figures of an entitlements answer."""
+
+    openapi_schema = "BalanceOut"
+    balance: int
+    available: int
+    held: int
+    debt: int
+    overdraft_limit: int
+
+
+class PlanPeriod(Result):
+    """A plan the customer is on, and its current period."""
+
+    openapi_schema = "PlanOut"
+    price: str
+    name: str
+    current_period_start: datetime | None
+    current_period_end: datetime | None
+
+
+class Suspension(Result):
+    """Usage suspended (a usage spike on a plan that suspends), until a reviewer lifts it."""
+
+    openapi_schema = "SuspensionOut"
+    reason: str
+    since: datetime
+    review_item_id: int | None
+
+
+class Allowed(Result):
+    """What the customer's plans allow: operations, features and models (None: everything)."""
+
+    openapi_schema = "EntitlementsOut"
+    operations: list[str] | None
+    features: list[str] | None
+    models: list[str] | None
+
+
+class Entitlements(Result):
+    """What the product needs before a call: access, balance, plans, limits and entitlements."""
+
+    openapi_schema = "EntitlementsResponse"
+    customer_id: str
+    access_state: str
+    grace_until: datetime | None
+    usage_allowed: bool
+    suspended: Suspension | None
+    balance: Spendable
+    subscriptions: list[PlanPeriod]
+    limits: list[Limit]
+    entitlements: Allowed
+    low_balance_threshold: int | None
+
+
+class CheckResult(Result):
+    """Whether a call would be allowed now, and why not (the error code it would get)."""
+
+    openapi_schema = "CheckResponse"
+    allowed: bool
+    code: str | None
+    reason: str | None
+    units: int
+    limit: str | None = None
+    reset_at: datetime | None = None
+    used: int | str | None = None
+    maximum: int | str | None = None
+    limits: list[Limit]
+
+
+class Threshold(Result):
+    """A customer's low-balance threshold in force."""
+
+    openapi_schema = "ThresholdResponse"
+    customer_id: str
+    low_balance_threshold: int | None
+
+
 RESULT_MODELS: tuple[type[Result], ...] = (
     Funding,
     Charge,
@@ -177,6 +293,15 @@ RESULT_MODELS: tuple[type[Result], ...] = (
     EntriesPage,
     UsageRow,
     UsageReport,
+    Subscription,
+    Limit,
+    Spendable,
+    PlanPeriod,
+    Suspension,
+    Allowed,
+    Entitlements,
+    CheckResult,
+    Threshold,
 )
 
 
