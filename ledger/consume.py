@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ledger import pgfast, portable
+from ledger import limits, pgfast, portable
 from ledger.config import get_billing_config
 from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption
 from ledger.db import get_engine, unit_of_work
@@ -103,6 +103,16 @@ def consume(
     In the caller's unit of work (the caller commits). Raises the ledger's errors with nothing written.
     """
     request = price_consumption(ConsumeInput(customer_id, request_id, units, usage, actor, reason))
+    if not limits.enforced(get_billing_config()):
+        return _apply(session, request)
+    outcome = _apply_alone(session, request, limited=True)
+    if isinstance(outcome, LedgerError):
+        raise outcome
+    return outcome
+
+
+def _apply(session: Session, request: Consumption) -> ConsumeResult:
+    """The backend's consumption in the session's transaction."""
     try:
         if pgfast.enabled(session):
             return pgfast.consume(session, request)
@@ -152,30 +162,33 @@ def consume_batch(items: Sequence[ConsumeInput]) -> list[ConsumeOutcome]:
     if priced:
         requests = [request for _, request in priced]
         engine = get_engine()
-        if pgfast.enabled_for(engine):
+        limited = limits.enforced(get_billing_config())
+        if pgfast.enabled_for(engine) and not limited:
             applied = pgfast.consume_many_autocommit(engine, requests)
         else:
+            # Limits are counted in the consumption's own transaction: one unit of work, a savepoint per item.
             with unit_of_work() as session:
-                applied = [_apply_portable_alone(session, request) for request in requests]
+                applied = [_apply_alone(session, request, limited=limited) for request in requests]
         for (index, _), outcome in zip(priced, applied, strict=True):
             outcomes[index] = outcome
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-def _apply_portable_alone(session: Session, request: Consumption) -> ConsumeOutcome:
-    """One item of a portable batch, in a savepoint: its refusal undoes only what it wrote."""
+def _apply_alone(session: Session, request: Consumption, *, limited: bool) -> ConsumeOutcome:
+    """One item in a savepoint: its refusal (a limit's included) undoes only what it wrote."""
     savepoint = session.begin_nested()
     try:
-        result = portable.consume(session, request)
+        result = _apply(session, request)
+        if limited and not result.replayed:
+            # A replay took its room when it was first applied; a limit refused undoes the consumption too.
+            usage = limits.limit_request(request.usage, units=request.charge)
+            limits.reserve_limits(session, request.customer_id, usage, now=request.now)
     except LedgerError as exc:
         savepoint.rollback()
         return exc
-    except IntegrityError as exc:
+    except BaseException:
         savepoint.rollback()
-        conflict = _key_taken(exc, request)
-        if not isinstance(conflict, LedgerError):
-            raise
-        return conflict
+        raise
     savepoint.commit()
     return result
 

@@ -223,6 +223,11 @@ def entitlements(config: BillingConfig, plans: Sequence[str]) -> dict[str, list[
     return result
 
 
+def enforced(config: BillingConfig) -> bool:
+    """Whether consumption must take room in limits or check entitlements (anything of the kind configured)."""
+    return bool(config.limits) or _needs_plans(config) or _suspends(config)
+
+
 def _needs_plans(config: BillingConfig) -> bool:
     return any(lim.plans is not None or lim.window is LimitWindow.BILLING_PERIOD for lim in config.limits) or any(
         p.allow_operations is not None or p.allow_features is not None or p.allow_models is not None
