@@ -54,6 +54,14 @@ TARGET_P99_MS = 50.0
 TARGET_HOLD_RATIO = 0.40
 TARGET_BATCH_RATE = 20_000.0
 
+# Sizes for scripts/bench_all.py: smoke runs every path in seconds, with few connections (the test suite runs it
+# beside other scripts on one PostgreSQL server).
+BENCH_ALL = {
+    "smoke": ["--quick", "--connections", "8", "--clients", "4", "--batch-clients", "2"],
+    "quick": ["--quick"],
+    "full": [],
+}
+
 
 # --- load generator (runs in its own process) ------------------------------------------------------------------
 
@@ -317,12 +325,15 @@ def measure_workers(url: str, workers: int, args: argparse.Namespace) -> dict[st
                                          accounts=args.accounts)  # fmt: skip
         figures["usage"] = run_loadgen(server.port, "usage", args, connections=args.connections,
                                        accounts=args.accounts)  # fmt: skip
-        figures["pgbench_consume"] = run_pgbench(url, PGBENCH_CONSUME, 32, args, args.accounts)
+        figures["pgbench_consume"] = run_pgbench(url, PGBENCH_CONSUME, args.clients, args, args.accounts)
         figures["hold_capture"] = run_loadgen(server.port, "hold_capture", args, connections=args.connections,
                                               accounts=args.accounts)  # fmt: skip
-        figures["pgbench_hold_capture"] = run_pgbench(url, PGBENCH_HOLD_CAPTURE, 32, args, args.accounts)
-        figures["batch"] = run_loadgen(server.port, "batch", args, connections=8, accounts=args.accounts)
-        figures["pgbench_batch_events"] = run_pgbench(url, PGBENCH_BATCH, 8, args, args.accounts) * args.batch
+        figures["pgbench_hold_capture"] = run_pgbench(url, PGBENCH_HOLD_CAPTURE, args.clients, args, args.accounts)
+        figures["batch"] = run_loadgen(server.port, "batch", args, connections=args.batch_clients,
+                                       accounts=args.accounts)  # fmt: skip
+        figures["pgbench_batch_events"] = (
+            run_pgbench(url, PGBENCH_BATCH, args.batch_clients, args, args.accounts) * args.batch
+        )
     finally:
         server.stop()
     return figures
@@ -357,15 +368,19 @@ def report(results: dict[str, Any]) -> list[str]:
         print(f"{'GET /healthz (load generator ceiling)':<52}{h['rate']:>12,.0f}{h['p50_ms']:>9.1f}{h['p99_ms']:>9.1f}"
               f"  generator CPU {h['loadgen_cpu_share']:.0%} of a core")  # fmt: skip
         ratio = u["rate"] / f["pgbench_consume"]
-        print(f"{'POST /v1/usage, 64 connections (req/s)':<52}{u['rate']:>12,.0f}{u['p50_ms']:>9.1f}{u['p99_ms']:>9.1f}"
-              f"  pgbench ledger_consume, 32 clients: {f['pgbench_consume']:,.0f} tps -> {ratio:.0%}")  # fmt: skip
+        conns = results["connections"]
+        print(f"{f'POST /v1/usage, {conns} connections (req/s)':<52}{u['rate']:>12,.0f}{u['p50_ms']:>9.1f}"
+              f"{u['p99_ms']:>9.1f}  pgbench ledger_consume, {results['clients']} clients: "
+              f"{f['pgbench_consume']:,.0f} tps -> {ratio:.0%}")  # fmt: skip
         hratio = hc["rate"] / f["pgbench_hold_capture"]
-        print(f"{'hold + capture, 64 connections (pairs/s)':<52}{hc['rate']:>12,.0f}{hc['p50_ms']:>9.1f}"
+        print(f"{f'hold + capture, {conns} connections (pairs/s)':<52}{hc['rate']:>12,.0f}{hc['p50_ms']:>9.1f}"
               f"{hc['p99_ms']:>9.1f}  pgbench ledger_hold + ledger_capture: {f['pgbench_hold_capture']:,.0f}/s"
               f" -> {hratio:.0%}")  # fmt: skip
         bratio = b["rate"] / f["pgbench_batch_events"]
-        print(f"{'POST /v1/usage/batch, 100 events, 8 conns (events/s)':<52}{b['rate']:>12,.0f}{b['p50_ms']:>9.1f}"
-              f"{b['p99_ms']:>9.1f}  pgbench ledger_consume_many x100, 8 clients: {f['pgbench_batch_events']:,.0f}"
+        batch_label = f"POST /v1/usage/batch, 100 events, {results['batch_clients']} conns (events/s)"
+        print(f"{batch_label:<52}{b['rate']:>12,.0f}{b['p50_ms']:>9.1f}"
+              f"{b['p99_ms']:>9.1f}  pgbench ledger_consume_many x100, {results['batch_clients']} clients: "
+              f"{f['pgbench_batch_events']:,.0f}"
               f" events/s -> {bratio:.0%}")  # fmt: skip
         for name, figures in (("usage", u), ("hold_capture", hc), ("batch", b)):
             failed = {k: v for k, v in figures["outcomes"].items() if k != "ok"}
@@ -404,6 +419,8 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=100, help="events per POST /v1/usage/batch")
+    parser.add_argument("--clients", type=int, default=32, help="pgbench clients of the single-call baselines")
+    parser.add_argument("--batch-clients", type=int, default=8, help="connections and pgbench clients of the batch")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--workers", default="1,2", help="server worker counts to measure")
@@ -421,8 +438,11 @@ def main() -> None:
         args.database_url = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     if shutil.which("pgbench") is None:
         raise SystemExit("pgbench is needed for the baselines (Debian: postgresql-client)")
-    url = scratch_database(args.database_url, "bench_usage_api")
-    results: dict[str, Any] = {"accounts": args.accounts, "duration": args.duration, "postgres": []}
+    url = scratch_database(args.database_url, f"bench_usage_api_{os.getpid()}")
+    results: dict[str, Any] = {
+        "accounts": args.accounts, "duration": args.duration, "connections": args.connections,
+        "clients": args.clients, "batch_clients": args.batch_clients, "postgres": [],
+    }  # fmt: skip
     try:
         seed(url, args.accounts)
         for workers in (int(w) for w in args.workers.split(",")):
