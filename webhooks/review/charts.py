@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from ledger.db import is_sqlite
 from ledger.inbox import StripeEvent
 from ledger.models import Grant, UsageRecord
+from ledger.money import exponent, to_major
 
 # Stripe's paid amounts: one charge.succeeded per successful payment, top-ups and invoices alike.
 # https://docs.stripe.com/api/events/types#event_types-charge.succeeded
@@ -168,9 +169,9 @@ def render_svg(series: DailySeries) -> str:
         (
             f"Paid ({cur.upper()}): Stripe charges, ledger grants as line",
             "stripe",
-            [d.stripe_paid.get(cur, 0) / 100 for d in days],
-            [d.ledger_paid.get(cur, 0) / 100 for d in days],
-            "{:,.2f}",
+            [float(to_major(d.stripe_paid.get(cur, 0), cur)) for d in days],
+            [float(to_major(d.ledger_paid.get(cur, 0), cur)) for d in days],
+            f"{{:,.{exponent(cur)}f}}",
         ),
         ("Provider cost (USD, recorded usage)", "cost", [float(d.provider_cost_usd) for d in days], None, "{:,.2f}"),
     ]
