@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, aliased
 from ledger.config import BillingConfig, Tolerance
 from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import AccessState, Account, Entry, EntryKind, Grant, GrantSource, UsageDaily, UsageEnvironment
+from ledger.money import format_credits, format_money, format_usd
 from reconciliation.models import MismatchKind, StagedStripeAlias, StagedStripeObject
 from reconciliation.providers import ProviderReport, ReportKind
 from reconciliation.services import Finding
@@ -164,7 +165,7 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
             yield Finding(
                 kind=MismatchKind.PAYMENT_WITHOUT_GRANT,
                 identity=p.object_id,
-                summary=f"{p.detail.get('source')} {p.object_id} was paid ({p.amount} {p.currency}) "
+                summary=f"{p.detail.get('source')} {p.object_id} was paid ({format_money(p.amount, p.currency)}) "
                 "but the ledger has no grant for it",
                 customer_id=p.customer_id,
                 currency=p.currency,
@@ -207,8 +208,9 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
             yield Finding(
                 kind=MismatchKind.AMOUNT_MISMATCH,
                 identity=p.object_id,
-                summary=f"{p.detail.get('source')} {p.object_id} should grant {p.expected_credits} credits "
-                f"by the billing config; grant {g.id} gave {g.units}",
+                summary=f"{p.detail.get('source')} {p.object_id} should grant "
+                f"{format_credits(p.expected_credits)} credits by the billing config; "
+                f"grant {g.id} gave {format_credits(g.units)}",
                 customer_id=p.customer_id,
                 currency=p.currency,
                 unit="credits",
@@ -288,7 +290,7 @@ def check_grants(ctx: CheckContext) -> Iterator[Finding]:
         yield Finding(
             kind=MismatchKind.GRANT_WITHOUT_PAYMENT,
             identity=str(g.id),
-            summary=f"grant {g.id} ({g.units} credits, {g.source.value}) {problem}",
+            summary=f"grant {g.id} ({format_credits(g.units)} credits, {g.source.value}) {problem}",
             customer_id=customer_id,
             currency=g.currency,
             unit="credits",
@@ -389,8 +391,9 @@ def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
         yield Finding(
             kind=MismatchKind.REFUND_NOT_CLAWED_BACK,
             identity=charge_id,
-            summary=f"charge {charge_id} was refunded {refunded} of {paid} {currency}: "
-            f"grant {g.id} should have {expected} credits clawed back, has {g.clawed_back}",
+            summary=f"charge {charge_id} was refunded {format_money(refunded, currency)} of "
+            f"{format_money(paid, currency)}: grant {g.id} should have {format_credits(expected)} credits "
+            f"clawed back, has {format_credits(g.clawed_back)}",
             customer_id=customer_id,
             currency=currency,
             unit="credits",
@@ -450,9 +453,11 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
             expected = _units_for(g, int(d.amount or 0), None)
             actual = g.clawed_back
             if actual < expected:
-                problem = f"was lost but only {actual} of {expected} credits were clawed back"
+                problem = (
+                    f"was lost but only {format_credits(actual)} of {format_credits(expected)} credits were clawed back"
+                )
         elif status in WON_DISPUTE and g.frozen > 0:
-            problem = f"was won but {g.frozen} credits are still frozen"
+            problem = f"was won but {format_credits(g.frozen)} credits are still frozen"
             expected, actual = 0, g.frozen
         if problem is None:
             continue
@@ -661,8 +666,8 @@ def check_customer_totals(ctx: CheckContext) -> Iterator[Finding]:
         yield Finding(
             kind=MismatchKind.CUSTOMER_TOTAL_MISMATCH,
             identity=f"{customer_id}|{currency}|{ctx.since.isoformat()}|{ctx.until.isoformat()}",
-            summary=f"customer {customer_id}: Stripe was paid {stripe_total} {currency} over {n} payments, "
-            f"the ledger's grants record {ledger_total}",
+            summary=f"customer {customer_id}: Stripe was paid {format_money(stripe_total, currency)} over "
+            f"{n} payments, the ledger's grants record {format_money(ledger_total, currency)}",
             customer_id=customer_id,
             currency=currency,
             unit="minor",
@@ -826,7 +831,7 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
                         kind=MismatchKind.PROVIDER_COST_DRIFT,
                         identity=ident,
                         summary=f"{provider} {d} {model or '(no model)'}{' ' + scope if scope else ''}: "
-                        f"provider billed ${rep.cost}, the ledger recorded ${led[0]}",
+                        f"provider billed {format_usd(rep.cost)}, the ledger recorded {format_usd(led[0])}",
                         currency="usd",
                         unit="usd",
                         expected=rep.cost,
@@ -853,7 +858,8 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
                         identity=ident,
                         summary=f"{provider} {d} {model or '(no model)'}{' ' + scope if scope else ''}: "
                         + ", ".join(
-                            f"{k} provider {v['provider']} vs ledger {v['ledger']}" for k, v in drifted.items()
+                            f"{k} provider {format_credits(v['provider'])} vs ledger {format_credits(v['ledger'])}"
+                            for k, v in drifted.items()
                         ),
                         unit="tokens",
                         expected=sum(r for r, _ in pairs.values()),
@@ -996,7 +1002,7 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
                 kind=MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
                 identity=f"{row.customer_id}|{window}",
                 summary=f"customer {row.customer_id}: {row.free_n} production usage records marked non-billable "
-                f"(provider cost ${Decimal(row.free_cost or 0)})",
+                f"(provider cost {format_usd(Decimal(row.free_cost or 0))})",
                 customer_id=row.customer_id,
                 currency="usd",
                 unit="usd",
@@ -1051,8 +1057,8 @@ def check_clawback_debt(ctx: CheckContext) -> Iterator[Finding]:
             kind=MismatchKind.CLAWBACK_DEBT,
             identity=f"entry:{row.id}",
             summary=(
-                f"{row.customer_id} had already spent {row.debt_delta} of the credits clawed back from grant "
-                f"{grant.id} ({row.reason or 'clawback'}); recorded as debt"
+                f"{row.customer_id} had already spent {format_credits(row.debt_delta)} of the credits clawed back "
+                f"from grant {grant.id} ({row.reason or 'clawback'}); recorded as debt"
             ),
             customer_id=row.customer_id,
             currency=grant.currency,

@@ -21,6 +21,7 @@ from rich.table import Table
 from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE
 from ledger.db import session_factory, unit_of_work
 from ledger.errors import InvalidRequest
+from ledger.money import format_amount, format_credits, format_usd
 from reconciliation import services
 from reconciliation.engine import RunSummary, previous_utc_day, reconcile
 from reconciliation.models import MismatchKind, MismatchStatus
@@ -157,17 +158,17 @@ def margin_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("customer", "feature", "model", "requests", "credits", "revenue $", "cost $", "margin $")
+    table = Table("customer", "feature", "model", "requests", "credits", "revenue", "cost", "margin")
     for r in rows:
         table.add_row(
             r["customer_id"],
             r["feature"] or "",
             r["model"] or "",
-            str(r["requests"]),
-            str(r["units"]),
-            r["revenue_usd"],
-            r["cost_usd"],
-            r["margin_usd"],
+            format_credits(r["requests"]),
+            format_credits(r["units"]),
+            format_usd(r["revenue_usd"]),
+            format_usd(r["cost_usd"]),
+            format_usd(r["margin_usd"]),
         )
     Console(width=max(160, Console().width)).print(table)
 
@@ -200,8 +201,8 @@ def list_command(
             m["kind"],
             m["status"],
             m["customer_id"] or "",
-            m["expected"] or "",
-            m["actual"] or "",
+            format_amount(m["expected"], m["unit"], m["currency"]) if m["expected"] is not None else "",
+            format_amount(m["actual"], m["unit"], m["currency"]) if m["actual"] is not None else "",
             m["unit"],
             m["summary"],
         )
@@ -226,13 +227,14 @@ def show_command(
         return
     console = Console()
     console.print(f"[bold]mismatch {data['id']}[/bold] {data['kind']} ({data['status']})")
+    for key in ("expected", "actual"):
+        shown = format_amount(data[key], data["unit"], data["currency"])
+        console.print(f"  {key}: {shown}" + (f" (exact: {data[key]})" if data[key] is not None else ""))
     for key in (
         "summary",
         "customer_id",
         "currency",
         "unit",
-        "expected",
-        "actual",
         "occurred_at",
         "first_seen_run_id",
         "last_seen_run_id",
