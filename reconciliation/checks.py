@@ -20,6 +20,7 @@ from ledger.config import BillingConfig, Tolerance
 from ledger.inbox import EventStatus, StripeEvent
 from ledger.models import AccessState, Account, Entry, EntryKind, Grant, GrantSource, UsageDaily, UsageEnvironment
 from ledger.money import format_credits, format_money, format_usd
+from reconciliation.funding import Funding, MarginSplit, consumption_funding, paid_grants, split_margin
 from reconciliation.models import MismatchKind, StagedStripeAlias, StagedStripeObject
 from reconciliation.providers import ProviderReport, ReportKind
 from reconciliation.services import Finding
@@ -873,7 +874,9 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
 # --- margin ----------------------------------------------------------------------------------------------------
 
 
-def margin_candidates(session: Session, since: datetime, until: datetime) -> list[Any]:
+def margin_candidates(
+    session: Session, since: datetime, until: datetime, settlement_currency: str = "usd"
+) -> list[Any]:
     """Accounts of the window that may have a negative margin or free production usage, with their sums and
     what they paid (what the engine may prefetch). Generous: check_margin decides exactly, in Decimal."""
     W = usage_in_window(session, since, until)
@@ -907,16 +910,7 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
         .group_by(K.account_id)
         .subquery()
     )
-    paid = (
-        select(
-            Grant.account_id.label("account_id"),
-            func.sum(Grant.amount_minor).label("minor"),
-            func.sum(Grant.units).label("units"),
-        )
-        .where(Grant.source.in_(PAID_SOURCES), Grant.amount_minor.is_not(None), func.lower(Grant.currency) == "usd")
-        .group_by(Grant.account_id)
-        .subquery()
-    )
+    paid = paid_grants(settlement_currency)
     stmt = (
         select(
             Account.customer_id,
@@ -928,6 +922,8 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
             usage.c.n,
             paid.c.minor,
             paid.c.units.label("paid_units"),
+            paid.c.free_grants,
+            paid.c.unknown_grants,
         )
         .join(usage, usage.c.account_id == Account.id)
         .outerjoin(paid, paid.c.account_id == Account.id)
@@ -941,6 +937,9 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
                     or_(
                         paid.c.units.is_(None),
                         paid.c.units == 0,
+                        # Free credits or credits priced in another currency: check_margin splits them exactly.
+                        paid.c.free_grants > 0,
+                        paid.c.unknown_grants > 0,
                         # revenue <= 1.01 x cost, where revenue = units x minor / paid units / 100 and the cost
                         # is in integer 10^-10 USD here (as a plain number, so 101 binds as 101).
                         usage.c.units * paid.c.minor * 10**10
@@ -955,44 +954,75 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
 
 
 def check_margin(ctx: CheckContext) -> Iterator[Finding]:
-    """Review items: customers whose usage cost more than the credits they spent were worth, and production
-    usage marked non-billable, for the window."""
-    rows = ctx.fetched("margin", lambda session: margin_candidates(session, ctx.since, ctx.until))
+    """Review items for the window: customers whose paid credits were worth less than the provider cost of what
+    they funded (negative_margin), free credits that cost more than their allowance (free_credit_cost), and
+    production usage marked non-billable.
+
+    Revenue is in the settlement currency (see reconciliation.funding); it is compared with USD costs only when
+    that currency is USD. Credits paid in another currency without a known settlement are left out of both
+    sides and named in the evidence, never counted as worth nothing.
+    """
+    currency = ctx.config.reconciliation.settlement_currency
+    rows = ctx.fetched("margin", lambda session: margin_candidates(session, ctx.since, ctx.until, currency))
     window = f"{ctx.since.isoformat()}|{ctx.until.isoformat()}"
+    costly = [row.account_id for row in rows if Decimal(row.cost or 0) > 0]
+    funding = consumption_funding(ctx.session, since=ctx.since, until=ctx.until, account_ids=costly, config=ctx.config)
     for row in rows:
         cost = Decimal(row.cost or 0)
         units = int(row.units or 0)
-        minor, paid_units = int(row.minor or 0), int(row.paid_units or 0)
-        revenue = (Decimal(units) * Decimal(minor) / Decimal(paid_units) / 100) if paid_units else Decimal(0)
-        revenue = revenue.quantize(Decimal("0.0000000001"))
-        if cost > 0 and revenue < cost:
-            A = usage_in_window(ctx.session, ctx.since, ctx.until, account_id=row.account_id)
-            breakdown = [
-                {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
-                for f, m, u, c in ctx.session.execute(
-                    select(A.c.feature, A.c.model, func.sum(A.c.units), func.sum(A.c.provider_cost_usd))
-                    .where(A.c.billable.is_(True), A.c.environment == UsageEnvironment.PRODUCTION)
-                    .group_by(A.c.feature, A.c.model)
-                    .order_by(A.c.feature, A.c.model)
-                )
-            ]
+        split = split_margin(funding.get(row.account_id, Funding()), cost, ctx.config) if cost > 0 else None
+        if split is not None and split.comparable and split.paid_cost_usd > 0 and split.revenue < split.paid_cost_usd:
             yield Finding(
                 kind=MismatchKind.NEGATIVE_MARGIN,
                 identity=f"{row.customer_id}|{window}",
-                summary=f"customer {row.customer_id}: usage cost ${cost} but the credits it used were worth ${revenue}",
+                summary=f"customer {row.customer_id}: usage funded by paid credits cost "
+                f"{format_usd(split.paid_cost_usd)} but those credits were worth {format_usd(split.revenue)}"
+                + _unpriced_note(split),
                 customer_id=row.customer_id,
                 currency="usd",
                 unit="usd",
-                expected=revenue,
-                actual=cost,
+                expected=split.revenue,
+                actual=split.paid_cost_usd,
                 evidence={
                     "ledger": {
                         "usage_records": int(row.n),
                         "units": units,
                         "provider_cost_usd": str(cost),
-                        "paid_minor": minor,
-                        "paid_units": paid_units,
-                        "by_feature_model": breakdown,
+                        "paid_minor": int(row.minor or 0),
+                        "paid_units": int(row.paid_units or 0),
+                        "margin": split.as_dict(),
+                        "by_feature_model": _margin_breakdown(ctx, row.account_id),
+                    },
+                },
+                occurred_at=ctx.since,
+            )
+        if split is not None and split.free_cost_usd > split.free_allowance_usd:
+            buckets = split.funding.free.values()
+            yield Finding(
+                kind=MismatchKind.FREE_CREDIT_COST,
+                identity=f"{row.customer_id}|{window}",
+                summary=f"customer {row.customer_id}: free credits ("
+                + ", ".join(f"{format_credits(b.units)} {b.label}" for b in buckets)
+                + f") cost {format_usd(split.free_cost_usd)}, over their allowance of "
+                f"{format_usd(split.free_allowance_usd)}",
+                customer_id=row.customer_id,
+                currency="usd",
+                unit="usd",
+                expected=split.free_allowance_usd,
+                actual=split.free_cost_usd,
+                evidence={
+                    "ledger": {
+                        "provider_cost_usd": str(cost),
+                        "margin": split.as_dict(),
+                        "free_by_plan": [
+                            {
+                                "plan": b.label,
+                                "credits": b.units,
+                                "allowance_per_credit_usd": str(b.allowance_per_credit_usd),
+                                "allowance_usd": str(b.allowance_usd),
+                            }
+                            for b in buckets
+                        ],
                     },
                 },
                 occurred_at=ctx.since,
@@ -1013,6 +1043,29 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
                 },
                 occurred_at=ctx.since,
             )
+
+
+def _unpriced_note(split: MarginSplit) -> str:
+    f = split.funding
+    if not f.unknown_units:
+        return ""
+    return (
+        f" ({format_credits(f.unknown_units)} credits paid in {', '.join(sorted(f.unknown_currencies)).upper()} "
+        f"have no known {split.currency.upper()} settlement and are left out)"
+    )
+
+
+def _margin_breakdown(ctx: CheckContext, account_id: int) -> list[dict[str, Any]]:
+    A = usage_in_window(ctx.session, ctx.since, ctx.until, account_id=account_id)
+    return [
+        {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
+        for f, m, u, c in ctx.session.execute(
+            select(A.c.feature, A.c.model, func.sum(A.c.units), func.sum(A.c.provider_cost_usd))
+            .where(A.c.billable.is_(True), A.c.environment == UsageEnvironment.PRODUCTION)
+            .group_by(A.c.feature, A.c.model)
+            .order_by(A.c.feature, A.c.model)
+        )
+    ]
 
 
 # --- clawbacks that found the credits already spent ------------------------------------------------------------

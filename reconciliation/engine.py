@@ -40,6 +40,7 @@ WINDOWED_KINDS = (
     MismatchKind.NEGATIVE_MARGIN,
     MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
     MismatchKind.CLAWBACK_DEBT,
+    MismatchKind.FREE_CREDIT_COST,
 )
 # Kinds about the current state: every run sees all of it.
 GLOBAL_KINDS = (MismatchKind.ACCESS_STATE_DRIFT, MismatchKind.UNPROCESSED_EVENT)
@@ -145,6 +146,7 @@ def _prefetch(
     until: datetime,
     reports: Sequence[ProviderReport],
     timings: dict[str, float],
+    config: BillingConfig,
 ) -> dict[str, Future[Any]]:
     """Start the two checks' queries that aggregate the window's whole usage (and read nothing staged) on a
     second connection, so PostgreSQL works on them while this one runs the other checks.
@@ -167,7 +169,11 @@ def _prefetch(
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile-prefetch")
     background.callback(pool.shutdown, wait=True, cancel_futures=True)
     return {
-        "margin": pool.submit(run, "margin", lambda s: checks.margin_candidates(s, since, until)),
+        "margin": pool.submit(
+            run,
+            "margin",
+            lambda s: checks.margin_candidates(s, since, until, config.reconciliation.settlement_currency),
+        ),
         "providers": pool.submit(run, "providers", lambda s: checks.provider_ledger_usage(s, reports)),
     }
 
@@ -230,7 +236,14 @@ def reconcile(
             started = time.perf_counter()
             background_timings: dict[str, float] = {}
             prefetched = _prefetch(
-                target, session, background, since=since, until=until, reports=reports, timings=background_timings
+                target,
+                session,
+                background,
+                since=since,
+                until=until,
+                reports=reports,
+                timings=background_timings,
+                config=config,
             )
             _prepare(session)
             run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]

@@ -39,6 +39,8 @@ class MismatchKind(StrEnum):
     NON_BILLABLE_PRODUCTION_USAGE = "non_billable_production_usage"
     # A refund or lost dispute clawed back credits the customer had already spent: recorded as debt.
     CLAWBACK_DEBT = "clawback_debt"
+    # Free credits (promotions, trials, $0 invoices) whose provider cost went past the billing config's allowance.
+    FREE_CREDIT_COST = "free_credit_cost"
 
 
 class MismatchStatus(StrEnum):

@@ -16,13 +16,16 @@ from typing import Any
 from sqlalchemy import delete, insert, literal, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig
+from ledger.models import Grant, GrantSettlement, GrantSource
 from reconciliation.models import ReconciliationRun, RunStatus, StagedStripeAlias, StagedStripeObject
 from reconciliation.stripe_source import StripeSource, stripe_id
 
 PAGE_ROWS = 500
+# Grants bought with money (what a payment funds).
+PAID_GRANT_SOURCES = (GrantSource.TOP_UP, GrantSource.RENEWAL)
 # A run still marked running after this long died without cleaning up: its staged rows may be deleted.
 ABANDONED_AFTER = timedelta(days=1)
 
@@ -305,7 +308,10 @@ class Stager:
             self._flush("invoice", objects, [a for a in aliases if a])
 
     def stage_charges(self, since: datetime, until: datetime) -> None:
-        for page in self._pages(self.stripe.list_charges(created_gte=since, created_lt=until)):
+        # The balance transaction says what the charge settled as (amount and currency after conversion, fee,
+        # net): margin counts revenue in the settlement currency from it.
+        listed = self.stripe.list_charges(created_gte=since, created_lt=until, expand=["data.balance_transaction"])
+        for page in self._pages(listed):
             objects = []
             for ch in page:
                 if not ch.get("paid") or ch.get("status") != "succeeded":
@@ -324,6 +330,7 @@ class Stager:
                             "invoice": stripe_id(ch.get("invoice")),
                             "description": ch.get("description"),
                             "metadata": ch.get("metadata") or {},
+                            "balance_transaction": balance_transaction_detail(ch.get("balance_transaction")),
                         },
                     )
                 )
@@ -344,6 +351,48 @@ class Stager:
             .on_conflict_do_nothing(index_elements=["run_id", "key"])
         )
         self.session.execute(stmt)
+        self.record_settlements()
+
+    def record_settlements(self) -> None:
+        """Keep each paid grant's settlement (its charge's balance transaction) in the ledger, for margin."""
+        C = StagedStripeObject
+        by_charge, by_payment = aliased(StagedStripeAlias), aliased(StagedStripeAlias)
+        stmt = (
+            select(Grant.id, C.object_id, C.created, C.amount, C.currency, C.detail)
+            .join(by_charge, (by_charge.run_id == C.run_id) & (by_charge.key == C.object_id))
+            .join(by_payment, (by_payment.run_id == C.run_id) & (by_payment.payment_id == by_charge.payment_id))
+            .join(Grant, Grant.stripe_object_id == by_payment.key)
+            .where(C.run_id == self.run_id, C.object_type == "charge", Grant.source.in_(PAID_GRANT_SOURCES))
+            .order_by(Grant.id, C.id)
+        )
+        rows: dict[int, dict[str, Any]] = {}
+        for grant_id, charge_id, created, amount, currency, detail in self.session.execute(stmt):
+            bt = (detail or {}).get("balance_transaction")
+            if not bt or grant_id in rows:
+                continue
+            rows[grant_id] = {
+                "grant_id": grant_id,
+                "charge_id": charge_id,
+                "balance_transaction_id": bt.get("id"),
+                "paid_at": created,
+                "amount_minor": int(amount or 0),
+                "currency": str(currency or "").lower()[:3],
+                "settlement_minor": int(bt["amount"]),
+                "settlement_currency": str(bt["currency"]).lower()[:3],
+                "exchange_rate": Decimal(bt["exchange_rate"]) if bt.get("exchange_rate") else None,
+                "fee_minor": int(bt.get("fee") or 0),
+                "net_minor": int(bt.get("net") if bt.get("net") is not None else int(bt["amount"])),
+                "recorded_at": datetime.now(UTC),
+            }
+        values = list(rows.values())
+        for start in range(0, len(values), PAGE_ROWS):
+            insert_stmt = self._insert(GrantSettlement)
+            upsert = insert_stmt.on_conflict_do_update(
+                index_elements=["grant_id"],
+                set_={c: insert_stmt.excluded[c] for c in values[0] if c != "grant_id"},
+            )
+            self.session.execute(upsert, values[start : start + PAGE_ROWS])
+        self.stats.add("settlement", len(values))
 
     def analyze(self) -> None:
         """Give PostgreSQL statistics on the staged rows, so joins with them are hash joins, not nested loops."""
@@ -365,30 +414,37 @@ class Stager:
             detail = ch.detail or {}
             pi = detail.get("payment_intent")
             description = detail.get("description") or ""
-            if detail.get("invoice") or not pi or str(description).startswith("Subscription"):
+            if detail.get("invoice") or str(description).startswith("Subscription"):
                 continue
-            # Direct payments may also belong to a session created before the window; ask Stripe once.
-            session = next(iter(self.stripe.list_checkout_sessions(payment_intent=pi)), None)
-            if session is not None:
-                continue
+            if pi:
+                # Direct payments may also belong to a session created before the window; ask Stripe once.
+                session = next(iter(self.stripe.list_checkout_sessions(payment_intent=pi)), None)
+                if session is not None:
+                    continue
+            # A charge without a payment intent (the older Charges API) is a payment of its own, keyed by itself.
+            key = pi or ch.object_id
             amount = int(ch.amount or 0)
             objects.append(
                 {
                     "run_id": self.run_id,
                     "object_type": "payment",
-                    "object_id": pi,
+                    "object_id": key,
                     "customer_id": ch.customer_id,
-                    "ref": pi,
+                    "ref": key,
                     "status": "paid",
                     "amount": amount,
                     "amount_refunded": None,
                     "currency": ch.currency,
                     "created": ch.created,
                     "expected_credits": expected_topup_credits([], amount, self.config, detail.get("metadata")),
-                    "detail": {"source": "payment_intent", "payment_intent": pi, "charge": ch.object_id},
+                    "detail": {
+                        "source": "payment_intent" if pi else "charge",
+                        "payment_intent": pi,
+                        "charge": ch.object_id,
+                    },
                 }
             )
-            links += [self._alias(pi, pi), self._alias(ch.object_id, pi)]
+            links += [self._alias(key, key), self._alias(ch.object_id, key)]
         self._flush("payment_intent", objects, [a for a in links if a])
 
     def stage_refunds(self, since: datetime, until: datetime) -> None:
@@ -471,6 +527,27 @@ class Stager:
         self.stage_events(since, until)
         self.stats.seconds = time.perf_counter() - started
         return self.stats
+
+
+def balance_transaction_detail(value: Any) -> dict[str, Any] | None:
+    """What staging keeps of an expanded balance transaction (None when it was not expanded)."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("amount"), int):
+        return None
+    rate = value.get("exchange_rate")
+    return {
+        "id": value.get("id"),
+        "amount": value["amount"],
+        "currency": value.get("currency"),
+        # A JSON number on the wire: its shortest repr is the rate Stripe sent.
+        "exchange_rate": str(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) else None,
+        "fee": value.get("fee"),
+        "net": value.get("net"),
+        "fee_details": [
+            {"amount": f.get("amount"), "currency": f.get("currency"), "type": f.get("type")}
+            for f in value.get("fee_details") or []
+            if isinstance(f, Mapping)
+        ],
+    }
 
 
 def analyze_staging(session: Session) -> None:

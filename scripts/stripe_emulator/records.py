@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -154,6 +155,8 @@ class BalanceTransaction(Record):
     source: str | None = None
     description: str | None = None
     available_on: int = 0
+    # Major units of the settlement currency per major unit of the presentment currency (Stripe's field).
+    exchange_rate: Decimal | None = None
 
     object_name = "balance_transaction"
 

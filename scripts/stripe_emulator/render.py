@@ -476,7 +476,8 @@ class Renderer:
             "created": t.created,
             "currency": t.currency,
             "description": t.description,
-            "exchange_rate": None,
+            # A JSON number on the wire, as Stripe sends it (written from the Decimal's digits).
+            "exchange_rate": float(t.exchange_rate) if t.exchange_rate is not None else None,
             "fee": t.fee,
             "fee_details": (
                 [
