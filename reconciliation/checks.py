@@ -112,6 +112,45 @@ def _stored_events(session: Session, object_ids: Sequence[str | None]) -> list[d
     ]
 
 
+# --- whose is it -----------------------------------------------------------------------------------------------
+
+
+def customer_of(ctx: CheckContext, object_ids: Sequence[str | None], grant: Grant | None) -> str | None:
+    """The Stripe customer behind objects that name none themselves (disputes, refunds, events about them):
+    a staged object of this run with a customer, the account of a grant they funded, a stored event about
+    them."""
+    ids = [o for o in object_ids if o]
+    if grant is not None:
+        found = ctx.session.scalar(select(Account.customer_id).where(Account.id == grant.account_id))
+        if found:
+            return found
+    if not ids:
+        return None
+    S = StagedStripeObject
+    found = ctx.session.scalar(
+        select(S.customer_id).where(S.run_id == ctx.run_id, S.object_id.in_(ids), S.customer_id.is_not(None)).limit(1)
+    )
+    if found:
+        return found
+    A = StagedStripeAlias
+    keys = select(A.key).where(
+        A.run_id == ctx.run_id, A.payment_id.in_(select(A.payment_id).where(A.run_id == ctx.run_id, A.key.in_(ids)))
+    )
+    found = ctx.session.scalar(
+        select(Account.customer_id)
+        .join(Grant, Grant.account_id == Account.id)
+        .where(or_(Grant.stripe_object_id.in_(ids), Grant.stripe_object_id.in_(keys)))
+        .limit(1)
+    )
+    if found:
+        return found
+    return ctx.session.scalar(
+        select(StripeEvent.customer_id)
+        .where(StripeEvent.object_id.in_(ids), StripeEvent.customer_id.is_not(None))
+        .limit(1)
+    )
+
+
 # --- payments against grants ----------------------------------------------------------------------------------
 
 
@@ -168,7 +207,8 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
                 identity=p.object_id,
                 summary=f"{p.detail.get('source')} {p.object_id} was paid ({format_money(p.amount, p.currency)}) "
                 "but the ledger has no grant for it",
-                customer_id=p.customer_id,
+                customer_id=p.customer_id
+                or customer_of(ctx, [p.object_id, p.detail.get("payment_intent"), p.detail.get("charge")], None),
                 currency=p.currency,
                 unit="credits",
                 expected=p.expected_credits,
@@ -388,7 +428,7 @@ def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
         expected = _units_for(g, int(refunded), paid)
         if g.clawed_back >= expected:
             continue
-        customer_id = ch_cust or cust or stripe_id(charge.get("customer"))
+        customer_id = ch_cust or cust or stripe_id(charge.get("customer")) or customer_of(ctx, [charge_id], g)
         yield Finding(
             kind=MismatchKind.REFUND_NOT_CLAWED_BACK,
             identity=charge_id,
@@ -435,7 +475,7 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
     )
     for d in ctx.session.scalars(stmt):
         assert d.ref is not None
-        grants, _ = _grants_for_charge(ctx, d.ref, d.detail.get("payment_intent"))
+        grants, charge = _grants_for_charge(ctx, d.ref, d.detail.get("payment_intent"))
         if not grants:
             continue
         g = grants[0]
@@ -466,7 +506,8 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
             kind=MismatchKind.DISPUTE_NOT_APPLIED,
             identity=d.object_id,
             summary=f"dispute {d.object_id} ({status}) on charge {d.ref} {problem} (grant {g.id})",
-            customer_id=d.customer_id,
+            # A dispute names no customer: its charge does, and so does the grant it funded.
+            customer_id=d.customer_id or stripe_id(charge.get("customer")) or customer_of(ctx, [d.ref], g),
             currency=d.currency,
             unit="credits",
             expected=expected,
@@ -599,17 +640,18 @@ def check_missed_events(ctx: CheckContext) -> Iterator[Finding]:
     # NOT EXISTS on the event id alone: an anti join that reads the unique index, not the stored payloads.
     stored = select(StripeEvent.event_id).where(StripeEvent.event_id == E.object_id).exists()
     stmt = (
-        select(E.object_id, E.status, E.created, E.customer_id, E.ref)
+        select(E.object_id, E.status, E.created, E.customer_id, E.ref, E.detail)
         .where(E.run_id == ctx.run_id, E.object_type == "event", ~stored)
         .order_by(E.id)
         .execution_options(**STREAM)
     )
-    for event_id, event_type, created, customer_id, object_id in ctx.session.execute(stmt):
+    for event_id, event_type, created, customer_id, object_id, detail in ctx.session.execute(stmt):
+        related = [object_id, *((detail or {}).get("related") or [])]
         yield Finding(
             kind=MismatchKind.MISSED_EVENT,
             identity=event_id,
             summary=f"Stripe event {event_id} ({event_type}) was never stored",
-            customer_id=customer_id,
+            customer_id=customer_id or customer_of(ctx, related, None),
             unit="state",
             evidence={
                 "stripe": {"event_id": event_id, "type": event_type, "object_id": object_id, "created": _iso(created)},

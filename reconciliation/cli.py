@@ -1,7 +1,9 @@
 """Reconciliation commands: ``reconcile`` and the ``mismatches`` review workflow.
 
 Exit codes (ledger.cli): 0 done and nothing found; 1 the run found mismatches; 2 a usage, report or config
-error; 5 an unknown mismatch.
+error; 5 an unknown mismatch; 6 a partial run (some Stripe list could not be read, or a check stopped: the run
+compared the rest, and says what it missed); 7 the run failed and compared nothing (its row records the error).
+A partial or failed run is never reported as 0 or 1.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import getpass
 import json
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,12 +24,15 @@ from rich.table import Table
 from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE
 from ledger.db import session_factory, unit_of_work
 from ledger.errors import InvalidRequest
-from ledger.money import format_amount, format_credits, format_usd
+from ledger.money import format_amount, format_credits, format_money, format_usd, to_minor
 from reconciliation import services
 from reconciliation.engine import RunSummary, previous_utc_day, reconcile
-from reconciliation.models import MismatchKind, MismatchStatus
+from reconciliation.models import MismatchKind, MismatchStatus, RunStatus
 from reconciliation.providers import ReportError
 from reconciliation.stripe_source import StripeSource
+
+EXIT_PARTIAL = 6
+EXIT_RUN_FAILED = 7
 
 mismatches_app = typer.Typer(help="Review reconciliation mismatches.", no_args_is_help=True)
 
@@ -78,6 +84,10 @@ def _print_summary(summary: RunSummary) -> None:
         console.print(table)
     if summary.outcomes:
         console.print("changes: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())))
+    for source, why in sorted(summary.missed_sources.items()):
+        console.print(f"not read from Stripe: {source}: {why}", soft_wrap=True)
+    for check, why in sorted(summary.skipped_checks.items()):
+        console.print(f"check {check} {why}", soft_wrap=True)
 
 
 def reconcile_command(
@@ -125,12 +135,15 @@ def reconcile_command(
         raise _fail(str(exc), EXIT_USAGE) from exc
     except ValueError as exc:
         raise _fail(str(exc), EXIT_USAGE) from exc
-    except Exception as exc:  # Stripe or the database failed mid-run: the run row says so too
-        raise _fail(f"reconciliation failed: {type(exc).__name__}: {exc}", EXIT_CHECK_FAILED) from exc
+    except Exception as exc:  # the database (or something unforeseen) failed mid-run: the run row says so too
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise _fail(f"reconciliation failed: {type(exc).__name__}: {first_line}", EXIT_RUN_FAILED) from exc
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
     else:
         _print_summary(summary)
+    if summary.status is RunStatus.PARTIAL:
+        raise typer.Exit(EXIT_PARTIAL)
     if summary.total:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -159,18 +172,26 @@ def margin_command(
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table("customer", "feature", "model", "requests", "credits", "revenue", "cost", "margin")
+    notes: dict[str, str] = {}
     for r in rows:
+        currency = r["revenue_currency"]
+        revenue = Decimal(r["revenue"])
         table.add_row(
             r["customer_id"],
             r["feature"] or "",
             r["model"] or "",
             format_credits(r["requests"]),
             format_credits(r["units"]),
-            format_usd(r["revenue_usd"]),
+            format_usd(revenue) if currency == "usd" else format_money(to_minor(revenue, currency), currency),
             format_usd(r["cost_usd"]),
-            format_usd(r["margin_usd"]),
+            format_usd(r["margin_usd"]) if r["margin_usd"] is not None else "n/a",
         )
-    Console(width=max(160, Console().width)).print(table)
+        if r["note"]:
+            notes[r["customer_id"]] = r["note"]
+    console = Console(width=max(160, Console().width))
+    console.print(table)
+    for customer_id, note in notes.items():
+        console.print(f"{customer_id}: {note}", soft_wrap=True)
 
 
 # --- mismatches ------------------------------------------------------------------------------------------------

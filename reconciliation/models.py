@@ -54,6 +54,8 @@ class MismatchStatus(StrEnum):
 class RunStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
+    # Compared what it could read: some Stripe list could not be read, or a check stopped (the run says which).
+    PARTIAL = "partial"
     FAILED = "failed"
 
 

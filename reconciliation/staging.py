@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased
 from ledger.config import BillingConfig
 from ledger.models import Grant, GrantSettlement, GrantSource
 from reconciliation.models import ReconciliationRun, RunStatus, StagedStripeAlias, StagedStripeObject
-from reconciliation.stripe_source import StripeSource, stripe_id
+from reconciliation.stripe_source import StripeSource, describe_source_error, is_source_error, stripe_id
 
 PAGE_ROWS = 500
 # Grants bought with money (what a payment funds).
@@ -48,6 +48,8 @@ class StagingStats:
 
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Lists Stripe would not give, with why (one line each).
+    missed: dict[str, str] = field(default_factory=dict)
 
     def add(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n
@@ -505,28 +507,60 @@ class Stager:
                     self._row(
                         "event",
                         ev,
-                        customer_id=stripe_id(obj.get("customer")) if isinstance(obj, Mapping) else None,
+                        customer_id=event_customer(obj),
                         ref=stripe_id(obj.get("id")) if isinstance(obj, Mapping) else None,
                         status=str(ev.get("type") or "")[:64],
                         currency=None,
+                        detail={"related": related_ids(obj)},
                     )
                 )
             self._flush("event", objects, [])
 
     def stage_all(self, since: datetime, until: datetime) -> StagingStats:
-        """Page in every list the checks use."""
+        """Page in every list the checks use. A list Stripe will not give (a restricted key without that
+        permission, 404, 5xx after the gateway's retries) is recorded in ``stats.missed`` and the others go on:
+        the engine skips the checks that need it."""
         import time
 
         started = time.perf_counter()
-        self.stage_checkout_sessions(since, until)
-        self.stage_invoices(since, until)
-        self.stage_charges(since, until)
-        self.stage_refunds(since, until)
-        self.stage_disputes(since, until)
-        self.stage_subscriptions()
-        self.stage_events(since, until)
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("checkout_session", lambda: self.stage_checkout_sessions(since, until)),
+            ("invoice", lambda: self.stage_invoices(since, until)),
+            ("charge", lambda: self.stage_charges(since, until)),
+            ("refund", lambda: self.stage_refunds(since, until)),
+            ("dispute", lambda: self.stage_disputes(since, until)),
+            ("subscription", self.stage_subscriptions),
+            ("event", lambda: self.stage_events(since, until)),
+        )
+        for source, stage in steps:
+            try:
+                stage()
+            except Exception as exc:
+                if not is_source_error(exc):
+                    raise
+                self.stats.missed[source] = describe_source_error(exc)
         self.stats.seconds = time.perf_counter() - started
         return self.stats
+
+
+# Fields by which an object without a customer of its own (a dispute, a refund) leads to one that has it.
+RELATED_FIELDS = ("charge", "payment_intent", "invoice", "subscription")
+
+
+def event_customer(obj: Any) -> str | None:
+    """The customer an event's object names: its ``customer``, or itself when it is a customer."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj.get("object") == "customer":
+        return stripe_id(obj.get("id"))
+    return stripe_id(obj.get("customer"))
+
+
+def related_ids(obj: Any) -> list[str]:
+    """Ids an event's object points to (its charge, payment intent, invoice, subscription)."""
+    if not isinstance(obj, Mapping):
+        return []
+    return [found for name in RELATED_FIELDS if (found := stripe_id(obj.get(name)))]
 
 
 def balance_transaction_detail(value: Any) -> dict[str, Any] | None:
