@@ -42,6 +42,8 @@ class MarginRow:
     currency: str
     cost_usd: Decimal
     note: str = ""
+    # Some credits used were paid in another currency whose settlement is not known: revenue is incomplete.
+    unpriced: bool = False
 
     @property
     def comparable(self) -> bool:
@@ -55,8 +57,8 @@ class MarginRow:
 
     @property
     def margin_usd(self) -> Decimal | None:
-        """Revenue minus provider cost (None when revenue is not in USD: no rate to compare)."""
-        return self.revenue - self.cost_usd if self.comparable else None
+        """Revenue minus provider cost; None when revenue is not in USD (no rate to compare) or incomplete."""
+        return self.revenue - self.cost_usd if self.comparable and not self.unpriced else None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view (Decimals as strings)."""
@@ -73,6 +75,7 @@ class MarginRow:
             "cost_usd": str(self.cost_usd),
             "margin_usd": None if margin is None else str(margin),
             "note": self.note,
+            "unpriced": self.unpriced,
         }
 
 
@@ -151,4 +154,5 @@ def margin_rows(
             currency=currency,
             cost_usd=Decimal(cost or 0),
             note=note,
+            unpriced=bool(funding.get(account) and funding[account].unknown_units),
         )
