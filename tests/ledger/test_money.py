@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
+from ledger.config import ConfigError, load_billing_config
 from ledger.money import (
     THREE_DECIMAL,
     ZERO_DECIMAL,
@@ -126,3 +128,22 @@ class TestFormatAmount:
     )
     def test_units(self, value: Decimal | None, unit: str, currency: str | None, shown: str) -> None:
         assert format_amount(value, unit, currency) == shown
+
+
+class TestMoneyConfig:
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ('[reconciliation]\nsettlement_currency = "US dollars"', "reconciliation.settlement_currency"),
+            ('[reconciliation]\nfree_credit_allowance_usd = "-1"', "reconciliation.free_credit_allowance_usd"),
+            (
+                '[[plans]]\nprice = "p"\ncredits_per_period = 1\nfree_credit_allowance_usd = "-0.01"',
+                "plans.0.free_credit_allowance_usd",
+            ),
+        ],
+    )
+    def test_bad_values_name_the_field(self, tmp_path: Path, body: str, field: str) -> None:
+        path = tmp_path / "billing.toml"
+        path.write_text(body, encoding="utf-8")
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_billing_config(path)
