@@ -91,6 +91,20 @@ def _use(customer: str, key: str, at: datetime, *, sonnet_output: int = 0, gpt4o
             )
 
 
+@pytest.fixture
+def cli(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    """The CLI, with the gateway pointed at the emulator."""
+    from ledger.settings import get_settings
+    from worker.gateway import get_gateway
+
+    monkeypatch.setenv("STRIPE_API_BASE", emulator.server.url)
+    monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
+    get_settings.cache_clear()
+    get_gateway.cache_clear()
+    yield CliRunner()
+    get_gateway.cache_clear()
+
+
 class TestRevenueInTheSettlementCurrency:
     def test_a_eur_payer_is_counted_at_what_stripe_settled(self, engine: Engine, emulator: Emulator) -> None:
         store = emulator.store
@@ -140,6 +154,21 @@ class TestRevenueInTheSettlementCurrency:
         assert "$3.00" in loss.summary and "$1.80" in loss.summary and loss.customer_id == c
         unpaid = by_kind[MismatchKind.PAYMENT_WITHOUT_GRANT]
         assert "(JPY 1,000)" in unpaid.summary and unpaid.customer_id == c
+
+    def test_the_cli_tables_show_money_as_money(self, engine: Engine, emulator: Emulator, cli: CliRunner) -> None:
+        from worker.cli import app
+
+        self.test_a_jpy_payer_is_priced_by_its_zero_decimal_settlement(engine, emulator)
+        listed = cli.invoke(app, ["mismatches", "list"])
+        assert listed.exit_code == 0, listed.output
+        # negative_margin: expected $1.80, actual $3.00; payment_without_grant: 1,000 credits expected.
+        assert "$1.80" in listed.stdout and "$3.00" in listed.stdout and "1,000 credits" in listed.stdout
+        window = ["--since", emulator.start.isoformat(), "--until", _until().isoformat()]
+        margin = cli.invoke(app, ["margin", *window])
+        assert margin.exit_code == 0, margin.output
+        assert "$1.80" in margin.stdout and "$3.00" in margin.stdout and "-$1.20" in margin.stdout
+        exact = json.loads(cli.invoke(app, ["margin", *window, "--json"]).stdout)
+        assert exact[0]["revenue_usd"] == "1.8000000000" and exact[0]["margin_usd"] == "-1.2000000000"
 
 
 class TestFreeCredits:
@@ -257,18 +286,6 @@ class TestEveryMismatchNamesItsCustomer:
 
 
 class TestPartialRuns:
-    @pytest.fixture
-    def cli(self, emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
-        from ledger.settings import get_settings
-        from worker.gateway import get_gateway
-
-        monkeypatch.setenv("STRIPE_API_BASE", emulator.server.url)
-        monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
-        get_settings.cache_clear()
-        get_gateway.cache_clear()
-        yield CliRunner()
-        get_gateway.cache_clear()
-
     def test_a_list_stripe_refuses_skips_its_checks_and_the_rest_is_compared(
         self, engine: Engine, emulator: Emulator, cli: CliRunner
     ) -> None:
