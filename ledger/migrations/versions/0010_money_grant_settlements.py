@@ -1,7 +1,7 @@
 """grant_settlements: what each paid grant's charge settled as in Stripe (amount, currency, rate, fee, net).
 
 Revision ID: money_1
-Revises: 0008
+Revises: 0009
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "money_1"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
