@@ -269,6 +269,40 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
             )
 
 
+def check_balance_transactions(ctx: CheckContext) -> Iterator[Finding]:
+    """balance_transaction_mismatch: a succeeded charge whose balance transaction is missing or disagrees with
+    it (staging judged each charge; see reconciliation.staging.balance_transaction_problem)."""
+    P = StagedStripeObject
+    stmt = (
+        select(P)
+        .where(P.run_id == ctx.run_id, P.object_type == "balance_transaction_problem")
+        .order_by(P.id)
+        .execution_options(**STREAM)
+    )
+    for p in ctx.session.scalars(stmt):
+        bt = p.detail.get("balance_transaction")
+        yield Finding(
+            kind=MismatchKind.BALANCE_TRANSACTION_MISMATCH,
+            identity=p.object_id,
+            summary=f"charge {p.object_id} ({format_money(p.amount, p.currency)}) {p.detail.get('problem')}",
+            customer_id=p.customer_id or customer_of(ctx, [p.object_id, p.detail.get("payment_intent")], None),
+            currency=p.currency,
+            unit="minor",
+            expected=p.amount,
+            actual=int(bt["amount"]) if bt else None,
+            evidence={
+                "stripe": {
+                    "charge": p.object_id,
+                    "amount": p.amount,
+                    "currency": p.currency,
+                    "balance_transaction": bt,
+                },
+                "ledger": {"stored_events": _stored_events(ctx.session, [p.object_id])},
+            },
+            occurred_at=_utc(p.created),
+        )
+
+
 def _is_paid(object_type: str, obj: Mapping[str, Any]) -> bool:
     if object_type == "checkout_session":
         return obj.get("payment_status") in ("paid", "no_payment_required")

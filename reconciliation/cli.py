@@ -160,7 +160,8 @@ def margin_command(
     customer: Annotated[str | None, typer.Option("--customer")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Margin per customer, feature and model: credits sold against provider cost, for [since, until)."""
+    """Margin per customer, feature and model: credits sold (gross, and net of Stripe's fees) against provider
+    cost, for [since, until)."""
     from reconciliation.margin import margin_rows
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
@@ -171,20 +172,28 @@ def margin_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("customer", "feature", "model", "requests", "credits", "revenue", "cost", "margin")
+    table = Table(
+        "customer", "feature", "model", "requests", "credits", "revenue", "net revenue", "cost", "margin", "net margin"
+    )
     notes: dict[str, str] = {}
+
+    def money(value: str, currency: str) -> str:
+        amount = Decimal(value)
+        return format_usd(amount) if currency == "usd" else format_money(to_minor(amount, currency), currency)
+
     for r in rows:
         currency = r["revenue_currency"]
-        revenue = Decimal(r["revenue"])
         table.add_row(
             r["customer_id"],
             r["feature"] or "",
             r["model"] or "",
             format_credits(r["requests"]),
             format_credits(r["units"]),
-            format_usd(revenue) if currency == "usd" else format_money(to_minor(revenue, currency), currency),
+            money(r["revenue"], currency),
+            money(r["revenue_net"], currency),
             format_usd(r["cost_usd"]),
             format_usd(r["margin_usd"]) if r["margin_usd"] is not None else "n/a",
+            format_usd(r["net_margin_usd"]) if r["net_margin_usd"] is not None else "n/a",
         )
         if r["note"]:
             notes[r["customer_id"]] = r["note"]

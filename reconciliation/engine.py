@@ -41,12 +41,14 @@ WINDOWED_KINDS = (
     MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
     MismatchKind.CLAWBACK_DEBT,
     MismatchKind.FREE_CREDIT_COST,
+    MismatchKind.BALANCE_TRANSACTION_MISMATCH,
 )
 # Kinds about the current state: every run sees all of it.
 GLOBAL_KINDS = (MismatchKind.ACCESS_STATE_DRIFT, MismatchKind.UNPROCESSED_EVENT)
 
 CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ...] = (
     ("payments", checks.check_payments),
+    ("balance_transactions", checks.check_balance_transactions),
     ("grants", checks.check_grants),
     ("refunds", checks.check_refunds),
     ("disputes", checks.check_disputes),
@@ -63,6 +65,7 @@ CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ..
 # The kinds each check observes: a check that did not run (or stopped) must not close its kinds' mismatches.
 CHECK_KINDS: dict[str, tuple[MismatchKind, ...]] = {
     "payments": (MismatchKind.PAYMENT_WITHOUT_GRANT, MismatchKind.DUPLICATE_GRANT, MismatchKind.AMOUNT_MISMATCH),
+    "balance_transactions": (MismatchKind.BALANCE_TRANSACTION_MISMATCH,),
     "grants": (MismatchKind.GRANT_WITHOUT_PAYMENT,),
     "refunds": (MismatchKind.REFUND_NOT_CLAWED_BACK,),
     "disputes": (MismatchKind.DISPUTE_NOT_APPLIED,),
@@ -85,6 +88,7 @@ PAYMENT_SOURCES = ("checkout_session", "invoice", "charge")
 CHECK_SOURCES: dict[str, tuple[str, ...]] = {
     "payments": PAYMENT_SOURCES,
     "grants": PAYMENT_SOURCES,
+    "balance_transactions": ("charge",),
     "refunds": ("refund", *PAYMENT_SOURCES),
     "disputes": ("dispute", *PAYMENT_SOURCES),
     "access_state": ("subscription",),

@@ -56,6 +56,10 @@ class Funding:
 
     paid_units: int = 0
     paid_value_minor: Decimal = Decimal(0)  # settlement currency minor units, exact
+    # The same credits after Stripe's fees (the balance transaction's net); credits whose fee is not known yet
+    # (no balance transaction seen) count at their gross value and are counted in ``fee_unknown_units``.
+    paid_net_minor: Decimal = Decimal(0)
+    fee_unknown_units: int = 0
     unknown_units: int = 0
     unknown_currencies: set[str] = field(default_factory=set)
     free: dict[str, FreeBucket] = field(default_factory=dict)
@@ -155,6 +159,7 @@ def consumption_funding(
             Grant.reason,
             S.settlement_minor,
             S.settlement_currency,
+            S.net_minor,
         )
         .join(Grant, Grant.id == per_grant.c.grant_id)
         .outerjoin(S, S.grant_id == Grant.id)
@@ -162,9 +167,18 @@ def consumption_funding(
         .order_by(per_grant.c.account_id, Grant.id)
     )
     out: dict[int, Funding] = defaultdict(Funding)
-    for account_id, spent, source, units, amount, grant_currency, reason, settled, settled_currency in session.execute(
-        stmt
-    ):
+    for (
+        account_id,
+        spent,
+        source,
+        units,
+        amount,
+        grant_currency,
+        reason,
+        settled,
+        settled_currency,
+        net,
+    ) in session.execute(stmt):
         f = out[account_id]
         spent = int(spent or 0)
         if is_free(source, amount):
@@ -179,6 +193,10 @@ def consumption_funding(
             continue
         f.paid_units += spent
         f.paid_value_minor += Decimal(spent) * Decimal(value) / Decimal(int(units))
+        net_known = net is not None and (settled_currency or "").lower() == currency
+        if not net_known:
+            f.fee_unknown_units += spent
+        f.paid_net_minor += Decimal(spent) * Decimal(int(net) if net_known else value) / Decimal(int(units))
     return dict(out)
 
 
@@ -189,6 +207,7 @@ class MarginSplit:
 
     currency: str
     revenue: Decimal  # settlement currency, major units
+    revenue_net: Decimal  # the same after Stripe's fees
     paid_cost_usd: Decimal
     free_cost_usd: Decimal
     unknown_cost_usd: Decimal
@@ -206,6 +225,8 @@ class MarginSplit:
         return {
             "currency": self.currency,
             "revenue": str(self.revenue),
+            "revenue_net": str(self.revenue_net),
+            "fee_unknown_credits": f.fee_unknown_units,
             "paid_credits": f.paid_units,
             "paid_cost_usd": str(self.paid_cost_usd),
             "free_credits": {b.label: b.units for b in f.free.values()},
@@ -231,6 +252,7 @@ def split_margin(funding: Funding, cost_usd: Decimal, config: BillingConfig) -> 
     return MarginSplit(
         currency=currency,
         revenue=to_major(funding.paid_value_minor, currency).quantize(TEN_DIGITS),
+        revenue_net=to_major(funding.paid_net_minor, currency).quantize(TEN_DIGITS),
         paid_cost_usd=paid_cost,
         free_cost_usd=free_cost,
         unknown_cost_usd=unknown_cost,

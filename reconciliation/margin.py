@@ -41,6 +41,8 @@ class MarginRow:
     revenue: Decimal  # settlement currency, major units
     currency: str
     cost_usd: Decimal
+    # Revenue after Stripe's fees (each paid grant's balance transaction net; gross where no fee is known yet).
+    revenue_net: Decimal = Decimal(0)
     note: str = ""
     # Some credits used were paid in another currency whose settlement is not known: revenue is incomplete.
     unpriced: bool = False
@@ -72,6 +74,8 @@ class MarginRow:
             "revenue": str(self.revenue),
             "revenue_currency": self.currency,
             "revenue_usd": str(self.revenue) if self.comparable else None,
+            "revenue_net": str(self.revenue_net),
+            "net_margin_usd": None if margin is None else str(self.revenue_net - self.cost_usd),
             "cost_usd": str(self.cost_usd),
             "margin_usd": None if margin is None else str(margin),
             "note": self.note,
@@ -79,10 +83,11 @@ class MarginRow:
         }
 
 
-def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) -> tuple[Decimal, str]:
-    """(revenue per billed credit in settlement major units, note) for an account's window."""
+def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) -> tuple[Decimal, Decimal, str]:
+    """(revenue per billed credit, the same after fees, in settlement major units; note) for an account's window."""
     if funding is not None and funding.total_units > 0:
         per_credit = to_major(funding.paid_value_minor, currency) / funding.total_units
+        net_per_credit = to_major(funding.paid_net_minor, currency) / funding.total_units
         notes = []
         if funding.free_units:
             notes.append(f"{format_credits(funding.free_units)} free credits used (no revenue)")
@@ -92,11 +97,14 @@ def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) 
                 f"{', '.join(sorted(funding.unknown_currencies)).upper()} have no known {currency.upper()} "
                 "settlement yet (run reconcile): left out of revenue"
             )
-        return per_credit, "; ".join(notes)
-    # Nothing drawn from grants in the window: the customer's average price of what they bought.
+        if funding.fee_unknown_units:
+            notes.append(f"Stripe's fee not known yet for {format_credits(funding.fee_unknown_units)} credits")
+        return per_credit, net_per_credit, "; ".join(notes)
+    # Nothing drawn from grants in the window: the customer's average price of what they bought (gross).
     if paid_units:
-        return to_major(minor, currency) / paid_units, ""
-    return Decimal(0), "no paid credits"
+        average = to_major(minor, currency) / paid_units
+        return average, average, "fees not known for credits bought outside the window"
+    return Decimal(0), Decimal(0), "no paid credits"
 
 
 def margin_rows(
@@ -141,7 +149,7 @@ def margin_rows(
     )
     for customer, account, feature, model, n, units, cost, minor, paid_units in rows:
         units = int(units or 0)
-        per_credit, note = _price(funding.get(account), int(minor or 0), int(paid_units or 0), currency)
+        per_credit, net_per_credit, note = _price(funding.get(account), int(minor or 0), int(paid_units or 0), currency)
         if currency != "usd":
             note = "; ".join(x for x in (note, f"revenue in {currency.upper()}, costs in USD: no rate to compare") if x)
         yield MarginRow(
@@ -151,6 +159,7 @@ def margin_rows(
             requests=int(n),
             units=units,
             revenue=(Decimal(units) * per_credit).quantize(TEN_DIGITS),
+            revenue_net=(Decimal(units) * net_per_credit).quantize(TEN_DIGITS),
             currency=currency,
             cost_usd=Decimal(cost or 0),
             note=note,

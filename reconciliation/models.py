@@ -41,6 +41,8 @@ class MismatchKind(StrEnum):
     CLAWBACK_DEBT = "clawback_debt"
     # Free credits (promotions, trials, $0 invoices) whose provider cost went past the billing config's allowance.
     FREE_CREDIT_COST = "free_credit_cost"
+    # A succeeded charge whose balance transaction is missing or disagrees with it (amount, source, net, rate).
+    BALANCE_TRANSACTION_MISMATCH = "balance_transaction_mismatch"
 
 
 class MismatchStatus(StrEnum):

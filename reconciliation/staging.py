@@ -319,6 +319,19 @@ class Stager:
                 if not ch.get("paid") or ch.get("status") != "succeeded":
                     continue
                 pi = stripe_id(ch.get("payment_intent"))
+                bt = balance_transaction_detail(ch.get("balance_transaction"))
+                problem = balance_transaction_problem(ch, bt)
+                if problem is not None:
+                    # Judged here, where the charge is in hand: the check reads only the few that disagree.
+                    objects.append(
+                        self._row(
+                            "balance_transaction_problem",
+                            ch,
+                            ref=ch["id"],
+                            amount=int(ch.get("amount_captured") or ch.get("amount") or 0),
+                            detail={"problem": problem, "balance_transaction": bt, "payment_intent": pi},
+                        )
+                    )
                 objects.append(
                     self._row(
                         "charge",
@@ -332,7 +345,7 @@ class Stager:
                             "invoice": stripe_id(ch.get("invoice")),
                             "description": ch.get("description"),
                             "metadata": ch.get("metadata") or {},
-                            "balance_transaction": balance_transaction_detail(ch.get("balance_transaction")),
+                            "balance_transaction": bt,
                         },
                     )
                 )
@@ -570,6 +583,7 @@ def balance_transaction_detail(value: Any) -> dict[str, Any] | None:
     rate = value.get("exchange_rate")
     return {
         "id": value.get("id"),
+        "source": value.get("source") if isinstance(value.get("source"), str) else None,
         "amount": value["amount"],
         "currency": value.get("currency"),
         # A JSON number on the wire: its shortest repr is the rate Stripe sent.
@@ -582,6 +596,32 @@ def balance_transaction_detail(value: Any) -> dict[str, Any] | None:
             if isinstance(f, Mapping)
         ],
     }
+
+
+def balance_transaction_problem(charge: Mapping[str, Any], bt: Mapping[str, Any] | None) -> str | None:
+    """Why a succeeded charge's balance transaction is missing or disagrees with it; None when it agrees.
+
+    A charge's balance transaction has the charge as its source, the charged amount (in the charge's currency,
+    or converted at its ``exchange_rate`` into the settlement currency) and ``net = amount - fee``.
+    https://docs.stripe.com/api/balance_transactions/object
+    """
+    if bt is None:
+        raw = charge.get("balance_transaction")
+        return "has no balance transaction" if raw is None else "its balance transaction could not be read"
+    amount = int(charge.get("amount_captured") or charge.get("amount") or 0)
+    currency = str(charge.get("currency") or "").lower()
+    source = bt.get("source")
+    if source is not None and source != charge.get("id"):
+        return f"its balance transaction {bt.get('id')} belongs to {source}"
+    fee = int(bt.get("fee") or 0)
+    if bt.get("net") is not None and int(bt["net"]) != int(bt["amount"]) - fee:
+        return f"its balance transaction's net {bt['net']} is not amount {bt['amount']} minus fee {fee}"
+    if str(bt.get("currency") or "").lower() == currency:
+        if int(bt["amount"]) != amount:
+            return f"its balance transaction is for {bt['amount']} {currency}, the charge for {amount}"
+    elif bt.get("exchange_rate") is None:
+        return f"its balance transaction is in {bt.get('currency')} with no exchange rate from {currency}"
+    return None
 
 
 def analyze_staging(session: Session) -> None:

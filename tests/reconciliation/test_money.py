@@ -27,6 +27,8 @@ from reconciliation import services
 from reconciliation.engine import RunSummary, reconcile
 from reconciliation.margin import margin_rows
 from reconciliation.models import Mismatch, MismatchKind, MismatchStatus, ReconciliationRun, RunStatus
+from reconciliation.staging import balance_transaction_detail, balance_transaction_problem
+from tests.conftest import SHARED
 from tests.reconciliation import builders as b
 from tests.reconciliation.conftest import Emulator
 
@@ -133,6 +135,8 @@ class TestRevenueInTheSettlementCurrency:
         # 750 credits at $11.00 / 1,000 credits = $8.25; cost $2.50.
         assert (row.revenue, row.currency, row.cost_usd) == (Decimal("8.25"), "usd", Decimal("2.5"))
         assert row.margin_usd == Decimal("5.75") and row.note == ""
+        # After Stripe's fee: 750 credits at a net $10.38 / 1,000 credits = $7.785.
+        assert row.revenue_net == Decimal("7.785") and row.as_dict()["net_margin_usd"] == "5.2850000000"
 
     def test_a_jpy_payer_is_priced_by_its_zero_decimal_settlement(self, engine: Engine, emulator: Emulator) -> None:
         store = emulator.store
@@ -344,3 +348,33 @@ class TestRunsChart:
         by_day = {p.day: p for p in series.days}
         assert by_day[paid_day].ledger_paid == {"usd": 1000} and by_day[paid_day].stripe_paid == {"usd": 1000}
         assert sum(p.ledger_paid.get("usd", 0) for p in series.days) == 1000
+
+
+class TestFeesAndBalanceTransactions:
+    def test_fee_and_net_from_stripes_own_payloads(self) -> None:
+        event = json.loads((SHARED / "fixtures/stripe/events/charge.dispute.created.dahlia.zulip.json").read_text())
+        (withdrawal,) = event["data"]["object"]["balance_transactions"]
+        bt = balance_transaction_detail(withdrawal)
+        assert bt is not None
+        # A $22.00 chargeback with Stripe's $15.00 dispute fee: $37.00 leaves the balance.
+        assert (bt["amount"], bt["fee"], bt["net"], bt["currency"]) == (-2200, 1500, -3700, "usd")
+        assert bt["fee_details"] == [{"amount": 1500, "currency": "usd", "type": "stripe_fee"}]
+        resources = json.loads((SHARED / "fixtures/stripe/openapi/fixtures3.json").read_text())["resources"]
+        charge, txn = resources["charge"], resources["balance_transaction"]
+        assert balance_transaction_problem(charge, balance_transaction_detail(txn)) is None
+        assert "the charge for 200" in str(balance_transaction_problem({**charge, "amount": 200}, txn))
+        assert balance_transaction_problem(charge, None) == "its balance transaction could not be read"
+        missing = {**charge, "balance_transaction": None}
+        assert balance_transaction_problem(missing, None) == "has no balance transaction"
+
+    def test_a_balance_transaction_that_disagrees_is_a_mismatch(self, engine: Engine, emulator: Emulator) -> None:
+        c = emulator.store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        txn = emulator.store.get(charge).balance_transaction
+        emulator.store.update(txn, amount=900)  # Stripe's books say $9.00 arrived for a $10.00 charge
+        _store_events(emulator)
+        assert _run(emulator).counts == {"balance_transaction_mismatch": 1}
+        (m,) = _mismatches(engine)
+        assert (m.customer_id, m.expected_amount, m.actual_amount) == (c, Decimal(1000), Decimal(900))
+        assert m.summary == f"charge {charge} ($10.00) its balance transaction is for 900 usd, the charge for 1000"
