@@ -8,6 +8,7 @@ A partial or failed run is never reported as 0 or 1.
 
 from __future__ import annotations
 
+import csv
 import getpass
 import json
 import sys
@@ -25,6 +26,7 @@ from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE
 from ledger.db import session_factory, unit_of_work
 from ledger.errors import InvalidRequest
 from ledger.money import format_amount, format_credits, format_money, format_usd, to_minor
+from ledger.revenue import Period, revenue_report, verify
 from reconciliation import services
 from reconciliation.engine import RunSummary, previous_utc_day, reconcile
 from reconciliation.models import MismatchKind, MismatchStatus, RunStatus
@@ -203,6 +205,74 @@ def margin_command(
         console.print(f"{customer_id}: {note}", soft_wrap=True)
 
 
+def revenue_command(
+    since: Annotated[str, typer.Option("--since", help="Window start (ISO 8601, UTC if no offset).")],
+    until: Annotated[str, typer.Option("--until", help="Window end, exclusive (ISO 8601).")],
+    by: Annotated[Period, typer.Option("--by", help="One line per UTC day or month.")] = Period.MONTH,
+    csv_path: Annotated[
+        Path | None, typer.Option("--csv", help="Also write the lines to this CSV file (exact minor units).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Deferred revenue roll-forward: credits sold, revenue recognized, breakage (expired), clawed back, and the
+    closing deferred balance, per period and currency; free credits apart. Exit 1 if it does not tie."""
+    start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
+    if end <= start:
+        raise _fail("--until must be after --since", EXIT_USAGE)
+    with unit_of_work() as session:
+        report = revenue_report(session, since=start, until=end, by=by)
+        # The independent check compares the last closing balance with the grants' state now.
+        problems = verify(session, report) if end >= datetime.now(UTC) else []
+    if csv_path is not None:
+        try:
+            with csv_path.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(REVENUE_COLUMNS))
+                writer.writeheader()
+                for line in [*report.money, *report.free_credits]:
+                    writer.writerow(line.as_dict())
+        except OSError as exc:
+            raise _fail(f"cannot write {csv_path}: {exc.strerror or exc}", EXIT_USAGE) from exc
+    if as_json:
+        typer.echo(json.dumps({**report.as_dict(), "problems": problems}, indent=2, sort_keys=True))
+    else:
+        table = Table("period", "currency", *(c.replace("_", " ") for c in REVENUE_COLUMNS[3:]))
+        for line in report.money:
+            cells = [line.opening, line.sold, line.recognized, line.expired, line.clawed_back, line.adjusted]
+            table.add_row(
+                line.period_start.date().isoformat(),
+                line.currency.upper(),
+                *(format_money(v, line.currency) for v in [*cells, line.closing]),
+            )
+        for line in report.free_credits:
+            cells = [line.opening, line.sold, line.recognized, line.expired, line.clawed_back, line.adjusted]
+            table.add_row(
+                line.period_start.date().isoformat(),
+                "free credits",
+                *(format_credits(v) for v in [*cells, line.closing]),
+            )
+        console = Console(width=max(160, Console().width))
+        console.print(table)
+        for problem in problems:
+            console.print(f"does not tie: {problem}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+# The CSV's columns: amounts in exact minor units of ``currency`` ("credits" for the free-credit lines).
+REVENUE_COLUMNS = (
+    "period_start",
+    "period_end",
+    "currency",
+    "opening_deferred",
+    "sold",
+    "recognized",
+    "expired",
+    "clawed_back",
+    "adjusted",
+    "closing_deferred",
+)
+
+
 # --- mismatches ------------------------------------------------------------------------------------------------
 
 
@@ -342,4 +412,5 @@ def register(app: typer.Typer) -> None:
     """Add this package's commands to the root CLI."""
     app.command("reconcile")(reconcile_command)
     app.command("margin")(margin_command)
+    app.command("revenue")(revenue_command)
     app.add_typer(mismatches_app, name="mismatches")
