@@ -18,7 +18,17 @@ from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig, Tolerance
 from ledger.inbox import EventStatus, StripeEvent
-from ledger.models import AccessState, Account, Entry, EntryKind, Grant, GrantSource, UsageDaily, UsageEnvironment
+from ledger.models import (
+    AccessState,
+    Account,
+    Entry,
+    EntryKind,
+    Grant,
+    GrantSettlement,
+    GrantSource,
+    UsageDaily,
+    UsageEnvironment,
+)
 from ledger.money import format_credits, format_money, format_usd
 from reconciliation.funding import Funding, MarginSplit, consumption_funding, paid_grants, split_margin
 from reconciliation.models import MismatchKind, StagedStripeAlias, StagedStripeObject
@@ -1142,6 +1152,159 @@ def _margin_breakdown(ctx: CheckContext, account_id: int) -> list[dict[str, Any]
             .order_by(A.c.feature, A.c.model)
         )
     ]
+
+
+# --- payouts ---------------------------------------------------------------------------------------------------
+
+
+def _parent_charge(ctx: CheckContext, object_type: str, object_id: str) -> str | None:
+    """The charge a refund or dispute belongs to: from this run's staged rows, else from Stripe."""
+    S = StagedStripeObject
+    found = ctx.session.scalar(
+        select(S.ref).where(S.run_id == ctx.run_id, S.object_type == object_type, S.object_id == object_id).limit(1)
+    )
+    if found:
+        return found
+    try:
+        return stripe_id(ctx.stripe.retrieve(object_type, object_id).get("charge"))
+    except Exception as exc:
+        if not is_not_found(exc):
+            raise
+        return None
+
+
+def _charge_grant(ctx: CheckContext, charge_id: str) -> tuple[Grant | None, GrantSettlement | None]:
+    """The paid grant a charge funded (by its kept settlement, this run's aliases, or its own id)."""
+    settlement = ctx.session.scalars(
+        select(GrantSettlement).where(GrantSettlement.charge_id == charge_id).limit(1)
+    ).first()
+    if settlement is not None:
+        return ctx.session.get(Grant, settlement.grant_id), settlement
+    A = StagedStripeAlias
+    keys = select(A.key).where(
+        A.run_id == ctx.run_id,
+        A.payment_id.in_(select(A.payment_id).where(A.run_id == ctx.run_id, A.key == charge_id)),
+    )
+    grant = ctx.session.scalars(
+        select(Grant)
+        .where(
+            Grant.source.in_(PAID_SOURCES), or_(Grant.stripe_object_id == charge_id, Grant.stripe_object_id.in_(keys))
+        )
+        .order_by(Grant.id)
+        .limit(1)
+    ).first()
+    return grant, None
+
+
+def _ledger_side_of(ctx: CheckContext, txn: StagedStripeObject) -> tuple[str | None, dict[str, Any], Grant | None]:
+    """(problem or None, the ledger's evidence, the grant involved) for one paid-out balance transaction."""
+    source = txn.detail.get("source") or ""
+    kind = object_type_of(source)
+    if kind == "charge":
+        grant, settlement = _charge_grant(ctx, source)
+        if grant is None:
+            return f"charge {source} ({txn.amount}) funds no grant in the ledger", {"grants": []}, None
+        side: dict[str, Any] = {"grants": [_grant_evidence(grant)]}
+        if settlement is not None:
+            side["settlement"] = {"amount": settlement.settlement_minor, "fee": settlement.fee_minor}
+            if settlement.settlement_minor != txn.amount or settlement.fee_minor != txn.detail.get("fee"):
+                return (
+                    f"charge {source}: paid out {txn.amount} (fee {txn.detail.get('fee')}), the ledger kept "
+                    f"{settlement.settlement_minor} (fee {settlement.fee_minor})",
+                    side,
+                    grant,
+                )
+        return None, side, grant
+    if kind in ("refund", "dispute"):
+        charge = _parent_charge(ctx, kind, source)
+        grant = _charge_grant(ctx, charge)[0] if charge else None
+        named = [source, *([charge] if charge and kind == "refund" else [])]
+        entries = list(
+            ctx.session.execute(
+                select(Entry.id, Entry.kind).where(
+                    Entry.stripe_object_id.in_(named), Entry.kind.in_((EntryKind.CLAWBACK, EntryKind.FREEZE))
+                )
+            )
+        )
+        if not entries and grant is not None and kind == "dispute":
+            # A dispute's freeze names no Stripe object: the funded grant's freeze or clawback is the ledger's side.
+            entries = list(
+                ctx.session.execute(
+                    select(Entry.id, Entry.kind).where(
+                        Entry.grant_id == grant.id, Entry.kind.in_((EntryKind.CLAWBACK, EntryKind.FREEZE))
+                    )
+                )
+            )
+        side = {
+            "charge": charge,
+            "grants": [_grant_evidence(grant)] if grant is not None else [],
+            "entries": [{"id": e.id, "kind": e.kind.value} for e in entries],
+        }
+        if grant is None:
+            return None, side, None  # the charge funds no grant: payment_without_grant reports it, if any
+        if not entries:
+            return f"{kind} {source} of charge {charge} ({txn.amount}) was paid out but never applied", side, grant
+        return None, side, grant
+    return None, {}, None  # fees, adjustments, the payout itself: only the total
+
+
+def check_payouts(ctx: CheckContext) -> Iterator[Finding]:
+    """payout_mismatch: a payout whose balance transactions do not add up to it, and each paid-out charge,
+    refund or dispute the ledger has no side for (or a different amount)."""
+    S = StagedStripeObject
+    payouts = list(
+        ctx.session.scalars(select(S).where(S.run_id == ctx.run_id, S.object_type == "payout").order_by(S.id))
+    )
+    for po in payouts:
+        txns = list(
+            ctx.session.scalars(
+                select(S).where(S.run_id == ctx.run_id, S.object_type == "payout_txn", S.ref == po.object_id)
+                .order_by(S.id)
+            )
+        )  # fmt: skip
+        paid_out = [t for t in txns if t.status != "payout"]
+        net = sum(int(t.detail.get("net") or 0) for t in paid_out)
+        if net != po.amount:
+            yield Finding(
+                kind=MismatchKind.PAYOUT_MISMATCH,
+                identity=f"{po.object_id}|total",
+                summary=f"payout {po.object_id} of {format_money(po.amount, po.currency)}: its transactions net "
+                f"{format_money(net, po.currency)}",
+                currency=po.currency,
+                unit="minor",
+                expected=net,
+                actual=po.amount,
+                evidence={"stripe": {"payout": po.object_id, "amount": po.amount, "transactions": len(paid_out)}},
+                occurred_at=_utc(po.created),
+            )
+        for t in paid_out:
+            problem, ledger_side, grant = _ledger_side_of(ctx, t)
+            if problem is None:
+                continue
+            source = t.detail.get("source")
+            yield Finding(
+                kind=MismatchKind.PAYOUT_MISMATCH,
+                identity=f"{po.object_id}|{t.object_id}",
+                summary=f"payout {po.object_id}: {problem}",
+                customer_id=customer_of(ctx, [source], grant),
+                currency=t.currency,
+                unit="minor",
+                expected=t.amount,
+                actual=None,
+                evidence={
+                    "stripe": {
+                        "payout": po.object_id,
+                        "balance_transaction": t.object_id,
+                        "type": t.status,
+                        "source": source,
+                        "amount": t.amount,
+                        "fee": t.detail.get("fee"),
+                        "net": t.detail.get("net"),
+                    },
+                    "ledger": ledger_side,
+                },
+                occurred_at=_utc(po.created),
+            )
 
 
 # --- clawbacks that found the credits already spent ------------------------------------------------------------

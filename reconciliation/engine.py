@@ -42,6 +42,7 @@ WINDOWED_KINDS = (
     MismatchKind.CLAWBACK_DEBT,
     MismatchKind.FREE_CREDIT_COST,
     MismatchKind.BALANCE_TRANSACTION_MISMATCH,
+    MismatchKind.PAYOUT_MISMATCH,
 )
 # Kinds about the current state: every run sees all of it.
 GLOBAL_KINDS = (MismatchKind.ACCESS_STATE_DRIFT, MismatchKind.UNPROCESSED_EVENT)
@@ -59,6 +60,7 @@ CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ..
     ("providers", checks.check_providers),
     ("margin", checks.check_margin),
     ("clawback_debt", checks.check_clawback_debt),
+    ("payouts", checks.check_payouts),
 )
 
 
@@ -80,10 +82,11 @@ CHECK_KINDS: dict[str, tuple[MismatchKind, ...]] = {
         MismatchKind.FREE_CREDIT_COST,
     ),
     "clawback_debt": (MismatchKind.CLAWBACK_DEBT,),
+    "payouts": (MismatchKind.PAYOUT_MISMATCH,),
 }
 # The Stripe lists each check compares: one that could not be read skips the check (it would report what it
 # did not see as missing). Payments come from three lists, and grants are matched against all of them.
-STRIPE_LISTS = ("checkout_session", "invoice", "charge", "refund", "dispute", "subscription", "event")
+STRIPE_LISTS = ("checkout_session", "invoice", "charge", "refund", "dispute", "subscription", "event", "payout")
 PAYMENT_SOURCES = ("checkout_session", "invoice", "charge")
 CHECK_SOURCES: dict[str, tuple[str, ...]] = {
     "payments": PAYMENT_SOURCES,
@@ -94,6 +97,7 @@ CHECK_SOURCES: dict[str, tuple[str, ...]] = {
     "access_state": ("subscription",),
     "missed_events": ("event",),
     "customer_totals": PAYMENT_SOURCES,
+    "payouts": ("payout",),
 }
 
 

@@ -43,6 +43,8 @@ class MismatchKind(StrEnum):
     FREE_CREDIT_COST = "free_credit_cost"
     # A succeeded charge whose balance transaction is missing or disagrees with it (amount, source, net, rate).
     BALANCE_TRANSACTION_MISMATCH = "balance_transaction_mismatch"
+    # A payout whose transactions do not add up to it, or name a charge, refund or dispute the ledger never saw.
+    PAYOUT_MISMATCH = "payout_mismatch"
 
 
 class MismatchStatus(StrEnum):

@@ -529,6 +529,41 @@ class Stager:
                 )
             self._flush("event", objects, [])
 
+    def stage_payouts(self, since: datetime, until: datetime) -> None:
+        """Payouts created in the window, and every balance transaction each paid out."""
+        for page in self._pages(self.stripe.list_payouts(created_gte=since, created_lt=until)):
+            objects: list[dict[str, Any]] = []
+            for po in page:
+                if po.get("status") in ("failed", "canceled"):
+                    continue
+                objects.append(
+                    self._row(
+                        "payout",
+                        po,
+                        amount=int(po.get("amount") or 0),
+                        detail={"arrival_date": po.get("arrival_date"), "balance_transaction": stripe_id(
+                            po.get("balance_transaction"))},
+                    )
+                )  # fmt: skip
+                for txn in self.stripe.list_balance_transactions(payout=po["id"]):
+                    objects.append(
+                        self._row(
+                            "payout_txn",
+                            txn,
+                            customer_id=None,
+                            ref=po["id"],
+                            status=str(txn.get("type") or "")[:64],
+                            amount=int(txn.get("amount") or 0),
+                            detail={
+                                "source": stripe_id(txn.get("source")),
+                                "fee": int(txn.get("fee") or 0),
+                                "net": int(txn.get("net") or 0),
+                                "reporting_category": txn.get("reporting_category"),
+                            },
+                        )
+                    )
+            self._flush("payout", objects, [])
+
     def stage_all(self, since: datetime, until: datetime) -> StagingStats:
         """Page in every list the checks use. A list Stripe will not give (a restricted key without that
         permission, 404, 5xx after the gateway's retries) is recorded in ``stats.missed`` and the others go on:
@@ -544,6 +579,7 @@ class Stager:
             ("dispute", lambda: self.stage_disputes(since, until)),
             ("subscription", self.stage_subscriptions),
             ("event", lambda: self.stage_events(since, until)),
+            ("payout", lambda: self.stage_payouts(since, until)),
         )
         for source, stage in steps:
             try:

@@ -47,6 +47,12 @@ class StripeSource(Protocol):
         self, *, created_gte: datetime | None = None, created_lt: datetime | None = None, **filters: Any
     ) -> Iterator[dict[str, Any]]: ...
 
+    def list_payouts(
+        self, *, created_gte: datetime | None = None, created_lt: datetime | None = None, **filters: Any
+    ) -> Iterator[dict[str, Any]]: ...
+
+    def list_balance_transactions(self, **filters: Any) -> Iterator[dict[str, Any]]: ...
+
 
 # Stripe id prefixes -> the object type ``retrieve`` takes.
 OBJECT_TYPE_BY_PREFIX = {
@@ -59,6 +65,7 @@ OBJECT_TYPE_BY_PREFIX = {
     "dp_": "dispute",
     "du_": "dispute",
     "sub_": "subscription",
+    "po_": "payout",
 }
 
 

@@ -157,8 +157,23 @@ class BalanceTransaction(Record):
     available_on: int = 0
     # Major units of the settlement currency per major unit of the presentment currency (Stripe's field).
     exchange_rate: Decimal | None = None
+    # The payout that paid it out (not rendered: Stripe lists a payout's transactions with ``?payout=``).
+    payout: str | None = None
 
     object_name = "balance_transaction"
+
+
+@dataclass(slots=True)
+class Payout(Record):
+    amount: int = 0
+    currency: str = "usd"
+    status: str = "paid"
+    arrival_date: int = 0
+    balance_transaction: str | None = None
+    automatic: bool = True
+    description: str | None = "STRIPE PAYOUT"
+
+    object_name = "payout"
 
 
 @dataclass(slots=True)

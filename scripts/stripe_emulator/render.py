@@ -26,6 +26,7 @@ from .records import (
     InvoicePayment,
     LineItem,
     PaymentIntent,
+    Payout,
     Price,
     Product,
     Record,
@@ -78,6 +79,7 @@ class Renderer:
             PaymentIntent: self.payment_intent,
             Charge: self.charge,
             BalanceTransaction: self.balance_transaction,
+            Payout: self.payout,
             Refund: self.refund,
             Subscription: self.subscription,
             Invoice: self.invoice,
@@ -465,6 +467,31 @@ class Renderer:
             f"/v1/charges/{c.id}/refunds",
             total_count=len(c.refund_ids),
         )
+
+    def payout(self, p: Payout) -> JSON:
+        return {
+            "id": p.id,
+            "object": "payout",
+            "amount": p.amount,
+            "arrival_date": p.arrival_date,
+            "automatic": p.automatic,
+            "balance_transaction": p.balance_transaction,
+            "created": p.created,
+            "currency": p.currency,
+            "description": p.description,
+            "destination": None,
+            "failure_balance_transaction": None,
+            "failure_code": None,
+            "failure_message": None,
+            "livemode": False,
+            "metadata": {},
+            "method": "standard",
+            "reconciliation_status": "completed",
+            "source_type": "card",
+            "statement_descriptor": None,
+            "status": p.status,
+            "type": "bank_account",
+        }
 
     def balance_transaction(self, t: BalanceTransaction) -> JSON:
         return {

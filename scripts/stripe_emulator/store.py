@@ -36,6 +36,7 @@ from .records import (
     InvoicePayment,
     LineItem,
     PaymentIntent,
+    Payout,
     Price,
     Product,
     Record,
@@ -67,6 +68,7 @@ INDEXED_FIELDS: dict[str, tuple[str, ...]] = {
     "dispute": ("charge", "payment_intent"),
     "credit_note": ("customer", "invoice"),
     "event": ("type",),
+    "payout": (),
 }
 
 # The catalogue that matches ledger/billing.example.toml, so the demo's prices exist out of the box.
@@ -811,6 +813,53 @@ class Store:
             charge.balance_transaction = txn.id
             self._emit("charge.succeeded", charge, ts)
             return charge
+
+    # --- payouts -----------------------------------------------------------------------------------------
+
+    def create_payout(self, *, at: Instant | None = None) -> Payout:
+        """Pay out every balance transaction not yet paid out (an automatic payout): the payout's amount is the
+        sum of their nets, and ``GET /v1/balance_transactions?payout=`` lists them. Records ``payout.created``
+        and ``payout.paid``."""
+        with self.lock:
+            ts = self._at(at)
+            pending = [
+                t
+                for t in (self._objects[k[2]] for k in self._keys["balance_transaction"])
+                if isinstance(t, BalanceTransaction) and t.payout is None and t.type != "payout"
+            ]
+            net = sum(t.amount - t.fee for t in pending)
+            payout_id = self.new_id("po")
+            txn = self._add(
+                BalanceTransaction(
+                    self.new_id("txn"),
+                    ts,
+                    0,
+                    amount=-net,
+                    currency=self.settlement_currency,
+                    type="payout",
+                    reporting_category="payout",
+                    source=payout_id,
+                    description="STRIPE PAYOUT",
+                    available_on=ts,
+                    payout=payout_id,
+                )
+            )
+            payout = self._add(
+                Payout(
+                    payout_id,
+                    ts,
+                    0,
+                    amount=net,
+                    currency=self.settlement_currency,
+                    arrival_date=ts + 86400,
+                    balance_transaction=txn.id,
+                )
+            )
+            for t in pending:
+                t.payout = payout.id
+            self._emit("payout.created", payout, ts)
+            self._emit("payout.paid", payout, ts)
+            return payout
 
     # --- subscriptions -----------------------------------------------------------------------------------
 

@@ -378,3 +378,46 @@ class TestFeesAndBalanceTransactions:
         (m,) = _mismatches(engine)
         assert (m.customer_id, m.expected_amount, m.actual_amount) == (c, Decimal(1000), Decimal(900))
         assert m.summary == f"charge {charge} ($10.00) its balance transaction is for 900 usd, the charge for 1000"
+
+
+class TestPayouts:
+    def test_a_payout_with_a_refund_the_ledger_never_applied_is_found_and_nothing_else(
+        self, engine: Engine, emulator: Emulator
+    ) -> None:
+        from ledger.clawback import clawback
+
+        store = emulator.store
+        c = store.create_customer().id
+        _, applied = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _, missed = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _, disputed = _paid_topup(emulator, c, "price_credits_large", 12000)
+        store.clock.advance(hours=1)
+        refund = store.refund(applied, 300)
+        store.refund(missed, 200)  # the ledger never hears of this one
+        store.create_dispute(disputed)
+        with session_factory().begin() as s:
+            grant = b.grant_of(s, store.get(applied).payment_intent)
+            clawback(s, grant.id, units=300, idempotency_key="re-1", reason="refund", stripe_object_id=refund.id)
+            b.freeze(s, b.grant_of(s, store.get(disputed).payment_intent), "dp")
+        store.clock.advance(hours=1)
+        payout = store.create_payout()
+        _store_events(emulator)
+
+        summary = _run(emulator)
+
+        assert summary.counts == {"refund_not_clawed_back": 1, "payout_mismatch": 1}
+        (m,) = [x for x in _mismatches(engine) if x.kind is MismatchKind.PAYOUT_MISMATCH]
+        assert m.customer_id == c and m.evidence["stripe"]["type"] == "refund"
+        assert m.summary.startswith(f"payout {payout.id}: refund re_") and f"of charge {missed}" in m.summary
+        assert m.expected_amount == Decimal(-200)
+
+    def test_a_payout_that_does_not_add_up(self, engine: Engine, emulator: Emulator) -> None:
+        c = emulator.store.create_customer().id
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        payout = emulator.store.create_payout()
+        emulator.store.update(payout.id, amount=payout.amount + 1)
+        _store_events(emulator)
+        assert _run(emulator).counts == {"payout_mismatch": 1}
+        (m,) = _mismatches(engine)
+        # $10.00 less Stripe's $0.59 fee is $9.41 net; the payout says $9.42.
+        assert m.summary == f"payout {payout.id} of $9.42: its transactions net $9.41"
