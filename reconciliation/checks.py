@@ -59,6 +59,8 @@ class CheckContext:
     provider_scope_keys: set[str] = field(default_factory=set)
     # Results a check needs that the engine started on another connection (see reconciliation.engine).
     prefetched: dict[str, Future[Any]] = field(default_factory=dict)
+    # Filled by the payouts check: each payout of the window and whether it tied out (kept in the run's stats).
+    payouts: list[dict[str, Any]] = field(default_factory=list)
 
     def fetched(self, name: str, compute: Callable[[Session], T]) -> T:
         """The result the engine prefetched under ``name``, else ``compute`` on this check's session."""
@@ -1264,7 +1266,19 @@ def check_payouts(ctx: CheckContext) -> Iterator[Finding]:
         )  # fmt: skip
         paid_out = [t for t in txns if t.status != "payout"]
         net = sum(int(t.detail.get("net") or 0) for t in paid_out)
+        tie: dict[str, Any] = {
+            "payout": po.object_id,
+            "amount": po.amount,
+            "currency": po.currency,
+            "created": _iso(po.created),
+            "arrival_date": po.detail.get("arrival_date"),
+            "transactions": len(paid_out),
+            "net": net,
+            "differences": 0,
+        }
+        ctx.payouts.append(tie)
         if net != po.amount:
+            tie["differences"] += 1
             yield Finding(
                 kind=MismatchKind.PAYOUT_MISMATCH,
                 identity=f"{po.object_id}|total",
@@ -1281,6 +1295,7 @@ def check_payouts(ctx: CheckContext) -> Iterator[Finding]:
             problem, ledger_side, grant = _ledger_side_of(ctx, t)
             if problem is None:
                 continue
+            tie["differences"] += 1
             source = t.detail.get("source")
             yield Finding(
                 kind=MismatchKind.PAYOUT_MISMATCH,

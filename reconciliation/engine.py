@@ -358,6 +358,7 @@ def reconcile(
                 "timings_seconds": {k: round(v, 3) for k, v in summary.timings.items()},
                 "missed_sources": summary.missed_sources,
                 "skipped_checks": summary.skipped_checks,
+                "payouts": ctx.payouts[:500],
             }
             if status is RunStatus.PARTIAL:
                 run.error = (

@@ -410,6 +410,12 @@ class TestPayouts:
         assert m.customer_id == c and m.evidence["stripe"]["type"] == "refund"
         assert m.summary.startswith(f"payout {payout.id}: refund re_") and f"of charge {missed}" in m.summary
         assert m.expected_amount == Decimal(-200)
+        from webhooks.review.revenue_views import payouts_seen
+
+        with Session(engine) as s:
+            (seen,) = payouts_seen(s)
+        assert (seen["payout"], seen["amount"], seen["differences"]) == (payout.id, payout.amount, 1)
+        assert seen["transactions"] == 6  # three charges, two refunds, one dispute withdrawal
 
     def test_a_payout_that_does_not_add_up(self, engine: Engine, emulator: Emulator) -> None:
         c = emulator.store.create_customer().id

@@ -52,3 +52,28 @@ class TestCustomerNetMargin:
         html = signed_in.get("/review/customers/cus_alpha").text
         usage = html.split('id="usage"')[1]
         assert "Net revenue" in usage and "Net margin" in usage and "after Stripe's fees" in usage
+
+
+class TestPayoutList:
+    def test_payouts_with_their_tie_out(self, engine: Engine, signed_in: TestClient) -> None:
+        from datetime import UTC, datetime
+
+        from reconciliation.models import ReconciliationRun, RunStatus
+
+        now = datetime.now(UTC)
+        payouts = [
+            {"payout": "po_ok", "amount": 941, "currency": "usd", "created": now.isoformat(), "transactions": 1,
+             "net": 941, "differences": 0},
+            {"payout": "po_bad", "amount": 1041, "currency": "usd", "created": now.isoformat(), "transactions": 1,
+             "net": 941, "differences": 1},
+        ]  # fmt: skip
+        with Session(engine) as s, s.begin():
+            s.add(
+                ReconciliationRun(
+                    since=now, until=now, started_at=now, status=RunStatus.SUCCEEDED, actor="t", counts={},
+                    stats={"payouts": payouts}, provider_reports=[],
+                )
+            )  # fmt: skip
+        html = signed_in.get("/review/revenue").text.split('id="payouts"')[1]
+        assert "po_ok" in html and "ties" in html and "$9.41" in html
+        assert "po_bad" in html and "1 difference" in html and "$10.41" in html

@@ -10,6 +10,8 @@ from datetime import UTC, date, datetime
 from html import escape
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,6 +19,7 @@ from starlette.responses import Response
 from ledger.db import session_factory
 from ledger.money import format_money, to_major
 from ledger.revenue import Line, Period, revenue_report, verify
+from reconciliation.models import ReconciliationRun
 from webhooks.review.templating import render
 from webhooks.review.views import bad_request
 
@@ -86,6 +89,7 @@ def _context(first: date, last: date) -> dict[str, Any]:
     with session_factory()() as session:
         report = revenue_report(session, since=since, until=until, by=Period.MONTH)
         problems = verify(session, report) if until >= datetime.now(UTC) else []
+        payouts = payouts_seen(session)
     currencies = sorted({x.currency for x in report.money})
     by_currency = {c: [x for x in report.money if x.currency == c] for c in currencies}
     return {
@@ -96,7 +100,18 @@ def _context(first: date, last: date) -> dict[str, Any]:
         "free": report.free_credits,
         "problems": problems,
         "series": SERIES,
+        "payouts": payouts,
     }
+
+
+def payouts_seen(session: Session, runs: int = 60) -> list[dict[str, Any]]:
+    """Payouts the recent reconciliation runs tied out, newest first (the latest run's word on each)."""
+    seen: dict[str, dict[str, Any]] = {}
+    stmt = select(ReconciliationRun).order_by(ReconciliationRun.id.desc()).limit(runs)
+    for run in session.scalars(stmt):
+        for payout in (run.stats or {}).get("payouts") or []:
+            seen.setdefault(payout["payout"], {**payout, "run_id": run.id})
+    return sorted(seen.values(), key=lambda p: p.get("created") or "", reverse=True)
 
 
 async def revenue_page(request: Request) -> Response:
