@@ -376,3 +376,25 @@ class GrantSettlement(Base):
     fee_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     net_minor: Mapped[int] = mapped_column(BigInteger)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RefundSettlement(Base):
+    """What Stripe's balance transaction says a refund of a paid grant's charge took back from the balance, in
+    the settlement currency: kept by reconciliation beside the grant's own settlement."""
+
+    __tablename__ = "refund_settlements"
+    __table_args__ = (Index("ix_refund_settlements_grant", "grant_id"),)
+
+    refund_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"))
+    charge_id: Mapped[str] = mapped_column(String(255))
+    balance_transaction_id: Mapped[str | None] = mapped_column(String(255))
+    refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The refund in the currency the customer paid, and what left the balance for it (positive amounts).
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    settlement_minor: Mapped[int] = mapped_column(BigInteger)
+    settlement_currency: Mapped[str] = mapped_column(String(3))
+    exchange_rate: Mapped[Decimal | None] = mapped_column(Numeric(24, 12))
+    fee_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -296,12 +296,14 @@ def check_balance_transactions(ctx: CheckContext) -> Iterator[Finding]:
         yield Finding(
             kind=MismatchKind.BALANCE_TRANSACTION_MISMATCH,
             identity=p.object_id,
-            summary=f"charge {p.object_id} ({format_money(p.amount, p.currency)}) {p.detail.get('problem')}",
-            customer_id=p.customer_id or customer_of(ctx, [p.object_id, p.detail.get("payment_intent")], None),
+            summary=f"{p.detail.get('object') or 'charge'} {p.object_id} ({format_money(p.amount, p.currency)}) "
+            f"{p.detail.get('problem')}",
+            customer_id=p.customer_id
+            or customer_of(ctx, [p.object_id, p.detail.get("payment_intent"), p.detail.get("charge")], None),
             currency=p.currency,
             unit="minor",
             expected=p.amount,
-            actual=int(bt["amount"]) if bt else None,
+            actual=(-int(bt["amount"]) if p.detail.get("object") == "refund" else int(bt["amount"])) if bt else None,
             evidence={
                 "stripe": {
                     "charge": p.object_id,

@@ -91,7 +91,7 @@ PAYMENT_SOURCES = ("checkout_session", "invoice", "charge")
 CHECK_SOURCES: dict[str, tuple[str, ...]] = {
     "payments": PAYMENT_SOURCES,
     "grants": PAYMENT_SOURCES,
-    "balance_transactions": ("charge",),
+    "balance_transactions": ("charge", "refund"),
     "refunds": ("refund", *PAYMENT_SOURCES),
     "disputes": ("dispute", *PAYMENT_SOURCES),
     "access_state": ("subscription",),

@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig
-from ledger.models import Grant, GrantSettlement, GrantSource
+from ledger.models import Grant, GrantSettlement, GrantSource, RefundSettlement
 from reconciliation.models import ReconciliationRun, RunStatus, StagedStripeAlias, StagedStripeObject
 from reconciliation.stripe_source import StripeSource, describe_source_error, is_source_error, stripe_id
 
@@ -463,22 +463,84 @@ class Stager:
         self._flush("payment_intent", objects, [a for a in links if a])
 
     def stage_refunds(self, since: datetime, until: datetime) -> None:
-        for page in self._pages(self.stripe.list_refunds(created_gte=since, created_lt=until)):
+        listed = self.stripe.list_refunds(created_gte=since, created_lt=until, expand=["data.balance_transaction"])
+        for page in self._pages(listed):
             objects = []
             for re in page:
                 if re.get("status") not in ("succeeded", "pending"):
                     continue
                 charge = stripe_id(re.get("charge"))
+                bt = balance_transaction_detail(re.get("balance_transaction"))
+                problem = refund_balance_transaction_problem(re, bt)
+                if problem is not None:
+                    objects.append(
+                        self._row(
+                            "balance_transaction_problem",
+                            re,
+                            ref=re["id"],
+                            amount=int(re.get("amount") or 0),
+                            detail={
+                                "problem": problem,
+                                "balance_transaction": bt,
+                                "object": "refund",
+                                "charge": charge,
+                            },
+                        )
+                    )
                 objects.append(
                     self._row(
                         "refund",
                         re,
                         ref=charge,
                         amount=int(re.get("amount") or 0),
-                        detail={"payment_intent": stripe_id(re.get("payment_intent")), "charge": charge},
+                        detail={
+                            "payment_intent": stripe_id(re.get("payment_intent")),
+                            "charge": charge,
+                            "balance_transaction": bt,
+                        },
                     )
                 )
             self._flush("refund", objects, [])
+        self.record_refund_settlements()
+
+    def record_refund_settlements(self) -> None:
+        """Keep what each refund of a paid grant's charge took from the balance (its balance transaction)."""
+        R = StagedStripeObject
+        stmt = (
+            select(GrantSettlement.grant_id, R.object_id, R.ref, R.created, R.amount, R.currency, R.detail)
+            .join(GrantSettlement, GrantSettlement.charge_id == R.ref)
+            .where(R.run_id == self.run_id, R.object_type == "refund")
+            .order_by(R.id)
+        )
+        values = []
+        for grant_id, refund_id, charge_id, created, amount, currency, detail in self.session.execute(stmt):
+            bt = (detail or {}).get("balance_transaction")
+            if not bt:
+                continue
+            values.append(
+                {
+                    "refund_id": refund_id,
+                    "grant_id": grant_id,
+                    "charge_id": charge_id,
+                    "balance_transaction_id": bt.get("id"),
+                    "refunded_at": created,
+                    "amount_minor": int(amount or 0),
+                    "currency": str(currency or "").lower()[:3],
+                    "settlement_minor": -int(bt["amount"]),
+                    "settlement_currency": str(bt["currency"]).lower()[:3],
+                    "exchange_rate": Decimal(bt["exchange_rate"]) if bt.get("exchange_rate") else None,
+                    "fee_minor": int(bt.get("fee") or 0),
+                    "recorded_at": datetime.now(UTC),
+                }
+            )
+        for start in range(0, len(values), PAGE_ROWS):
+            insert_stmt = self._insert(RefundSettlement)
+            upsert = insert_stmt.on_conflict_do_update(
+                index_elements=["refund_id"],
+                set_={c: insert_stmt.excluded[c] for c in values[0] if c != "refund_id"},
+            )
+            self.session.execute(upsert, values[start : start + PAGE_ROWS])
+        self.stats.add("refund_settlement", len(values))
 
     def stage_disputes(self, since: datetime, until: datetime) -> None:
         for page in self._pages(self.stripe.list_disputes(created_gte=since, created_lt=until)):
@@ -657,6 +719,24 @@ def balance_transaction_problem(charge: Mapping[str, Any], bt: Mapping[str, Any]
             return f"its balance transaction is for {bt['amount']} {currency}, the charge for {amount}"
     elif bt.get("exchange_rate") is None:
         return f"its balance transaction is in {bt.get('currency')} with no exchange rate from {currency}"
+    return None
+
+
+def refund_balance_transaction_problem(refund: Mapping[str, Any], bt: Mapping[str, Any] | None) -> str | None:
+    """Why a refund's balance transaction is missing or disagrees with it (the refunded amount leaves the
+    balance: amount = -refund amount in the same currency); None when it agrees or the refund is pending."""
+    if bt is None:
+        if refund.get("status") == "pending":
+            return None
+        raw = refund.get("balance_transaction")
+        return "has no balance transaction" if raw is None else "its balance transaction could not be read"
+    amount = int(refund.get("amount") or 0)
+    currency = str(refund.get("currency") or "").lower()
+    source = bt.get("source")
+    if source is not None and source != refund.get("id"):
+        return f"its balance transaction {bt.get('id')} belongs to {source}"
+    if str(bt.get("currency") or "").lower() == currency and -int(bt["amount"]) != amount:
+        return f"its balance transaction takes {-int(bt['amount'])} {currency} for a refund of {amount}"
     return None
 
 

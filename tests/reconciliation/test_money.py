@@ -427,3 +427,46 @@ class TestPayouts:
         (m,) = _mismatches(engine)
         # $10.00 less Stripe's $0.59 fee is $9.41 net; the payout says $9.42.
         assert m.summary == f"payout {payout.id} of $9.42: its transactions net $9.41"
+
+
+class TestRefundSettlements:
+    def test_each_refund_is_kept_with_the_grant_it_reduced(self, engine: Engine, emulator: Emulator) -> None:
+        from ledger.models import RefundSettlement
+
+        store = emulator.store
+        store.set_exchange_rate("eur", "1.10")
+        store.create_price(unit_amount=1000, currency="eur", id="price_credits_eur")
+        c = store.create_customer().id
+        _, usd_charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _, eur_charge = _paid_topup(emulator, c, "price_credits_eur", 1000)
+        store.clock.advance(hours=1)
+        usd_refund, eur_refund = store.refund(usd_charge, 300), store.refund(eur_charge, 500)
+        with session_factory().begin() as s:
+            for charge, amount, refund in ((usd_charge, 300, usd_refund), (eur_charge, 500, eur_refund)):
+                grant = b.grant_of(s, store.get(charge).payment_intent)
+                from ledger.clawback import clawback
+
+                clawback(s, grant.id, units=amount, idempotency_key=refund.id, reason="refund",
+                         stripe_object_id=refund.id)  # fmt: skip
+        _store_events(emulator)
+        assert _run(emulator).counts == {}
+        with Session(engine) as s:
+            kept = {r.refund_id: r for r in s.scalars(select(RefundSettlement))}
+        # $3.00 back in USD; EUR 5.00 back converted at 1.10 = $5.50; Stripe keeps its fee.
+        assert (kept[usd_refund.id].settlement_minor, kept[usd_refund.id].settlement_currency) == (300, "usd")
+        assert (kept[eur_refund.id].amount_minor, kept[eur_refund.id].currency) == (500, "eur")
+        assert (kept[eur_refund.id].settlement_minor, kept[eur_refund.id].exchange_rate) == (550, Decimal("1.1"))
+
+    def test_a_refund_whose_balance_transaction_disagrees(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        c = store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        refund = store.refund(charge, 1000)
+        store.update(refund.balance_transaction, amount=-900)
+        with session_factory().begin() as s:
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 1000, "r")
+        _store_events(emulator)
+        assert _run(emulator).counts == {"balance_transaction_mismatch": 1}
+        (m,) = _mismatches(engine)
+        assert m.customer_id == c and (m.expected_amount, m.actual_amount) == (Decimal(1000), Decimal(900))
+        assert m.summary.startswith(f"refund {refund.id} ($10.00) its balance transaction takes 900 usd")
