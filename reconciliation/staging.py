@@ -704,6 +704,8 @@ def balance_transaction_problem(charge: Mapping[str, Any], bt: Mapping[str, Any]
     https://docs.stripe.com/api/balance_transactions/object
     """
     if bt is None:
+        if charge.get("captured") is False:
+            return None  # an authorization not captured yet has no balance transaction until it is
         raw = charge.get("balance_transaction")
         return "has no balance transaction" if raw is None else "its balance transaction could not be read"
     amount = int(charge.get("amount_captured") or charge.get("amount") or 0)

@@ -366,6 +366,7 @@ class TestFeesAndBalanceTransactions:
         assert balance_transaction_problem(charge, None) == "its balance transaction could not be read"
         missing = {**charge, "balance_transaction": None}
         assert balance_transaction_problem(missing, None) == "has no balance transaction"
+        assert balance_transaction_problem({**missing, "captured": False}, None) is None  # authorized only
 
     def test_a_balance_transaction_that_disagrees_is_a_mismatch(self, engine: Engine, emulator: Emulator) -> None:
         c = emulator.store.create_customer().id
