@@ -363,8 +363,9 @@ class TestFeesAndBalanceTransactions:
         charge, txn = resources["charge"], resources["balance_transaction"]
         assert balance_transaction_problem(charge, balance_transaction_detail(txn)) is None
         assert "the charge for 200" in str(balance_transaction_problem({**charge, "amount": 200}, txn))
-        assert balance_transaction_problem(charge, None) == "its balance transaction could not be read"
-        missing = {**charge, "balance_transaction": None}
+        captured = {**charge, "captured": True}  # the docs' sample is an authorization
+        assert balance_transaction_problem(captured, None) == "its balance transaction could not be read"
+        missing = {**captured, "balance_transaction": None}
         assert balance_transaction_problem(missing, None) == "has no balance transaction"
         assert balance_transaction_problem({**missing, "captured": False}, None) is None  # authorized only
 
