@@ -40,6 +40,8 @@ class TestRevenuePage:
         assert signed_in.get("/review/revenue?from=2026-05&to=2026-01").status_code == 400
         assert signed_in.get("/review/revenue?from=2020-01&to=2026-01").status_code == 400
         assert signed_in.get("/review/revenue?from=x%00").status_code == 400
+        for edge in ("to=9999-12", "from=0001-01&to=0001-02", "to=%EF%BC%92%EF%BC%90%EF%BC%92%EF%BC%96-01"):
+            assert signed_in.get(f"/review/revenue?{edge}").status_code == 400, edge
 
 
 class TestCustomerNetMargin:

@@ -35,7 +35,10 @@ SERIES = (
 
 
 def _month(value: str) -> date:
+    """A YYYY-MM month; ValueError outside the years a window can reach (1970 to 9998)."""
     year, month = value.split("-")
+    if not (value.isascii() and len(year) == 4 and year.isdigit() and 1970 <= int(year) <= 9998 and month.isdigit()):
+        raise ValueError(f"not a month: {value!r}")
     return date(int(year), int(month), 1)
 
 
