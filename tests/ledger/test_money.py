@@ -147,3 +147,61 @@ class TestMoneyConfig:
         path.write_text(body, encoding="utf-8")
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_billing_config(path)
+
+
+class TestWhereMoneyIsShown:
+    def test_the_ledger_cli_shows_credits_with_separators_and_json_keeps_integers(self, engine: object) -> None:
+        import json
+
+        from typer.testing import CliRunner
+
+        from worker.cli import app
+
+        runner = CliRunner()
+        granted = runner.invoke(
+            app, ["grant", "cus_big", "--units", "1234567", "--reason", "test", "--idempotency-key", "big"]
+        )
+        assert granted.exit_code == 0, granted.output
+        assert "granted 1,234,567 to cus_big: balance 1,234,567" in granted.stdout
+        shown = runner.invoke(app, ["balance", "cus_big"])
+        assert "balance    1,234,567" in shown.stdout
+        assert json.loads(runner.invoke(app, ["balance", "cus_big", "--json"]).stdout)["balance"] == 1234567
+
+    def test_the_demo_tables_show_money_and_credits_as_people_read_them(self) -> None:
+        import io
+        from types import SimpleNamespace
+
+        from rich.console import Console
+
+        from worker.demo.report import print_summary
+
+        summary = {
+            "customers": [
+                {"customer_id": "cus_1", "name": "Ada", "balance": 12000, "held": 0, "debt": 1500, "available": 12000,
+                 "access_state": "active", "usage_allowed": True},
+            ],
+            "usage_by_model": [
+                {"model": "gpt-4o", "requests": 1200, "input_tokens": 1500000, "output_tokens": 20000,
+                 "credits": 13000, "provider_cost_usd": "0.000375"},
+            ],
+            "reconciliation": {
+                "runs": [],
+                "mismatches": [
+                    {"id": 1, "kind": "payment_without_grant", "customer_id": "cus_1", "expected": "1000",
+                     "actual": "0", "unit": "credits", "currency": "usd", "summary": "s", "evidence": "e"},
+                    {"id": 2, "kind": "customer_total_mismatch", "customer_id": "cus_1", "expected": "500",
+                     "actual": "0", "unit": "minor", "currency": "jpy", "summary": "s", "evidence": "e"},
+                ],
+            },
+            "deliberate": [],
+            "ledger_check": {"violations": []},
+            "urls": {"review": "r", "usage_api": "u", "openapi": "o", "stripe_emulator": "s"},
+            "review_login": {"user": "u", "password": "p"},
+            "api_token": "t",
+            "database_url": "d",
+        }  # fmt: skip
+        out = io.StringIO()
+        print_summary(Console(file=out, width=200), summary, SimpleNamespace(customers=[]))  # type: ignore[arg-type]
+        text = out.getvalue()
+        assert "12,000" in text and "1,500" in text and "1,500,000" in text and "13,000" in text
+        assert "$0.0004" in text and "1,000 credits" in text and "JPY 500" in text
