@@ -127,7 +127,9 @@ def _stored_events(session: Session, object_ids: Sequence[str | None]) -> list[d
 # --- whose is it -----------------------------------------------------------------------------------------------
 
 
-def customer_of(ctx: CheckContext, object_ids: Sequence[str | None], grant: Grant | None) -> str | None:
+def customer_of(
+    ctx: CheckContext, object_ids: Sequence[str | None], grant: Grant | None, *, follow: bool = True
+) -> str | None:
     """The Stripe customer behind objects that name none themselves (disputes, refunds, events about them):
     a staged object of this run with a customer, the account of a grant they funded, a stored event about
     them."""
@@ -156,11 +158,20 @@ def customer_of(ctx: CheckContext, object_ids: Sequence[str | None], grant: Gran
     )
     if found:
         return found
-    return ctx.session.scalar(
+    found = ctx.session.scalar(
         select(StripeEvent.customer_id)
         .where(StripeEvent.object_id.in_(ids), StripeEvent.customer_id.is_not(None))
         .limit(1)
     )
+    if found or not follow:
+        return found
+    # A dispute or refund staged by this run points to its charge: whose the charge is, so is it.
+    parents = list(
+        ctx.session.scalars(
+            select(S.ref).where(S.run_id == ctx.run_id, S.object_id.in_(ids), S.ref.is_not(None)).limit(10)
+        )
+    )
+    return customer_of(ctx, [p for p in parents if p not in ids], None, follow=False) if parents else None
 
 
 # --- payments against grants ----------------------------------------------------------------------------------
@@ -666,7 +677,7 @@ def check_unprocessed_events(ctx: CheckContext) -> Iterator[Finding]:
             kind=MismatchKind.UNPROCESSED_EVENT,
             identity=row.event_id,
             summary=f"stored event {row.event_id} ({row.type}) is {row.status.value} since {_iso(row.received_at)}",
-            customer_id=row.customer_id,
+            customer_id=row.customer_id or customer_of(ctx, [row.object_id], None),
             unit="state",
             evidence={
                 "stripe": {"event_id": row.event_id, "type": row.type, "object_id": row.object_id},

@@ -289,6 +289,30 @@ class TestEveryMismatchNamesItsCustomer:
             assert len(services.list_mismatches(s, customer_id=c)) == 4
 
 
+class TestStuckEventsNameTheirCustomer:
+    def test_a_failed_dispute_event_names_the_charges_customer(self, engine: Engine, emulator: Emulator) -> None:
+        from sqlalchemy import update
+
+        from ledger.inbox import StripeEvent
+
+        store = emulator.store
+        c = store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        dispute = store.create_dispute(charge)
+        with session_factory().begin() as s:
+            b.freeze(s, b.grant_of(s, store.get(charge).payment_intent), "dp")
+        _store_events(emulator)
+        with session_factory().begin() as s:
+            s.execute(
+                update(StripeEvent)
+                .where(StripeEvent.object_id == dispute.id)
+                .values(status=EventStatus.FAILED, received_at=datetime.now(UTC) - timedelta(hours=3))
+            )
+        _run(emulator)
+        stuck = [m for m in _mismatches(engine) if m.kind is MismatchKind.UNPROCESSED_EVENT]
+        assert len(stuck) == 2 and {m.customer_id for m in stuck} == {c}
+
+
 class TestPartialRuns:
     def test_a_list_stripe_refuses_skips_its_checks_and_the_rest_is_compared(
         self, engine: Engine, emulator: Emulator, cli: CliRunner
