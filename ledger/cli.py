@@ -33,6 +33,7 @@ from ledger.errors import (
 )
 from ledger.migrate import migrate as run_migrations
 from ledger.models import GrantSource, UsageEnvironment
+from ledger.money import format_credits
 from ledger.pricing import UsageInput
 
 # Documented exit codes: the contract scripts rely on.
@@ -215,6 +216,11 @@ def migrate() -> None:
     typer.echo("database is up to date")
 
 
+def _credits(units: int) -> str:
+    # Credits as people read them (1,234,567); --json keeps the plain integers.
+    return format_credits(units)
+
+
 def balance(customer: str, as_json: JsonFlag = False) -> None:
     """Show a customer's balance, holds, debt, access state and live grants."""
     from ledger.queries import balance_summary
@@ -223,10 +229,10 @@ def balance(customer: str, as_json: JsonFlag = False) -> None:
         summary = balance_summary(session, customer)
         lines = [
             f"customer   {summary.customer_id}",
-            f"balance    {summary.balance}",
-            f"held       {summary.held}",
-            f"debt       {summary.debt}",
-            f"available  {summary.available}",
+            f"balance    {_credits(summary.balance)}",
+            f"held       {_credits(summary.held)}",
+            f"debt       {_credits(summary.debt)}",
+            f"available  {_credits(summary.available)}",
             f"access     {summary.access_state.value}"
             + (f" (grace until {summary.grace_until.isoformat()})" if summary.grace_until else ""),
         ]
@@ -245,7 +251,7 @@ def balance(customer: str, as_json: JsonFlag = False) -> None:
         for g in summary.grants:
             expiry = g.expires_at.isoformat() if g.expires_at else "never"
             lines.append(
-                f"  grant {g.grant_id}: {g.remaining}/{g.units} left, {g.frozen} frozen, "
+                f"  grant {g.grant_id}: {_credits(g.remaining)}/{_credits(g.units)} left, {_credits(g.frozen)} frozen, "
                 f"{g.source.value}, priority {g.priority}, expires {expiry}"
             )
         return dataclasses.asdict(summary), "\n".join(lines)
@@ -280,7 +286,8 @@ def ledger(
             for e in entries
         ]
         text = "\n".join(
-            f"{r['id']:>8}  {r['kind']:<16} {r['units']:>10} -> {r['balance_after']:>10}  {r['idempotency_key']}"
+            f"{r['id']:>8}  {r['kind']:<16} {_credits(r['units']):>10} -> {_credits(r['balance_after']):>10}  "
+            f"{r['idempotency_key']}"
             for r in rows
         )
         return {"customer_id": customer, "entries": rows}, text or "(no entries)"
@@ -315,7 +322,9 @@ def grant(
             expires_at=_parse_time(expires_at),
         )
         note = " (replayed)" if result.replayed else ""
-        return dataclasses.asdict(result), f"granted {result.units} to {customer}: balance {result.balance_after}{note}"
+        return dataclasses.asdict(result), (
+            f"granted {_credits(result.units)} to {customer}: balance {_credits(result.balance_after)}{note}"
+        )
 
     _run(as_json, work)
 
@@ -356,7 +365,9 @@ def consume(
         # The consumption is the whole unit of work: consume_standalone commits it.
         result = consume_standalone(customer, request_id=request_id, units=n, usage=usage, actor="cli")
         note = " (replayed)" if result.replayed else ""
-        return dataclasses.asdict(result), f"consumed {result.units}: balance {result.balance_after}{note}"
+        return dataclasses.asdict(result), (
+            f"consumed {_credits(result.units)}: balance {_credits(result.balance_after)}{note}"
+        )
 
     _run_alone(as_json, work)
 
@@ -399,7 +410,10 @@ def hold(
             session, customer, request_id=request_id, units=n, usage=usage, ttl_seconds=ttl, actor="cli"
         )
         note = " (replayed)" if result.replayed else ""
-        text = f"held {result.units} until {result.expires_at.isoformat()}: balance {result.balance_after}{note}"
+        text = (
+            f"held {_credits(result.units)} until {result.expires_at.isoformat()}: "
+            f"balance {_credits(result.balance_after)}{note}"
+        )
         return dataclasses.asdict(result), text
 
     _run(as_json, work)
@@ -440,10 +454,11 @@ def capture(
         )
         result = capture_hold(session, request_id, units=n, usage=usage, actor="cli")
         note = " (replayed)" if result.replayed else ""
-        short = f", {result.shortfall} short" if result.shortfall else ""
+        short = f", {_credits(result.shortfall)} short" if result.shortfall else ""
         text = (
-            f"captured {result.captured} of {result.held} held, released {result.released}{short}: "
-            f"balance {result.balance_after}{note}"
+            f"captured {_credits(result.captured)} of {_credits(result.held)} held, "
+            f"released {_credits(result.released)}{short}: "
+            f"balance {_credits(result.balance_after)}{note}"
         )
         return dataclasses.asdict(result), text
 
@@ -457,7 +472,9 @@ def release(request_id: str, as_json: JsonFlag = False) -> None:
     def work(session: Session) -> tuple[dict[str, Any], str]:
         result = release_hold(session, request_id, actor="cli")
         note = " (replayed)" if result.replayed else ""
-        return dataclasses.asdict(result), f"released {result.units}: balance {result.balance_after}{note}"
+        return dataclasses.asdict(result), (
+            f"released {_credits(result.units)}: balance {_credits(result.balance_after)}{note}"
+        )
 
     _run(as_json, work)
 

@@ -83,6 +83,9 @@ class Plan(_Strict):
     low_balance_units: int | None = Field(default=None, ge=0)
     low_balance_share: Decimal | None = Field(default=None, gt=0, lt=1)
     on_spike: OnSpike = OnSpike.REPORT
+    # Provider cost (USD) each free credit of this plan (trial, $0 invoice) may run up before reconciliation
+    # flags it; unset: the [reconciliation] default.
+    free_credit_allowance_usd: NonNegativeDecimal | None = None
 
     @model_validator(mode="after")
     def _one_threshold(self) -> Plan:
@@ -127,6 +130,9 @@ class Credits(_Strict):
 
     fallback_credits_per_minor_unit: NonNegativeDecimal = Decimal(1)
     topup_priority: int = 0
+    # Whether a succeeded charge made without a PaymentIntent (the older Charges API) buys credits at the
+    # fallback rate. Either way reconciliation sees it: without a grant it is a payment_without_grant.
+    grant_charges_without_payment_intent: bool = True
 
 
 # The access policy's keys: each access state, and past_due once its grace deadline has passed.
@@ -180,6 +186,13 @@ class Tolerance(_Strict):
 class Reconciliation(_Strict):
     unprocessed_event_hours: int = Field(default=1, ge=0)
     provider_tolerance: Tolerance = Tolerance()
+    # The Stripe account's settlement currency: margin counts revenue in it (from each charge's balance
+    # transaction) against provider costs in USD. https://docs.stripe.com/currencies/conversions
+    settlement_currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
+    # Provider cost (USD) a free credit (promotion, adjustment, trial or $0 invoice) may run up before it is
+    # flagged as free_credit_cost; a plan may set its own. 0.01: a free credit may cost what a credit sells for
+    # at the example config's one credit per cent.
+    free_credit_allowance_usd: NonNegativeDecimal = Decimal("0.01")
 
 
 class LimitScope(StrEnum):
@@ -329,6 +342,17 @@ class BillingConfig(_Strict):
     def plan_for_price(self, price: str | None) -> Plan | None:
         """The plan sold under a Stripe price id or lookup key."""
         return next((p for p in self.plans if price is not None and p.price == price), None)
+
+    def plan_named_by(self, reason: str | None) -> Plan | None:
+        """The plan a renewal grant's reason starts with (the worker writes "<plan name or price> ...")."""
+        text = reason or ""
+        return next((p for p in self.plans if text.startswith(f"{p.name or p.price} ")), None)
+
+    def free_credit_allowance(self, plan: Plan | None) -> Decimal:
+        """Provider cost in USD one free credit of this plan (or of no plan) may run up."""
+        if plan is not None and plan.free_credit_allowance_usd is not None:
+            return plan.free_credit_allowance_usd
+        return self.reconciliation.free_credit_allowance_usd
 
     def model_price(self, model: str, provider: str | None = None) -> ModelPrice | None:
         """Prices for a model, matched by name (and provider when given)."""

@@ -589,3 +589,49 @@ class UsageSuspension(Base):
     lifted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lifted_by: Mapped[str | None] = mapped_column(String(255))
     lift_note: Mapped[str | None] = mapped_column(Text)
+class GrantSettlement(Base):
+    """What Stripe's balance transaction says a paid grant's charge settled as: the money in the account's
+    settlement currency, the exchange rate, Stripe's fee and the net. Written by reconciliation from the charge it
+    paged (https://docs.stripe.com/api/balance_transactions/object), so margin can count revenue in any currency.
+    """
+
+    __tablename__ = "grant_settlements"
+    __table_args__ = (Index("ix_grant_settlements_charge", "charge_id"),)
+
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"), primary_key=True)
+    charge_id: Mapped[str] = mapped_column(String(255))
+    balance_transaction_id: Mapped[str | None] = mapped_column(String(255))
+    # When Stripe says the charge was made (not when the ledger applied it).
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The charge in the currency the customer paid (presentment).
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    # The balance transaction: in the currency Stripe settled it in.
+    settlement_minor: Mapped[int] = mapped_column(BigInteger)
+    settlement_currency: Mapped[str] = mapped_column(String(3))
+    exchange_rate: Mapped[Decimal | None] = mapped_column(Numeric(24, 12))
+    fee_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    net_minor: Mapped[int] = mapped_column(BigInteger)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RefundSettlement(Base):
+    """What Stripe's balance transaction says a refund of a paid grant's charge took back from the balance, in
+    the settlement currency: kept by reconciliation beside the grant's own settlement."""
+
+    __tablename__ = "refund_settlements"
+    __table_args__ = (Index("ix_refund_settlements_grant", "grant_id"),)
+
+    refund_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"))
+    charge_id: Mapped[str] = mapped_column(String(255))
+    balance_transaction_id: Mapped[str | None] = mapped_column(String(255))
+    refunded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The refund in the currency the customer paid, and what left the balance for it (positive amounts).
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    settlement_minor: Mapped[int] = mapped_column(BigInteger)
+    settlement_currency: Mapped[str] = mapped_column(String(3))
+    exchange_rate: Mapped[Decimal | None] = mapped_column(Numeric(24, 12))
+    fee_minor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -24,6 +24,7 @@ from ledger.models import (
     Entry,
     EntryKind,
     Grant,
+    GrantSettlement,
     GrantSource,
     Hold,
     Subscription,
@@ -31,6 +32,8 @@ from ledger.models import (
     UsageDaily,
     UsageEnvironment,
 )
+from ledger.money import format_credits, format_money, format_usd
+from reconciliation.funding import Funding, MarginSplit, consumption_funding, paid_grants, split_margin
 from reconciliation.models import MismatchKind, StagedStripeAlias, StagedStripeObject
 from reconciliation.providers import ProviderReport, ReportKind
 from reconciliation.services import Finding
@@ -40,6 +43,8 @@ from reconciliation.usage import usage_in_window
 
 STREAM = {"yield_per": 1000}
 PAID_SOURCES = (GrantSource.TOP_UP, GrantSource.RENEWAL)
+# Grants a charge may fund (a paid-out charge of a plan change funds its plan_change grant).
+CHARGE_FUNDED_SOURCES = (*PAID_SOURCES, GrantSource.PLAN_CHANGE)
 T = TypeVar("T")
 
 
@@ -59,6 +64,8 @@ class CheckContext:
     provider_scope_keys: set[str] = field(default_factory=set)
     # Results a check needs that the engine started on another connection (see reconciliation.engine).
     prefetched: dict[str, Future[Any]] = field(default_factory=dict)
+    # Filled by the payouts check: each payout of the window and whether it tied out (kept in the run's stats).
+    payouts: list[dict[str, Any]] = field(default_factory=list)
 
     def fetched(self, name: str, compute: Callable[[Session], T]) -> T:
         """The result the engine prefetched under ``name``, else ``compute`` on this check's session."""
@@ -122,6 +129,56 @@ def _stored_events(session: Session, object_ids: Sequence[str | None]) -> list[d
     ]
 
 
+# --- whose is it -----------------------------------------------------------------------------------------------
+
+
+def customer_of(
+    ctx: CheckContext, object_ids: Sequence[str | None], grant: Grant | None, *, follow: bool = True
+) -> str | None:
+    """The Stripe customer behind objects that name none themselves (disputes, refunds, events about them):
+    a staged object of this run with a customer, the account of a grant they funded, a stored event about
+    them."""
+    ids = [o for o in object_ids if o]
+    if grant is not None:
+        found = ctx.session.scalar(select(Account.customer_id).where(Account.id == grant.account_id))
+        if found:
+            return found
+    if not ids:
+        return None
+    S = StagedStripeObject
+    found = ctx.session.scalar(
+        select(S.customer_id).where(S.run_id == ctx.run_id, S.object_id.in_(ids), S.customer_id.is_not(None)).limit(1)
+    )
+    if found:
+        return found
+    A = StagedStripeAlias
+    keys = select(A.key).where(
+        A.run_id == ctx.run_id, A.payment_id.in_(select(A.payment_id).where(A.run_id == ctx.run_id, A.key.in_(ids)))
+    )
+    found = ctx.session.scalar(
+        select(Account.customer_id)
+        .join(Grant, Grant.account_id == Account.id)
+        .where(or_(Grant.stripe_object_id.in_(ids), Grant.stripe_object_id.in_(keys)))
+        .limit(1)
+    )
+    if found:
+        return found
+    found = ctx.session.scalar(
+        select(StripeEvent.customer_id)
+        .where(StripeEvent.object_id.in_(ids), StripeEvent.customer_id.is_not(None))
+        .limit(1)
+    )
+    if found or not follow:
+        return found
+    # A dispute or refund staged by this run points to its charge: whose the charge is, so is it.
+    parents = list(
+        ctx.session.scalars(
+            select(S.ref).where(S.run_id == ctx.run_id, S.object_id.in_(ids), S.ref.is_not(None)).limit(10)
+        )
+    )
+    return customer_of(ctx, [p for p in parents if p not in ids], None, follow=False) if parents else None
+
+
 # --- payments against grants ----------------------------------------------------------------------------------
 
 
@@ -176,9 +233,10 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
             yield Finding(
                 kind=MismatchKind.PAYMENT_WITHOUT_GRANT,
                 identity=p.object_id,
-                summary=f"{p.detail.get('source')} {p.object_id} was paid ({p.amount} {p.currency}) "
+                summary=f"{p.detail.get('source')} {p.object_id} was paid ({format_money(p.amount, p.currency)}) "
                 "but the ledger has no grant for it",
-                customer_id=p.customer_id,
+                customer_id=p.customer_id
+                or customer_of(ctx, [p.object_id, p.detail.get("payment_intent"), p.detail.get("charge")], None),
                 currency=p.currency,
                 unit="credits",
                 expected=p.expected_credits,
@@ -219,8 +277,9 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
             yield Finding(
                 kind=MismatchKind.AMOUNT_MISMATCH,
                 identity=p.object_id,
-                summary=f"{p.detail.get('source')} {p.object_id} should grant {p.expected_credits} credits "
-                f"by the billing config; grant {g.id} gave {g.units}",
+                summary=f"{p.detail.get('source')} {p.object_id} should grant "
+                f"{format_credits(p.expected_credits)} credits by the billing config; "
+                f"grant {g.id} gave {format_credits(g.units)}",
                 customer_id=p.customer_id,
                 currency=p.currency,
                 unit="credits",
@@ -236,6 +295,42 @@ def check_payments(ctx: CheckContext) -> Iterator[Finding]:
                 },
                 occurred_at=_utc(p.created),
             )
+
+
+def check_balance_transactions(ctx: CheckContext) -> Iterator[Finding]:
+    """balance_transaction_mismatch: a succeeded charge whose balance transaction is missing or disagrees with
+    it (staging judged each charge; see reconciliation.staging.balance_transaction_problem)."""
+    P = StagedStripeObject
+    stmt = (
+        select(P)
+        .where(P.run_id == ctx.run_id, P.object_type == "balance_transaction_problem")
+        .order_by(P.id)
+        .execution_options(**STREAM)
+    )
+    for p in ctx.session.scalars(stmt):
+        bt = p.detail.get("balance_transaction")
+        yield Finding(
+            kind=MismatchKind.BALANCE_TRANSACTION_MISMATCH,
+            identity=p.object_id,
+            summary=f"{p.detail.get('object') or 'charge'} {p.object_id} ({format_money(p.amount, p.currency)}) "
+            f"{p.detail.get('problem')}",
+            customer_id=p.customer_id
+            or customer_of(ctx, [p.object_id, p.detail.get("payment_intent"), p.detail.get("charge")], None),
+            currency=p.currency,
+            unit="minor",
+            expected=p.amount,
+            actual=(-int(bt["amount"]) if p.detail.get("object") == "refund" else int(bt["amount"])) if bt else None,
+            evidence={
+                "stripe": {
+                    "charge": p.object_id,
+                    "amount": p.amount,
+                    "currency": p.currency,
+                    "balance_transaction": bt,
+                },
+                "ledger": {"stored_events": _stored_events(ctx.session, [p.object_id])},
+            },
+            occurred_at=_utc(p.created),
+        )
 
 
 def _is_paid(object_type: str, obj: Mapping[str, Any]) -> bool:
@@ -300,7 +395,7 @@ def check_grants(ctx: CheckContext) -> Iterator[Finding]:
         yield Finding(
             kind=MismatchKind.GRANT_WITHOUT_PAYMENT,
             identity=str(g.id),
-            summary=f"grant {g.id} ({g.units} credits, {g.source.value}) {problem}",
+            summary=f"grant {g.id} ({format_credits(g.units)} credits, {g.source.value}) {problem}",
             customer_id=customer_id,
             currency=g.currency,
             unit="credits",
@@ -397,12 +492,13 @@ def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
         expected = _units_for(g, int(refunded), paid)
         if g.clawed_back >= expected:
             continue
-        customer_id = ch_cust or cust or stripe_id(charge.get("customer"))
+        customer_id = ch_cust or cust or stripe_id(charge.get("customer")) or customer_of(ctx, [charge_id], g)
         yield Finding(
             kind=MismatchKind.REFUND_NOT_CLAWED_BACK,
             identity=charge_id,
-            summary=f"charge {charge_id} was refunded {refunded} of {paid} {currency}: "
-            f"grant {g.id} should have {expected} credits clawed back, has {g.clawed_back}",
+            summary=f"charge {charge_id} was refunded {format_money(refunded, currency)} of "
+            f"{format_money(paid, currency)}: grant {g.id} should have {format_credits(expected)} credits "
+            f"clawed back, has {format_credits(g.clawed_back)}",
             customer_id=customer_id,
             currency=currency,
             unit="credits",
@@ -443,7 +539,7 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
     )
     for d in ctx.session.scalars(stmt):
         assert d.ref is not None
-        grants, _ = _grants_for_charge(ctx, d.ref, d.detail.get("payment_intent"))
+        grants, charge = _grants_for_charge(ctx, d.ref, d.detail.get("payment_intent"))
         if not grants:
             continue
         g = grants[0]
@@ -462,9 +558,11 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
             expected = _units_for(g, int(d.amount or 0), None)
             actual = g.clawed_back
             if actual < expected:
-                problem = f"was lost but only {actual} of {expected} credits were clawed back"
+                problem = (
+                    f"was lost but only {format_credits(actual)} of {format_credits(expected)} credits were clawed back"
+                )
         elif status in WON_DISPUTE and g.frozen > 0:
-            problem = f"was won but {g.frozen} credits are still frozen"
+            problem = f"was won but {format_credits(g.frozen)} credits are still frozen"
             expected, actual = 0, g.frozen
         if problem is None:
             continue
@@ -472,7 +570,8 @@ def check_disputes(ctx: CheckContext) -> Iterator[Finding]:
             kind=MismatchKind.DISPUTE_NOT_APPLIED,
             identity=d.object_id,
             summary=f"dispute {d.object_id} ({status}) on charge {d.ref} {problem} (grant {g.id})",
-            customer_id=d.customer_id,
+            # A dispute names no customer: its charge does, and so does the grant it funded.
+            customer_id=d.customer_id or stripe_id(charge.get("customer")) or customer_of(ctx, [d.ref], g),
             currency=d.currency,
             unit="credits",
             expected=expected,
@@ -522,9 +621,11 @@ def check_plan_changes(ctx: CheckContext) -> Iterator[Finding]:
         yield Finding(
             kind=MismatchKind.PLAN_CHANGE_NOT_APPLIED,
             identity=p.object_id,
-            summary=f"plan change {p.object_id} of {p.detail.get('subscription')} was paid ({p.amount} {p.currency}): "
-            f"{expected if expected is not None else 'unknown'} credits should be {what} by the policy "
-            f"({p.detail.get('explanation')}), the ledger has {actual if actual is not None else 'none'}",
+            summary=f"plan change {p.object_id} of {p.detail.get('subscription')} was paid "
+            f"({format_money(p.amount, p.currency)}): "
+            f"{format_credits(expected) if expected is not None else 'unknown'} credits should be {what} by the "
+            f"policy ({p.detail.get('explanation')}), the ledger has "
+            f"{format_credits(actual) if actual is not None else 'none'}",
             customer_id=p.customer_id,
             currency=p.currency,
             unit="credits",
@@ -711,7 +812,7 @@ def check_unprocessed_events(ctx: CheckContext) -> Iterator[Finding]:
             kind=MismatchKind.UNPROCESSED_EVENT,
             identity=row.event_id,
             summary=f"stored event {row.event_id} ({row.type}) is {row.status.value} since {_iso(row.received_at)}",
-            customer_id=row.customer_id,
+            customer_id=row.customer_id or customer_of(ctx, [row.object_id], None),
             unit="state",
             evidence={
                 "stripe": {"event_id": row.event_id, "type": row.type, "object_id": row.object_id},
@@ -733,17 +834,18 @@ def check_missed_events(ctx: CheckContext) -> Iterator[Finding]:
     # NOT EXISTS on the event id alone: an anti join that reads the unique index, not the stored payloads.
     stored = select(StripeEvent.event_id).where(StripeEvent.event_id == E.object_id).exists()
     stmt = (
-        select(E.object_id, E.status, E.created, E.customer_id, E.ref)
+        select(E.object_id, E.status, E.created, E.customer_id, E.ref, E.detail)
         .where(E.run_id == ctx.run_id, E.object_type == "event", ~stored)
         .order_by(E.id)
         .execution_options(**STREAM)
     )
-    for event_id, event_type, created, customer_id, object_id in ctx.session.execute(stmt):
+    for event_id, event_type, created, customer_id, object_id, detail in ctx.session.execute(stmt):
+        related = [object_id, *((detail or {}).get("related") or [])]
         yield Finding(
             kind=MismatchKind.MISSED_EVENT,
             identity=event_id,
             summary=f"Stripe event {event_id} ({event_type}) was never stored",
-            customer_id=customer_id,
+            customer_id=customer_id or customer_of(ctx, related, None),
             unit="state",
             evidence={
                 "stripe": {"event_id": event_id, "type": event_type, "object_id": object_id, "created": _iso(created)},
@@ -801,8 +903,8 @@ def check_customer_totals(ctx: CheckContext) -> Iterator[Finding]:
         yield Finding(
             kind=MismatchKind.CUSTOMER_TOTAL_MISMATCH,
             identity=f"{customer_id}|{currency}|{ctx.since.isoformat()}|{ctx.until.isoformat()}",
-            summary=f"customer {customer_id}: Stripe was paid {stripe_total} {currency} over {n} payments, "
-            f"the ledger's grants record {ledger_total}",
+            summary=f"customer {customer_id}: Stripe was paid {format_money(stripe_total, currency)} over "
+            f"{n} payments, the ledger's grants record {format_money(ledger_total, currency)}",
             customer_id=customer_id,
             currency=currency,
             unit="minor",
@@ -1009,7 +1111,7 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
                         kind=MismatchKind.PROVIDER_COST_DRIFT,
                         identity=ident,
                         summary=f"{provider} {d} {model or '(no model)'}{' ' + scope if scope else ''}: "
-                        f"provider billed ${rep.cost}, the ledger recorded ${led[0]}",
+                        f"provider billed {format_usd(rep.cost)}, the ledger recorded {format_usd(led[0])}",
                         currency="usd",
                         unit="usd",
                         expected=rep.cost,
@@ -1036,7 +1138,8 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
                         identity=ident,
                         summary=f"{provider} {d} {model or '(no model)'}{' ' + scope if scope else ''}: "
                         + ", ".join(
-                            f"{k} provider {v['provider']} vs ledger {v['ledger']}" for k, v in drifted.items()
+                            f"{k} provider {format_credits(v['provider'])} vs ledger {format_credits(v['ledger'])}"
+                            for k, v in drifted.items()
                         ),
                         unit="tokens",
                         expected=sum(r for r, _ in pairs.values()),
@@ -1050,7 +1153,9 @@ def check_providers(ctx: CheckContext) -> Iterator[Finding]:
 # --- margin ----------------------------------------------------------------------------------------------------
 
 
-def margin_candidates(session: Session, since: datetime, until: datetime) -> list[Any]:
+def margin_candidates(
+    session: Session, since: datetime, until: datetime, settlement_currency: str = "usd"
+) -> list[Any]:
     """Accounts of the window that may have a negative margin or free production usage, with their sums and
     what they paid (what the engine may prefetch). Generous: check_margin decides exactly, in Decimal."""
     W = usage_in_window(session, since, until)
@@ -1084,16 +1189,7 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
         .group_by(K.account_id)
         .subquery()
     )
-    paid = (
-        select(
-            Grant.account_id.label("account_id"),
-            func.sum(Grant.amount_minor).label("minor"),
-            func.sum(Grant.units).label("units"),
-        )
-        .where(Grant.source.in_(PAID_SOURCES), Grant.amount_minor.is_not(None), func.lower(Grant.currency) == "usd")
-        .group_by(Grant.account_id)
-        .subquery()
-    )
+    paid = paid_grants(settlement_currency)
     stmt = (
         select(
             Account.customer_id,
@@ -1105,6 +1201,8 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
             usage.c.n,
             paid.c.minor,
             paid.c.units.label("paid_units"),
+            paid.c.free_grants,
+            paid.c.unknown_grants,
         )
         .join(usage, usage.c.account_id == Account.id)
         .outerjoin(paid, paid.c.account_id == Account.id)
@@ -1118,6 +1216,9 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
                     or_(
                         paid.c.units.is_(None),
                         paid.c.units == 0,
+                        # Free credits or credits priced in another currency: check_margin splits them exactly.
+                        paid.c.free_grants > 0,
+                        paid.c.unknown_grants > 0,
                         # revenue <= 1.01 x cost, where revenue = units x minor / paid units / 100 and the cost
                         # is in integer 10^-10 USD here (as a plain number, so 101 binds as 101).
                         usage.c.units * paid.c.minor * 10**10
@@ -1132,44 +1233,75 @@ def margin_candidates(session: Session, since: datetime, until: datetime) -> lis
 
 
 def check_margin(ctx: CheckContext) -> Iterator[Finding]:
-    """Review items: customers whose usage cost more than the credits they spent were worth, and production
-    usage marked non-billable, for the window."""
-    rows = ctx.fetched("margin", lambda session: margin_candidates(session, ctx.since, ctx.until))
+    """Review items for the window: customers whose paid credits were worth less than the provider cost of what
+    they funded (negative_margin), free credits that cost more than their allowance (free_credit_cost), and
+    production usage marked non-billable.
+
+    Revenue is in the settlement currency (see reconciliation.funding); it is compared with USD costs only when
+    that currency is USD. Credits paid in another currency without a known settlement are left out of both
+    sides and named in the evidence, never counted as worth nothing.
+    """
+    currency = ctx.config.reconciliation.settlement_currency
+    rows = ctx.fetched("margin", lambda session: margin_candidates(session, ctx.since, ctx.until, currency))
     window = f"{ctx.since.isoformat()}|{ctx.until.isoformat()}"
+    costly = [row.account_id for row in rows if Decimal(row.cost or 0) > 0]
+    funding = consumption_funding(ctx.session, since=ctx.since, until=ctx.until, account_ids=costly, config=ctx.config)
     for row in rows:
         cost = Decimal(row.cost or 0)
         units = int(row.units or 0)
-        minor, paid_units = int(row.minor or 0), int(row.paid_units or 0)
-        revenue = (Decimal(units) * Decimal(minor) / Decimal(paid_units) / 100) if paid_units else Decimal(0)
-        revenue = revenue.quantize(Decimal("0.0000000001"))
-        if cost > 0 and revenue < cost:
-            A = usage_in_window(ctx.session, ctx.since, ctx.until, account_id=row.account_id)
-            breakdown = [
-                {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
-                for f, m, u, c in ctx.session.execute(
-                    select(A.c.feature, A.c.model, func.sum(A.c.units), func.sum(A.c.provider_cost_usd))
-                    .where(A.c.billable.is_(True), A.c.environment == UsageEnvironment.PRODUCTION)
-                    .group_by(A.c.feature, A.c.model)
-                    .order_by(A.c.feature, A.c.model)
-                )
-            ]
+        split = split_margin(funding.get(row.account_id, Funding()), cost, ctx.config) if cost > 0 else None
+        if split is not None and split.comparable and split.paid_cost_usd > 0 and split.revenue < split.paid_cost_usd:
             yield Finding(
                 kind=MismatchKind.NEGATIVE_MARGIN,
                 identity=f"{row.customer_id}|{window}",
-                summary=f"customer {row.customer_id}: usage cost ${cost} but the credits it used were worth ${revenue}",
+                summary=f"customer {row.customer_id}: usage funded by paid credits cost "
+                f"{format_usd(split.paid_cost_usd)} but those credits were worth {format_usd(split.revenue)}"
+                + _unpriced_note(split),
                 customer_id=row.customer_id,
                 currency="usd",
                 unit="usd",
-                expected=revenue,
-                actual=cost,
+                expected=split.revenue,
+                actual=split.paid_cost_usd,
                 evidence={
                     "ledger": {
                         "usage_records": int(row.n),
                         "units": units,
                         "provider_cost_usd": str(cost),
-                        "paid_minor": minor,
-                        "paid_units": paid_units,
-                        "by_feature_model": breakdown,
+                        "paid_minor": int(row.minor or 0),
+                        "paid_units": int(row.paid_units or 0),
+                        "margin": split.as_dict(),
+                        "by_feature_model": _margin_breakdown(ctx, row.account_id),
+                    },
+                },
+                occurred_at=ctx.since,
+            )
+        if split is not None and split.free_cost_usd > split.free_allowance_usd:
+            buckets = split.funding.free.values()
+            yield Finding(
+                kind=MismatchKind.FREE_CREDIT_COST,
+                identity=f"{row.customer_id}|{window}",
+                summary=f"customer {row.customer_id}: free credits ("
+                + ", ".join(f"{format_credits(b.units)} {b.label}" for b in buckets)
+                + f") cost {format_usd(split.free_cost_usd)}, over their allowance of "
+                f"{format_usd(split.free_allowance_usd)}",
+                customer_id=row.customer_id,
+                currency="usd",
+                unit="usd",
+                expected=split.free_allowance_usd,
+                actual=split.free_cost_usd,
+                evidence={
+                    "ledger": {
+                        "provider_cost_usd": str(cost),
+                        "margin": split.as_dict(),
+                        "free_by_plan": [
+                            {
+                                "plan": b.label,
+                                "credits": b.units,
+                                "allowance_per_credit_usd": str(b.allowance_per_credit_usd),
+                                "allowance_usd": str(b.allowance_usd),
+                            }
+                            for b in buckets
+                        ],
                     },
                 },
                 occurred_at=ctx.since,
@@ -1179,7 +1311,7 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
                 kind=MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
                 identity=f"{row.customer_id}|{window}",
                 summary=f"customer {row.customer_id}: {row.free_n} production usage records marked non-billable "
-                f"(provider cost ${Decimal(row.free_cost or 0)})",
+                f"(provider cost {format_usd(Decimal(row.free_cost or 0))})",
                 customer_id=row.customer_id,
                 currency="usd",
                 unit="usd",
@@ -1189,6 +1321,196 @@ def check_margin(ctx: CheckContext) -> Iterator[Finding]:
                     "ledger": {"records": int(row.free_n), "provider_cost_usd": str(Decimal(row.free_cost or 0))}
                 },
                 occurred_at=ctx.since,
+            )
+
+
+def _unpriced_note(split: MarginSplit) -> str:
+    f = split.funding
+    if not f.unknown_units:
+        return ""
+    return (
+        f" ({format_credits(f.unknown_units)} credits paid in {', '.join(sorted(f.unknown_currencies)).upper()} "
+        f"have no known {split.currency.upper()} settlement and are left out)"
+    )
+
+
+def _margin_breakdown(ctx: CheckContext, account_id: int) -> list[dict[str, Any]]:
+    A = usage_in_window(ctx.session, ctx.since, ctx.until, account_id=account_id)
+    return [
+        {"feature": f, "model": m, "units": int(u or 0), "cost_usd": str(Decimal(c or 0))}
+        for f, m, u, c in ctx.session.execute(
+            select(A.c.feature, A.c.model, func.sum(A.c.units), func.sum(A.c.provider_cost_usd))
+            .where(A.c.billable.is_(True), A.c.environment == UsageEnvironment.PRODUCTION)
+            .group_by(A.c.feature, A.c.model)
+            .order_by(A.c.feature, A.c.model)
+        )
+    ]
+
+
+# --- payouts ---------------------------------------------------------------------------------------------------
+
+
+def _parent_charge(ctx: CheckContext, object_type: str, object_id: str) -> str | None:
+    """The charge a refund or dispute belongs to: from this run's staged rows, else from Stripe."""
+    S = StagedStripeObject
+    found = ctx.session.scalar(
+        select(S.ref).where(S.run_id == ctx.run_id, S.object_type == object_type, S.object_id == object_id).limit(1)
+    )
+    if found:
+        return found
+    try:
+        return stripe_id(ctx.stripe.retrieve(object_type, object_id).get("charge"))
+    except Exception as exc:
+        if not is_not_found(exc):
+            raise
+        return None
+
+
+def _charge_grant(ctx: CheckContext, charge_id: str) -> tuple[Grant | None, GrantSettlement | None]:
+    """The paid grant a charge funded (by its kept settlement, this run's aliases, or its own id)."""
+    settlement = ctx.session.scalars(
+        select(GrantSettlement).where(GrantSettlement.charge_id == charge_id).limit(1)
+    ).first()
+    if settlement is not None:
+        return ctx.session.get(Grant, settlement.grant_id), settlement
+    A = StagedStripeAlias
+    keys = select(A.key).where(
+        A.run_id == ctx.run_id,
+        A.payment_id.in_(select(A.payment_id).where(A.run_id == ctx.run_id, A.key == charge_id)),
+    )
+    grant = ctx.session.scalars(
+        select(Grant)
+        .where(
+            Grant.source.in_(CHARGE_FUNDED_SOURCES),
+            or_(Grant.stripe_object_id == charge_id, Grant.stripe_object_id.in_(keys)),
+        )
+        .order_by(Grant.id)
+        .limit(1)
+    ).first()
+    return grant, None
+
+
+def _ledger_side_of(ctx: CheckContext, txn: StagedStripeObject) -> tuple[str | None, dict[str, Any], Grant | None]:
+    """(problem or None, the ledger's evidence, the grant involved) for one paid-out balance transaction."""
+    source = txn.detail.get("source") or ""
+    kind = object_type_of(source)
+    if kind == "charge":
+        grant, settlement = _charge_grant(ctx, source)
+        if grant is None:
+            return f"charge {source} ({txn.amount}) funds no grant in the ledger", {"grants": []}, None
+        side: dict[str, Any] = {"grants": [_grant_evidence(grant)]}
+        if settlement is not None:
+            side["settlement"] = {"amount": settlement.settlement_minor, "fee": settlement.fee_minor}
+            if settlement.settlement_minor != txn.amount or settlement.fee_minor != txn.detail.get("fee"):
+                return (
+                    f"charge {source}: paid out {txn.amount} (fee {txn.detail.get('fee')}), the ledger kept "
+                    f"{settlement.settlement_minor} (fee {settlement.fee_minor})",
+                    side,
+                    grant,
+                )
+        return None, side, grant
+    if kind in ("refund", "dispute"):
+        charge = _parent_charge(ctx, kind, source)
+        grant = _charge_grant(ctx, charge)[0] if charge else None
+        named = [source, *([charge] if charge and kind == "refund" else [])]
+        entries = list(
+            ctx.session.execute(
+                select(Entry.id, Entry.kind).where(
+                    Entry.stripe_object_id.in_(named), Entry.kind.in_((EntryKind.CLAWBACK, EntryKind.FREEZE))
+                )
+            )
+        )
+        if not entries and grant is not None and kind == "dispute":
+            # A dispute's freeze names no Stripe object: the funded grant's freeze or clawback is the ledger's side.
+            entries = list(
+                ctx.session.execute(
+                    select(Entry.id, Entry.kind).where(
+                        Entry.grant_id == grant.id, Entry.kind.in_((EntryKind.CLAWBACK, EntryKind.FREEZE))
+                    )
+                )
+            )
+        side = {
+            "charge": charge,
+            "grants": [_grant_evidence(grant)] if grant is not None else [],
+            "entries": [{"id": e.id, "kind": e.kind.value} for e in entries],
+        }
+        if grant is None:
+            return None, side, None  # the charge funds no grant: payment_without_grant reports it, if any
+        if not entries:
+            return f"{kind} {source} of charge {charge} ({txn.amount}) was paid out but never applied", side, grant
+        return None, side, grant
+    return None, {}, None  # fees, adjustments, the payout itself: only the total
+
+
+def check_payouts(ctx: CheckContext) -> Iterator[Finding]:
+    """payout_mismatch: a payout whose balance transactions do not add up to it, and each paid-out charge,
+    refund or dispute the ledger has no side for (or a different amount)."""
+    S = StagedStripeObject
+    payouts = list(
+        ctx.session.scalars(select(S).where(S.run_id == ctx.run_id, S.object_type == "payout").order_by(S.id))
+    )
+    for po in payouts:
+        txns = list(
+            ctx.session.scalars(
+                select(S).where(S.run_id == ctx.run_id, S.object_type == "payout_txn", S.ref == po.object_id)
+                .order_by(S.id)
+            )
+        )  # fmt: skip
+        paid_out = [t for t in txns if t.status != "payout"]
+        net = sum(int(t.detail.get("net") or 0) for t in paid_out)
+        tie: dict[str, Any] = {
+            "payout": po.object_id,
+            "amount": po.amount,
+            "currency": po.currency,
+            "created": _iso(po.created),
+            "arrival_date": po.detail.get("arrival_date"),
+            "transactions": len(paid_out),
+            "net": net,
+            "differences": 0,
+        }
+        ctx.payouts.append(tie)
+        if net != po.amount:
+            tie["differences"] += 1
+            yield Finding(
+                kind=MismatchKind.PAYOUT_MISMATCH,
+                identity=f"{po.object_id}|total",
+                summary=f"payout {po.object_id} of {format_money(po.amount, po.currency)}: its transactions net "
+                f"{format_money(net, po.currency)}",
+                currency=po.currency,
+                unit="minor",
+                expected=net,
+                actual=po.amount,
+                evidence={"stripe": {"payout": po.object_id, "amount": po.amount, "transactions": len(paid_out)}},
+                occurred_at=_utc(po.created),
+            )
+        for t in paid_out:
+            problem, ledger_side, grant = _ledger_side_of(ctx, t)
+            if problem is None:
+                continue
+            tie["differences"] += 1
+            source = t.detail.get("source")
+            yield Finding(
+                kind=MismatchKind.PAYOUT_MISMATCH,
+                identity=f"{po.object_id}|{t.object_id}",
+                summary=f"payout {po.object_id}: {problem}",
+                customer_id=customer_of(ctx, [source], grant),
+                currency=t.currency,
+                unit="minor",
+                expected=t.amount,
+                actual=None,
+                evidence={
+                    "stripe": {
+                        "payout": po.object_id,
+                        "balance_transaction": t.object_id,
+                        "type": t.status,
+                        "source": source,
+                        "amount": t.amount,
+                        "fee": t.detail.get("fee"),
+                        "net": t.detail.get("net"),
+                    },
+                    "ledger": ledger_side,
+                },
+                occurred_at=_utc(po.created),
             )
 
 
@@ -1234,8 +1556,8 @@ def check_clawback_debt(ctx: CheckContext) -> Iterator[Finding]:
             kind=MismatchKind.CLAWBACK_DEBT,
             identity=f"entry:{row.id}",
             summary=(
-                f"{row.customer_id} had already spent {row.debt_delta} of the credits clawed back from grant "
-                f"{grant.id} ({row.reason or 'clawback'}); recorded as debt"
+                f"{row.customer_id} had already spent {format_credits(row.debt_delta)} of the credits clawed back "
+                f"from grant {grant.id} ({row.reason or 'clawback'}); recorded as debt"
             ),
             customer_id=row.customer_id,
             currency=grant.currency,

@@ -1,15 +1,19 @@
 """Reconciliation commands: ``reconcile`` and the ``mismatches`` review workflow.
 
 Exit codes (ledger.cli): 0 done and nothing found; 1 the run found mismatches; 2 a usage, report or config
-error; 5 an unknown mismatch.
+error; 5 an unknown mismatch; 7 the run failed and compared nothing (its row records the error); 8 a partial run
+(some Stripe list could not be read, or a check stopped: the run compared the rest, and says what it missed).
+A partial or failed run is never reported as 0 or 1. (6 is the ledger's limit_exceeded, 70 an unexpected error.)
 """
 
 from __future__ import annotations
 
+import csv
 import getpass
 import json
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,13 +25,19 @@ from rich.table import Table
 from ledger.cli import EXIT_CHECK_FAILED, EXIT_UNKNOWN, EXIT_USAGE, CommandFailed, print_json
 from ledger.db import session_factory, unit_of_work
 from ledger.errors import InvalidRequest
+from ledger.money import format_amount, format_credits, format_money, format_usd, to_minor
+from ledger.revenue import Period, revenue_report, verify
 from reconciliation import services
 from reconciliation.engine import RunSummary, previous_utc_day, reconcile
-from reconciliation.models import MismatchKind, MismatchStatus
+from reconciliation.models import MismatchKind, MismatchStatus, RunStatus
 from reconciliation.providers import ReportError
 
 if TYPE_CHECKING:
     from reconciliation.gateway import StripeGateway
+
+# Beside ledger.cli's codes (6 is limit_exceeded there) and 70 for an unexpected error.
+EXIT_RUN_FAILED = 7
+EXIT_PARTIAL = 8
 
 mismatches_app = typer.Typer(help="Review reconciliation mismatches.", no_args_is_help=True)
 
@@ -54,7 +64,12 @@ def _parse_time(value: str, option: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-_ERROR_CODES = {EXIT_USAGE: "usage_error", EXIT_UNKNOWN: "unknown_mismatch", EXIT_CHECK_FAILED: "run_failed"}
+_ERROR_CODES = {
+    EXIT_USAGE: "usage_error",
+    EXIT_UNKNOWN: "unknown_mismatch",
+    EXIT_CHECK_FAILED: "run_failed",
+    EXIT_RUN_FAILED: "run_failed",
+}
 
 
 def _fail(message: str, code: int) -> CommandFailed:
@@ -82,6 +97,10 @@ def _print_summary(summary: RunSummary) -> None:
         console.print(table)
     if summary.outcomes:
         console.print("changes: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())))
+    for source, why in sorted(summary.missed_sources.items()):
+        console.print(f"not read from Stripe: {source}: {why}", soft_wrap=True)
+    for check, why in sorted(summary.skipped_checks.items()):
+        console.print(f"check {check} {why}", soft_wrap=True)
 
 
 def reconcile_command(
@@ -134,13 +153,18 @@ def reconcile_command(
         raise _fail(str(exc), EXIT_USAGE) from exc
     except ValueError as exc:
         raise _fail(str(exc), EXIT_USAGE) from exc
-    except Exception as exc:  # Stripe or the database failed mid-run: the run row says so too
-        raise _fail(f"reconciliation failed: {type(exc).__name__}: {exc}", EXIT_CHECK_FAILED) from exc
+    except Exception as exc:  # the database (or something unforeseen) failed mid-run: the run row says so too
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise _fail(f"reconciliation failed: {type(exc).__name__}: {first_line}", EXIT_RUN_FAILED) from exc
     if as_json:
-        found = {"code": "mismatches_found"} if summary.total else {}
-        print_json({**summary.as_dict(), **found}, ok=not summary.total)
+        partial = summary.status is RunStatus.PARTIAL
+        found = {"code": "partial_run"} if partial else {"code": "mismatches_found"} if summary.total else {}
+        # "ok" is true exactly when the exit code is 0: a partial run is not ok even when it found nothing.
+        print_json({**summary.as_dict(), **found}, ok=not summary.total and not partial)
     else:
         _print_summary(summary)
+    if summary.status is RunStatus.PARTIAL:
+        raise typer.Exit(EXIT_PARTIAL)
     if summary.total:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -157,7 +181,8 @@ def margin_command(
     customer: Annotated[str | None, typer.Option("--customer")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
-    """Margin per customer, feature and model: credits sold against provider cost, for [since, until)."""
+    """Margin per customer, feature and model: credits sold (gross, and net of Stripe's fees) against provider
+    cost, for [since, until)."""
     from reconciliation.margin import margin_rows
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
@@ -168,19 +193,105 @@ def margin_command(
     if as_json:
         print_json({"rows": rows})
         return
-    table = Table("customer", "feature", "model", "requests", "credits", "revenue $", "cost $", "margin $")
+    table = Table(
+        "customer", "feature", "model", "requests", "credits", "revenue", "net revenue", "cost", "margin", "net margin"
+    )
+    notes: dict[str, str] = {}
+
+    def money(value: str, currency: str) -> str:
+        amount = Decimal(value)
+        return format_usd(amount) if currency == "usd" else format_money(to_minor(amount, currency), currency)
+
     for r in rows:
+        currency = r["revenue_currency"]
         table.add_row(
             r["customer_id"],
             r["feature"] or "",
             r["model"] or "",
-            str(r["requests"]),
-            str(r["units"]),
-            r["revenue_usd"],
-            r["cost_usd"],
-            r["margin_usd"],
+            format_credits(r["requests"]),
+            format_credits(r["units"]),
+            money(r["revenue"], currency),
+            money(r["revenue_net"], currency),
+            format_usd(r["cost_usd"]),
+            format_usd(r["margin_usd"]) if r["margin_usd"] is not None else "n/a",
+            format_usd(r["net_margin_usd"]) if r["net_margin_usd"] is not None else "n/a",
         )
-    Console(width=max(160, Console().width)).print(table)
+        if r["note"]:
+            notes[r["customer_id"]] = r["note"]
+    console = Console(width=max(160, Console().width))
+    console.print(table)
+    for customer_id, note in notes.items():
+        console.print(f"{customer_id}: {note}", soft_wrap=True)
+
+
+def revenue_command(
+    since: Annotated[str, typer.Option("--since", help="Window start (ISO 8601, UTC if no offset).")],
+    until: Annotated[str, typer.Option("--until", help="Window end, exclusive (ISO 8601).")],
+    by: Annotated[Period, typer.Option("--by", help="One line per UTC day or month.")] = Period.MONTH,
+    csv_path: Annotated[
+        Path | None, typer.Option("--csv", help="Also write the lines to this CSV file (exact minor units).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Deferred revenue roll-forward: credits sold, revenue recognized, breakage (expired), clawed back, and the
+    closing deferred balance, per period and currency; free credits apart. Exit 1 if it does not tie."""
+    start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
+    if end <= start:
+        raise _fail("--until must be after --since", EXIT_USAGE)
+    with unit_of_work() as session:
+        report = revenue_report(session, since=start, until=end, by=by)
+        # The independent check compares the last closing balance with the grants' state now.
+        problems = verify(session, report) if end >= datetime.now(UTC) else []
+    if csv_path is not None:
+        try:
+            with csv_path.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(REVENUE_COLUMNS))
+                writer.writeheader()
+                for line in [*report.money, *report.free_credits]:
+                    writer.writerow(line.as_dict())
+        except OSError as exc:
+            raise _fail(f"cannot write {csv_path}: {exc.strerror or exc}", EXIT_USAGE) from exc
+    if as_json:
+        # The --json contract: one object on one line, "ok" true exactly when the exit code is 0.
+        found = {"code": "revenue_does_not_tie"} if problems else {}
+        print_json({**report.as_dict(), "problems": problems, **found}, ok=not problems)
+    else:
+        table = Table("period", "currency", *(c.replace("_", " ") for c in REVENUE_COLUMNS[3:]))
+        for line in report.money:
+            cells = [line.opening, line.sold, line.recognized, line.expired, line.clawed_back, line.adjusted]
+            table.add_row(
+                line.period_start.date().isoformat(),
+                line.currency.upper(),
+                *(format_money(v, line.currency) for v in [*cells, line.closing]),
+            )
+        for line in report.free_credits:
+            cells = [line.opening, line.sold, line.recognized, line.expired, line.clawed_back, line.adjusted]
+            table.add_row(
+                line.period_start.date().isoformat(),
+                "free credits",
+                *(format_credits(v) for v in [*cells, line.closing]),
+            )
+        console = Console(width=max(160, Console().width))
+        console.print(table)
+        for problem in problems:
+            console.print(f"does not tie: {problem}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+# The CSV's columns: amounts in exact minor units of ``currency`` ("credits" for the free-credit lines).
+REVENUE_COLUMNS = (
+    "period_start",
+    "period_end",
+    "currency",
+    "opening_deferred",
+    "sold",
+    "recognized",
+    "expired",
+    "clawed_back",
+    "adjusted",
+    "closing_deferred",
+)
 
 
 # --- mismatches ------------------------------------------------------------------------------------------------
@@ -211,8 +322,8 @@ def list_command(
             m["kind"],
             m["status"],
             m["customer_id"] or "",
-            m["expected"] or "",
-            m["actual"] or "",
+            format_amount(m["expected"], m["unit"], m["currency"]) if m["expected"] is not None else "",
+            format_amount(m["actual"], m["unit"], m["currency"]) if m["actual"] is not None else "",
             m["unit"],
             m["summary"],
         )
@@ -237,13 +348,14 @@ def show_command(
         return
     console = Console()
     console.print(f"[bold]mismatch {data['id']}[/bold] {data['kind']} ({data['status']})")
+    for key in ("expected", "actual"):
+        shown = format_amount(data[key], data["unit"], data["currency"])
+        console.print(f"  {key}: {shown}" + (f" (exact: {data[key]})" if data[key] is not None else ""))
     for key in (
         "summary",
         "customer_id",
         "currency",
         "unit",
-        "expected",
-        "actual",
         "occurred_at",
         "first_seen_run_id",
         "last_seen_run_id",
@@ -321,4 +433,5 @@ def register(app: typer.Typer) -> None:
     """Add this package's commands to the root CLI."""
     app.command("reconcile")(reconcile_command)
     app.command("margin")(margin_command)
+    app.command("revenue")(revenue_command)
     app.add_typer(mismatches_app, name="mismatches")

@@ -25,7 +25,7 @@ from reconciliation.models import MismatchKind, ReconciliationRun, RunStatus
 from reconciliation.providers import ProviderReport, parse_reports
 from reconciliation.services import Finding, close_unseen, record_finding
 from reconciliation.staging import ABANDONED_AFTER, Stager, analyze_staging, clear_abandoned_staging, clear_staging
-from reconciliation.stripe_source import StripeSource
+from reconciliation.stripe_source import StripeSource, describe_source_error, is_source_error
 
 # Kinds whose mismatches belong to a point in time (closed by a later run over the same window).
 WINDOWED_KINDS = (
@@ -41,12 +41,16 @@ WINDOWED_KINDS = (
     MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
     MismatchKind.CLAWBACK_DEBT,
     MismatchKind.PLAN_CHANGE_NOT_APPLIED,
+    MismatchKind.FREE_CREDIT_COST,
+    MismatchKind.BALANCE_TRANSACTION_MISMATCH,
+    MismatchKind.PAYOUT_MISMATCH,
 )
 # Kinds about the current state: every run sees all of it.
 GLOBAL_KINDS = (MismatchKind.ACCESS_STATE_DRIFT, MismatchKind.UNPROCESSED_EVENT)
 
 CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ...] = (
     ("payments", checks.check_payments),
+    ("balance_transactions", checks.check_balance_transactions),
     ("grants", checks.check_grants),
     ("refunds", checks.check_refunds),
     ("disputes", checks.check_disputes),
@@ -58,7 +62,48 @@ CHECKS: tuple[tuple[str, Callable[[checks.CheckContext], Iterator[Finding]]], ..
     ("providers", checks.check_providers),
     ("margin", checks.check_margin),
     ("clawback_debt", checks.check_clawback_debt),
+    ("payouts", checks.check_payouts),
 )
+
+
+# The kinds each check observes: a check that did not run (or stopped) must not close its kinds' mismatches.
+CHECK_KINDS: dict[str, tuple[MismatchKind, ...]] = {
+    "payments": (MismatchKind.PAYMENT_WITHOUT_GRANT, MismatchKind.DUPLICATE_GRANT, MismatchKind.AMOUNT_MISMATCH),
+    "balance_transactions": (MismatchKind.BALANCE_TRANSACTION_MISMATCH,),
+    "grants": (MismatchKind.GRANT_WITHOUT_PAYMENT,),
+    "refunds": (MismatchKind.REFUND_NOT_CLAWED_BACK,),
+    "disputes": (MismatchKind.DISPUTE_NOT_APPLIED,),
+    "plan_changes": (MismatchKind.PLAN_CHANGE_NOT_APPLIED,),
+    "access_state": (MismatchKind.ACCESS_STATE_DRIFT,),
+    "unprocessed_events": (MismatchKind.UNPROCESSED_EVENT,),
+    "missed_events": (MismatchKind.MISSED_EVENT,),
+    "customer_totals": (MismatchKind.CUSTOMER_TOTAL_MISMATCH,),
+    "providers": (MismatchKind.PROVIDER_COST_DRIFT, MismatchKind.PROVIDER_USAGE_DRIFT),
+    "margin": (
+        MismatchKind.NEGATIVE_MARGIN,
+        MismatchKind.NON_BILLABLE_PRODUCTION_USAGE,
+        MismatchKind.FREE_CREDIT_COST,
+    ),
+    "clawback_debt": (MismatchKind.CLAWBACK_DEBT,),
+    "payouts": (MismatchKind.PAYOUT_MISMATCH,),
+}
+# The Stripe lists each check compares: one that could not be read skips the check (it would report what it
+# did not see as missing). Payments come from three lists, and grants are matched against all of them.
+STRIPE_LISTS = ("checkout_session", "invoice", "charge", "refund", "dispute", "subscription", "event", "payout")
+PAYMENT_SOURCES = ("checkout_session", "invoice", "charge")
+CHECK_SOURCES: dict[str, tuple[str, ...]] = {
+    "payments": PAYMENT_SOURCES,
+    "grants": PAYMENT_SOURCES,
+    "balance_transactions": ("charge", "refund"),
+    "refunds": ("refund", *PAYMENT_SOURCES),
+    "disputes": ("dispute", *PAYMENT_SOURCES),
+    # Plan changes are staged from the window's subscription_update invoices.
+    "plan_changes": ("invoice",),
+    "access_state": ("subscription",),
+    "missed_events": ("event",),
+    "customer_totals": PAYMENT_SOURCES,
+    "payouts": ("payout",),
+}
 
 
 class ReconcileError(Exception):
@@ -79,6 +124,9 @@ class RunSummary:
     stripe_objects: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     provider_reports: list[dict[str, Any]] = field(default_factory=list)
+    # A partial run: the Stripe lists it could not read and the checks it skipped or that stopped, with why.
+    missed_sources: dict[str, str] = field(default_factory=dict)
+    skipped_checks: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -99,6 +147,8 @@ class RunSummary:
             "stripe_objects": self.stripe_objects,
             "timings_seconds": {k: round(v, 3) for k, v in self.timings.items()},
             "provider_reports": self.provider_reports,
+            "missed_sources": dict(sorted(self.missed_sources.items())),
+            "skipped_checks": dict(sorted(self.skipped_checks.items())),
         }
 
 
@@ -147,6 +197,7 @@ def _prefetch(
     until: datetime,
     reports: Sequence[ProviderReport],
     timings: dict[str, float],
+    config: BillingConfig,
 ) -> dict[str, Future[Any]]:
     """Start the two checks' queries that aggregate the window's whole usage (and read nothing staged) on a
     second connection, so PostgreSQL works on them while this one runs the other checks.
@@ -169,7 +220,11 @@ def _prefetch(
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile-prefetch")
     background.callback(pool.shutdown, wait=True, cancel_futures=True)
     return {
-        "margin": pool.submit(run, "margin", lambda s: checks.margin_candidates(s, since, until)),
+        "margin": pool.submit(
+            run,
+            "margin",
+            lambda s: checks.margin_candidates(s, since, until, config.reconciliation.settlement_currency),
+        ),
         "providers": pool.submit(run, "providers", lambda s: checks.provider_ledger_usage(s, reports)),
     }
 
@@ -227,12 +282,27 @@ def reconcile(
             stats = stager.stage_all(since, until)
             summary.stripe_objects = dict(stats.counts)
             summary.timings["stripe_paging"] = stats.seconds
+            summary.missed_sources = dict(stats.missed)
+            if len(stats.missed) == len(STRIPE_LISTS):
+                # Nothing at all from Stripe (unreachable, a revoked key): a failed run, not a partial one.
+                raise ReconcileError(f"no Stripe list could be read: {next(iter(stats.missed.values()))}")
+        for name, sources in CHECK_SOURCES.items():
+            unread = [x for x in sources if x in summary.missed_sources]
+            if unread:
+                summary.skipped_checks[name] = f"not run: Stripe's {', '.join(unread)} list could not be read"
 
         with _unit(target) as session, ExitStack() as background:
             started = time.perf_counter()
             background_timings: dict[str, float] = {}
             prefetched = _prefetch(
-                target, session, background, since=since, until=until, reports=reports, timings=background_timings
+                target,
+                session,
+                background,
+                since=since,
+                until=until,
+                reports=reports,
+                timings=background_timings,
+                config=config,
             )
             _prepare(session)
             run = session.get(ReconciliationRun, run_id)  # type: ignore[assignment]
@@ -250,27 +320,40 @@ def reconcile(
                 prefetched=prefetched,
             )
             for name, check in CHECKS:
+                if name in summary.skipped_checks:
+                    ctx.prefetched.pop(name, None)
+                    continue
                 started = time.perf_counter()
-                for finding in check(ctx):
-                    outcome = record_finding(session, run, finding, now=now)
-                    summary.counts[finding.kind.value] = summary.counts.get(finding.kind.value, 0) + 1
-                    summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
-                    tick(f"check:{name}", 1)
+                try:
+                    for finding in check(ctx):
+                        outcome = record_finding(session, run, finding, now=now)
+                        summary.counts[finding.kind.value] = summary.counts.get(finding.kind.value, 0) + 1
+                        summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
+                        tick(f"check:{name}", 1)
+                except Exception as exc:
+                    # A Stripe call inside the check failed: what it found so far stands, the rest is unknown.
+                    if not is_source_error(exc):
+                        raise
+                    summary.skipped_checks[name] = f"stopped: {describe_source_error(exc)}"
                 summary.timings[f"check:{name}"] = time.perf_counter() - started
                 tick(f"check:{name}", 0)
+            for future in ctx.prefetched.values():
+                future.result()  # a skipped check's prefetch still finishes before the timings are read
             summary.timings.update(background_timings)  # every prefetch was taken by its check by now
             started = time.perf_counter()
+            unobserved = {k for name in summary.skipped_checks for k in CHECK_KINDS.get(name, ())}
             summary.closed = close_unseen(
                 session,
                 run,
-                windowed_kinds=WINDOWED_KINDS,
-                global_kinds=GLOBAL_KINDS,
+                windowed_kinds=[k for k in WINDOWED_KINDS if k not in unobserved],
+                global_kinds=[k for k in GLOBAL_KINDS if k not in unobserved],
                 scope_keys=sorted(ctx.provider_scope_keys),
                 now=now,
             )
             clear_staging(session, run_id)
             summary.timings["close_and_clean"] = time.perf_counter() - started
-            run.status = RunStatus.SUCCEEDED
+            status = RunStatus.PARTIAL if summary.missed_sources or summary.skipped_checks else RunStatus.SUCCEEDED
+            run.status = status
             run.finished_at = datetime.now(UTC)
             run.counts = dict(sorted(summary.counts.items()))
             run.stats = {
@@ -278,8 +361,19 @@ def reconcile(
                 "outcomes": summary.outcomes,
                 "closed": summary.closed,
                 "timings_seconds": {k: round(v, 3) for k, v in summary.timings.items()},
+                "missed_sources": summary.missed_sources,
+                "skipped_checks": summary.skipped_checks,
+                "payouts": ctx.payouts[:500],
             }
-        summary.status = RunStatus.SUCCEEDED
+            if status is RunStatus.PARTIAL:
+                run.error = (
+                    "partial: "
+                    + "; ".join(
+                        [f"{k}: {v}" for k, v in sorted(summary.missed_sources.items())]
+                        + [f"check {k} {v}" for k, v in sorted(summary.skipped_checks.items())]
+                    )[:4000]
+                )
+        summary.status = status
         return summary
     except Exception as exc:
         if isinstance(target, Session):

@@ -39,6 +39,7 @@ _RETRIEVABLE = {
     "checkout_session": ("checkout", "sessions"),
     "credit_note": ("credit_notes",),
     "event": ("events",),
+    "payout": ("payouts",),
 }
 
 # Stripe keeps events retrievable through the Events API for 30 days.
@@ -251,6 +252,16 @@ class StripeGateway:
     ) -> Iterator[dict[str, Any]]:
         """Credit notes created in the window."""
         return self._list(("credit_notes",), created_gte, created_lt, filters)
+
+    def list_payouts(
+        self, *, created_gte: datetime | None = None, created_lt: datetime | None = None, **filters: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Payouts created in the window."""
+        return self._list(("payouts",), created_gte, created_lt, filters)
+
+    def list_balance_transactions(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Balance transactions (``payout=po_...``: the ones a payout paid out)."""
+        return self._list(("balance_transactions",), None, None, filters)
 
     # --- writes ------------------------------------------------------------------------------------------
 

@@ -45,6 +45,12 @@ class MismatchKind(StrEnum):
     USAGE_SPIKE = "usage_spike"
     # An outbound notification endpoint failed for the whole retry horizon and was disabled.
     NOTIFICATION_ENDPOINT_DISABLED = "notification_endpoint_disabled"
+    # Free credits (promotions, trials, $0 invoices) whose provider cost went past the billing config's allowance.
+    FREE_CREDIT_COST = "free_credit_cost"
+    # A succeeded charge whose balance transaction is missing or disagrees with it (amount, source, net, rate).
+    BALANCE_TRANSACTION_MISMATCH = "balance_transaction_mismatch"
+    # A payout whose transactions do not add up to it, or name a charge, refund or dispute the ledger never saw.
+    PAYOUT_MISMATCH = "payout_mismatch"
 
 
 class MismatchStatus(StrEnum):
@@ -58,6 +64,8 @@ class MismatchStatus(StrEnum):
 class RunStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
+    # Compared what it could read: some Stripe list could not be read, or a check stopped (the run says which).
+    PARTIAL = "partial"
     FAILED = "failed"
 
 

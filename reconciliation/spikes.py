@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from ledger.config import BillingConfig, OnSpike, Spikes, get_billing_config
 from ledger.limits import customer_plans
 from ledger.models import Account, UsageEnvironment, UsageRecord
+from ledger.money import format_credits, format_usd
 from ledger.suspensions import suspend_usage
 from reconciliation.models import Mismatch, MismatchKind
 from reconciliation.services import Finding, open_review_item
@@ -203,8 +204,8 @@ def scan_spikes(session: Session, *, now: datetime, config: BillingConfig | None
         finding = Finding(
             kind=MismatchKind.USAGE_SPIKE,
             identity=f"{_subject_key(subject)}|{now.replace(minute=0, second=0, microsecond=0).isoformat()}",
-            summary=f"usage spike: {who} used {int(units)} units (${_metric(cost, '0.01')}) in the last hour, "
-            f"{ratio} the usual for this hour of the week",
+            summary=f"usage spike: {who} used {format_credits(int(units))} units ({format_usd(cost)}) in the last "
+            f"hour, {ratio} the usual for this hour of the week",
             customer_id=customer_id,
             unit="credits",
             expected=what.median if what is by_units else None,

@@ -16,14 +16,17 @@ from typing import Any
 from sqlalchemy import delete, insert, literal, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from ledger.config import BillingConfig
+from ledger.models import Grant, GrantSettlement, GrantSource, RefundSettlement
 from ledger.plan_changes import PlanNotConfigured, change_effect, proration_lines
 from reconciliation.models import ReconciliationRun, RunStatus, StagedStripeAlias, StagedStripeObject
-from reconciliation.stripe_source import StripeSource, stripe_id
+from reconciliation.stripe_source import StripeSource, describe_source_error, is_source_error, stripe_id
 
 PAGE_ROWS = 500
+# Grants bought with money (what a payment funds), a paid change of plan included.
+PAID_GRANT_SOURCES = (GrantSource.TOP_UP, GrantSource.RENEWAL, GrantSource.PLAN_CHANGE)
 # A run still marked running after this long died without cleaning up: its staged rows may be deleted.
 ABANDONED_AFTER = timedelta(days=1)
 
@@ -46,6 +49,8 @@ class StagingStats:
 
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # Lists Stripe would not give, with why (one line each).
+    missed: dict[str, str] = field(default_factory=dict)
 
     def add(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n
@@ -343,12 +348,28 @@ class Stager:
         )
 
     def stage_charges(self, since: datetime, until: datetime) -> None:
-        for page in self._pages(self.stripe.list_charges(created_gte=since, created_lt=until)):
+        # The balance transaction says what the charge settled as (amount and currency after conversion, fee,
+        # net): margin counts revenue in the settlement currency from it.
+        listed = self.stripe.list_charges(created_gte=since, created_lt=until, expand=["data.balance_transaction"])
+        for page in self._pages(listed):
             objects = []
             for ch in page:
                 if not ch.get("paid") or ch.get("status") != "succeeded":
                     continue
                 pi = stripe_id(ch.get("payment_intent"))
+                bt = balance_transaction_detail(ch.get("balance_transaction"))
+                problem = balance_transaction_problem(ch, bt)
+                if problem is not None:
+                    # Judged here, where the charge is in hand: the check reads only the few that disagree.
+                    objects.append(
+                        self._row(
+                            "balance_transaction_problem",
+                            ch,
+                            ref=ch["id"],
+                            amount=int(ch.get("amount_captured") or ch.get("amount") or 0),
+                            detail={"problem": problem, "balance_transaction": bt, "payment_intent": pi},
+                        )
+                    )
                 objects.append(
                     self._row(
                         "charge",
@@ -362,6 +383,7 @@ class Stager:
                             "invoice": stripe_id(ch.get("invoice")),
                             "description": ch.get("description"),
                             "metadata": ch.get("metadata") or {},
+                            "balance_transaction": bt,
                         },
                     )
                 )
@@ -382,6 +404,48 @@ class Stager:
             .on_conflict_do_nothing(index_elements=["run_id", "key"])
         )
         self.session.execute(stmt)
+        self.record_settlements()
+
+    def record_settlements(self) -> None:
+        """Keep each paid grant's settlement (its charge's balance transaction) in the ledger, for margin."""
+        C = StagedStripeObject
+        by_charge, by_payment = aliased(StagedStripeAlias), aliased(StagedStripeAlias)
+        stmt = (
+            select(Grant.id, C.object_id, C.created, C.amount, C.currency, C.detail)
+            .join(by_charge, (by_charge.run_id == C.run_id) & (by_charge.key == C.object_id))
+            .join(by_payment, (by_payment.run_id == C.run_id) & (by_payment.payment_id == by_charge.payment_id))
+            .join(Grant, Grant.stripe_object_id == by_payment.key)
+            .where(C.run_id == self.run_id, C.object_type == "charge", Grant.source.in_(PAID_GRANT_SOURCES))
+            .order_by(Grant.id, C.id)
+        )
+        rows: dict[int, dict[str, Any]] = {}
+        for grant_id, charge_id, created, amount, currency, detail in self.session.execute(stmt):
+            bt = (detail or {}).get("balance_transaction")
+            if not bt or grant_id in rows:
+                continue
+            rows[grant_id] = {
+                "grant_id": grant_id,
+                "charge_id": charge_id,
+                "balance_transaction_id": bt.get("id"),
+                "paid_at": created,
+                "amount_minor": int(amount or 0),
+                "currency": str(currency or "").lower()[:3],
+                "settlement_minor": int(bt["amount"]),
+                "settlement_currency": str(bt["currency"]).lower()[:3],
+                "exchange_rate": Decimal(bt["exchange_rate"]) if bt.get("exchange_rate") else None,
+                "fee_minor": int(bt.get("fee") or 0),
+                "net_minor": int(bt.get("net") if bt.get("net") is not None else int(bt["amount"])),
+                "recorded_at": datetime.now(UTC),
+            }
+        values = list(rows.values())
+        for start in range(0, len(values), PAGE_ROWS):
+            insert_stmt = self._insert(GrantSettlement)
+            upsert = insert_stmt.on_conflict_do_update(
+                index_elements=["grant_id"],
+                set_={c: insert_stmt.excluded[c] for c in values[0] if c != "grant_id"},
+            )
+            self.session.execute(upsert, values[start : start + PAGE_ROWS])
+        self.stats.add("settlement", len(values))
 
     def analyze(self) -> None:
         """Give PostgreSQL statistics on the staged rows, so joins with them are hash joins, not nested loops."""
@@ -403,49 +467,118 @@ class Stager:
             detail = ch.detail or {}
             pi = detail.get("payment_intent")
             description = detail.get("description") or ""
-            if detail.get("invoice") or not pi or str(description).startswith("Subscription"):
+            if detail.get("invoice") or str(description).startswith("Subscription"):
                 continue
-            # Direct payments may also belong to a session created before the window; ask Stripe once.
-            session = next(iter(self.stripe.list_checkout_sessions(payment_intent=pi)), None)
-            if session is not None:
-                continue
+            if pi:
+                # Direct payments may also belong to a session created before the window; ask Stripe once.
+                session = next(iter(self.stripe.list_checkout_sessions(payment_intent=pi)), None)
+                if session is not None:
+                    continue
+            # A charge without a payment intent (the older Charges API) is a payment of its own, keyed by itself.
+            key = pi or ch.object_id
             amount = int(ch.amount or 0)
             objects.append(
                 {
                     "run_id": self.run_id,
                     "object_type": "payment",
-                    "object_id": pi,
+                    "object_id": key,
                     "customer_id": ch.customer_id,
-                    "ref": pi,
+                    "ref": key,
                     "status": "paid",
                     "amount": amount,
                     "amount_refunded": None,
                     "currency": ch.currency,
                     "created": ch.created,
                     "expected_credits": expected_topup_credits([], amount, self.config, detail.get("metadata")),
-                    "detail": {"source": "payment_intent", "payment_intent": pi, "charge": ch.object_id},
+                    "detail": {
+                        "source": "payment_intent" if pi else "charge",
+                        "payment_intent": pi,
+                        "charge": ch.object_id,
+                    },
                 }
             )
-            links += [self._alias(pi, pi), self._alias(ch.object_id, pi)]
+            links += [self._alias(key, key), self._alias(ch.object_id, key)]
         self._flush("payment_intent", objects, [a for a in links if a])
 
     def stage_refunds(self, since: datetime, until: datetime) -> None:
-        for page in self._pages(self.stripe.list_refunds(created_gte=since, created_lt=until)):
+        listed = self.stripe.list_refunds(created_gte=since, created_lt=until, expand=["data.balance_transaction"])
+        for page in self._pages(listed):
             objects = []
             for re in page:
                 if re.get("status") not in ("succeeded", "pending"):
                     continue
                 charge = stripe_id(re.get("charge"))
+                bt = balance_transaction_detail(re.get("balance_transaction"))
+                problem = refund_balance_transaction_problem(re, bt)
+                if problem is not None:
+                    objects.append(
+                        self._row(
+                            "balance_transaction_problem",
+                            re,
+                            ref=re["id"],
+                            amount=int(re.get("amount") or 0),
+                            detail={
+                                "problem": problem,
+                                "balance_transaction": bt,
+                                "object": "refund",
+                                "charge": charge,
+                            },
+                        )
+                    )
                 objects.append(
                     self._row(
                         "refund",
                         re,
                         ref=charge,
                         amount=int(re.get("amount") or 0),
-                        detail={"payment_intent": stripe_id(re.get("payment_intent")), "charge": charge},
+                        detail={
+                            "payment_intent": stripe_id(re.get("payment_intent")),
+                            "charge": charge,
+                            "balance_transaction": bt,
+                        },
                     )
                 )
             self._flush("refund", objects, [])
+        self.record_refund_settlements()
+
+    def record_refund_settlements(self) -> None:
+        """Keep what each refund of a paid grant's charge took from the balance (its balance transaction)."""
+        R = StagedStripeObject
+        stmt = (
+            select(GrantSettlement.grant_id, R.object_id, R.ref, R.created, R.amount, R.currency, R.detail)
+            .join(GrantSettlement, GrantSettlement.charge_id == R.ref)
+            .where(R.run_id == self.run_id, R.object_type == "refund")
+            .order_by(R.id)
+        )
+        values = []
+        for grant_id, refund_id, charge_id, created, amount, currency, detail in self.session.execute(stmt):
+            bt = (detail or {}).get("balance_transaction")
+            if not bt:
+                continue
+            values.append(
+                {
+                    "refund_id": refund_id,
+                    "grant_id": grant_id,
+                    "charge_id": charge_id,
+                    "balance_transaction_id": bt.get("id"),
+                    "refunded_at": created,
+                    "amount_minor": int(amount or 0),
+                    "currency": str(currency or "").lower()[:3],
+                    "settlement_minor": -int(bt["amount"]),
+                    "settlement_currency": str(bt["currency"]).lower()[:3],
+                    "exchange_rate": Decimal(bt["exchange_rate"]) if bt.get("exchange_rate") else None,
+                    "fee_minor": int(bt.get("fee") or 0),
+                    "recorded_at": datetime.now(UTC),
+                }
+            )
+        for start in range(0, len(values), PAGE_ROWS):
+            insert_stmt = self._insert(RefundSettlement)
+            upsert = insert_stmt.on_conflict_do_update(
+                index_elements=["refund_id"],
+                set_={c: insert_stmt.excluded[c] for c in values[0] if c != "refund_id"},
+            )
+            self.session.execute(upsert, values[start : start + PAGE_ROWS])
+        self.stats.add("refund_settlement", len(values))
 
     def stage_disputes(self, since: datetime, until: datetime) -> None:
         for page in self._pages(self.stripe.list_disputes(created_gte=since, created_lt=until)):
@@ -487,28 +620,164 @@ class Stager:
                     self._row(
                         "event",
                         ev,
-                        customer_id=stripe_id(obj.get("customer")) if isinstance(obj, Mapping) else None,
+                        customer_id=event_customer(obj),
                         ref=stripe_id(obj.get("id")) if isinstance(obj, Mapping) else None,
                         status=str(ev.get("type") or "")[:64],
                         currency=None,
+                        detail={"related": related_ids(obj)},
                     )
                 )
             self._flush("event", objects, [])
 
+    def stage_payouts(self, since: datetime, until: datetime) -> None:
+        """Payouts created in the window, and every balance transaction each paid out."""
+        for page in self._pages(self.stripe.list_payouts(created_gte=since, created_lt=until)):
+            objects: list[dict[str, Any]] = []
+            for po in page:
+                if po.get("status") in ("failed", "canceled"):
+                    continue
+                objects.append(
+                    self._row(
+                        "payout",
+                        po,
+                        amount=int(po.get("amount") or 0),
+                        detail={"arrival_date": po.get("arrival_date"), "balance_transaction": stripe_id(
+                            po.get("balance_transaction"))},
+                    )
+                )  # fmt: skip
+                for txn in self.stripe.list_balance_transactions(payout=po["id"]):
+                    objects.append(
+                        self._row(
+                            "payout_txn",
+                            txn,
+                            customer_id=None,
+                            ref=po["id"],
+                            status=str(txn.get("type") or "")[:64],
+                            amount=int(txn.get("amount") or 0),
+                            detail={
+                                "source": stripe_id(txn.get("source")),
+                                "fee": int(txn.get("fee") or 0),
+                                "net": int(txn.get("net") or 0),
+                                "reporting_category": txn.get("reporting_category"),
+                            },
+                        )
+                    )
+            self._flush("payout", objects, [])
+
     def stage_all(self, since: datetime, until: datetime) -> StagingStats:
-        """Page in every list the checks use."""
+        """Page in every list the checks use. A list Stripe will not give (a restricted key without that
+        permission, 404, 5xx after the gateway's retries) is recorded in ``stats.missed`` and the others go on:
+        the engine skips the checks that need it."""
         import time
 
         started = time.perf_counter()
-        self.stage_checkout_sessions(since, until)
-        self.stage_invoices(since, until)
-        self.stage_charges(since, until)
-        self.stage_refunds(since, until)
-        self.stage_disputes(since, until)
-        self.stage_subscriptions()
-        self.stage_events(since, until)
+        steps: tuple[tuple[str, Callable[[], None]], ...] = (
+            ("checkout_session", lambda: self.stage_checkout_sessions(since, until)),
+            ("invoice", lambda: self.stage_invoices(since, until)),
+            ("charge", lambda: self.stage_charges(since, until)),
+            ("refund", lambda: self.stage_refunds(since, until)),
+            ("dispute", lambda: self.stage_disputes(since, until)),
+            ("subscription", self.stage_subscriptions),
+            ("event", lambda: self.stage_events(since, until)),
+            ("payout", lambda: self.stage_payouts(since, until)),
+        )
+        for source, stage in steps:
+            try:
+                stage()
+            except Exception as exc:
+                if not is_source_error(exc):
+                    raise
+                self.stats.missed[source] = describe_source_error(exc)
         self.stats.seconds = time.perf_counter() - started
         return self.stats
+
+
+# Fields by which an object without a customer of its own (a dispute, a refund) leads to one that has it.
+RELATED_FIELDS = ("charge", "payment_intent", "invoice", "subscription")
+
+
+def event_customer(obj: Any) -> str | None:
+    """The customer an event's object names: its ``customer``, or itself when it is a customer."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj.get("object") == "customer":
+        return stripe_id(obj.get("id"))
+    return stripe_id(obj.get("customer"))
+
+
+def related_ids(obj: Any) -> list[str]:
+    """Ids an event's object points to (its charge, payment intent, invoice, subscription)."""
+    if not isinstance(obj, Mapping):
+        return []
+    return [found for name in RELATED_FIELDS if (found := stripe_id(obj.get(name)))]
+
+
+def balance_transaction_detail(value: Any) -> dict[str, Any] | None:
+    """What staging keeps of an expanded balance transaction (None when it was not expanded)."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("amount"), int):
+        return None
+    rate = value.get("exchange_rate")
+    return {
+        "id": value.get("id"),
+        "source": value.get("source") if isinstance(value.get("source"), str) else None,
+        "amount": value["amount"],
+        "currency": value.get("currency"),
+        # A JSON number on the wire: its shortest repr is the rate Stripe sent.
+        "exchange_rate": str(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) else None,
+        "fee": value.get("fee"),
+        "net": value.get("net"),
+        "fee_details": [
+            {"amount": f.get("amount"), "currency": f.get("currency"), "type": f.get("type")}
+            for f in value.get("fee_details") or []
+            if isinstance(f, Mapping)
+        ],
+    }
+
+
+def balance_transaction_problem(charge: Mapping[str, Any], bt: Mapping[str, Any] | None) -> str | None:
+    """Why a succeeded charge's balance transaction is missing or disagrees with it; None when it agrees.
+
+    A charge's balance transaction has the charge as its source, the charged amount (in the charge's currency,
+    or converted at its ``exchange_rate`` into the settlement currency) and ``net = amount - fee``.
+    https://docs.stripe.com/api/balance_transactions/object
+    """
+    if bt is None:
+        if charge.get("captured") is False:
+            return None  # an authorization not captured yet has no balance transaction until it is
+        raw = charge.get("balance_transaction")
+        return "has no balance transaction" if raw is None else "its balance transaction could not be read"
+    amount = int(charge.get("amount_captured") or charge.get("amount") or 0)
+    currency = str(charge.get("currency") or "").lower()
+    source = bt.get("source")
+    if source is not None and source != charge.get("id"):
+        return f"its balance transaction {bt.get('id')} belongs to {source}"
+    fee = int(bt.get("fee") or 0)
+    if bt.get("net") is not None and int(bt["net"]) != int(bt["amount"]) - fee:
+        return f"its balance transaction's net {bt['net']} is not amount {bt['amount']} minus fee {fee}"
+    if str(bt.get("currency") or "").lower() == currency:
+        if int(bt["amount"]) != amount:
+            return f"its balance transaction is for {bt['amount']} {currency}, the charge for {amount}"
+    elif bt.get("exchange_rate") is None:
+        return f"its balance transaction is in {bt.get('currency')} with no exchange rate from {currency}"
+    return None
+
+
+def refund_balance_transaction_problem(refund: Mapping[str, Any], bt: Mapping[str, Any] | None) -> str | None:
+    """Why a refund's balance transaction is missing or disagrees with it (the refunded amount leaves the
+    balance: amount = -refund amount in the same currency); None when it agrees or the refund is pending."""
+    if bt is None:
+        if refund.get("status") == "pending":
+            return None
+        raw = refund.get("balance_transaction")
+        return "has no balance transaction" if raw is None else "its balance transaction could not be read"
+    amount = int(refund.get("amount") or 0)
+    currency = str(refund.get("currency") or "").lower()
+    source = bt.get("source")
+    if source is not None and source != refund.get("id"):
+        return f"its balance transaction {bt.get('id')} belongs to {source}"
+    if str(bt.get("currency") or "").lower() == currency and -int(bt["amount"]) != amount:
+        return f"its balance transaction takes {-int(bt['amount'])} {currency} for a refund of {amount}"
+    return None
 
 
 def analyze_staging(session: Session) -> None:

@@ -46,6 +46,12 @@ class StripeSource(Protocol):
         self, *, created_gte: datetime | None = None, created_lt: datetime | None = None, **filters: Any
     ) -> Iterator[dict[str, Any]]: ...
 
+    def list_payouts(
+        self, *, created_gte: datetime | None = None, created_lt: datetime | None = None, **filters: Any
+    ) -> Iterator[dict[str, Any]]: ...
+
+    def list_balance_transactions(self, **filters: Any) -> Iterator[dict[str, Any]]: ...
+
 
 # Stripe id prefixes -> the object type ``retrieve`` takes.
 OBJECT_TYPE_BY_PREFIX = {
@@ -58,6 +64,7 @@ OBJECT_TYPE_BY_PREFIX = {
     "dp_": "dispute",
     "du_": "dispute",
     "sub_": "subscription",
+    "po_": "payout",
 }
 
 
@@ -84,3 +91,19 @@ def stripe_id(value: Any) -> str | None:
         found = value.get("id")
         return found if isinstance(found, str) else None
     return None
+
+
+def is_source_error(exc: BaseException) -> bool:
+    """True when a Stripe call failed for a reason of Stripe's side or access (a missing permission, 404, 5xx
+    after the gateway's retries, the network), as opposed to a bug or a database error."""
+    import stripe  # the client library the gateway uses; imported here so the Protocol stays free of it
+
+    return isinstance(exc, stripe.StripeError)
+
+
+def describe_source_error(exc: BaseException) -> str:
+    """One line naming what Stripe answered."""
+    status = getattr(exc, "http_status", None)
+    message = str(getattr(exc, "user_message", None) or exc).splitlines()[0] if str(exc) else ""
+    where = f" (HTTP {status})" if status else ""
+    return f"{type(exc).__name__}{where}: {message}"[:500]

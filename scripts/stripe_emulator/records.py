@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -154,8 +155,25 @@ class BalanceTransaction(Record):
     source: str | None = None
     description: str | None = None
     available_on: int = 0
+    # Major units of the settlement currency per major unit of the presentment currency (Stripe's field).
+    exchange_rate: Decimal | None = None
+    # The payout that paid it out (not rendered: Stripe lists a payout's transactions with ``?payout=``).
+    payout: str | None = None
 
     object_name = "balance_transaction"
+
+
+@dataclass(slots=True)
+class Payout(Record):
+    amount: int = 0
+    currency: str = "usd"
+    status: str = "paid"
+    arrival_date: int = 0
+    balance_transaction: str | None = None
+    automatic: bool = True
+    description: str | None = "STRIPE PAYOUT"
+
+    object_name = "payout"
 
 
 @dataclass(slots=True)

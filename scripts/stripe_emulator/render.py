@@ -26,6 +26,7 @@ from .records import (
     InvoicePayment,
     LineItem,
     PaymentIntent,
+    Payout,
     Price,
     Product,
     Record,
@@ -78,6 +79,7 @@ class Renderer:
             PaymentIntent: self.payment_intent,
             Charge: self.charge,
             BalanceTransaction: self.balance_transaction,
+            Payout: self.payout,
             Refund: self.refund,
             Subscription: self.subscription,
             Invoice: self.invoice,
@@ -466,6 +468,31 @@ class Renderer:
             total_count=len(c.refund_ids),
         )
 
+    def payout(self, p: Payout) -> JSON:
+        return {
+            "id": p.id,
+            "object": "payout",
+            "amount": p.amount,
+            "arrival_date": p.arrival_date,
+            "automatic": p.automatic,
+            "balance_transaction": p.balance_transaction,
+            "created": p.created,
+            "currency": p.currency,
+            "description": p.description,
+            "destination": None,
+            "failure_balance_transaction": None,
+            "failure_code": None,
+            "failure_message": None,
+            "livemode": False,
+            "metadata": {},
+            "method": "standard",
+            "reconciliation_status": "completed",
+            "source_type": "card",
+            "statement_descriptor": None,
+            "status": p.status,
+            "type": "bank_account",
+        }
+
     def balance_transaction(self, t: BalanceTransaction) -> JSON:
         return {
             "id": t.id,
@@ -476,7 +503,8 @@ class Renderer:
             "created": t.created,
             "currency": t.currency,
             "description": t.description,
-            "exchange_rate": None,
+            # A JSON number on the wire, as Stripe sends it (written from the Decimal's digits).
+            "exchange_rate": float(t.exchange_rate) if t.exchange_rate is not None else None,
             "fee": t.fee,
             "fee_details": (
                 [

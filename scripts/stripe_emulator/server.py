@@ -32,6 +32,7 @@ from .records import (
     Invoice,
     InvoicePayment,
     PaymentIntent,
+    Payout,
     Price,
     Product,
     Record,
@@ -132,6 +133,7 @@ _LIST_PARAMS: dict[str, set[str]] = {
     "dispute": {"charge", "payment_intent"},
     "credit_note": {"customer", "invoice"},
     "balance_transaction": {"source", "type", "currency", "payout"},
+    "payout": {"status", "arrival_date", "destination"},
     "event": {"type", "types", "delivery_success"},
     "price": {"product", "active", "type", "currency", "lookup_keys", "recurring"},
     "product": {"active", "ids", "shippable", "url"},
@@ -148,6 +150,7 @@ _KIND_BY_PREFIX: dict[str, type[Record]] = {
     "disputes": Dispute,
     "credit_notes": CreditNote,
     "balance_transactions": BalanceTransaction,
+    "payouts": Payout,
     "events": Event,
     "prices": Price,
     "products": Product,
@@ -695,7 +698,16 @@ def _credit_note_lines(api: Api, request: Request, groups: tuple[str, ...]) -> t
 
 def _list_balance_transactions(api: Api, request: Request, groups: tuple[str, ...]) -> tuple[int, JSON]:
     filters = {n: request.params[n] for n in ("source", "type", "currency") if request.params.get(n)}
-    return api.list_objects(request, "balance_transaction", "/v1/balance_transactions", filters=filters)
+    payout = request.params.get("payout")
+    if payout:
+        api.store.get(str(payout), Payout)  # 404 for an unknown payout, as Stripe answers
+    return api.list_objects(
+        request,
+        "balance_transaction",
+        "/v1/balance_transactions",
+        filters=filters,
+        predicate=(lambda r: getattr(r, "payout", None) == payout) if payout else None,
+    )
 
 
 def _list_events(api: Api, request: Request, groups: tuple[str, ...]) -> tuple[int, JSON]:
@@ -819,6 +831,7 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/credit_notes", _create_credit_note),
     ("GET", f"/v1/credit_notes/{_ID}/lines", _credit_note_lines),
     ("GET", "/v1/balance_transactions", _list_balance_transactions),
+    ("GET", "/v1/payouts", _simple_list("payout", "/v1/payouts", ("status",))),
     ("GET", "/v1/events", _list_events),
     ("GET", "/v1/prices", _list_prices),
     ("POST", "/v1/prices", _create_price),
@@ -827,7 +840,7 @@ _ROUTES: list[tuple[str, str, Handler]] = [
     (
         "GET",
         r"/v1/(customers|payment_intents|charges|refunds|subscriptions|invoices|invoice_payments|disputes|"
-        rf"credit_notes|balance_transactions|events|prices|products)/{_ID}",
+        rf"credit_notes|balance_transactions|payouts|events|prices|products)/{_ID}",
         _retrieve_by_prefix,
     ),
     ("GET", "/_emulator/health", _emulator_health),

@@ -17,6 +17,7 @@ import string
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, TypeVar, overload
 
 from .clock import Clock, Instant, to_timestamp
@@ -35,6 +36,7 @@ from .records import (
     InvoicePayment,
     LineItem,
     PaymentIntent,
+    Payout,
     Price,
     Product,
     Record,
@@ -66,6 +68,7 @@ INDEXED_FIELDS: dict[str, tuple[str, ...]] = {
     "dispute": ("charge", "payment_intent"),
     "credit_note": ("customer", "invoice"),
     "event": ("type",),
+    "payout": (),
 }
 
 # The catalogue that matches ledger/billing.example.toml, so the demo's prices exist out of the box.
@@ -110,6 +113,18 @@ class NotFound(EmulatorError):
         super().__init__(f"No such {kind}: '{object_id}'", status=404, code="resource_missing", param=param)
 
 
+# Stripe's zero- and three-decimal currencies (https://docs.stripe.com/currencies), for converted amounts.
+_ZERO_DECIMAL = frozenset(
+    ["bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"]
+)
+_THREE_DECIMAL = frozenset(["bhd", "jod", "kwd", "omr", "tnd"])
+
+
+def _exponent(currency: str) -> int:
+    code = currency.lower()
+    return 0 if code in _ZERO_DECIMAL else 3 if code in _THREE_DECIMAL else 2
+
+
 def add_months(ts: int, months: int, anchor_day: int | None = None) -> int:
     """``ts`` plus whole calendar months, keeping the billing anchor's day (clamped to the month's end)."""
     moment = datetime.fromtimestamp(ts, tz=UTC)
@@ -148,6 +163,11 @@ class Store:
         self._invoice_numbers: dict[str, int] = {}
         # Customers whose card declines every charge (like attaching Stripe's test card 4000000000000341).
         self._declining: set[str] = set()
+        # The account's settlement currency, and the rates (settlement major units per presentment major unit)
+        # at which charges in other currencies are converted into it, as Stripe does on the balance transaction.
+        # https://docs.stripe.com/currencies/conversions
+        self.settlement_currency = "usd"
+        self.exchange_rates: dict[str, Decimal] = {}
         self._renderers: dict[str, Renderer] = {}
         self.event_listeners: list[Callable[[Event], None]] = []
         # The API request being served (its id and idempotency key), named by the events it causes.
@@ -515,6 +535,23 @@ class Store:
         self._settle(payment_intent, charge, at, succeeded=not fail)
         return payment_intent, charge
 
+    def set_exchange_rate(self, currency: str, rate: Decimal | str) -> None:
+        """Charges in ``currency`` settle in the account's settlement currency at ``rate`` (major per major)."""
+        self.exchange_rates[currency.lower()] = Decimal(rate)
+
+    def _converted(self, amount: int, currency: str) -> tuple[int, str, Decimal | None]:
+        """(amount, currency, exchange_rate) of the balance transaction for ``amount`` charged in ``currency``.
+
+        Stripe's rule: amount in currency A times exchange_rate is the amount in currency B, in major units;
+        the result is rounded to B's minor unit. A currency without a set rate settles as itself.
+        """
+        rate = self.exchange_rates.get(currency.lower())
+        if rate is None or currency.lower() == self.settlement_currency:
+            return amount, currency, None
+        major = Decimal(amount).scaleb(-_exponent(currency)) * rate
+        settled = int(major.scaleb(_exponent(self.settlement_currency)).to_integral_value(rounding=ROUND_HALF_EVEN))
+        return settled, self.settlement_currency, rate
+
     def _settle(self, payment_intent: PaymentIntent, charge: Charge, at: int, *, succeeded: bool) -> None:
         if not succeeded:
             charge.status, charge.paid = "failed", False
@@ -531,14 +568,16 @@ class Store:
             self._emit("charge.failed", charge, at)
             self._emit("payment_intent.payment_failed", payment_intent, at)
             return
+        settled, settlement_currency, rate = self._converted(charge.amount, charge.currency)
         txn = self._add(
             BalanceTransaction(
                 self.new_id("txn"),
                 at,
                 0,
-                amount=charge.amount,
-                fee=round(charge.amount * 0.029) + 30 if charge.amount else 0,
-                currency=charge.currency,
+                amount=settled,
+                fee=round(settled * 0.029) + 30 if settled else 0,
+                currency=settlement_currency,
+                exchange_rate=rate,
                 type="charge",
                 reporting_category="charge",
                 source=charge.id,
@@ -726,6 +765,101 @@ class Store:
                 customer_id, amount, currency, self._at(at), description=description, metadata=metadata, fail=fail
             )
             return charge
+
+    def create_charge(
+        self,
+        customer: Customer | str | None,
+        amount: int,
+        *,
+        currency: str = "usd",
+        description: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        at: Instant | None = None,
+    ) -> Charge:
+        """A charge made with the older Charges API (``POST /v1/charges`` with a card source): no payment intent.
+        Records ``charge.succeeded`` and its balance transaction."""
+        with self.lock:
+            customer_id = self._customer(customer).id if customer is not None else None
+            ts = self._at(at)
+            charge = self._add(
+                Charge(
+                    self.new_id("ch"),
+                    ts,
+                    0,
+                    customer=customer_id,
+                    amount=amount,
+                    amount_captured=amount,
+                    currency=currency,
+                    description=description,
+                    metadata=metadata_of(metadata),
+                    payment_method="card_visa",
+                )
+            )
+            settled, settlement_currency, rate = self._converted(amount, currency)
+            txn = self._add(
+                BalanceTransaction(
+                    self.new_id("txn"),
+                    ts,
+                    0,
+                    amount=settled,
+                    fee=round(settled * 0.029) + 30 if settled else 0,
+                    currency=settlement_currency,
+                    exchange_rate=rate,
+                    source=charge.id,
+                    description=description,
+                    available_on=ts + 2 * 86400,
+                )
+            )
+            charge.balance_transaction = txn.id
+            self._emit("charge.succeeded", charge, ts)
+            return charge
+
+    # --- payouts -----------------------------------------------------------------------------------------
+
+    def create_payout(self, *, at: Instant | None = None) -> Payout:
+        """Pay out every balance transaction not yet paid out (an automatic payout): the payout's amount is the
+        sum of their nets, and ``GET /v1/balance_transactions?payout=`` lists them. Records ``payout.created``
+        and ``payout.paid``."""
+        with self.lock:
+            ts = self._at(at)
+            pending = [
+                t
+                for t in (self._objects[k[2]] for k in self._keys["balance_transaction"])
+                if isinstance(t, BalanceTransaction) and t.payout is None and t.type != "payout"
+            ]
+            net = sum(t.amount - t.fee for t in pending)
+            payout_id = self.new_id("po")
+            txn = self._add(
+                BalanceTransaction(
+                    self.new_id("txn"),
+                    ts,
+                    0,
+                    amount=-net,
+                    currency=self.settlement_currency,
+                    type="payout",
+                    reporting_category="payout",
+                    source=payout_id,
+                    description="STRIPE PAYOUT",
+                    available_on=ts,
+                    payout=payout_id,
+                )
+            )
+            payout = self._add(
+                Payout(
+                    payout_id,
+                    ts,
+                    0,
+                    amount=net,
+                    currency=self.settlement_currency,
+                    arrival_date=ts + 86400,
+                    balance_transaction=txn.id,
+                )
+            )
+            for t in pending:
+                t.payout = payout.id
+            self._emit("payout.created", payout, ts)
+            self._emit("payout.paid", payout, ts)
+            return payout
 
     # --- subscriptions -----------------------------------------------------------------------------------
 
@@ -1253,13 +1387,15 @@ class Store:
                     param="amount",
                 )
             refund_id = self.new_id("re")
+            settled, settlement_currency, rate = self._converted(amount, charge.currency)
             txn = self._add(
                 BalanceTransaction(
                     self.new_id("txn"),
                     ts,
                     0,
-                    amount=-amount,
-                    currency=charge.currency,
+                    amount=-settled,
+                    currency=settlement_currency,
+                    exchange_rate=rate,
                     type="refund",
                     reporting_category="refund",
                     source=refund_id,

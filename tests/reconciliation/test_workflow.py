@@ -391,7 +391,8 @@ class TestCli:
             result = self._invoke(CliRunner(), "reconcile", "--since", "2026-01-02", "--until", "2026-01-03")
         finally:
             get_gateway.cache_clear()
-        assert result.exit_code == 1 and "reconciliation failed" in result.output
+        # A failed run is its own exit code (7), never "mismatches found" (1).
+        assert result.exit_code == 7 and "no Stripe list could be read" in result.output, result.output
         with Session(engine) as s:
             run = s.scalars(select(ReconciliationRun)).one()
             assert run.status is RunStatus.FAILED and run.error

@@ -41,6 +41,7 @@ def _page_urls(s: Seeded) -> list[str]:
         f"/review/mismatches/{s.provider_case}",
         "/review/runs",
         f"/review/runs?run={s.run_id}",
+        "/review/revenue",
         "/review/customers",
         "/review/customers?q=cus_alpha",
         "/review/customers/cus_alpha",
@@ -103,7 +104,7 @@ class TestWithoutSession:
     def test_every_route_of_the_app_is_covered(self, engine: Engine, review_settings: str) -> None:
         # A new page or action added later must be added to the lists above, or this fails.
         app = create_review_app()
-        covered = {"/", "/login", "/logout", "/mismatches", "/mismatches.csv", "/runs", "/customers"}
+        covered = {"/", "/login", "/logout", "/mismatches", "/mismatches.csv", "/runs", "/revenue", "/customers"}
         covered |= {"/mismatches/{mismatch_id:billing_id}", "/mismatches/{mismatch_id:billing_id}/{action:str}"}
         covered |= {"/customers/{customer_id:str}", "/events/{event_id:str}", "/notifications"}
         paths = {r.path for r in app.routes if isinstance(r, Route)}

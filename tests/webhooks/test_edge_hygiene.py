@@ -112,10 +112,12 @@ class TestRedaction:
     def test_a_token_in_a_query_string_is_redacted_from_the_access_log(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        # A live uvicorn started by an earlier test (log_level="warning") leaves its loggers at WARNING, detached.
-        access = logging.getLogger("uvicorn.access")
-        access.disabled, access.propagate, access.handlers = False, True, []
-        access.setLevel(logging.INFO)
+        # A live uvicorn started by an earlier test may have left its access logger disabled or detached, and
+        # its parent "uvicorn" logger with a handler of its own that stops propagation before the root's.
+        for name in ("uvicorn", "uvicorn.access"):
+            logger = logging.getLogger(name)
+            logger.disabled, logger.propagate, logger.handlers = False, True, []
+            logger.setLevel(logging.NOTSET)
         for as_json in (False, True):
             configure_logging("INFO", json=as_json)
             logging.getLogger("uvicorn.access").info(

@@ -14,7 +14,7 @@ from starlette.staticfiles import StaticFiles
 
 from ledger.logs import get_logger
 from ledger.settings import get_settings
-from webhooks.review import mismatch_views, notification_views, views
+from webhooks.review import mismatch_views, notification_views, revenue_views, views
 from webhooks.review.params import IdConvertor
 from webhooks.review.security import ReviewGate, SecureCookiesOverHttps, form_action
 from webhooks.review.state import review_users
@@ -51,6 +51,7 @@ def create_review_app() -> Starlette:
             methods=["POST"],
         ),
         Route("/runs", mismatch_views.run_list, methods=["GET"]),
+        Route("/revenue", revenue_views.revenue_page, methods=["GET"]),
         Route("/customers", views.customer_search, methods=["GET"]),
         Route("/customers/{customer_id:str}", views.customer_page, methods=["GET"], name="customer"),
         Route("/events/{event_id:str}", views.event_page, methods=["GET"]),

@@ -20,11 +20,20 @@ from sqlalchemy.orm import Session
 
 from ledger.db import is_sqlite
 from ledger.inbox import StripeEvent
-from ledger.models import Grant, UsageRecord
+from ledger.models import Grant, GrantSettlement, UsageRecord
+from ledger.money import exponent, to_major
 
 # Stripe's paid amounts: one charge.succeeded per successful payment, top-ups and invoices alike.
 # https://docs.stripe.com/api/events/types#event_types-charge.succeeded
 PAID_EVENT_TYPE = "charge.succeeded"
+# Events saying a grant's payment (payment intent, invoice, checkout session or charge) was paid.
+PAID_TYPES = (
+    "payment_intent.succeeded",
+    "invoice.paid",
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "charge.succeeded",
+)
 
 
 @dataclass
@@ -88,12 +97,32 @@ def daily_series(session: Session, start: datetime, end: datetime) -> DailySerie
     def point(value: object) -> DayPoint | None:
         return points.get(_day(value))
 
-    grant_day = _day_of(session, Grant.created_at)
-    grant_currency = func.coalesce(func.lower(Grant.currency), "")
+    # Ledger money is dated by when Stripe says it was paid (the first paid event about the grant's payment, else
+    # its charge's time), not when the worker applied it, so it lines up with Stripe's series; a grant without
+    # a payment (a promotion) by when it was made. A grant is applied after it is paid: created_at >= start.
+    paid_event = (
+        select(func.min(StripeEvent.created))
+        .where(StripeEvent.object_id == Grant.stripe_object_id, StripeEvent.type.in_(PAID_TYPES))
+        .correlate(Grant)
+        .scalar_subquery()
+    )
+    paid_at = func.coalesce(paid_event, GrantSettlement.paid_at, Grant.created_at)
+    dated = (
+        select(
+            paid_at.label("paid_at"),
+            func.coalesce(func.lower(Grant.currency), "").label("currency"),
+            Grant.units,
+            func.coalesce(Grant.amount_minor, 0).label("minor"),
+        )
+        .outerjoin(GrantSettlement, GrantSettlement.grant_id == Grant.id)
+        .where(Grant.created_at >= start)
+        .subquery("dated")
+    )
+    grant_day = _day_of(session, dated.c.paid_at)
     grants = (
-        select(grant_day, grant_currency, func.sum(Grant.units), func.sum(func.coalesce(Grant.amount_minor, 0)))
-        .where(Grant.created_at >= start, Grant.created_at < end)
-        .group_by(grant_day, grant_currency)
+        select(grant_day, dated.c.currency, func.sum(dated.c.units), func.sum(dated.c.minor))
+        .where(dated.c.paid_at >= start, dated.c.paid_at < end)
+        .group_by(grant_day, dated.c.currency)
     )
     for day, cur, units, paid in session.execute(grants):
         p = point(day)
@@ -168,9 +197,9 @@ def render_svg(series: DailySeries) -> str:
         (
             f"Paid ({cur.upper()}): Stripe charges, ledger grants as line",
             "stripe",
-            [d.stripe_paid.get(cur, 0) / 100 for d in days],
-            [d.ledger_paid.get(cur, 0) / 100 for d in days],
-            "{:,.2f}",
+            [float(to_major(d.stripe_paid.get(cur, 0), cur)) for d in days],
+            [float(to_major(d.ledger_paid.get(cur, 0), cur)) for d in days],
+            f"{{:,.{exponent(cur)}f}}",
         ),
         ("Provider cost (USD, recorded usage)", "cost", [float(d.provider_cost_usd) for d in days], None, "{:,.2f}"),
     ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -15,68 +14,26 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
+from ledger.money import format_amount, format_credits, format_money, format_usd
 from webhooks.review.auth import csrf_token
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
-# Currencies Stripe counts in whole units (no minor unit): https://docs.stripe.com/currencies#zero-decimal
-ZERO_DECIMAL = {
-    "bif",
-    "clp",
-    "djf",
-    "gnf",
-    "jpy",
-    "kmf",
-    "krw",
-    "mga",
-    "pyg",
-    "rwf",
-    "ugx",
-    "vnd",
-    "vuv",
-    "xaf",
-    "xof",
-    "xpf",
-}
-
 
 def fmt_int(value: object) -> str:
     """1234567 -> 1,234,567 (credits, tokens, counts)."""
-    if value is None or value == "":
-        return "—"
-    try:
-        return f"{int(str(value)):,}"
-    except ValueError:
-        return str(value)
+    return format_credits(value)
 
 
 def fmt_money(minor: object, currency: object = "usd") -> str:
-    """Minor units to a display amount: (1999, 'usd') -> 19.99 USD."""
-    if minor is None or minor == "":
-        return "—"
-    cur = str(currency or "").lower()
-    try:
-        amount = Decimal(str(minor))
-    except ArithmeticError:
-        return str(minor)
-    if cur not in ZERO_DECIMAL:
-        amount = amount / 100
-        text = f"{amount:,.2f}"
-    else:
-        text = f"{amount:,.0f}"
-    return f"{text} {cur.upper()}".strip()
+    """Minor units as money by the currency's exponent: (1999, 'usd') -> $19.99 (see ledger.money)."""
+    return format_money(minor, currency)
 
 
-def fmt_usd(value: object, places: int = 4) -> str:
-    """A Decimal USD amount with sub-cent precision: 0.0123 USD."""
-    if value is None or value == "":
-        return "—"
-    try:
-        amount = Decimal(str(value))
-    except ArithmeticError:
-        return str(value)
-    return f"${amount:,.{places}f}"
+def fmt_usd(value: object, places: int | None = None) -> str:
+    """A Decimal USD amount at a readable precision (see ledger.money.format_usd)."""
+    return format_usd(value, places)
 
 
 def fmt_dt(value: object) -> str:
@@ -166,18 +123,7 @@ def _dump_flat(value: object) -> str:
 
 def fmt_amount(value: object, unit: object = "minor", currency: object = None) -> str:
     """A mismatch amount in its unit: money in minor units, credits, tokens, USD, or a plain count."""
-    if value is None or value == "":
-        return "—"
-    try:
-        amount = Decimal(str(value)).normalize()
-    except ArithmeticError:
-        return str(value)
-    if unit == "minor":
-        return fmt_money(amount, currency or "")
-    if unit == "usd":
-        return fmt_usd(amount)
-    text = f"{amount:,f}" if amount != amount.to_integral_value() else f"{int(amount):,}"
-    return f"{text} {unit}" if unit in ("credits", "tokens") else text
+    return format_amount(value, unit, currency)
 
 
 def stripe_object(payload: object) -> str:

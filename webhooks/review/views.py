@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
 from functools import partial
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from ledger.config import get_billing_config
+from ledger.config import BillingConfig, get_billing_config
 from ledger.db import session_factory
 from ledger.inbox import StripeEvent, get_event
 from ledger.logs import get_logger
 from ledger.models import Account, EntryKind
+from ledger.money import format_money, format_usd, to_minor
 from webhooks.review import cases, customers
 from webhooks.review.auth import authenticate, log_in, log_out
 from webhooks.review.params import has_control_characters, parse_day, parse_id
@@ -129,6 +132,38 @@ def _parse_day(raw: str | None, default: datetime, name: str) -> datetime:
     return datetime.combine(parse_day(raw, name), time(0), tzinfo=UTC)
 
 
+def _margin_summary(
+    session: Session, customer_id: str, since: datetime, until: datetime, config: BillingConfig
+) -> dict[str, Any] | None:
+    """The customer's margin over the window as reconciliation counts it: revenue at each grant's own price in the
+    settlement currency, gross and net of Stripe's fees, against provider cost."""
+    from reconciliation.margin import margin_rows
+
+    rows = list(margin_rows(session, since=since, until=until, customer_id=customer_id, config=config))
+    if not rows:
+        return None
+    revenue = sum((r.revenue for r in rows), Decimal(0))
+    net = sum((r.revenue_net for r in rows), Decimal(0))
+    cost = sum((r.cost_usd for r in rows), Decimal(0))
+    comparable = all(r.comparable and not r.unpriced for r in rows)
+    currency = rows[0].currency
+
+    def shown(value: Decimal) -> str:
+        return format_usd(value) if currency == "usd" else format_money(to_minor(value, currency), currency)
+
+    return {
+        "currency": currency,
+        "revenue_shown": shown(revenue),
+        "revenue_net_shown": shown(net),
+        "revenue": revenue,
+        "revenue_net": net,
+        "cost_usd": cost,
+        "margin_usd": revenue - cost if comparable else None,
+        "net_margin_usd": net - cost if comparable else None,
+        "notes": sorted({r.note for r in rows if r.note}),
+    }
+
+
 def _customer_context(
     customer_id: str,
     *,
@@ -160,11 +195,13 @@ def _customer_context(
         page = customers.ledger_page(session, account, before_id=before_id, kind=kind, search=find)
         breakdown = customers.usage_breakdown(session, account, since=since, until=until, credit_value=credit_value)
         usage = list(breakdown.items())
+        margin = _margin_summary(session, account.customer_id, since, until, config)
         mismatches, more, notes = cases.for_customer(session, account.customer_id)
     return {
         "overview": overview,
         "page": page,
         "usage": usage,
+        "margin": margin,
         "credit_value": credit_value,
         "mismatches": mismatches,
         "mismatches_more": more,

@@ -10,6 +10,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from ledger.money import format_amount, format_credits, format_usd
 from ledger.queries import BalanceSummary, usage_summary
 from reconciliation import services
 from reconciliation.models import MismatchStatus
@@ -102,6 +103,7 @@ def open_mismatches(session: Session) -> list[dict[str, Any]]:
                 "expected": data["expected"],
                 "actual": data["actual"],
                 "unit": data["unit"],
+                "currency": data["currency"],
                 "summary": data["summary"],
                 "evidence": evidence_summary(data["evidence"]),
                 "identity": _provider_ident(data["evidence"]),
@@ -182,10 +184,10 @@ def print_summary(console: Console, summary: dict[str, Any], story: StripeStory)
         balances.add_row(
             row["customer_id"],
             row["name"],
-            str(row["balance"]),
-            str(row["held"]),
-            str(row["debt"]),
-            str(row["available"]),
+            format_credits(row["balance"]),
+            format_credits(row["held"]),
+            format_credits(row["debt"]),
+            format_credits(row["available"]),
             row["access_state"] + ("" if row["usage_allowed"] else " (refused)"),
         )
     console.print()
@@ -199,11 +201,11 @@ def print_summary(console: Console, summary: dict[str, Any], story: StripeStory)
     for row in summary["usage_by_model"]:
         usage.add_row(
             row["model"],
-            str(row["requests"]),
-            f"{row['input_tokens']:,}",
-            f"{row['output_tokens']:,}",
-            f"{row['credits']:,}",
-            row["provider_cost_usd"],
+            format_credits(row["requests"]),
+            format_credits(row["input_tokens"]),
+            format_credits(row["output_tokens"]),
+            format_credits(row["credits"]),
+            format_usd(row["provider_cost_usd"]),
         )
     console.print(usage)
 
@@ -219,8 +221,8 @@ def print_summary(console: Console, summary: dict[str, Any], story: StripeStory)
             str(m["id"]),
             m["kind"],
             m["customer_id"] or "",
-            m["expected"] or "",
-            m["actual"] or "",
+            format_amount(m["expected"], m["unit"], m.get("currency")) if m["expected"] is not None else "",
+            format_amount(m["actual"], m["unit"], m.get("currency")) if m["actual"] is not None else "",
             m["unit"] or "",
             f"{m['summary']}\n[dim]{m['evidence']}[/dim]",
         )

@@ -9,7 +9,11 @@ from worker.handlers.disputes import handle_dispute_closed, handle_dispute_creat
 from worker.handlers.invoices import handle_invoice_paid, handle_invoice_payment_failed
 from worker.handlers.refunds import handle_charge_refunded, handle_credit_note_created, handle_refund_created
 from worker.handlers.subscriptions import handle_subscription_changed
-from worker.handlers.topups import handle_checkout_session_paid, handle_payment_intent_succeeded
+from worker.handlers.topups import (
+    handle_charge_succeeded,
+    handle_checkout_session_paid,
+    handle_payment_intent_succeeded,
+)
 
 Handler = Callable[[EventContext], Outcome]
 
@@ -17,6 +21,8 @@ HANDLERS: dict[str, Handler] = {
     "checkout.session.completed": handle_checkout_session_paid,
     "checkout.session.async_payment_succeeded": handle_checkout_session_paid,
     "payment_intent.succeeded": handle_payment_intent_succeeded,
+    # Only charges without a payment intent (the older Charges API) grant; the others are ignored by it.
+    "charge.succeeded": handle_charge_succeeded,
     "invoice.paid": handle_invoice_paid,
     "invoice.payment_failed": handle_invoice_payment_failed,
     "customer.subscription.created": handle_subscription_changed,
@@ -35,7 +41,6 @@ HANDLERS: dict[str, Handler] = {
 IGNORED: dict[str, str] = {
     "customer.created": "the account opens with its first grant or state change",
     "customer.updated": "customer details are not ledger state",
-    "charge.succeeded": "the payment's payment_intent.succeeded or checkout.session.completed grants the credits",
     "charge.captured": "the payment's payment_intent.succeeded grants the credits",
     "charge.refund.updated": "refund amounts are counted from refund.created and charge.refunded",
     "refund.updated": "refund amounts are counted from refund.created and charge.refunded",

@@ -251,3 +251,40 @@ def handle_payment_intent_succeeded(ctx: EventContext) -> Outcome:
         linked=ids,
         credits=credits,
     )
+
+
+def handle_charge_succeeded(ctx: EventContext) -> Outcome:
+    """charge.succeeded: a top-up only for a charge made without a PaymentIntent (the older Charges API);
+    every other charge is credited by its payment intent's, session's or invoice's event."""
+    charge = ctx.obj
+    charge_id = stripe_id(charge.get("id"))
+    if charge_id is None:
+        raise PermanentEventError("charge has no id")
+    if stripe_id(charge.get("payment_intent")):
+        return Outcome.ignore("the payment's payment_intent.succeeded or checkout.session.completed grants the credits")
+    raw_description = charge.get("description")
+    description = raw_description if isinstance(raw_description, str) else ""
+    if stripe_id(charge.get("invoice")) or description.startswith("Subscription"):
+        return Outcome.ignore("payment of an invoice: credited by invoice.paid")
+    if not ctx.config.credits.grant_charges_without_payment_intent:
+        return Outcome.ignore(
+            "credits.grant_charges_without_payment_intent is off: reconciliation reports it as payment_without_grant"
+        )
+    customer_id = stripe_id(charge.get("customer")) or _customer_from_metadata(charge)
+    paid_at = timestamp(charge.get("created")) or ctx.created
+    done = _existing(ctx, customer_id, [charge_id], paid_at)
+    if done is not None:
+        return done
+    amount = as_int(charge.get("amount_captured") or charge.get("amount"))
+    credits = _credits_from_metadata(ctx, metadata(charge)) or _fallback_credits(ctx, amount)
+    return _grant_topup(
+        ctx,
+        payment_key=charge_id,
+        payment_type="charge",
+        customer_id=customer_id,
+        amount_minor=amount,
+        currency=charge.get("currency"),
+        paid_at=paid_at,
+        linked=[charge_id],
+        credits=credits,
+    )

@@ -1,0 +1,499 @@
+"""Money in every currency, free credits, whose each mismatch is, and runs that could not read everything.
+
+Amounts are worked by hand in the comments: a credit bought at the fallback rate (one credit per minor unit) is
+worth what its charge settled as in USD divided by its credits; gpt-4o input is 750 credits and $2.50 per million
+tokens, Claude Sonnet output 4,500 credits and $15.00 per million.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from ledger.config import BillingConfig, get_billing_config
+from ledger.db import session_factory
+from ledger.grants import grant_credits
+from ledger.inbox import EventStatus, parse_envelope, store_events
+from ledger.models import AccessState, Grant, GrantSettlement, GrantSource
+from reconciliation import services
+from reconciliation.engine import RunSummary, reconcile
+from reconciliation.margin import margin_rows
+from reconciliation.models import Mismatch, MismatchKind, MismatchStatus, ReconciliationRun, RunStatus
+from reconciliation.staging import balance_transaction_detail, balance_transaction_problem
+from tests.conftest import SHARED
+from tests.reconciliation import builders as b
+from tests.reconciliation.conftest import Emulator
+
+pytestmark = pytest.mark.usefixtures("test_config")
+
+
+def _until() -> datetime:
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=1)
+
+
+def _run(emu: Emulator, config: BillingConfig | None = None) -> RunSummary:
+    return reconcile(session_factory(), emu.gateway, since=emu.start, until=_until(), actor="test", config=config)
+
+
+def _mismatches(engine: Engine) -> list[Mismatch]:
+    with Session(engine) as s:
+        return list(s.scalars(select(Mismatch).order_by(Mismatch.id)))
+
+
+def _store_events(emu: Emulator, *, skip_types: tuple[str, ...] = ()) -> None:
+    events = [e for e in emu.store.events() if e["type"] not in skip_types]
+    with session_factory().begin() as s:
+        b.store_all_events(s, events, status=EventStatus.PROCESSED)
+
+
+def _paid_topup(emu: Emulator, customer: str, price: str, units: int, *, grant: bool = True) -> tuple[str, str]:
+    """A Checkout top-up of ``price`` and (unless ``grant=False``) the worker's grant; (payment intent, charge)."""
+    cs = emu.store.topup(customer, price)
+    emu.store.clock.advance(minutes=5)
+    if grant:
+        with session_factory().begin() as s:
+            b.grant_topup(s, emu.store, cs.id, units=units)
+    pi = emu.store.get(cs.payment_intent)
+    return pi.id, pi.latest_charge
+
+
+def _use(customer: str, key: str, at: datetime, *, sonnet_output: int = 0, gpt4o_input: int = 0) -> None:
+    with session_factory().begin() as s:
+        if gpt4o_input:
+            b.record_usage(
+                s,
+                customer,
+                f"{key}-gpt",
+                provider="openai",
+                model="gpt-4o-2024-08-06",
+                workspace="proj_main",
+                at=at,
+                input_tokens=gpt4o_input,
+                output_tokens=0,
+            )
+        if sonnet_output:
+            b.record_usage(
+                s,
+                customer,
+                f"{key}-sonnet",
+                provider="anthropic",
+                model="claude-sonnet-4-20250514",
+                workspace="wrkspc_main",
+                at=at,
+                input_tokens=0,
+                output_tokens=sonnet_output,
+            )
+
+
+@pytest.fixture
+def cli(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    """The CLI, with the gateway pointed at the emulator."""
+    from ledger.settings import get_settings
+    from reconciliation.gateway import get_gateway
+
+    monkeypatch.setenv("STRIPE_API_BASE", emulator.server.url)
+    monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
+    get_settings.cache_clear()
+    get_gateway.cache_clear()
+    yield CliRunner()
+    get_gateway.cache_clear()
+
+
+class TestRevenueInTheSettlementCurrency:
+    def test_a_eur_payer_is_counted_at_what_stripe_settled(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        store.set_exchange_rate("eur", "1.10")
+        store.create_price(unit_amount=1000, currency="eur", id="price_credits_eur")
+        c = store.create_customer().id
+        _paid_topup(emulator, c, "price_credits_eur", 1000)  # EUR 10.00 settles as $11.00; 1,000 credits
+        _use(c, "eur", emulator.start + timedelta(hours=2), gpt4o_input=1_000_000)  # 750 credits, $2.50
+        _store_events(emulator)
+
+        with Session(engine) as s:
+            (before,) = margin_rows(s, since=emulator.start, until=_until())
+        # Before a run has seen the balance transaction, the EUR credits are unpriced, not worth zero.
+        assert before.revenue == 0 and before.margin_usd is None and "EUR" in before.note
+
+        summary = _run(emulator)
+
+        assert summary.counts == {}  # no negative_margin: today's EUR revenue is counted
+        with Session(engine) as s:
+            settlement = s.scalars(select(GrantSettlement)).one()
+            (row,) = margin_rows(s, since=emulator.start, until=_until())
+        assert (settlement.amount_minor, settlement.currency) == (1000, "eur")
+        assert (settlement.settlement_minor, settlement.settlement_currency) == (1100, "usd")
+        assert settlement.exchange_rate == Decimal("1.1")
+        assert settlement.fee_minor == 62 and settlement.net_minor == 1038  # 2.9% of $11.00 + 30 cents
+        # 750 credits at $11.00 / 1,000 credits = $8.25; cost $2.50.
+        assert (row.revenue, row.currency, row.cost_usd) == (Decimal("8.25"), "usd", Decimal("2.5"))
+        assert row.margin_usd == Decimal("5.75") and row.note == ""
+        # After Stripe's fee: 750 credits at a net $10.38 / 1,000 credits = $7.785.
+        assert row.revenue_net == Decimal("7.785") and row.as_dict()["net_margin_usd"] == "5.2850000000"
+
+    def test_a_jpy_payer_is_priced_by_its_zero_decimal_settlement(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        store.set_exchange_rate("jpy", "0.002")
+        store.create_price(unit_amount=1000, currency="jpy", id="price_credits_jpy")
+        c = store.create_customer().id
+        _paid_topup(emulator, c, "price_credits_jpy", 1000)  # JPY 1,000 (amount 1000) settles as $2.00
+        _paid_topup(emulator, c, "price_credits_jpy", 1000, grant=False)
+        _use(c, "jpy", emulator.start + timedelta(hours=2), sonnet_output=200_000)  # 900 credits, $3.00
+        _store_events(emulator)
+
+        _run(emulator)
+
+        by_kind = {m.kind: m for m in _mismatches(engine)}
+        assert set(by_kind) == {MismatchKind.NEGATIVE_MARGIN, MismatchKind.PAYMENT_WITHOUT_GRANT}
+        loss = by_kind[MismatchKind.NEGATIVE_MARGIN]
+        # 900 credits at $2.00 / 1,000 = $1.80 of revenue against $3.00 of cost.
+        assert (loss.expected_amount, loss.actual_amount) == (Decimal("1.8"), Decimal("3"))
+        assert "$3.00" in loss.summary and "$1.80" in loss.summary and loss.customer_id == c
+        unpaid = by_kind[MismatchKind.PAYMENT_WITHOUT_GRANT]
+        assert "(JPY 1,000)" in unpaid.summary and unpaid.customer_id == c
+
+    def test_the_cli_tables_show_money_as_money(self, engine: Engine, emulator: Emulator, cli: CliRunner) -> None:
+        from worker.cli import app
+
+        self.test_a_jpy_payer_is_priced_by_its_zero_decimal_settlement(engine, emulator)
+        listed = cli.invoke(app, ["mismatches", "list"])
+        assert listed.exit_code == 0, listed.output
+        # negative_margin: expected $1.80, actual $3.00; payment_without_grant: 1,000 credits expected.
+        assert "$1.80" in listed.stdout and "$3.00" in listed.stdout and "1,000 credits" in listed.stdout
+        window = ["--since", emulator.start.isoformat(), "--until", _until().isoformat()]
+        margin = cli.invoke(app, ["margin", *window])
+        assert margin.exit_code == 0, margin.output
+        assert "$1.80" in margin.stdout and "$3.00" in margin.stdout and "-$1.20" in margin.stdout
+        exact = json.loads(cli.invoke(app, ["margin", *window, "--json"]).stdout)["rows"]
+        assert exact[0]["revenue_usd"] == "1.8000000000" and exact[0]["margin_usd"] == "-1.2000000000"
+
+
+class TestFreeCredits:
+    @pytest.fixture
+    def tight_pro_allowance(self, billing_config_file: Any) -> BillingConfig:
+        """Pro's free credits may cost $0.001 each; every other free credit the default $0.01."""
+        body = b.TEST_BILLING_CONFIG.replace(
+            'name = "Pro"\ncredits_per_period = 10000',
+            'name = "Pro"\ncredits_per_period = 10000\nfree_credit_allowance_usd = "0.001"',
+        )
+        billing_config_file(body)
+        return get_billing_config()
+
+    def test_trials_and_promotions_are_no_negative_margin_and_flagged_past_their_allowance(
+        self, engine: Engine, emulator: Emulator, tight_pro_allowance: BillingConfig
+    ) -> None:
+        store = emulator.store
+        trial, promo = store.create_customer().id, store.create_customer().id
+        sub = store.create_subscription(trial, "price_pro_monthly", trial_days=14)  # a $0 first invoice
+        invoice = store.get(sub.id).latest_invoice
+        assert store.render(invoice)["amount_paid"] == 0
+        with session_factory().begin() as s:
+            grant_credits(
+                s,
+                trial,
+                units=10000,
+                source=GrantSource.RENEWAL,
+                idempotency_key=f"renewal:{invoice}",
+                reason=f"Pro subscription_create {invoice} (subscription {sub.id})",
+                stripe_object_id=invoice,
+                stripe_object_type="invoice",
+                amount_minor=0,
+                currency="usd",
+            )
+            b.set_access(s, trial, AccessState.TRIALING, emulator.start, sub.id)
+            grant_credits(s, promo, units=1000, source=GrantSource.PROMOTION, idempotency_key="promo")
+        at = emulator.start + timedelta(hours=3)
+        _use(trial, "trial", at, sonnet_output=200_000)  # 900 free Pro credits, $3.00
+        _use(promo, "promo", at, sonnet_output=200_000)  # 900 promotion credits, $3.00
+        _store_events(emulator)
+
+        summary = _run(emulator, tight_pro_allowance)
+
+        assert summary.counts == {"free_credit_cost": 1}
+        (m,) = _mismatches(engine)
+        # Pro: 900 credits x $0.001 = $0.90 allowed, $3.00 spent. Promotion: 900 x $0.01 = $9.00 allowed.
+        assert (m.kind, m.customer_id) == (MismatchKind.FREE_CREDIT_COST, trial)
+        assert (m.expected_amount, m.actual_amount) == (Decimal("0.9"), Decimal("3"))
+        assert m.evidence["ledger"]["free_by_plan"][0]["plan"] == "Pro"
+        assert "900 Pro" in m.summary and "$3.00" in m.summary and "$0.90" in m.summary
+        with Session(engine) as s:
+            rows = {r.customer_id: r for r in margin_rows(s, since=emulator.start, until=_until())}
+        assert rows[promo].revenue == 0 and "900 free credits" in rows[promo].note
+
+
+class TestChargesWithoutAPaymentIntent:
+    def _process(self, emulator: Emulator) -> None:
+        from worker.processing import process_events
+
+        with session_factory().begin() as s:
+            items = [(json.dumps(e, default=str).encode(), parse_envelope(e)) for e in emulator.store.events()]
+            ids = list(store_events(s, items).values())
+        process_events(sorted(ids), gateway=emulator.gateway)
+
+    def test_the_worker_credits_it_and_reconciliation_agrees(self, engine: Engine, emulator: Emulator) -> None:
+        c = emulator.store.create_customer().id
+        charge = emulator.store.create_charge(c, 2500)  # the older Charges API: no payment intent
+        assert emulator.store.render(charge.id)["payment_intent"] is None
+        self._process(emulator)
+        with Session(engine) as s:
+            grant = s.scalars(select(Grant)).one()
+        assert (grant.stripe_object_id, grant.units, grant.amount_minor) == (charge.id, 2500, 2500)
+        assert _run(emulator).counts == {}
+
+    def test_off_in_the_config_it_is_a_payment_without_grant(
+        self, engine: Engine, emulator: Emulator, billing_config_file: Any
+    ) -> None:
+        billing_config_file(
+            b.TEST_BILLING_CONFIG.replace(
+                'fallback_credits_per_minor_unit = "1"',
+                'fallback_credits_per_minor_unit = "1"\ngrant_charges_without_payment_intent = false',
+            )
+        )
+        c = emulator.store.create_customer().id
+        charge = emulator.store.create_charge(c, 2500)
+        self._process(emulator)
+        _run(emulator, get_billing_config())
+        (m,) = _mismatches(engine)
+        assert (m.kind, m.customer_id, m.expected_amount) == (MismatchKind.PAYMENT_WITHOUT_GRANT, c, Decimal(2500))
+        assert f"charge {charge.id} was paid ($25.00)" in m.summary
+
+
+class TestEveryMismatchNamesItsCustomer:
+    def test_disputes_refunds_and_missed_events(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        c = store.create_customer().id
+        _, disputed = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _, refunded = _paid_topup(emulator, c, "price_credits_small", 1000)
+        store.clock.advance(hours=1)
+        store.create_dispute(disputed)  # never frozen in the ledger
+        store.refund(refunded, 400)  # never clawed back
+        # The dispute's events never arrived: a dispute object names no customer, its charge does.
+        _store_events(emulator, skip_types=("charge.dispute.created", "charge.dispute.funds_withdrawn"))
+
+        _run(emulator)
+
+        found = _mismatches(engine)
+        kinds = sorted(m.kind.value for m in found)
+        assert kinds == ["dispute_not_applied", "missed_event", "missed_event", "refund_not_clawed_back"]
+        assert {m.customer_id for m in found} == {c}
+        refund = next(m for m in found if m.kind is MismatchKind.REFUND_NOT_CLAWED_BACK)
+        assert f"charge {refunded} was refunded $4.00 of $10.00" in refund.summary
+        with Session(engine) as s:
+            assert len(services.list_mismatches(s, customer_id=c)) == 4
+
+
+class TestStuckEventsNameTheirCustomer:
+    def test_a_failed_dispute_event_names_the_charges_customer(self, engine: Engine, emulator: Emulator) -> None:
+        from sqlalchemy import update
+
+        from ledger.inbox import StripeEvent
+
+        store = emulator.store
+        c = store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        dispute = store.create_dispute(charge)
+        with session_factory().begin() as s:
+            b.freeze(s, b.grant_of(s, store.get(charge).payment_intent), "dp")
+        _store_events(emulator)
+        with session_factory().begin() as s:
+            s.execute(
+                update(StripeEvent)
+                .where(StripeEvent.object_id == dispute.id)
+                .values(status=EventStatus.FAILED, received_at=datetime.now(UTC) - timedelta(hours=3))
+            )
+        _run(emulator)
+        stuck = [m for m in _mismatches(engine) if m.kind is MismatchKind.UNPROCESSED_EVENT]
+        assert len(stuck) == 2 and {m.customer_id for m in stuck} == {c}
+
+
+class TestPartialRuns:
+    def test_a_list_stripe_refuses_skips_its_checks_and_the_rest_is_compared(
+        self, engine: Engine, emulator: Emulator, cli: CliRunner
+    ) -> None:
+        from worker.cli import app
+
+        store = emulator.store
+        c = store.create_customer().id
+        _, disputed = _paid_topup(emulator, c, "price_credits_small", 1000)
+        store.create_dispute(disputed)  # dispute_not_applied
+        _store_events(emulator)
+        window = ["--since", emulator.start.isoformat(), "--until", _until().isoformat()]
+        assert cli.invoke(app, ["reconcile", *window]).exit_code == 1
+        _paid_topup(emulator, c, "price_credits_small", 1000, grant=False)  # payment_without_grant
+        _store_events(emulator)
+
+        # A restricted key without the disputes permission: Stripe answers 403 to the list.
+        store.faults.fail_next(1, status=403, path_prefix="/v1/disputes")
+        result = cli.invoke(app, ["reconcile", *window, "--json"])
+
+        assert result.exit_code == 8, result.output  # 6 is limit_exceeded
+        body = json.loads(result.stdout)
+        assert body["status"] == "partial" and set(body["missed_sources"]) == {"dispute"}
+        assert body["ok"] is False and body["code"] == "partial_run"
+        assert "403" in body["missed_sources"]["dispute"]
+        assert set(body["skipped_checks"]) == {"disputes"}
+        assert body["counts"] == {"payment_without_grant": 1}  # the payments were compared
+        with Session(engine) as s:
+            runs = list(s.scalars(select(ReconciliationRun).order_by(ReconciliationRun.id)))
+            assert [r.status for r in runs] == [RunStatus.SUCCEEDED, RunStatus.PARTIAL]
+            assert runs[1].stats["missed_sources"].keys() == {"dispute"} and "dispute" in (runs[1].error or "")
+            dispute = s.scalars(select(Mismatch).where(Mismatch.kind == MismatchKind.DISPUTE_NOT_APPLIED)).one()
+            assert dispute.status is MismatchStatus.OPEN  # not seen, but not closed: its check did not run
+
+    def test_a_500_after_retries_is_partial_too(self, engine: Engine, emulator: Emulator) -> None:
+        c = emulator.store.create_customer().id
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        _store_events(emulator)
+        emulator.store.faults.fail_next(1, status=500, path_prefix="/v1/events")
+        summary = _run(emulator)
+        assert summary.status is RunStatus.PARTIAL and set(summary.skipped_checks) == {"missed_events"}
+        assert summary.counts == {}
+
+
+class TestRunsChart:
+    def test_ledger_money_is_dated_by_when_stripe_was_paid(self, engine: Engine, emulator: Emulator) -> None:
+        from webhooks.review.charts import daily_series
+
+        c = emulator.store.create_customer().id
+        emulator.store.topup(c, "price_credits_small")  # paid ten days ago in Stripe
+        _store_events(emulator)
+        with session_factory().begin() as s:  # applied today
+            cs = next(iter(emulator.gateway.list_checkout_sessions()))
+            b.grant_topup(s, emulator.store, cs["id"], units=1000)
+        paid_day = emulator.start.date()
+        with Session(engine) as s:
+            series = daily_series(s, emulator.start - timedelta(days=1), _until())
+        by_day = {p.day: p for p in series.days}
+        assert by_day[paid_day].ledger_paid == {"usd": 1000} and by_day[paid_day].stripe_paid == {"usd": 1000}
+        assert sum(p.ledger_paid.get("usd", 0) for p in series.days) == 1000
+
+
+class TestFeesAndBalanceTransactions:
+    def test_fee_and_net_from_stripes_own_payloads(self) -> None:
+        event = json.loads((SHARED / "fixtures/stripe/events/charge.dispute.created.dahlia.zulip.json").read_text())
+        (withdrawal,) = event["data"]["object"]["balance_transactions"]
+        bt = balance_transaction_detail(withdrawal)
+        assert bt is not None
+        # A $22.00 chargeback with Stripe's $15.00 dispute fee: $37.00 leaves the balance.
+        assert (bt["amount"], bt["fee"], bt["net"], bt["currency"]) == (-2200, 1500, -3700, "usd")
+        assert bt["fee_details"] == [{"amount": 1500, "currency": "usd", "type": "stripe_fee"}]
+        resources = json.loads((SHARED / "fixtures/stripe/openapi/fixtures3.json").read_text())["resources"]
+        charge, txn = resources["charge"], resources["balance_transaction"]
+        assert balance_transaction_problem(charge, balance_transaction_detail(txn)) is None
+        assert "the charge for 200" in str(balance_transaction_problem({**charge, "amount": 200}, txn))
+        captured = {**charge, "captured": True}  # the docs' sample is an authorization
+        assert balance_transaction_problem(captured, None) == "its balance transaction could not be read"
+        missing = {**captured, "balance_transaction": None}
+        assert balance_transaction_problem(missing, None) == "has no balance transaction"
+        assert balance_transaction_problem({**missing, "captured": False}, None) is None  # authorized only
+
+    def test_a_balance_transaction_that_disagrees_is_a_mismatch(self, engine: Engine, emulator: Emulator) -> None:
+        c = emulator.store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        txn = emulator.store.get(charge).balance_transaction
+        emulator.store.update(txn, amount=900)  # Stripe's books say $9.00 arrived for a $10.00 charge
+        _store_events(emulator)
+        assert _run(emulator).counts == {"balance_transaction_mismatch": 1}
+        (m,) = _mismatches(engine)
+        assert (m.customer_id, m.expected_amount, m.actual_amount) == (c, Decimal(1000), Decimal(900))
+        assert m.summary == f"charge {charge} ($10.00) its balance transaction is for 900 usd, the charge for 1000"
+
+
+class TestPayouts:
+    def test_a_payout_with_a_refund_the_ledger_never_applied_is_found_and_nothing_else(
+        self, engine: Engine, emulator: Emulator
+    ) -> None:
+        from ledger.clawback import clawback
+
+        store = emulator.store
+        c = store.create_customer().id
+        _, applied = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _, missed = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _, disputed = _paid_topup(emulator, c, "price_credits_large", 12000)
+        store.clock.advance(hours=1)
+        refund = store.refund(applied, 300)
+        store.refund(missed, 200)  # the ledger never hears of this one
+        store.create_dispute(disputed)
+        with session_factory().begin() as s:
+            grant = b.grant_of(s, store.get(applied).payment_intent)
+            clawback(s, grant.id, units=300, idempotency_key="re-1", reason="refund", stripe_object_id=refund.id)
+            b.freeze(s, b.grant_of(s, store.get(disputed).payment_intent), "dp")
+        store.clock.advance(hours=1)
+        payout = store.create_payout()
+        _store_events(emulator)
+
+        summary = _run(emulator)
+
+        assert summary.counts == {"refund_not_clawed_back": 1, "payout_mismatch": 1}
+        (m,) = [x for x in _mismatches(engine) if x.kind is MismatchKind.PAYOUT_MISMATCH]
+        assert m.customer_id == c and m.evidence["stripe"]["type"] == "refund"
+        assert m.summary.startswith(f"payout {payout.id}: refund re_") and f"of charge {missed}" in m.summary
+        assert m.expected_amount == Decimal(-200)
+        from webhooks.review.revenue_views import payouts_seen
+
+        with Session(engine) as s:
+            (seen,) = payouts_seen(s)
+        assert (seen["payout"], seen["amount"], seen["differences"]) == (payout.id, payout.amount, 1)
+        assert seen["transactions"] == 6  # three charges, two refunds, one dispute withdrawal
+
+    def test_a_payout_that_does_not_add_up(self, engine: Engine, emulator: Emulator) -> None:
+        c = emulator.store.create_customer().id
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        payout = emulator.store.create_payout()
+        emulator.store.update(payout.id, amount=payout.amount + 1)
+        _store_events(emulator)
+        assert _run(emulator).counts == {"payout_mismatch": 1}
+        (m,) = _mismatches(engine)
+        # $10.00 less Stripe's $0.59 fee is $9.41 net; the payout says $9.42.
+        assert m.summary == f"payout {payout.id} of $9.42: its transactions net $9.41"
+
+
+class TestRefundSettlements:
+    def test_each_refund_is_kept_with_the_grant_it_reduced(self, engine: Engine, emulator: Emulator) -> None:
+        from ledger.models import RefundSettlement
+
+        store = emulator.store
+        store.set_exchange_rate("eur", "1.10")
+        store.create_price(unit_amount=1000, currency="eur", id="price_credits_eur")
+        c = store.create_customer().id
+        _, usd_charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        _, eur_charge = _paid_topup(emulator, c, "price_credits_eur", 1000)
+        store.clock.advance(hours=1)
+        usd_refund, eur_refund = store.refund(usd_charge, 300), store.refund(eur_charge, 500)
+        with session_factory().begin() as s:
+            for charge, amount, refund in ((usd_charge, 300, usd_refund), (eur_charge, 500, eur_refund)):
+                grant = b.grant_of(s, store.get(charge).payment_intent)
+                from ledger.clawback import clawback
+
+                clawback(s, grant.id, units=amount, idempotency_key=refund.id, reason="refund",
+                         stripe_object_id=refund.id)  # fmt: skip
+        _store_events(emulator)
+        assert _run(emulator).counts == {}
+        with Session(engine) as s:
+            kept = {r.refund_id: r for r in s.scalars(select(RefundSettlement))}
+        # $3.00 back in USD; EUR 5.00 back converted at 1.10 = $5.50; Stripe keeps its fee.
+        assert (kept[usd_refund.id].settlement_minor, kept[usd_refund.id].settlement_currency) == (300, "usd")
+        assert (kept[eur_refund.id].amount_minor, kept[eur_refund.id].currency) == (500, "eur")
+        assert (kept[eur_refund.id].settlement_minor, kept[eur_refund.id].exchange_rate) == (550, Decimal("1.1"))
+
+    def test_a_refund_whose_balance_transaction_disagrees(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        c = store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)
+        refund = store.refund(charge, 1000)
+        store.update(refund.balance_transaction, amount=-900)
+        with session_factory().begin() as s:
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 1000, "r")
+        _store_events(emulator)
+        assert _run(emulator).counts == {"balance_transaction_mismatch": 1}
+        (m,) = _mismatches(engine)
+        assert m.customer_id == c and (m.expected_amount, m.actual_amount) == (Decimal(1000), Decimal(900))
+        assert m.summary.startswith(f"refund {refund.id} ($10.00) its balance transaction takes 900 usd")
