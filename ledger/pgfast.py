@@ -205,24 +205,19 @@ def _alone(engine: Engine, request: Consumption) -> ConsumeOutcome:
     try:
         (row,) = _in_autocommit(engine, _CALL, _params(request))
     except DBAPIError as exc:
-        refusal = refused_input(exc, request)
+        refusal = refused_request(exc, request.request_id)
         if refusal is None:
             raise
         return refusal
     return _outcome(row, request)
 
 
-def refused_input(exc: DBAPIError, request: Consumption) -> LedgerError | None:
-    """The ledger's error for a statement the database refused because of its input, or None.
-
-    A unique-key violation on the request's entry key means another customer's request with the same id
-    committed first: a conflict. A value out of a column's range is an invalid request.
-    """
-    return refused_request(exc, request.request_id)
-
-
 def refused_request(exc: DBAPIError, request_id: str) -> LedgerError | None:
-    """:func:`refused_input` for any of the ledger's keyed writes (consumption, hold, capture)."""
+    """The ledger's error for a keyed write (consumption, hold, capture) the database refused for its input, or None.
+
+    A unique-key violation on the request's key means another customer's request with the same id committed
+    first: a conflict. A value out of a column's range is an invalid request.
+    """
     orig = exc.orig
     if isinstance(orig, psycopg.errors.UniqueViolation) and (
         "idempotency_key" in str(orig) or "request_id" in str(orig)

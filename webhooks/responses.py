@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -53,12 +53,14 @@ def error_response(
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-async def send_json(send: Send, status: int, body: bytes, *, close: bool = False) -> None:
-    """Send a complete JSON response straight on the ASGI channel (the webhook's hot path skips Response)."""
-    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
+async def send_json(
+    send: Send, status: int, body: bytes, *, close: bool = False, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Send a complete JSON response straight on the ASGI channel (the hot paths skip Response)."""
+    fields = [(b"content-type", JSON), (b"content-length", str(len(body)).encode()), *headers]
     if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        fields.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": fields})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ledger.errors import InvalidRequest, LedgerError
 from webhooks import api
-from webhooks.responses import JSON, ledger_error, unavailable
+from webhooks.responses import JSON, ledger_error, send_json, unavailable
 from webhooks.usage_writer import UsageUnavailable, UsageWriter
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -85,13 +85,14 @@ class UsageEndpoints:
             return
         except LedgerError as exc:
             status, error = ledger_error(exc)
-            await _send(send, status, _ERROR.dump_json(error))
+            await send_json(send, status, _ERROR.dump_json(error))
             return
         except (UsageUnavailable, OperationalError, InterfaceError) as exc:
             status, error = unavailable(exc)
-            await _send(send, status, _ERROR.dump_json(error))
+            await send_json(send, status, _ERROR.dump_json(error))
             return
-        await _send(send, status, _DUMP[type(answer)].dump_json(answer), _REPLAYED_HEADER if replayed else ())
+        extra = _REPLAYED_HEADER if replayed else ()
+        await send_json(send, status, _DUMP[type(answer)].dump_json(answer), headers=extra)
 
     async def _apply(self, path: str, body: bytes, json_body: bool, key: bytes | None) -> tuple[int, Any, bool]:
         """Parse, apply on the writer, and give (status, response model, replayed); _Decline hands over."""
@@ -160,9 +161,3 @@ def _replay(body: bytes, receive: Receive, *, complete: bool) -> Receive:
         return await receive()
 
     return replayed
-
-
-async def _send(send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
