@@ -52,6 +52,14 @@ _CALL_MANY = (
     "grant_ids, grant_units FROM ledger_consume_many(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[])"
 )
 
+# The errors one item of a batch can cause; each item then runs alone (see consume_many_autocommit).
+_ONE_ITEM_REFUSED = (
+    psycopg.errors.UniqueViolation,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DataError,
+)
+
 _switch = threading.local()
 # Per engine: which of the ledger's functions its database has (looked up once each).
 _installed: weakref.WeakKeyDictionary[Engine, dict[str, bool]] = weakref.WeakKeyDictionary()
@@ -158,10 +166,11 @@ def consume_many_autocommit(engine: Engine, requests: Sequence[Consumption]) -> 
         try:
             rows = _in_autocommit(engine, _CALL_MANY, _many_params(chosen))
         except DBAPIError as exc:
-            if exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError):
+            if exc.connection_invalidated or not isinstance(exc.orig, _ONE_ITEM_REFUSED):
                 raise
             # The database refused one item (a unique-key race with another customer's request id, a deadlock
-            # with a transaction that locks accounts in another order): each alone, so it cannot fail the rest.
+            # with a transaction that locks accounts in another order, a value out of a column's range): each
+            # alone, so it cannot fail the rest. Anything else is a fault, not an item's doing: raised.
             rows = None
         if rows is None:
             for i in batch:
@@ -182,20 +191,26 @@ def _split_cross_customer_repeats(requests: Sequence[Consumption]) -> tuple[list
     customers meet only through a request id, so that equals applying the items one by one, except when two
     customers use one request id: then the first use must come first, as it would one by one. So a use of an
     id another customer used first in this batch waits for the batch, and so does everything after it of its
-    customer (keeping the customer's order), and so does any later use of an id whose first use waits.
+    customer (keeping the customer's order), and so does any later use of an id any earlier use of which waits
+    (a suspended customer's refused use, another customer's, then the first customer's again: the last must see
+    the second, a conflict).
     """
-    first_use: dict[str, tuple[str, bool]] = {}  # request id -> (customer of its first use, that use in the batch)
+    first_use: dict[str, str] = {}  # request id -> customer of its first use
     waiting: set[str] = set()  # customers whose remaining items wait for the batch
+    waiting_ids: set[str] = set()  # request ids whose remaining uses wait for the batch
     batch: list[int] = []
     after: list[int] = []
     for position, request in enumerate(requests):
-        owner, owner_in_batch = first_use.setdefault(
-            request.request_id, (request.customer_id, request.customer_id not in waiting)
-        )
-        if request.customer_id not in waiting and owner == request.customer_id and owner_in_batch:
+        owner = first_use.setdefault(request.request_id, request.customer_id)
+        if (
+            request.customer_id not in waiting
+            and request.request_id not in waiting_ids
+            and owner == request.customer_id
+        ):
             batch.append(position)
         else:
             waiting.add(request.customer_id)
+            waiting_ids.add(request.request_id)
             after.append(position)
     return batch, after
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -24,7 +25,8 @@ from ledger.consume import ConsumeInput, consume_batch, consume_standalone
 from ledger.db import unit_of_work
 from ledger.errors import IdempotencyConflict, InsufficientCredits, LedgerError
 from ledger.grants import grant_credits
-from ledger.models import AccessState, Account, Grant, GrantSource
+from ledger.models import AccessState, Account, Entry, Grant, GrantSource, UsageRecord
+from ledger.pricing import UsageInput
 
 CUSTOMERS = 4  # the fourth is suspended; index 4 is a customer that does not exist
 # (customer index, request id index, units, reason): few ids and customers, so repeats and reuse are common.
@@ -70,11 +72,30 @@ def _one_by_one(items: list[ConsumeInput]) -> list[Any]:
     for item in items:
         try:
             outcomes.append(
-                consume_standalone(item.customer_id, request_id=item.request_id, units=item.units, reason=item.reason)
+                consume_standalone(
+                    item.customer_id, request_id=item.request_id, units=item.units, usage=item.usage, reason=item.reason
+                )
             )
         except LedgerError as exc:
             outcomes.append(exc)
     return outcomes
+
+
+def _recorded(customers: list[str]) -> list[tuple[Any, ...]]:
+    """Each consumption's entry and usage row, world names taken out, in entry order per customer."""
+    with unit_of_work() as session:
+        rows = session.execute(
+            select(Account.customer_id, Entry.units, Entry.balance_after, Entry.reason,
+                   UsageRecord.request_id, UsageRecord.user_id, UsageRecord.feature, UsageRecord.provider,
+                   UsageRecord.model, UsageRecord.input_tokens, UsageRecord.output_tokens, UsageRecord.cached_tokens,
+                   UsageRecord.provider_cost_usd, UsageRecord.units)
+            .join(Account, Account.id == Entry.account_id)
+            .join(UsageRecord, UsageRecord.id == Entry.usage_id)
+            .where(Account.customer_id.in_(customers), Entry.kind == "consume")
+            .order_by(Account.customer_id, Entry.id)
+        ).all()  # fmt: skip
+    # Names differ between worlds by one letter after the prefix: keep what follows the world's own name.
+    return [(row[0][-2:], *row[1:4], row[4].split("-", 1)[1], *row[5:]) for row in rows]
 
 
 def _state(customers: list[str]) -> list[tuple[int, int, int, list[int]]]:
@@ -99,6 +120,8 @@ class TestBatchEqualsOneByOne:
     @example(history=([(1, 0, 3, ""), (0, 0, 3, ""), (0, 1, 0, ""), (1, 0, 3, "")], [1, 3]))
     # Found by this test: a refused first use by one customer, then another customer's items in one batch.
     @example(history=([(3, 1, 0, ""), (0, 1, 0, ""), (0, 0, 1, "")], [3]))
+    # Found by this test: a refused use, another customer's use of the id, then the first customer's again.
+    @example(history=([(3, 0, 0, ""), (0, 0, 0, ""), (3, 0, 0, "")], [3]))
     def test_same_outcomes_and_same_ledger(self, engine: Engine, history: tuple[list[Any], list[int]]) -> None:
         steps, cuts = history
         prefix = unique("w")
@@ -133,6 +156,36 @@ class TestBatchEqualsOneByOne:
         assert not isinstance(first, LedgerError) and not first.replayed
         assert not isinstance(again, LedgerError) and again.replayed and again.entry_id == first.entry_id
         assert isinstance(changed, IdempotencyConflict)
+
+    def test_usage_and_entries_are_recorded_as_one_by_one(self, engine: Engine) -> None:
+        """Every customer's items applied together (PostgreSQL's set-wise path) record what single calls do."""
+        prefix = unique("u")
+        worlds = {side: _world(f"{prefix}{side}") for side in ("b", "s")}
+        models = ["gpt-4o", "claude-sonnet", None]
+        steps = [(c, n) for n in range(4) for c in range(3)]  # interleaved customers, four items each
+
+        def items(side: str) -> list[ConsumeInput]:
+            customers = worlds[side][0]
+            return [
+                ConsumeInput(
+                    customers[c], f"{prefix}{side}-q{c}-{n}", units=n + 1, reason="r" if n % 2 else "",
+                    usage=UsageInput(
+                        user_id=f"user-{n}" if n != 2 else None, feature="chat", provider="openai",
+                        model=models[c], input_tokens=10 * n, output_tokens=n, cached_tokens=n % 2,
+                        provider_cost_usd=Decimal("0.0125") * n if n else None,
+                    ),
+                )
+                for c, n in steps
+            ]  # fmt: skip
+
+        batched = consume_batch(items("b"))
+        single = _one_by_one(items("s"))
+        # Hand-worked: customer c's promotion grant (15 units, drawn first) pays 1, 2, 3, 4 units in order.
+        assert [o.balance_after for o in batched] == [20 + 5 * c + 15 - (n + 1) * (n + 2) // 2 for c, n in steps]
+        assert [_normal(o, worlds["b"][1]) for o in batched] == [_normal(o, worlds["s"][1]) for o in single]
+        assert _recorded(worlds["b"][0]) == _recorded(worlds["s"][0])
+        with unit_of_work() as session:
+            assert check_ledger(session) == []
 
     def test_an_invalid_item_is_its_own_refusal(self, engine: Engine) -> None:
         customers, _ = _world(unique("w"))

@@ -1,0 +1,183 @@
+"""ledger_consume_many applies the common case of a batch set-wise: a few statements for the whole batch.
+
+Revision ID: hot_1
+Revises: money_1
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from alembic import op
+
+revision = "hot_1"
+down_revision = "money_1"
+branch_labels = None
+depends_on = None
+
+SIGNATURE = "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[])"
+
+# The batch's outcome stays exactly "its items applied one after another" (migration 0008), but the common case
+# no longer pays a function call and four statements per item. After locking every account of the batch in one
+# order (customer id, byte order: two batches never deadlock), a customer's items are applied together when
+# nothing about them needs the item-by-item rules: every item charges units and is new (no replay, no repeat
+# inside the batch), the account owes nothing, may spend every grant source, has no lapsed grant, and its first
+# grant in draw order covers all of its items (so each item draws that grant, as ledger_consume's fast path
+# would), and the balance stays above its low-balance threshold and above zero (no balance.low or
+# balance.depleted to emit). Each item's entry carries the balance after it, in the batch's order. Every other
+# customer's items go through ledger_consume one by one, as before, under the locks already held.
+MANY_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION ledger_consume_many(
+    p_customers text[], p_request_ids text[], p_keys text[], p_units bigint[], p_hashes text[], p_actors text[],
+    p_reasons text[], p_nows timestamptz[], p_usages jsonb[]
+) RETURNS TABLE (
+    idx integer, status text, entry_id bigint, balance_after bigint, usage_id bigint, units bigint,
+    available bigint, access_state text, request_hash text, grant_ids bigint[], grant_units bigint[]
+) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    i integer;
+    r record;
+    v_set text[];
+    v_accounts bigint[];
+    v_grants bigint[];
+    v_first timestamptz;
+    v_last timestamptz;
+BEGIN
+    SELECT min(t), max(t) INTO v_first, v_last FROM unnest(p_nows) AS t;
+    -- Every account of the batch, locked in one order before anything is read for a decision.
+    PERFORM 1 FROM accounts a WHERE a.customer_id = ANY(p_customers)
+     ORDER BY a.customer_id COLLATE "C" FOR NO KEY UPDATE;
+
+    -- A new statement, so a new snapshot: what committed before the locks were granted is seen.
+    WITH items AS (
+        SELECT t.c AS customer, t.r AS request_id, t.k AS key, t.u AS units
+          FROM unnest(p_customers, p_request_ids, p_keys, p_units) AS t(c, r, k, u)
+    ), per AS (
+        SELECT i.customer, sum(i.units)::bigint AS total, min(i.units) AS smallest, count(*) AS n,
+               count(DISTINCT i.key) AS keys, count(DISTINCT i.request_id) AS rids
+          FROM items i GROUP BY i.customer
+    ), replayed AS (  -- customers with an item whose key is already taken: a replay or a conflict
+        SELECT DISTINCT i.customer FROM items i JOIN entries e ON e.idempotency_key = i.key
+    ), acc AS (
+        SELECT p.*, a.id, a.customer_id, a.balance, a.overdraft_limit, a.debt, a.access_state, a.grace_until
+          FROM per p JOIN accounts a ON a.customer_id = p.customer
+    ), states AS MATERIALIZED (  -- so that the policy below is asked once per state, not once per account
+        SELECT DISTINCT c.access_state, c.grace_until FROM acc c
+    ), spends_all AS MATERIALIZED (  -- the access policy at both ends of the batch's times
+        SELECT s.access_state, s.grace_until
+          FROM states s
+         WHERE ledger_spendable(s.access_state, s.grace_until, v_first) IS NULL
+           AND ledger_spendable(s.access_state, s.grace_until, v_last) IS NULL
+    )
+    SELECT array_agg(a.customer_id), array_agg(a.id), array_agg(g.id)
+      INTO v_set, v_accounts, v_grants
+      FROM acc a
+      JOIN spends_all sa ON sa.access_state = a.access_state
+                        AND sa.grace_until IS NOT DISTINCT FROM a.grace_until
+      CROSS JOIN LATERAL (
+          SELECT d.id, d.remaining FROM grants d
+           WHERE d.account_id = a.id AND d.remaining > 0 AND (d.expires_at IS NULL OR d.expires_at > v_last)
+           ORDER BY d.priority DESC, d.expires_at ASC NULLS LAST, d.id LIMIT 1) g
+      LEFT JOIN balance_thresholds t ON t.account_id = a.id
+     WHERE a.smallest > 0 AND a.keys = a.n AND a.rids = a.n
+       AND a.debt = 0
+       AND g.remaining >= a.total
+       AND a.balance + a.overdraft_limit - a.total > 0
+       AND (t.effective_units IS NULL OR a.balance + a.overdraft_limit - a.total >= t.effective_units)
+       AND NOT EXISTS (SELECT 1 FROM grants x WHERE x.account_id = a.id AND x.remaining > 0
+                                                AND x.expires_at <= v_last)
+       AND NOT EXISTS (SELECT 1 FROM replayed rp WHERE rp.customer = a.customer);
+
+    IF v_set IS NOT NULL THEN
+        RETURN QUERY
+        WITH chosen AS (
+            SELECT c.customer, c.account_id, c.grant_id
+              FROM unnest(v_set, v_accounts, v_grants) AS c(customer, account_id, grant_id)
+        ), items AS (
+            SELECT t.n::integer AS idx, t.c AS customer, t.r AS request_id, t.k AS key, t.u AS units, t.h AS hash,
+                   t.a AS actor, t.rs AS reason, t.ts AS at, t.us AS usage, c.account_id, c.grant_id
+              FROM unnest(p_customers, p_request_ids, p_keys, p_units, p_hashes, p_actors, p_reasons, p_nows,
+                          p_usages) WITH ORDINALITY AS t(c, r, k, u, h, a, rs, ts, us, n)
+              JOIN chosen c ON c.customer = t.c
+        ), totals AS (
+            SELECT i.account_id, i.grant_id, sum(i.units)::bigint AS total, max(i.at) AS last_at
+              FROM items i GROUP BY i.account_id, i.grant_id
+        ), moved AS (
+            UPDATE accounts a SET balance = a.balance - s.total, updated_at = s.last_at
+              FROM totals s WHERE a.id = s.account_id
+            RETURNING a.id, a.balance + s.total AS balance_before, a.access_state
+        ), drawn AS (  -- runs though nothing reads it: a data-modifying WITH always runs, exactly once
+            UPDATE grants g SET remaining = g.remaining - s.total FROM totals s WHERE g.id = s.grant_id
+            RETURNING g.id
+        ), ordered AS (
+            SELECT i.*, m.access_state,
+                   (m.balance_before - sum(i.units) OVER (PARTITION BY i.account_id ORDER BY i.idx))::bigint AS after
+              FROM items i JOIN moved m ON m.id = i.account_id
+        ), used AS (
+            INSERT INTO usage_records (account_id, request_id, user_id, workspace, feature, provider, model,
+                                       operation, input_tokens, output_tokens, cached_tokens, provider_cost_usd,
+                                       units, billable, environment, occurred_at)
+            SELECT o.account_id, o.request_id, o.usage->>'user_id', o.usage->>'workspace', o.usage->>'feature',
+                   o.usage->>'provider', o.usage->>'model', o.usage->>'operation',
+                   (o.usage->>'input_tokens')::bigint, (o.usage->>'output_tokens')::bigint,
+                   (o.usage->>'cached_tokens')::bigint, (o.usage->>'provider_cost_usd')::numeric, o.units,
+                   (o.usage->>'billable')::boolean, o.usage->>'environment',
+                   coalesce((o.usage->>'occurred_at')::timestamptz, o.at)
+              FROM ordered o WHERE o.usage IS NOT NULL ORDER BY o.idx
+            RETURNING id, request_id
+        ), written AS (
+            INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
+                                 request_hash, grant_id, usage_id, actor, reason)
+            SELECT o.account_id, 'consume', -o.units, o.after, 0, 0, o.key, o.hash, o.grant_id, u.id, o.actor,
+                   o.reason
+              FROM ordered o LEFT JOIN used u ON u.request_id = o.request_id
+             -- Entry ids rise in the batch's order, so each account's entries read in id order tie their
+             -- balances one to the next.
+             ORDER BY o.idx
+            RETURNING id, idempotency_key, usage_id
+        )
+        SELECT o.idx, 'ok'::text, w.id, o.after, w.usage_id, o.units, NULL::bigint, o.access_state::text, o.hash,
+               ARRAY[o.grant_id], ARRAY[o.units]
+          FROM ordered o JOIN written w ON w.idempotency_key = o.key;
+    END IF;
+
+    FOR i IN SELECT t.n FROM unnest(p_customers) WITH ORDINALITY AS t(c, n)
+              WHERE v_set IS NULL OR NOT (t.c = ANY(v_set))
+              ORDER BY t.c COLLATE "C", t.n LOOP
+        SELECT c.* INTO r
+          FROM ledger_consume(p_customers[i], p_request_ids[i], p_keys[i], p_units[i], p_hashes[i], p_actors[i],
+                              p_reasons[i], p_nows[i], p_usages[i]) c;
+        idx := i;
+        status := r.status;
+        entry_id := r.entry_id;
+        balance_after := r.balance_after;
+        usage_id := r.usage_id;
+        units := r.units;
+        available := r.available;
+        access_state := r.access_state;
+        request_hash := r.request_hash;
+        grant_ids := r.grant_ids;
+        grant_units := r.grant_units;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$
+"""
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(MANY_FUNCTION)
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        spec = importlib.util.spec_from_file_location(
+            "_migration_0008", Path(__file__).with_name("0008_ledger_consume_many.py")
+        )
+        assert spec is not None and spec.loader is not None
+        previous = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(previous)
+        op.execute(previous.MANY_FUNCTION)
