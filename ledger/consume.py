@@ -12,7 +12,6 @@ it is an IdempotencyConflict.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,7 +83,7 @@ def consume_digest(item: ConsumeInput) -> str:
     It covers every field the ledger keeps of the request (customer, units, usage, reason), so a replay that
     would record something else is a conflict, not a silent 200.
     """
-    usage = dataclasses.asdict(item.usage) if item.usage is not None else None
+    usage = item.usage.as_dict() if item.usage is not None else None
     return request_hash(customer_id=item.customer_id, units=item.units, usage=usage, reason=item.reason)
 
 

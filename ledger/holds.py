@@ -7,7 +7,6 @@ the hold drew from.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -157,7 +156,7 @@ def price_hold(
     digest = request_hash(
         customer_id=customer_id,
         units=units,
-        usage=dataclasses.asdict(usage) if usage is not None else None,
+        usage=usage.as_dict() if usage is not None else None,
         ttl_seconds=ttl_seconds,
     )
     now = utcnow()
@@ -346,7 +345,7 @@ def price_capture(
     digest = request_hash(
         request_id=request_id,
         units=units,
-        usage=dataclasses.asdict(usage) if usage is not None else None,
+        usage=usage.as_dict() if usage is not None else None,
         **({"note": note} if note else {}),  # without a note, the digest of captures stored before notes existed
     )
     wanted = None if units is None and usage is None else charge_for(units, usage)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
 
@@ -54,6 +54,14 @@ class UsageInput:
     def charges(self) -> bool:
         """Whether this usage costs credits at all (test and internal usage, or non-billable, do not)."""
         return self.billable and UsageEnvironment(self.environment) is UsageEnvironment.PRODUCTION
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields by name, in declaration order: ``dataclasses.asdict`` without its deep copy (every field is
+        a plain value), which cost ~25 µs of a consumption's ~30 µs of pricing."""
+        return {name: getattr(self, name) for name in _USAGE_FIELDS}
+
+
+_USAGE_FIELDS = tuple(field.name for field in fields(UsageInput))
 
 
 def list_price(usage: UsageInput, config: BillingConfig) -> int:

@@ -28,15 +28,20 @@ from webhooks.usage_writer import UsageUnavailable, UsageWriter
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 FAST_PREFIXES = ("/v1/usage", "/v1/holds")
+_BATCH_PATH = "/v1/usage/batch"
 _HOLD_ACTION = re.compile(r"^/v1/holds/([A-Za-z0-9_.:\-]{1,255})/(capture|release)$")
-# Bodies past this size are left to the framework (its own limits and errors); a usage body is ~300 bytes.
+# Bodies past this size are left to the framework (its own limits and errors); a usage body is ~300 bytes, and
+# a batch holds up to 1,000 of them.
 _MAX_FAST_BODY = 64 * 1024
+_MAX_FAST_BATCH_BODY = 2 * 1024 * 1024
 _REPLAYED_HEADER = ((b"idempotent-replayed", b"true"),)
 _DUMP: dict[type[Any], TypeAdapter[Any]] = {
-    model: TypeAdapter(model) for model in (api.ConsumeResponse, api.HoldResponse, api.CaptureResponse)
+    model: TypeAdapter(model)
+    for model in (api.ConsumeResponse, api.HoldResponse, api.CaptureResponse, api.UsageBatchResponse)
 }
 _ERROR: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 _CONSUME = TypeAdapter(api.ConsumeRequest)
+_BATCH = TypeAdapter(api.UsageBatchRequest)
 _HOLD = TypeAdapter(api.HoldRequest)
 _CAPTURE = TypeAdapter(api.CaptureRequest)
 _RELEASE = TypeAdapter(api.ReleaseRequest)
@@ -47,7 +52,7 @@ class _Decline(Exception):
 
 
 class UsageEndpoints:
-    """POST /v1/usage, /v1/holds, /v1/holds/{id}/capture and /release for well-formed requests."""
+    """POST /v1/usage, /v1/usage/batch, /v1/holds, /v1/holds/{id}/capture and /release for well-formed requests."""
 
     def __init__(
         self,
@@ -73,7 +78,8 @@ class UsageEndpoints:
         if scheme.lower() != b"bearer" or not self.token_check(token):
             await self.fallback(scope, receive, send)
             return
-        body, complete = await _read_body(receive)
+        limit = _MAX_FAST_BATCH_BODY if scope["path"] == _BATCH_PATH else _MAX_FAST_BODY
+        body, complete = await _read_body(receive, limit)
         if not complete:
             await self.fallback(scope, _replay(body, receive, complete=False), send)
             return
@@ -102,6 +108,9 @@ class UsageEndpoints:
             if isinstance(outcome, LedgerError):
                 raise outcome
             return api.replayed_status(outcome.replayed), api.consume_response(outcome), outcome.replayed
+        if path == _BATCH_PATH:
+            batch = _BATCH.validate_json(_json(body, json_body))
+            return 200, await api.apply_usage_batch(batch, self.writer), False
         if path == "/v1/holds":
             hold = _HOLD.validate_json(_json(body, json_body))
             placed = await self.writer.run(api.apply_hold, hold, _request_id(hold.request_id, key))
@@ -132,7 +141,7 @@ def _request_id(body_value: str | None, header: bytes | None) -> str:
         raise _Decline from exc
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
     """The request body, and whether it was read whole within the fast path's size."""
     chunks: list[bytes] = []
     size = 0
@@ -143,7 +152,7 @@ async def _read_body(receive: Receive) -> tuple[bytes, bool]:
         chunk = message.get("body", b"")
         chunks.append(chunk)
         size += len(chunk)
-        if size > _MAX_FAST_BODY:
+        if size > limit:
             return b"".join(chunks), False
         if not message.get("more_body", False):
             return b"".join(chunks), True
