@@ -78,7 +78,7 @@ class BillingApp(FastAPI):
         if scope["type"] == "http" and scope["method"] == "POST":
             path: str = scope["path"]
             endpoint = self.fast_posts.get(path)
-            if endpoint is None and path.startswith(FAST_PREFIXES) and path != "/v1/usage/batch":
+            if endpoint is None and path.startswith(FAST_PREFIXES):
                 endpoint = self.usage_endpoints
             if endpoint is not None:
                 await endpoint(scope, receive, send)
