@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from ledger import limits, pgfast, portable
 from ledger.config import get_billing_config
-from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption
+from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption, key_taken
 from ledger.db import get_engine, unit_of_work
-from ledger.errors import IdempotencyConflict, InvalidRequest, LedgerError
+from ledger.errors import InvalidRequest, LedgerError
 from ledger.posting import request_hash, require_key, require_positive, utcnow
 from ledger.pricing import UsageInput, price_usage
 
@@ -117,7 +117,7 @@ def _apply(session: Session, request: Consumption) -> ConsumeResult:
             return pgfast.consume(session, request)
         return portable.consume(session, request)
     except IntegrityError as exc:
-        raise _key_taken(exc, request) from exc
+        raise key_taken(exc, request.request_id) or exc from exc
 
 
 def consume_standalone(
@@ -190,10 +190,3 @@ def _apply_alone(session: Session, request: Consumption, *, limited: bool) -> Co
         raise
     savepoint.commit()
     return result
-
-
-def _key_taken(exc: IntegrityError, request: Consumption) -> Exception:
-    """A unique-key race on the request id (another customer's request committed it first) is a conflict."""
-    if "idempotency_key" in str(exc.orig):
-        return IdempotencyConflict(f"request id {request.request_id!r} was used with other parameters")
-    return exc

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ledger.config import get_billing_config
-from ledger.errors import LedgerError
+from ledger.errors import IdempotencyConflict, LedgerError
 from ledger.posting import as_utc
 from ledger.pricing import UsageInput, provider_cost
 
@@ -50,6 +50,18 @@ class Consumption:
     def key(self) -> str:
         """The entry's idempotency key."""
         return consume_key(self.request_id)
+
+
+def key_taken(error: BaseException, request_id: str) -> IdempotencyConflict | None:
+    """The conflict a unique-key violation on a keyed write's request id means, on either backend, or None.
+
+    Another customer's request with the same id committed first (an entry's ``idempotency_key``, or a usage
+    record's or hold's ``request_id``): the id is taken. The database's message names the constraint or column.
+    """
+    text = str(error)
+    if "idempotency_key" in text or "request_id" in text:
+        return IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
+    return None
 
 
 def consume_key(request_id: str) -> str:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ledger.access import describe_refusal
-from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption, usage_row
+from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption, key_taken, usage_row
 from ledger.errors import (
     AccessRefused,
     IdempotencyConflict,
@@ -234,10 +234,8 @@ def refused_request(exc: DBAPIError, request_id: str) -> LedgerError | None:
     first: a conflict. A value out of a column's range is an invalid request.
     """
     orig = exc.orig
-    if isinstance(orig, psycopg.errors.UniqueViolation) and (
-        "idempotency_key" in str(orig) or "request_id" in str(orig)
-    ):
-        return IdempotencyConflict(f"request id {request_id!r} was used with other parameters")
+    if isinstance(orig, psycopg.errors.UniqueViolation):
+        return key_taken(orig, request_id)
     if isinstance(orig, psycopg.errors.DataError):
         return InvalidRequest(f"a value of request {request_id!r} is out of range")
     return None
