@@ -28,13 +28,13 @@ SIGNATURE = "ledger_consume_many(text[], text[], text[], bigint[], text[], text[
 # would), and the balance stays above its low-balance threshold and above zero (no balance.low or
 # balance.depleted to emit). Each item's entry carries the balance after it, in the batch's order. Every other
 # customer's items go through ledger_consume one by one, as before, under the locks already held.
-MANY_FUNCTION = r"""
+_MANY_TEMPLATE = r"""
 CREATE OR REPLACE FUNCTION ledger_consume_many(
     p_customers text[], p_request_ids text[], p_keys text[], p_units bigint[], p_hashes text[], p_actors text[],
-    p_reasons text[], p_nows timestamptz[], p_usages jsonb[]
+    p_reasons text[], p_nows timestamptz[], p_usages jsonb[]@LIMITS_PARAM@
 ) RETURNS TABLE (
     idx integer, status text, entry_id bigint, balance_after bigint, usage_id bigint, units bigint,
-    available bigint, access_state text, request_hash text, grant_ids bigint[], grant_units bigint[]
+    available bigint, access_state text, request_hash text, grant_ids bigint[], grant_units bigint[]@LIMIT_COLUMNS@
 ) LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -53,15 +53,15 @@ BEGIN
 
     -- A new statement, so a new snapshot: what committed before the locks were granted is seen.
     WITH items AS (
-        SELECT t.c AS customer, t.r AS request_id, t.k AS key, t.u AS units
-          FROM unnest(p_customers, p_request_ids, p_keys, p_units) AS t(c, r, k, u)
+        SELECT t.c AS customer, t.r AS request_id, t.k AS key, t.u AS units, t.n
+          FROM unnest(p_customers, p_request_ids, p_keys, p_units) WITH ORDINALITY AS t(c, r, k, u, n)
     ), per AS (
         SELECT i.customer, sum(i.units)::bigint AS total, min(i.units) AS smallest, count(*) AS n,
                count(DISTINCT i.key) AS keys, count(DISTINCT i.request_id) AS rids
           FROM items i GROUP BY i.customer
     ), replayed AS (  -- customers with an item whose key is already taken: a replay or a conflict
         SELECT DISTINCT i.customer FROM items i JOIN entries e ON e.idempotency_key = i.key
-    ), acc AS (
+    )@LIMIT_CTES@, acc AS (
         SELECT p.*, a.id, a.customer_id, a.balance, a.overdraft_limit, a.debt, a.access_state, a.grace_until
           FROM per p JOIN accounts a ON a.customer_id = p.customer
     ), states AS MATERIALIZED (  -- so that the policy below is asked once per state, not once per account
@@ -89,8 +89,8 @@ BEGIN
        AND (t.effective_units IS NULL OR a.balance + a.overdraft_limit - a.total >= t.effective_units)
        AND NOT EXISTS (SELECT 1 FROM grants x WHERE x.account_id = a.id AND x.remaining > 0
                                                 AND x.expires_at <= v_last)
-       AND NOT EXISTS (SELECT 1 FROM replayed rp WHERE rp.customer = a.customer);
-
+       AND NOT EXISTS (SELECT 1 FROM replayed rp WHERE rp.customer = a.customer)@LIMIT_CONDITION@;
+@LIMIT_WRITE@
     IF v_set IS NOT NULL THEN
         RETURN QUERY
         WITH chosen AS (
@@ -140,7 +140,7 @@ BEGIN
             RETURNING id, idempotency_key, usage_id
         )
         SELECT o.idx, 'ok'::text, w.id, o.after, w.usage_id, o.units, NULL::bigint, o.access_state::text, o.hash,
-               ARRAY[o.grant_id], ARRAY[o.units]
+               ARRAY[o.grant_id], ARRAY[o.units]@LIMIT_OK@
           FROM ordered o JOIN written w ON w.idempotency_key = o.key;
     END IF;
 
@@ -149,7 +149,7 @@ BEGIN
               ORDER BY t.c COLLATE "C", t.n LOOP
         SELECT c.* INTO r
           FROM ledger_consume(p_customers[i], p_request_ids[i], p_keys[i], p_units[i], p_hashes[i], p_actors[i],
-                              p_reasons[i], p_nows[i], p_usages[i]) c;
+                              p_reasons[i], p_nows[i], p_usages[i]@LIMIT_ARG@) c;
         idx := i;
         status := r.status;
         entry_id := r.entry_id;
@@ -160,12 +160,90 @@ BEGIN
         access_state := r.access_state;
         request_hash := r.request_hash;
         grant_ids := r.grant_ids;
-        grant_units := r.grant_units;
+        grant_units := r.grant_units;@LIMIT_ASSIGN@
         RETURN NEXT;
     END LOOP;
 END
 $fn$
 """
+
+# With limits (the form migration limits_2 added, taking each item's limit rows as one JSON array): a customer's
+# items also go together only when every counter they touch exists and stays below its maximum after all of them
+# (so none is refused and none reaches its maximum: no limit.reached to emit); the counters then take the
+# items' sums in one statement. Counters change only under their customer's account lock, which the batch holds,
+# so the check cannot go stale; the guarded update still re-checks, and a batch that finds it did is undone and
+# applied item by item (the caller retries it so on a serialization failure).
+_LIMITED = {
+    "@LIMITS_PARAM@": ", p_limits jsonb",
+    "@LIMIT_COLUMNS@": ",\n    limit_name text, limit_used bigint",
+    "@LIMIT_CTES@": """, lim AS (  -- each customer's items' limit rows, summed per counter in its own measure
+        SELECT i.customer, x.limit_name, x.scope_value, x.window_start, x.measure, x.maximum,
+               sum(CASE x.measure WHEN 'requests' THEN x.requests WHEN 'units' THEN x.units
+                                  WHEN 'tokens' THEN x.tokens ELSE x.cost_usd END) AS amount
+          FROM items i
+         CROSS JOIN LATERAL jsonb_to_recordset(nullif(p_limits -> (i.n::integer - 1), 'null')) AS x(
+               limit_name text, scope_value text, window_start timestamptz, requests bigint, units bigint,
+               tokens bigint, cost_usd bigint, measure text, maximum bigint)
+         GROUP BY i.customer, x.limit_name, x.scope_value, x.window_start, x.measure, x.maximum
+    ), lim_blocked AS (  -- a new counter, or one the batch would take to its maximum or past it
+        SELECT DISTINCT l.customer
+          FROM lim l
+          LEFT JOIN limit_counters c ON c.limit_name = l.limit_name AND c.scope_value = l.scope_value
+                                    AND c.window_start = l.window_start
+         WHERE c.limit_name IS NULL
+            OR CASE l.measure WHEN 'requests' THEN c.requests WHEN 'units' THEN c.units WHEN 'tokens' THEN c.tokens
+                              ELSE c.cost_usd END + l.amount >= l.maximum
+    )""",
+    "@LIMIT_CONDITION@": "\n       AND NOT EXISTS (SELECT 1 FROM lim_blocked lb WHERE lb.customer = a.customer)",
+    "@LIMIT_WRITE@": """
+    IF v_set IS NOT NULL THEN
+        WITH rows AS (
+            SELECT x.*
+              FROM unnest(p_customers) WITH ORDINALITY AS t(c, n)
+             CROSS JOIN LATERAL jsonb_to_recordset(nullif(p_limits -> (t.n::integer - 1), 'null')) AS x(
+                   limit_name text, scope_value text, window_start timestamptz, requests bigint, units bigint,
+                   tokens bigint, cost_usd bigint, measure text, maximum bigint)
+             WHERE t.c = ANY(v_set)
+        ), sums AS (
+            SELECT r.limit_name, r.scope_value, r.window_start, max(r.measure) AS measure, max(r.maximum) AS maximum,
+                   sum(r.requests) AS requests, sum(r.units) AS units, sum(r.tokens) AS tokens,
+                   sum(r.cost_usd) AS cost_usd
+              FROM rows r GROUP BY r.limit_name, r.scope_value, r.window_start
+        ), taken AS (
+            UPDATE limit_counters c
+               SET requests = c.requests + s.requests, units = c.units + s.units, tokens = c.tokens + s.tokens,
+                   cost_usd = c.cost_usd + s.cost_usd, measure = s.measure, maximum = s.maximum
+              FROM sums s
+             WHERE c.limit_name = s.limit_name AND c.scope_value = s.scope_value AND c.window_start = s.window_start
+               AND CASE s.measure WHEN 'requests' THEN c.requests WHEN 'units' THEN c.units
+                                  WHEN 'tokens' THEN c.tokens ELSE c.cost_usd END
+                   + CASE s.measure WHEN 'requests' THEN s.requests WHEN 'units' THEN s.units
+                                    WHEN 'tokens' THEN s.tokens ELSE s.cost_usd END < s.maximum
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM taken) = (SELECT count(*) FROM sums) INTO v_counted;
+        IF NOT v_counted THEN
+            RAISE EXCEPTION 'a limit counter moved under the batch' USING ERRCODE = 'serialization_failure';
+        END IF;
+    END IF;
+""",
+    "@LIMIT_OK@": ", NULL::text, NULL::bigint",
+    "@LIMIT_ARG@": ", nullif(p_limits -> (i - 1), 'null')",
+    "@LIMIT_ASSIGN@": "\n        limit_name := r.limit_name;\n        limit_used := r.limit_used;",
+}
+
+
+def many_function(*, limited: bool) -> str:
+    """ledger_consume_many as this migration defines it: without limits (0008's signature) or with (limits_2's)."""
+    sql = _MANY_TEMPLATE
+    for marker, text in _LIMITED.items():
+        sql = sql.replace(marker, text if limited else "")
+    if limited:
+        sql = sql.replace("    v_last timestamptz;\n", "    v_last timestamptz;\n    v_counted boolean;\n", 1)
+    return sql
+
+
+MANY_FUNCTION = many_function(limited=False)
 
 # The access policy as PL/pgSQL: the same answers as migration subs_2's SQL function, but its plan is kept for the
 # session, where the SQL function was planned again in every statement that called it (about 0.1 ms a call,
