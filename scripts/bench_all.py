@@ -124,35 +124,8 @@ SIZES = ("smoke", "quick", "full")
 KEYS = (*SIZES, "uses")
 
 
-def parse_usage_api(lines: list[str]) -> list[Figure]:
-    """bench_usage_api.py's ``what  rate  p50  p99  baseline -> ratio%`` rows, under ``-- serve --workers N``."""
-    row = re.compile(
-        rf"^(?P<what>\S.*?)\s+(?P<rate>{NUM})\s+(?P<p50>{NUM})\s+(?P<p99>{NUM})\s+(?P<base>.+?) -> (?P<ratio>\d+%)\s*$"
-    )
-    section = ""
-    out = []
-    for line in lines:
-        if line.startswith("-- serve"):
-            section = line[3:].strip()
-            continue
-        m = row.match(line)
-        if m:
-            base = m["base"].strip()
-            out.append(
-                Figure(
-                    f"usage API: {m['what']} [{section}]",
-                    f"{m['rate']}/s, p50 {m['p50']} ms, p99 {m['p99']} ms",
-                    base,
-                    m["ratio"],
-                    work=f"{m['what']} over HTTP ({section})",
-                    baseline_work=base.split(":")[0],
-                )
-            )
-    return out
-
-
 # Scripts that print their own table rather than ``figure:`` lines (see scripts/benchkit.py).
-LEGACY_PARSERS: dict[str, Callable[[list[str]], list[Figure]]] = {"review": parse_review, "usage_api": parse_usage_api}
+LEGACY_PARSERS: dict[str, Callable[[list[str]], list[Figure]]] = {"review": parse_review}
 
 
 def declared_sizes(script: Path) -> dict[str, tuple[str, ...]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,10 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import Server, figure, free_port  # noqa: E402
+
 TOKEN = "tok_bench_client"
 MODEL = "gpt-4o-2024-08-06"
 PROMPT = [{"role": "user", "content": "Say Foo!"}]
@@ -61,13 +64,8 @@ cost_per_million_cached_usd = "1.25"
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
+    """Wait until ``url`` answers (the fake provider has no /healthz)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -321,19 +319,16 @@ def main() -> None:
     customers = [f"cus_bench_{i}" for i in range(100)]
     seed(customers)
 
-    provider_port, billing_port = free_port(), free_port()
+    provider_port = free_port()
     provider = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "client" / "fake_provider.py"), "--port", str(provider_port)], env=env
     )
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(billing_port)],
-        env=env,
-        cwd=REPO,
-    )
-    provider_url, billing_url = f"http://127.0.0.1:{provider_port}", f"http://127.0.0.1:{billing_port}"
+    provider_url = f"http://127.0.0.1:{provider_port}"
+    server: Server | None = None
     try:
         wait_until_up(f"{provider_url}/v1/messages", provider)
-        wait_until_up(f"{billing_url}/healthz", server)
+        server = Server(env, workers=1, start_timeout=60)
+        billing_url = server.url
         load = os.getloadavg()
         print(f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -376,8 +371,6 @@ def main() -> None:
             f"   caller CPU per call: unwrapped {o['plain_cpu']:.2f} ms, wrapped {o['wrapped_cpu']:.2f} ms"
             " (the rest of the added latency is waiting for the usage API)"
         )
-        from benchkit import figure
-
         figure(
             "metering wrapper, chat.completions.create, 1 caller: added latency at p50",
             f"+{added:.2f} ms (settle=background: +{added_background:.2f} ms)",
@@ -399,9 +392,10 @@ def main() -> None:
                 f"verdict: added latency (settle={mode}) at p50 {value:.2f} ms < {TARGET_OVERHEAD_MS:g} ms: {verdict}"
             )
     finally:
-        for process in (server, provider):
-            process.terminate()
-            process.wait(20)
+        if server is not None:
+            server.stop()
+        provider.terminate()
+        provider.wait(20)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,7 +44,8 @@ from sqlalchemy.engine import URL, make_url
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import figure, machine_load
+from benchkit import drop_database as drop_scratch_database
+from benchkit import figure, machine_load, run_pgbench, scratch_database
 
 from ledger import db
 from ledger.settings import get_settings
@@ -76,24 +74,13 @@ class Scenario:
     units: int = 1  # units per consume
 
 
-def admin_url(url: URL) -> URL:
-    return url.set(database="postgres")
-
-
 def create_database(url: URL, name: str) -> URL:
-    engine = create_engine(admin_url(url), isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return url.set(database=name)
+    """A fresh database ``name`` on ``url``'s server (dropped first if it exists)."""
+    return make_url(scratch_database(url.render_as_string(hide_password=False), name))
 
 
 def drop_database(url: URL) -> None:
-    engine = create_engine(admin_url(url), isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-    engine.dispose()
+    drop_scratch_database(url.render_as_string(hide_password=False))
 
 
 def seed_ledger(url: URL, accounts: int, small_grants: int) -> None:
@@ -230,33 +217,15 @@ FUNCTION_SCRIPT_IN_TRANSACTION = (
 )
 
 
-def run_pgbench(
-    url: URL, scenario: Scenario, workers: int, seconds: float, workdir: Path, template: str, base_accounts: int
-) -> float:
+def pgbench_tps(url: URL, scenario: Scenario, workers: int, seconds: float, template: str, base_accounts: int) -> float:
     """TPS of pgbench running ``template`` (one prepared statement per transaction) for this scenario."""
-    script = workdir / f"pgbench_{scenario.name.replace(' ', '_')}_{abs(hash(template))}.sql"
     first = base_accounts + 1 if scenario.prefix == MULTI_PREFIX else 1
-    script.write_text(
-        template.format(
-            accounts=scenario.accounts, prefix=scenario.prefix, units=scenario.units,
-            first=first, last=first + scenario.accounts - 1,
-        ),
-        encoding="utf-8",
+    script = template.format(
+        accounts=scenario.accounts, prefix=scenario.prefix, units=scenario.units,
+        first=first, last=first + scenario.accounts - 1,
     )  # fmt: skip
-    cmd = [
-        "pgbench", "-n", "-M", "prepared", "-f", str(script), "-c", str(workers), "-j", str(workers),
-        "-T", str(max(1, round(seconds))),
-        "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or "postgres",
-        url.database or "",
-    ]  # fmt: skip
-    env = dict(os.environ)
-    if url.password:
-        env["PGPASSWORD"] = url.password
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    match = re.search(r"tps = ([0-9.]+)", out.stdout)
-    if out.returncode != 0 or match is None:
-        raise RuntimeError(f"pgbench failed: {out.stderr.strip() or out.stdout.strip()}")
-    return float(match.group(1))
+    url_text = url.render_as_string(hide_password=False)
+    return run_pgbench(url_text, script, workers, seconds, threads=workers).tps
 
 
 def _worker_process(
@@ -435,25 +404,20 @@ def main() -> int:
             f" in {time.time() - started:.1f}s; {args.seconds:g}s per measurement"
         )
         function_script = FUNCTION_SCRIPT_IN_TRANSACTION if args.session else FUNCTION_SCRIPT
-        with tempfile.TemporaryDirectory() as workdir:
-            for scenario in scenarios:
-                for workers in levels:
-                    ledger_rate, layout = run_ledger(
-                        ledger_url, scenario, workers, args.seconds, args.processes, args.session, warmup
-                    )
-                    pgbench_tps = run_pgbench(
-                        pgbench_url, scenario, workers, args.seconds, Path(workdir), PGBENCH_SCRIPT, args.accounts
-                    )
-                    function_tps = run_pgbench(
-                        ledger_url, scenario, workers, args.seconds, Path(workdir), function_script, args.accounts
-                    )
-                    rows.append((scenario, workers, ledger_rate, pgbench_tps, function_tps, layout))
-                    print(
-                        f"  {scenario.name:<30} {workers:>3} workers: ledger {ledger_rate:>8,.0f}/s  "
-                        f"pgbench {pgbench_tps:>8,.0f} tps  ({ledger_rate / pgbench_tps:.0%})  "
-                        f"pgbench->ledger_consume {function_tps:>8,.0f} tps",
-                        flush=True,
-                    )
+        for scenario in scenarios:
+            for workers in levels:
+                ledger_rate, layout = run_ledger(
+                    ledger_url, scenario, workers, args.seconds, args.processes, args.session, warmup
+                )
+                baseline_tps = pgbench_tps(pgbench_url, scenario, workers, args.seconds, PGBENCH_SCRIPT, args.accounts)
+                function_tps = pgbench_tps(ledger_url, scenario, workers, args.seconds, function_script, args.accounts)
+                rows.append((scenario, workers, ledger_rate, baseline_tps, function_tps, layout))
+                print(
+                    f"  {scenario.name:<30} {workers:>3} workers: ledger {ledger_rate:>8,.0f}/s  "
+                    f"pgbench {baseline_tps:>8,.0f} tps  ({ledger_rate / baseline_tps:.0%})  "
+                    f"pgbench->ledger_consume {function_tps:>8,.0f} tps",
+                    flush=True,
+                )
         violations = check_consistency(ledger_url)
         drawn_from = grants_per_consume(ledger_url, MULTI_PREFIX)
     finally:

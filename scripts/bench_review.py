@@ -23,7 +23,9 @@ from urllib.parse import quote
 from reconciliation.models import MismatchKind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchkit import drop_database, scratch_database
 from sqlalchemy import Engine, make_url, text
 
 # Sizes for scripts/bench_all.py (smoke: the test suite's run; quick: its default; full: its --full).
@@ -271,10 +273,8 @@ def main() -> None:
     if not url.drivername.startswith("postgresql"):
         sys.exit("bench_review.py needs DATABASE_URL to name a PostgreSQL server (it creates a scratch database)")
     scratch = f"bench_review_{os.getpid()}"
-    admin = make_engine(url.render_as_string(hide_password=False), isolation_level="AUTOCOMMIT", pool_size=1)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{scratch}"'))
-    engine = make_engine(url.set(database=scratch).render_as_string(hide_password=False), pool_size=5)
+    scratch_url = scratch_database(url.render_as_string(hide_password=False), scratch)
+    engine = make_engine(scratch_url, pool_size=5)
     try:
         print(f"scratch database {scratch}: {args.mismatches:,} mismatches, {args.entries:,} entries for {CUSTOMER}")
         _timed("migrate", lambda: migrate(engine))
@@ -309,11 +309,9 @@ def main() -> None:
     finally:
         engine.dispose()
         if not args.keep:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
+            drop_database(scratch_url)
         else:
             print(f"kept scratch database {scratch}")
-        admin.dispose()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Benchmark the usage API: POST /v1/usage, a hold plus its capture, and POST /v1/usage/batch, over HTTP.
 
 It starts ``billing-reconciler serve`` itself on a scratch PostgreSQL database seeded with 10,000 accounts, and
-drives it from a load generator in a second process (asyncio, raw HTTP/1.1 keep-alive, closed loop: each
-connection sends its next request when the last is answered). For 1 and 2 server workers it measures:
+drives it from a load generator in a second process (scripts/loadgen.py: asyncio, raw HTTP/1.1 keep-alive). The
+closed loop (each connection sends its next request when the last is answered) finds the maximum; for 1 and 2
+server workers it measures:
 
 - ``/healthz`` through the same generator: the generator's own ceiling (if it is far above the API's rate, the
   generator is not what limits the API) and the server's trivial rate;
 - ``POST /v1/usage`` at 64 connections: requests/s, p50, p99; each request charges 1 credit to a random account;
-- a hold and its capture (``POST /v1/holds`` then ``POST /v1/holds/{id}/capture``) at 64 connections: pairs/s;
+- the same ``POST /v1/usage`` open loop (a constant arrival rate, like wrk2) at 50% and 80% of that maximum: p50
+  and p99 counted from each request's due time, so queueing at that rate is in them;
+- a hold and its capture (``POST /v1/holds`` then ``POST /v1/holds/{id}/capture`` on the same connection, one
+  unit of the generator) at 64 connections: pairs/s;
 - ``POST /v1/usage/batch`` with 100 events a batch at 8 connections: events/s into the ledger.
 
 Baselines, in the same run, alternating with the HTTP runs so other load on the machine weighs on both alike:
@@ -27,25 +31,23 @@ uses small sizes (a smoke run: the figures mean little). Needs pgbench and Postg
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import Server, drop_database, figure, machine_load, run_pgbench, scratch_database  # noqa: E402
 
 START_UNITS = 10**12
 TOKEN = "tok_bench"
@@ -53,6 +55,7 @@ TARGET_USAGE_RATIO = 0.60
 TARGET_P99_MS = 50.0
 TARGET_HOLD_RATIO = 0.40
 TARGET_BATCH_RATE = 20_000.0
+OPEN_LOOP_SHARES = (0.5, 0.8)  # open-loop arrival rates of POST /v1/usage, as shares of the closed loop's maximum
 
 # Sizes for scripts/bench_all.py: smoke runs every path in seconds, with few connections (the test suite runs it
 # beside other scripts on one PostgreSQL server).
@@ -66,15 +69,6 @@ BENCH_ALL = {
 # --- load generator (runs in its own process) ------------------------------------------------------------------
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    lower = head.lower()
-    start = lower.find(b"content-length:")
-    length = int(lower[start + 15 : lower.find(b"\r\n", start)]) if start >= 0 else 0
-    return status, (await reader.readexactly(length) if length else b"")
-
-
 def _post(path: str, body: bytes) -> bytes:
     return (
         b"POST %s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
@@ -82,162 +76,104 @@ def _post(path: str, body: bytes) -> bytes:
     )
 
 
-async def _drive(options: dict[str, Any]) -> dict[str, Any]:
-    host, port, mode, accounts = options["host"], options["port"], options["mode"], options["accounts"]
-    warmup_until = time.perf_counter() + options["warmup"]
-    stop_at = warmup_until + options["duration"]
+def _drive(options: dict[str, Any]) -> dict[str, Any]:
+    """One load run through scripts/loadgen.py: closed loop, or open loop at ``options['rate']`` requests/s."""
+    from loadgen import Exchange, MakeRequest, closed_loop, open_loop
+
+    mode, accounts, batch = options["mode"], options["accounts"], options["batch"]
     run = uuid.uuid4().hex[:8]
     rng = random.Random(run)
-    latencies: list[float] = []
-    outcomes: Counter[str] = Counter()
-    done_units = 0
 
-    def usage_body(conn: int, n: int, suffix: str = "") -> bytes:
+    def usage_body(n: int, suffix: str = "") -> bytes:
         account = rng.randint(1, accounts)
-        return b'{"customer_id":"bench_%d","request_id":"%s-%d-%d%s","units":1}' % (
-            account, run.encode(), conn, n, suffix.encode()
-        )
+        return b'{"customer_id":"bench_%d","request_id":"%s-%d%s","units":1}' % (
+            account, run.encode(), n, suffix.encode()
+        )  # fmt: skip
 
-    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
-        writer.write(request)
-        return await _read_response(reader)
+    def healthz(_n: int) -> bytes:
+        return b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
 
-    async def connection(conn: int) -> None:
-        nonlocal done_units
-        reader, writer = await asyncio.open_connection(host, port)
-        n = 0
-        while (started := time.perf_counter()) < stop_at:
-            n += 1
-            if mode == "healthz":
-                status, _ = await exchange(reader, writer, b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")
-                ok, units = status == 200, 1
-            elif mode == "usage":
-                status, _ = await exchange(reader, writer, _post("/v1/usage", usage_body(conn, n)))
-                ok, units = status == 201, 1
-            elif mode == "hold_capture":
-                status, _ = await exchange(reader, writer, _post("/v1/holds", usage_body(conn, n)))
-                request_id = f"{run}-{conn}-{n}"
-                if status == 201:
-                    status, _ = await exchange(reader, writer, _post(f"/v1/holds/{request_id}/capture", b"{}"))
-                ok, units = status == 200, 1
-            else:
-                events = b",".join(usage_body(conn, n, f"-{k}") for k in range(options["batch"]))
-                status, body = await exchange(reader, writer, _post("/v1/usage/batch", b'{"events":[%s]}' % events))
-                created = body.count(b'"status":201') if status == 200 else 0
-                ok, units = created == options["batch"], created
-            finished = time.perf_counter()
-            if started >= warmup_until:
-                latencies.append(finished - started)
-                outcomes["ok" if ok else f"status {status}"] += 1
-                done_units += units if ok else 0
-        writer.close()
+    def usage(n: int) -> bytes:
+        return _post("/v1/usage", usage_body(n))
 
+    def hold_capture(n: int) -> Exchange:
+        status, _body = yield _post("/v1/holds", usage_body(n))
+        if status == 201:  # the hold's id is its request id
+            yield _post(f"/v1/holds/{run}-{n}/capture", b"{}")
+
+    def usage_batch(n: int) -> bytes:
+        events = b",".join(usage_body(n, f"-{k}") for k in range(batch))
+        return _post("/v1/usage/batch", b'{"events":[%s]}' % events)
+
+    wanted = {"healthz": 200, "usage": 201, "hold_capture": 200, "batch": 200}[mode]
+
+    def classify(status: int, body: bytes) -> str:
+        if status == wanted and (mode != "batch" or body.count(b'"status":201') == batch):
+            return "ok"
+        return f"status {status}"
+
+    makers: dict[str, MakeRequest] = {
+        "healthz": healthz, "usage": usage, "hold_capture": hold_capture, "batch": usage_batch,
+    }  # fmt: skip
+    make = makers[mode]
+    common: dict[str, Any] = {
+        "duration": options["duration"], "warmup": options["warmup"], "connections": options["connections"],
+        "classify": classify, "ok": ("ok",),
+    }  # fmt: skip
     cpu_before = time.process_time()
-    await asyncio.gather(*(connection(c) for c in range(options["connections"])))
+    if options.get("rate"):
+        result = open_loop(options["host"], options["port"], make, rate=options["rate"], **common)
+    else:
+        result = closed_loop(options["host"], options["port"], make, **common)
     cpu = time.process_time() - cpu_before
-    latencies.sort()
-    count = len(latencies)
-
-    def pct(q: float) -> float:
-        return latencies[min(count - 1, int(q * count))] * 1000 if count else float("nan")
-
+    units = batch if mode == "batch" else 1  # a batch counts only when every one of its events was created
     return {
         "mode": mode,
-        "requests": count,
-        "outcomes": dict(outcomes),
-        "rate": done_units / options["duration"],
-        "request_rate": outcomes["ok"] / options["duration"],
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
+        "loop": result.mode,
+        "offered_rate": result.offered_rate,
+        "requests": result.requests,
+        "outcomes": result.counts,
+        "rate": result.rate * units,
+        "request_rate": result.rate,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "max_send_lag_ms": result.max_send_lag_ms,
         "loadgen_cpu_share": cpu / (options["duration"] + options["warmup"]),
     }
 
 
 def loadgen_main(options_json: str) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    print(json.dumps(asyncio.run(_drive(json.loads(options_json)))))
+    print(json.dumps(_drive(json.loads(options_json))))
 
 
-def run_loadgen(port: int, mode: str, args: argparse.Namespace, *, connections: int, accounts: int) -> dict[str, Any]:
-    """Run the load generator in a second process and return its figures."""
+def run_loadgen(
+    port: int,
+    mode: str,
+    args: argparse.Namespace,
+    *,
+    connections: int,
+    accounts: int,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    """Run the load generator in a second process (closed loop, or open loop at ``rate``); return its figures."""
     options = {
         "host": "127.0.0.1", "port": port, "mode": mode, "connections": connections, "accounts": accounts,
-        "duration": args.duration, "warmup": args.warmup, "batch": args.batch,
+        "duration": args.duration, "warmup": args.warmup, "batch": args.batch, "rate": rate,
     }  # fmt: skip
     out = subprocess.run(
-        [sys.executable, __file__, "--loadgen", json.dumps(options)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--loadgen", json.dumps(options)], capture_output=True, text=True, check=False
     )
+    if out.returncode != 0:
+        raise SystemExit(f"the load generator ({mode}) failed: {out.stderr.strip()[-2000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 # --- server and database -----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``billing-reconciler serve`` in a subprocess."""
-
-    def __init__(self, database_url: str, workers: int) -> None:
-        self.port = _free_port()
-        self.metrics_dir = tempfile.mkdtemp(prefix="bench-usage-metrics-")
-        env = {**os.environ, "DATABASE_URL": database_url, "API_TOKENS": TOKEN, "LOG_LEVEL": "WARNING",
-               "CELERY_BROKER_URL": ""}  # fmt: skip
-        if workers > 1:
-            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        command = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(self.port)]
-        self.process = subprocess.Popen([*command, "--workers", str(workers)], env=env, cwd=REPO)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise SystemExit(f"the server ({workers} workers) did not start")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://")
-
-
-def scratch_database(url: str, name: str) -> str:
-    """Create (again) the database ``name`` on ``url``'s server; its SQLAlchemy URL."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    server = make_url(url)
-    with psycopg.connect(_libpq(server.set(database="postgres").render_as_string(False)), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return server.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(url: str) -> None:
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    target = make_url(url)
-    with psycopg.connect(_libpq(target.set(database="postgres").render_as_string(False)), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)')
+def server_env(database_url: str) -> dict[str, str]:
+    """The server's settings: the database, the benchmark's API token, no broker, quiet logs."""
+    return {"DATABASE_URL": database_url, "API_TOKENS": TOKEN, "LOG_LEVEL": "WARNING", "CELERY_BROKER_URL": ""}
 
 
 def seed(url: str, accounts: int) -> None:
@@ -293,49 +229,35 @@ SELECT count(*) FROM (
 """
 
 
-def run_pgbench(url: str, template: str, clients: int, args: argparse.Namespace, accounts: int) -> float:
+def pgbench_tps(url: str, template: str, clients: int, args: argparse.Namespace, accounts: int) -> float:
     """Transactions per second pgbench reaches with ``template`` (prepared statements, ``clients`` clients)."""
-    from sqlalchemy.engine import make_url
-
-    target = make_url(url)
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(template.format(accounts=accounts, batch=args.batch))
-    cmd = [
-        "pgbench", "-n", "-M", "prepared", "-f", script.name, "-c", str(clients), "-j", str(min(clients, 4)),
-        "-T", str(max(1, round(args.duration))), "-h", target.host or "127.0.0.1", "-p", str(target.port or 5432),
-        "-U", target.username or "postgres", target.database or "",
-    ]  # fmt: skip
-    env = {**os.environ, **({"PGPASSWORD": target.password} if target.password else {})}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    os.unlink(script.name)
-    match = re.search(r"tps = ([0-9.]+)", out.stdout)
-    if out.returncode != 0 or match is None:
-        raise SystemExit(f"pgbench failed: {out.stderr.strip() or out.stdout.strip()}")
-    return float(match.group(1))
+    return run_pgbench(url, template.format(accounts=accounts, batch=args.batch), clients, args.duration).tps
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
 def measure_workers(url: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    server = Server(url, workers)
-    try:
+    with Server(server_env(url), workers=workers) as server:
         figures: dict[str, Any] = {"workers": workers}
-        figures["healthz"] = run_loadgen(server.port, "healthz", args, connections=args.connections,
-                                         accounts=args.accounts)  # fmt: skip
-        figures["usage"] = run_loadgen(server.port, "usage", args, connections=args.connections,
-                                       accounts=args.accounts)  # fmt: skip
-        figures["pgbench_consume"] = run_pgbench(url, PGBENCH_CONSUME, args.clients, args, args.accounts)
-        figures["hold_capture"] = run_loadgen(server.port, "hold_capture", args, connections=args.connections,
-                                              accounts=args.accounts)  # fmt: skip
-        figures["pgbench_hold_capture"] = run_pgbench(url, PGBENCH_HOLD_CAPTURE, args.clients, args, args.accounts)
-        figures["batch"] = run_loadgen(server.port, "batch", args, connections=args.batch_clients,
-                                       accounts=args.accounts)  # fmt: skip
-        figures["pgbench_batch_events"] = (
-            run_pgbench(url, PGBENCH_BATCH, args.batch_clients, args, args.accounts) * args.batch
+
+        def load(mode: str, connections: int, rate: float | None = None) -> dict[str, Any]:
+            return run_loadgen(server.port, mode, args, connections=connections, accounts=args.accounts, rate=rate)
+
+        figures["healthz"] = load("healthz", args.connections)
+        figures["usage"] = load("usage", args.connections)
+        # Open loop at fixed shares of the maximum just measured: latency at a given arrival rate, queueing counted.
+        peak = figures["usage"]["request_rate"]
+        figures["usage_open"] = (
+            [load("usage", args.connections, rate=share * peak) for share in OPEN_LOOP_SHARES] if peak > 0 else []
         )
-    finally:
-        server.stop()
+        figures["pgbench_consume"] = pgbench_tps(url, PGBENCH_CONSUME, args.clients, args, args.accounts)
+        figures["hold_capture"] = load("hold_capture", args.connections)
+        figures["pgbench_hold_capture"] = pgbench_tps(url, PGBENCH_HOLD_CAPTURE, args.clients, args, args.accounts)
+        figures["batch"] = load("batch", args.batch_clients)
+        figures["pgbench_batch_events"] = (
+            pgbench_tps(url, PGBENCH_BATCH, args.batch_clients, args, args.accounts) * args.batch
+        )
     return figures
 
 
@@ -344,20 +266,95 @@ def measure_sqlite(args: argparse.Namespace) -> dict[str, Any]:
     url = f"sqlite:///{workdir / 'billing.db'}"
     try:
         seed(url, 1000)
-        server = Server(url, 1)
-        try:
+        with Server(server_env(url), workers=1) as server:
             return {
                 "usage": run_loadgen(server.port, "usage", args, connections=16, accounts=1000),
                 "hold_capture": run_loadgen(server.port, "hold_capture", args, connections=16, accounts=1000),
             }
-        finally:
-            server.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def print_figures(results: dict[str, Any]) -> None:
+    """The ``figure:`` lines bench_all.py reads: each figure beside its baseline, with both sides' work in words."""
+    conns, clients, batch_clients = results["connections"], results["clients"], results["batch_clients"]
+    accounts = f"{results['accounts']:,} accounts"
+    by_workers = {f["workers"]: f for f in results["postgres"]}
+    for workers, f in by_workers.items():
+        h, u, hc, b = f["healthz"], f["usage"], f["hold_capture"], f["batch"]
+        name = f"{workers} worker{'s' if workers > 1 else ''}"
+        usage_work = (
+            f"POST /v1/usage over HTTP, {name}, {conns} connections closed loop: auth, JSON, one ledger_consume() per"
+            f" request charging 1 credit to a random one of {accounts}"
+        )
+        figure(
+            f"usage API, load generator ceiling (GET /healthz), {name}",
+            f"{h['rate']:,.0f}/s, p50 {h['p50_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms,"
+            f" generator CPU {h['loadgen_cpu_share']:.0%} of a core",
+            baseline=f"POST /v1/usage {u['rate']:,.0f}/s", ratio=h["rate"] / u["rate"] if u["rate"] else "",
+            work=f"GET /healthz from the same generator process and {conns} connections (no auth, no database)",
+            baseline_work=usage_work,
+        )  # fmt: skip
+        figure(
+            f"usage API, POST /v1/usage, {name}, closed loop",
+            f"{u['rate']:,.0f} req/s, p50 {u['p50_ms']:.1f} ms, p99 {u['p99_ms']:.1f} ms",
+            baseline=f"pgbench {f['pgbench_consume']:,.0f} tps", ratio=u["rate"] / f["pgbench_consume"],
+            work=usage_work,
+            baseline_work=f"pgbench -M prepared, {clients} clients: SELECT ledger_consume(...) for 1 credit of a"
+            f" random one of the same {accounts}, one statement per transaction as the API sends it",
+        )  # fmt: skip
+        for share, run in zip(OPEN_LOOP_SHARES, f["usage_open"], strict=False):
+            figure(
+                f"usage API, POST /v1/usage, {name}, open loop at {share:.0%} of its max",
+                f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms at {run['offered_rate']:,.0f}/s offered,"
+                f" {run['rate']:,.0f}/s answered 201",
+                baseline=f"closed-loop max {u['request_rate']:,.0f}/s", ratio=share,
+                work="the same POST /v1/usage at a constant arrival rate over up to"
+                f" {conns} connections; latency from each request's due time (queueing counted)",
+                baseline_work="the closed loop's maximum requests/s (above)",
+            )  # fmt: skip
+        figure(
+            f"usage API, hold + capture, {name}, closed loop",
+            f"{hc['rate']:,.0f} pairs/s, p50 {hc['p50_ms']:.1f} ms, p99 {hc['p99_ms']:.1f} ms",
+            baseline=f"pgbench {f['pgbench_hold_capture']:,.0f} pairs/s",
+            ratio=hc["rate"] / f["pgbench_hold_capture"],
+            work=f"POST /v1/holds of 1 credit then POST /v1/holds/{{id}}/capture on the same connection, {name},"
+            f" {conns} connections closed loop",
+            baseline_work=f"pgbench -M prepared, {clients} clients: SELECT ledger_hold(...) then SELECT"
+            " ledger_capture(...) of the same sizes, each its own transaction",
+        )  # fmt: skip
+        figure(
+            f"usage API, POST /v1/usage/batch, {name}",
+            f"{b['rate']:,.0f} events/s ({results['batch']} events a batch), p50 {b['p50_ms']:.1f} ms,"
+            f" p99 {b['p99_ms']:.1f} ms",
+            baseline=f"pgbench {f['pgbench_batch_events']:,.0f} events/s",
+            ratio=b["rate"] / f["pgbench_batch_events"],
+            work=f"POST /v1/usage/batch of {results['batch']} usage events of 1 credit on random accounts, {name},"
+            f" {batch_clients} connections closed loop; counted when all were created",
+            baseline_work=f"pgbench -M prepared, {batch_clients} clients: SELECT ledger_consume_many(...) of"
+            f" {results['batch']} random accounts a call, one call per transaction",
+        )  # fmt: skip
+    one, two = by_workers.get(1), by_workers.get(2)
+    if one and two:
+        figure(
+            "usage API, POST /v1/usage, 2 workers vs 1 worker, closed loop",
+            f"{two['usage']['rate']:,.0f} req/s",
+            baseline=f"1 worker {one['usage']['rate']:,.0f} req/s", ratio=two["usage"]["rate"] / one["usage"]["rate"],
+            work=f"POST /v1/usage, serve --workers 2, {conns} connections closed loop",
+            baseline_work="the same with serve --workers 1, in the same run",
+        )  # fmt: skip
+    if "sqlite" in results:
+        s = results["sqlite"]
+        figure(
+            "usage API on the embedded SQLite default, 1 worker (no target)",
+            f"usage {s['usage']['rate']:,.0f} req/s (p99 {s['usage']['p99_ms']:.1f} ms),"
+            f" hold + capture {s['hold_capture']['rate']:,.0f} pairs/s",
+            work="POST /v1/usage, and hold + capture, on a SQLite file with 1,000 accounts, 16 connections closed loop",
+        )
+
+
 def report(results: dict[str, Any]) -> list[str]:
-    """Print the table and one verdict line per target; return the verdicts."""
+    """Print the table, the figures and one verdict line per target; return the verdicts."""
     print(f"\nmachine load (1/5/15 min) at the end: {results['load']}")
     print(f"{'what':<52}{'rate':>12}{'p50 ms':>9}{'p99 ms':>9}  baseline in the same run")
     verdicts: list[str] = []
@@ -372,6 +369,12 @@ def report(results: dict[str, Any]) -> list[str]:
         print(f"{f'POST /v1/usage, {conns} connections (req/s)':<52}{u['rate']:>12,.0f}{u['p50_ms']:>9.1f}"
               f"{u['p99_ms']:>9.1f}  pgbench ledger_consume, {results['clients']} clients: "
               f"{f['pgbench_consume']:,.0f} tps -> {ratio:.0%}")  # fmt: skip
+        for share, run in zip(OPEN_LOOP_SHARES, f["usage_open"], strict=False):
+            label = f"  open loop at {share:.0%} of max ({run['offered_rate']:,.0f}/s offered)"
+            print(f"{label:<52}{run['rate']:>12,.0f}{run['p50_ms']:>9.1f}{run['p99_ms']:>9.1f}"
+                  f"  generator lag max {run['max_send_lag_ms']:.1f} ms")  # fmt: skip
+        if not f["usage_open"]:
+            print("  no open loop: the closed loop answered no POST /v1/usage with 201")
         hratio = hc["rate"] / f["pgbench_hold_capture"]
         print(f"{f'hold + capture, {conns} connections (pairs/s)':<52}{hc['rate']:>12,.0f}{hc['p50_ms']:>9.1f}"
               f"{hc['p99_ms']:>9.1f}  pgbench ledger_hold + ledger_capture: {f['pgbench_hold_capture']:,.0f}/s"
@@ -382,7 +385,8 @@ def report(results: dict[str, Any]) -> list[str]:
               f"{b['p99_ms']:>9.1f}  pgbench ledger_consume_many x100, {results['batch_clients']} clients: "
               f"{f['pgbench_batch_events']:,.0f}"
               f" events/s -> {bratio:.0%}")  # fmt: skip
-        for name, figures in (("usage", u), ("hold_capture", hc), ("batch", b)):
+        runs = [("usage", u), *(("usage open loop", r) for r in f["usage_open"]), ("hold_capture", hc), ("batch", b)]
+        for name, figures in runs:
             failed = {k: v for k, v in figures["outcomes"].items() if k != "ok"}
             if failed:
                 print(f"   {name}: not ok: {failed}")
@@ -390,32 +394,47 @@ def report(results: dict[str, Any]) -> list[str]:
     if one:
         u = one["usage"]
         ratio = u["rate"] / one["pgbench_consume"]
-        verdicts.append(f"usage, 1 worker: {ratio:.0%} of pgbench (target >= {TARGET_USAGE_RATIO:.0%}), "
-                        f"p99 {u['p99_ms']:.1f} ms (target < {TARGET_P99_MS:.0f}): "
-                        f"{'met' if ratio >= TARGET_USAGE_RATIO and u['p99_ms'] < TARGET_P99_MS else 'NOT met'}")
+        verdicts.append(
+            f"usage, 1 worker: {ratio:.0%} of pgbench (target >= {TARGET_USAGE_RATIO:.0%}), "
+            f"p99 {u['p99_ms']:.1f} ms (target < {TARGET_P99_MS:.0f}): "
+            f"{'met' if ratio >= TARGET_USAGE_RATIO and u['p99_ms'] < TARGET_P99_MS else 'NOT met'}"
+        )
         hratio = one["hold_capture"]["rate"] / one["pgbench_hold_capture"]
-        verdicts.append(f"hold + capture, 1 worker: {hratio:.0%} of pgbench (target >= {TARGET_HOLD_RATIO:.0%}): "
-                        f"{'met' if hratio >= TARGET_HOLD_RATIO else 'NOT met'}")
+        verdicts.append(
+            f"hold + capture, 1 worker: {hratio:.0%} of pgbench (target >= {TARGET_HOLD_RATIO:.0%}): "
+            f"{'met' if hratio >= TARGET_HOLD_RATIO else 'NOT met'}"
+        )
         rate = max(f["batch"]["rate"] for f in by_workers.values())
-        verdicts.append(f"batch: {rate:,.0f} events/s (target >= {TARGET_BATCH_RATE:,.0f}): "
-                        f"{'met' if rate >= TARGET_BATCH_RATE else 'NOT met'}")
+        verdicts.append(
+            f"batch: {rate:,.0f} events/s (target >= {TARGET_BATCH_RATE:,.0f}): "
+            f"{'met' if rate >= TARGET_BATCH_RATE else 'NOT met'}"
+        )
     if one and two:
         faster = two["usage"]["rate"] > one["usage"]["rate"]
-        verdicts.append(f"usage, 2 workers {two['usage']['rate']:,.0f} vs 1 worker {one['usage']['rate']:,.0f} req/s: "
-                        f"{'faster: met' if faster else 'NOT faster: NOT met'}")
+        verdicts.append(
+            f"usage, 2 workers {two['usage']['rate']:,.0f} vs 1 worker {one['usage']['rate']:,.0f} req/s: "
+            f"{'faster: met' if faster else 'NOT faster: NOT met'}"
+        )
     if "sqlite" in results:
         s = results["sqlite"]
-        print(f"-- embedded SQLite, 1 worker, 16 connections: usage {s['usage']['rate']:,.0f} req/s "
-              f"(p99 {s['usage']['p99_ms']:.1f} ms), hold + capture {s['hold_capture']['rate']:,.0f} pairs/s")
+        print(
+            f"-- embedded SQLite, 1 worker, 16 connections: usage {s['usage']['rate']:,.0f} req/s "
+            f"(p99 {s['usage']['p99_ms']:.1f} ms), hold + capture {s['hold_capture']['rate']:,.0f} pairs/s"
+        )
+    print_figures(results)
     for line in verdicts:
         print("verdict:", line)
+    print(f"machine: {machine_load()} at the end")
     return verdicts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", ""),
-                        help="a PostgreSQL URL; the benchmark creates and drops its own database on that server")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", ""),
+        help="a PostgreSQL URL; the benchmark creates and drops its own database on that server",
+    )
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=100, help="events per POST /v1/usage/batch")
@@ -441,7 +460,7 @@ def main() -> None:
     url = scratch_database(args.database_url, f"bench_usage_api_{os.getpid()}")
     results: dict[str, Any] = {
         "accounts": args.accounts, "duration": args.duration, "connections": args.connections,
-        "clients": args.clients, "batch_clients": args.batch_clients, "postgres": [],
+        "clients": args.clients, "batch_clients": args.batch_clients, "batch": args.batch, "postgres": [],
     }  # fmt: skip
     try:
         seed(url, args.accounts)

@@ -19,13 +19,9 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import figure, machine_load  # noqa: E402
+from benchkit import Server, figure, libpq_url, machine_load, run_pgbench  # noqa: E402
 
 # Sizes for scripts/bench_all.py (smoke: the test suite's run; quick: its default; full: its --full).
 BENCH_ALL = {
@@ -135,95 +131,35 @@ def run_loadgen(mode: str, port: int, args: argparse.Namespace, rate: float | No
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-# --- server ------------------------------------------------------------------------------------------------------
+# --- server and database ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``billing-reconciler serve`` in a subprocess."""
-
-    def __init__(self, args: argparse.Namespace, server: str, workers: int) -> None:
-        self.port = _free_port()
-        self.metrics_dir = tempfile.mkdtemp(prefix="bench-webhooks-metrics-")
-        env = {
-            **os.environ,
-            "DATABASE_URL": args.database_url,
-            "CELERY_BROKER_URL": args.broker_url,
-            "STRIPE_WEBHOOK_SECRETS": SECRET,
-            "LOG_LEVEL": "WARNING",
-        }
-        if workers > 1:
-            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        command = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(self.port)]
-        command += ["--workers", str(workers), "--server", server]
-        self.process = subprocess.Popen(command, env=env, cwd=REPO)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise SystemExit(f"the server ({server}, {workers} workers) did not start")
-
-    def cpu_seconds(self) -> float:
-        """CPU time used so far by the server and its worker processes (Linux /proc)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        stats: dict[int, tuple[int, float]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
-        tree = {self.process.pid}
-        for _ in range(3):
-            tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
-        return sum(stats[pid][1] for pid in tree if pid in stats)
-
-    def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
-
-
-# --- database ----------------------------------------------------------------------------------------------------
-
-
-def _libpq_url(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://")
+def start_server(args: argparse.Namespace, server: str, workers: int) -> Server:
+    """``serve`` on the benchmark's database, handing events over to the real broker."""
+    env = {
+        "DATABASE_URL": args.database_url,
+        "CELERY_BROKER_URL": args.broker_url,
+        "STRIPE_WEBHOOK_SECRETS": SECRET,
+        "LOG_LEVEL": "WARNING",
+    }
+    return Server(env, workers=workers, server=server)
 
 
 def stored_with_prefix(args: argparse.Namespace, run: str) -> int:
     import psycopg
 
-    with psycopg.connect(_libpq_url(args.database_url)) as conn:
+    with psycopg.connect(libpq_url(args.database_url)) as conn:
         row = conn.execute(
             "SELECT count(*) FROM stripe_events WHERE event_id LIKE %s", (f"evt_bench_{run}_%",)
         ).fetchone()
     return int(row[0]) if row else 0
 
 
-def run_pgbench(args: argparse.Namespace, payload_bytes: int) -> dict[str, Any]:
+def pgbench_insert_baseline(args: argparse.Namespace, payload_bytes: int) -> dict[str, Any]:
     """INSERT-only pgbench into a copy of stripe_events (same columns and indexes), one event per transaction."""
     import psycopg
 
-    url = _libpq_url(args.database_url)
+    url = libpq_url(args.database_url)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_pgbench_events")
         conn.execute("CREATE TABLE bench_pgbench_events (LIKE stripe_events INCLUDING DEFAULTS INCLUDING INDEXES)")
@@ -237,24 +173,12 @@ def run_pgbench(args: argparse.Namespace, payload_bytes: int) -> dict[str, Any]:
         f" convert_to(repeat('x', {payload_bytes}), 'UTF8'), 'webhook', 'pending', now())"
         " ON CONFLICT (event_id) DO NOTHING;\n"
     )
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        f.write(script)
     try:
-        command = ["pgbench", "-n", "-M", "prepared", "-c", str(args.pgbench_clients), "-j", "2"]
-        command += ["-T", str(args.duration), "-f", f.name, url]
-        out = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        result = run_pgbench(url, script, args.pgbench_clients, args.duration, threads=2)
     finally:
-        os.unlink(f.name)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("DROP TABLE IF EXISTS bench_pgbench_events")
-    tps = next(float(line.split("=")[1].split()[0]) for line in out.splitlines() if line.startswith("tps"))
-    latency = next((line.split("=")[1].strip() for line in out.splitlines() if "latency average" in line), "?")
-    return {"rate": tps, "latency_avg": latency}
+    return {"rate": result.tps, "latency_avg": result.latency_avg}
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -269,7 +193,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def measure_server(args: argparse.Namespace, server: str, workers: int) -> dict[str, Any]:
-    srv = Server(args, server, workers)
+    srv = start_server(args, server, workers)
     try:
         trivial = run_loadgen("healthz", srv.port, args)
         handed_before = srv.metric("webhook_events_handed_over_total")
@@ -395,7 +319,7 @@ def main() -> None:
         else [(args.server, workers) for workers in ([args.workers] if args.workers else [1, 2])]
     )
     results = [measure_server(args, server, workers) for server, workers in combos]
-    pgbench = None if args.skip_pgbench else run_pgbench(args, len(b"".join(_event_template())) + 40)
+    pgbench = None if args.skip_pgbench else pgbench_insert_baseline(args, len(b"".join(_event_template())) + 40)
     for result in results:
         report(result, pgbench)
     if len(results) > 1:

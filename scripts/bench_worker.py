@@ -39,6 +39,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
+from benchkit import drop_database, scratch_database  # noqa: E402
+
 # Sizes for scripts/bench_all.py (smoke: the test suite's run; quick: its default; full: its --full).
 BENCH_ALL = {
     "smoke": ["--smoke"],
@@ -91,7 +93,7 @@ def main() -> int:
     base = make_url(raw.replace("postgresql://", "postgresql+psycopg://", 1))
     scratch = base.set(database=f"bench_worker_{os.getpid()}")
     replicas = [base.set(database=f"bench_worker_replay_{os.getpid()}_{n}") for n in range(args.concurrency)]
-    admin(base, f'DROP DATABASE IF EXISTS "{scratch.database}" WITH (FORCE)', f'CREATE DATABASE "{scratch.database}"')
+    scratch_database(base.render_as_string(hide_password=False), str(scratch.database))
     os.environ["DATABASE_URL"] = scratch.render_as_string(hide_password=False)
     config = Path(tempfile.mkdtemp(prefix="bench-worker-")) / "billing.toml"
     config.write_text(BILLING_CONFIG, encoding="utf-8")
@@ -101,7 +103,8 @@ def main() -> int:
     try:
         return run(args, scratch, replicas)
     finally:
-        admin(base, *(f'DROP DATABASE IF EXISTS "{u.database}" WITH (FORCE)' for u in [scratch, *replicas]))
+        for url in [scratch, *replicas]:
+            drop_database(url.render_as_string(hide_password=False))
 
 
 def admin(url: Any, *statements: str) -> None:

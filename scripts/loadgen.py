@@ -18,8 +18,19 @@ fractions of the closed loop's maximum (e.g. 50% and 80%)::
         print(r.p50_ms, r.p99_ms, r.rate, r.counts)
 
 ``classify(status, body) -> str`` names each answer (default: the status code); ``ok`` says which names count
-as successes for ``rate``. Both functions block, running their own event loop (uvloop when installed); run them
-in a process of their own so the generator does not share its interpreter with what it measures.
+as successes for ``rate``.
+
+A unit of work may take several requests on one connection (a hold, then its capture): ``make_request(n)`` then
+returns a generator that yields each request's bytes and is sent each answer as ``(status, body)``; the unit's
+latency runs from its first request (or due time) to its last answer, and its last answer is the one classified::
+
+    def hold_then_capture(n: int) -> Exchange:
+        status, _body = yield post("/v1/holds", hold_body(n))
+        if status == 201:
+            yield post(f"/v1/holds/hold-{n}/capture", b"{}")
+
+Both functions block, running their own event loop (uvloop when installed); run them in a process of their own so
+the generator does not share its interpreter with what it measures.
 """
 
 from __future__ import annotations
@@ -27,11 +38,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MakeRequest = Callable[[int], bytes]
+# One unit of work of several requests on one connection: yields each request, is sent each answer.
+Exchange = Generator[bytes, tuple[int, bytes], None]
+MakeRequest = Callable[[int], bytes | Exchange]
 Classify = Callable[[int, bytes], str]
 
 
@@ -63,6 +76,28 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
     length = int(lower[start + 15 : lower.find(b"\r\n", start)]) if start >= 0 else 0
     body = await reader.readexactly(length) if length else b""
     return status, body, b"connection: close" in lower
+
+
+async def _unit(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes | Exchange
+) -> tuple[int, bytes, bool]:
+    """Send one unit of work (a request, or an exchange of several) and read its answers; the last answer."""
+    if isinstance(request, bytes):
+        writer.write(request)
+        return await _read_response(reader)
+    status, body, close = 0, b"", False
+    try:
+        step = next(request)
+        while True:
+            writer.write(step)
+            status, body, close = await _read_response(reader)
+            if close:  # the server closes the connection: the exchange cannot go on on it
+                return status, body, close
+            step = request.send((status, body))
+    except StopIteration:
+        return status, body, close
+    finally:
+        request.close()
 
 
 def _summary(
@@ -104,9 +139,8 @@ async def _closed(
     async def connection() -> None:
         reader, writer = await asyncio.open_connection(host, port)
         while (sent := time.perf_counter()) < stop_at:
-            writer.write(make(next(sequence)))
             try:
-                status, body, close = await _read_response(reader)
+                status, body, close = await _unit(reader, writer, make(next(sequence)))
             except (asyncio.IncompleteReadError, ConnectionError):
                 counts["error"] += sent >= measure_from
                 writer.close()
@@ -148,8 +182,7 @@ async def _open(
     async def one(n: int, due: float) -> None:
         reader, writer = await pool.get()  # waiting for a free connection is queueing: it counts
         try:
-            writer.write(make(n))
-            status, body, close = await _read_response(reader)
+            status, body, close = await _unit(reader, writer, make(n))
         except (asyncio.IncompleteReadError, ConnectionError):
             counts["error"] += due >= measure_from
             writer.close()
