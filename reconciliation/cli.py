@@ -181,8 +181,8 @@ def margin_command(
     customer: Annotated[str | None, typer.Option("--customer")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
-    """Margin per customer, feature and model: credits sold (gross, and net of Stripe's fees) against provider
-    cost, for [since, until)."""
+    """Margin per customer, feature and model: credits sold (gross, and net of Stripe's fees and refunds)
+    against provider cost, for [since, until)."""
     from reconciliation.margin import margin_rows
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")

@@ -41,7 +41,8 @@ class MarginRow:
     revenue: Decimal  # settlement currency, major units
     currency: str
     cost_usd: Decimal
-    # Revenue after Stripe's fees (each paid grant's balance transaction net; gross where no fee is known yet).
+    # Revenue after Stripe's fees and refunds (each paid grant's balance transaction net less what its refunds took
+    # from the balance, over the credits kept: see reconciliation.funding); gross where no fee is known yet.
     revenue_net: Decimal = Decimal(0)
     note: str = ""
     # Some credits used were paid in another currency whose settlement is not known: revenue is incomplete.
@@ -84,7 +85,7 @@ class MarginRow:
 
 
 def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) -> tuple[Decimal, Decimal, str]:
-    """(revenue per billed credit, the same after fees, in settlement major units; note) for an account's window."""
+    """(revenue per billed credit, the same after fees and refunds, in settlement major units; note)."""
     if funding is not None and funding.total_units > 0:
         per_credit = to_major(funding.paid_value_minor, currency) / funding.total_units
         net_per_credit = to_major(funding.paid_net_minor, currency) / funding.total_units
@@ -98,7 +99,10 @@ def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) 
                 "settlement yet (run reconcile): left out of revenue"
             )
         if funding.fee_unknown_units:
-            notes.append(f"Stripe's fee not known yet for {format_credits(funding.fee_unknown_units)} credits")
+            notes.append(
+                f"Stripe's fee or refunds not known yet for {format_credits(funding.fee_unknown_units)} credits "
+                "(counted at gross)"
+            )
         return per_credit, net_per_credit, "; ".join(notes)
     # Nothing drawn from grants in the window: the customer's average price of what they bought (gross).
     if paid_units:

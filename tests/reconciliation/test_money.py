@@ -497,3 +497,103 @@ class TestRefundSettlements:
         (m,) = _mismatches(engine)
         assert m.customer_id == c and (m.expected_amount, m.actual_amount) == (Decimal(1000), Decimal(900))
         assert m.summary.startswith(f"refund {refund.id} ($10.00) its balance transaction takes 900 usd")
+
+
+class TestNetRevenueAfterRefunds:
+    """Net revenue is what a grant's money left in the Stripe balance after Stripe's fee and its refunds, over the
+    credits the customer kept. The emulator charges fees as Stripe does (2.9% + 30 cents) and, like Stripe, keeps
+    the fee when a charge is refunded (the refund's balance transaction has no fee)."""
+
+    def _twenty_dollar_topup(self, emulator: Emulator) -> tuple[str, str]:
+        emulator.store.create_price(unit_amount=2000, currency="usd", id="price_credits_twenty")
+        c = emulator.store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_twenty", 2000)  # fallback rate: 2,000 credits
+        return c, charge
+
+    def test_a_twenty_dollar_top_up_with_five_dollars_refunded(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        c, charge = self._twenty_dollar_topup(emulator)
+        _use(c, "u", emulator.start + timedelta(hours=2), gpt4o_input=1_000_000)  # 750 credits, $2.50
+        store.clock.advance(hours=3)
+        refund = store.refund(charge, 500)
+        with session_factory().begin() as s:
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 500, refund.id)  # 500 unused credits
+        _store_events(emulator)
+
+        assert _run(emulator).counts == {}
+        with Session(engine) as s:
+            (row,) = margin_rows(s, since=emulator.start, until=_until())
+        # By hand. Stripe's fee on $20.00: 2.9% x 2000 = 58 cents + 30 = 88 cents; net $19.12.
+        # The $5.00 refund takes $5.00 from the balance and Stripe keeps the 88 cents: $19.12 - $5.00 = $14.12
+        # stayed, for 2,000 - 500 = 1,500 credits kept. The 750 credits used:
+        #   gross: 750 x $20.00 / 2,000 = $7.50 (margin $7.50 - $2.50 = $5.00)
+        #   net:   750 x $14.12 / 1,500 = $7.06 (net margin $7.06 - $2.50 = $4.56)
+        # (After the fee alone it would be 750 x $19.12 / 2,000 = $7.17.)
+        assert (row.units, row.revenue, row.cost_usd) == (750, Decimal("7.5"), Decimal("2.5"))
+        assert row.revenue_net == Decimal("7.06") and row.margin_usd == Decimal("5")
+        assert row.as_dict()["net_margin_usd"] == "4.5600000000" and row.note == ""
+
+    def test_a_refund_of_credits_already_spent_lowers_their_price(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        c = store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)  # $10.00, 1,000 credits
+        _use(c, "u", emulator.start + timedelta(hours=2), gpt4o_input=1_000_000)  # 750 credits, $2.50
+        store.clock.advance(hours=3)
+        refund = store.refund(charge, 500)
+        with session_factory().begin() as s:
+            # 500 credits back: the 250 unused, and 250 already spent become debt.
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 500, refund.id)
+        _store_events(emulator)
+        summary = _run(emulator)
+        assert summary.counts == {"clawback_debt": 1}
+        with Session(engine) as s:
+            (row,) = margin_rows(s, since=emulator.start, until=_until())
+        # By hand. Fee on $10.00: 29 + 30 = 59 cents, net $9.41; the refund takes $5.00: $4.41 stayed, for
+        # 1,000 - 250 (clawed back unused) = 750 credits kept, all of them used: net $4.41, gross 750 x 1c = $7.50.
+        assert (row.revenue, row.revenue_net) == (Decimal("7.5"), Decimal("4.41"))
+        assert row.as_dict()["net_margin_usd"] == "1.9100000000"
+
+    def test_clawed_back_credits_without_a_refund_seen_are_named_not_guessed(
+        self, engine: Engine, emulator: Emulator
+    ) -> None:
+        store = emulator.store
+        c, charge = self._twenty_dollar_topup(emulator)
+        _use(c, "u", emulator.start + timedelta(hours=2), gpt4o_input=1_000_000)
+        _store_events(emulator)
+        assert _run(emulator).counts == {}  # the settlement is kept; no refund yet
+        with session_factory().begin() as s:
+            # The ledger applied a refund that no reconciliation run has seen in Stripe yet.
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 500, "re_unseen")
+        with Session(engine) as s:
+            (row,) = margin_rows(s, since=emulator.start, until=_until())
+        # Net of the fee only, over the credits kept, and flagged: 750 x $19.12 / 1,500 = $9.56.
+        assert row.revenue_net == Decimal("9.56")
+        assert "not known yet for 750 credits" in row.note
+
+
+class TestNetPerCreditFromStripesPayloads:
+    def test_the_docs_charge_refunded_in_full_keeps_nothing(self) -> None:
+        from reconciliation.funding import net_per_credit
+
+        resources = json.loads((SHARED / "fixtures/stripe/openapi/fixtures3.json").read_text())["resources"]
+        txn, refund = resources["balance_transaction"], resources["refund"]
+        assert refund["charge"] == txn["source"] and refund["amount"] == txn["amount"] == 100
+        # The docs' $1.00 charge settled with no fee (net $1.00) and was refunded in full: 100 credits bought,
+        # all clawed back unused, none kept: no revenue, and no division by zero.
+        assert net_per_credit(txn["net"], refund["amount"], 100, 100) == 0
+        # Had 40 of them been spent first (60 clawed back unused): nothing stayed, so their net is $0.00 each.
+        assert net_per_credit(txn["net"], refund["amount"], 100, 60) == 0
+        # Had a quarter been refunded (25 cents, 25 credits clawed back): 75 cents for 75 credits, 1 cent each.
+        assert net_per_credit(txn["net"], 25, 100, 25) == Decimal(1)
+
+    def test_a_refund_that_returned_part_of_the_fee(self) -> None:
+        from reconciliation.funding import net_per_credit
+
+        event = json.loads((SHARED / "fixtures/stripe/events/charge.succeeded.dahlia.zulip.json").read_text())
+        charge = event["data"]["object"]
+        assert charge["amount"] == 22200  # $222.00
+        # Say its balance transaction took Stripe's 2.9% + 30c: 644 + 30 = 674 cents, net 21,526. A $22.20 refund
+        # whose balance transaction returns 64 cents of the fee (amount -2220, fee -64, net -2156) takes $21.56.
+        # 22,200 credits (one per cent), 2,220 clawed back unused: (21,526 - 2,156) / 19,980 = 19,370 / 19,980.
+        out = 2220 + (-64)  # refund_settlements keeps settlement_minor 2220 and fee_minor -64
+        assert net_per_credit(21526, out, 22200, 2220) == Decimal(19370) / Decimal(19980)
