@@ -279,6 +279,57 @@ def revenue_command(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+def payouts_command(
+    since: Annotated[
+        str | None, typer.Option("--since", help="Payouts created at or after (ISO 8601, UTC if no offset).")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Payouts created before (ISO 8601).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
+) -> None:
+    """Payouts the reconciliation runs tied out, newest first: amount, status, arrival, their balance transactions
+    by type, and whether they tie out to the ledger. Exit 1 if one differs."""
+    from reconciliation.payouts import list_payouts, payout_dict
+
+    start = _parse_time(since, "--since") if since else None
+    end = _parse_time(until, "--until") if until else None
+    if start is not None and end is not None and end <= start:
+        raise _fail("--until must be after --since", EXIT_USAGE)
+    with unit_of_work() as session:
+        rows = [payout_dict(p) for p in list_payouts(session, since=start, until=end, limit=limit)]
+    differ = [r["payout"] for r in rows if r["tie_out"] == "differs"]
+    if as_json:
+        # One object on one line; "ok" true exactly when the exit code is 0.
+        found = {"code": "payouts_differ"} if differ else {}
+        print_json({"payouts": rows, **found}, ok=not differ)
+    else:
+        table = Table("payout", "created", "arrival", "status", "amount", "transactions", "their net", "by type",
+                      "tie-out", "run")  # fmt: skip
+        for r in rows:
+            by_type = ", ".join(
+                f"{kind} {t['count']}: {format_money(t['net'], r['currency'])}" for kind, t in r["by_type"].items()
+            )
+            tie = {"ties": "ties", "differs": f"{r['differences']} difference(s)"}.get(r["tie_out"], "not checked")
+            table.add_row(
+                r["payout"],
+                (r["created"] or "")[:16],
+                (r["arrival_date"] or "")[:10],
+                r["status"],
+                r["amount"],
+                str(r["transactions"]),
+                r["net"] or "",
+                by_type,
+                tie,
+                str(r["run_id"]),
+            )
+        console = Console(width=max(160, Console().width))
+        console.print(table)
+        if not rows:
+            console.print("no payout seen by a reconciliation run in this window")
+    if differ:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
 # The CSV's columns: amounts in exact minor units of ``currency`` ("credits" for the free-credit lines).
 REVENUE_COLUMNS = (
     "period_start",
@@ -434,4 +485,5 @@ def register(app: typer.Typer) -> None:
     app.command("reconcile")(reconcile_command)
     app.command("margin")(margin_command)
     app.command("revenue")(revenue_command)
+    app.command("payouts")(payouts_command)
     app.add_typer(mismatches_app, name="mismatches")

@@ -437,12 +437,20 @@ class TestPayouts:
         assert m.customer_id == c and m.evidence["stripe"]["type"] == "refund"
         assert m.summary.startswith(f"payout {payout.id}: refund re_") and f"of charge {missed}" in m.summary
         assert m.expected_amount == Decimal(-200)
-        from webhooks.review.revenue_views import payouts_seen
+        from reconciliation.models import Payout
 
         with Session(engine) as s:
-            (seen,) = payouts_seen(s)
-        assert (seen["payout"], seen["amount"], seen["differences"]) == (payout.id, payout.amount, 1)
-        assert seen["transactions"] == 6  # three charges, two refunds, one dispute withdrawal
+            (kept,) = s.scalars(select(Payout))
+        assert (kept.id, kept.amount_minor, kept.differences, kept.tie_out) == (payout.id, payout.amount, 1, "differs")
+        assert kept.transactions == 6  # three charges, two refunds, one dispute withdrawal
+        # By hand: charges $10.00, $10.00, $100.00, fees 59 + 59 + 320 (2.9% + 30c); refunds $3.00 and $2.00, no
+        # fee; the dispute takes $100.00 and Stripe's $15.00 fee. Nets: 941 + 941 + 9,680; -300, -200; -11,500.
+        assert kept.by_type == {
+            "adjustment": {"count": 1, "amount": -10000, "fee": 1500, "net": -11500},
+            "charge": {"count": 3, "amount": 12000, "fee": 438, "net": 11562},
+            "refund": {"count": 2, "amount": -500, "fee": 0, "net": -500},
+        }
+        assert kept.net_minor == payout.amount == 11562 - 500 - 11500
 
     def test_a_payout_that_does_not_add_up(self, engine: Engine, emulator: Emulator) -> None:
         c = emulator.store.create_customer().id
@@ -454,6 +462,49 @@ class TestPayouts:
         (m,) = _mismatches(engine)
         # $10.00 less Stripe's $0.59 fee is $9.41 net; the payout says $9.42.
         assert m.summary == f"payout {payout.id} of $9.42: its transactions net $9.41"
+
+    def test_each_payout_is_kept_once_and_a_later_run_updates_it(
+        self, engine: Engine, emulator: Emulator, cli: CliRunner
+    ) -> None:
+        from reconciliation.models import Payout
+        from worker.cli import app
+
+        store = emulator.store
+        c = store.create_customer().id
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        paid = store.create_payout()
+        store.clock.advance(hours=1)
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        failed = store.create_payout()
+        store.update(paid.id, status="in_transit")
+        store.update(failed.id, status="failed")
+        _store_events(emulator)
+        assert _run(emulator).counts == {}
+        store.update(paid.id, status="paid")
+        second = _run(emulator)
+        assert second.counts == {}
+
+        with Session(engine) as s:
+            kept = {p.id: p for p in s.scalars(select(Payout))}
+        assert sorted(kept) == sorted([paid.id, failed.id])  # two runs, still one row each
+        ok, bad = kept[paid.id], kept[failed.id]
+        # $10.00 less 59 cents: $9.41; the second run saw it paid.
+        assert (ok.status, ok.amount_minor, ok.net_minor, ok.tie_out, ok.run_id) == (
+            "paid", 941, 941, "ties", second.run_id)  # fmt: skip
+        assert ok.by_type == {"charge": {"count": 1, "amount": 1000, "fee": 59, "net": 941}}
+        assert ok.first_seen_at < ok.checked_at
+        assert (bad.status, bad.tie_out, bad.transactions, bad.net_minor) == ("failed", "not_checked", 0, None)
+
+        listed = cli.invoke(app, ["payouts", "--json"])
+        assert listed.exit_code == 0, listed.output
+        body = json.loads(listed.stdout)
+        assert body["ok"] is True and [p["payout"] for p in body["payouts"]] == [failed.id, paid.id]
+        shown = body["payouts"][1]
+        assert (shown["amount_minor"], shown["amount"], shown["tie_out"]) == (941, "$9.41", "ties")
+        table = cli.invoke(app, ["payouts"])
+        assert table.exit_code == 0 and "$9.41" in table.stdout and "charge 1: $9.41" in table.stdout
+        later = cli.invoke(app, ["payouts", "--since", (emulator.start + timedelta(minutes=30)).isoformat()])
+        assert failed.id in later.stdout and paid.id not in later.stdout
 
 
 class TestRefundSettlements:
