@@ -181,21 +181,24 @@ def margin_command(
     customer: Annotated[str | None, typer.Option("--customer")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
-    """Margin per customer, feature and model: credits sold (gross, and net of Stripe's fees and refunds)
-    against provider cost, for [since, until)."""
-    from reconciliation.margin import margin_rows
+    """Margin per customer, feature and model, and per plan: credits sold (gross, and net of Stripe's fees and
+    refunds) against provider cost, for [since, until)."""
+    from reconciliation.margin import margin_by_plan, margin_rows
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if end <= start:
         raise _fail("--until must be after --since", EXIT_USAGE)
     with unit_of_work() as session:
-        rows = [r.as_dict() for r in margin_rows(session, since=start, until=end, customer_id=customer)]
+        found = list(margin_rows(session, since=start, until=end, customer_id=customer))
+    rows = [r.as_dict() for r in found]
+    plans = [m.as_dict() for m in margin_by_plan(found)]
     if as_json:
-        print_json({"rows": rows})
+        print_json({"rows": rows, "by_plan": plans})
         return
     table = Table(
-        "customer", "feature", "model", "requests", "credits", "revenue", "net revenue", "cost", "margin", "net margin"
-    )
+        "customer", "plan", "feature", "model", "requests", "credits", "revenue", "net revenue", "cost", "margin",
+        "net margin",
+    )  # fmt: skip
     notes: dict[str, str] = {}
 
     def money(value: str, currency: str) -> str:
@@ -206,6 +209,7 @@ def margin_command(
         currency = r["revenue_currency"]
         table.add_row(
             r["customer_id"],
+            r["plan"] or "",
             r["feature"] or "",
             r["model"] or "",
             format_credits(r["requests"]),
@@ -218,8 +222,23 @@ def margin_command(
         )
         if r["note"]:
             notes[r["customer_id"]] = r["note"]
+    by_plan = Table("plan", "customers", "credits", "revenue", "net revenue", "cost", "margin", "net margin")
+    for m in plans:
+        currency = m["revenue_currency"]
+        by_plan.add_row(
+            m["plan"] or "(no subscription)",
+            format_credits(m["customers"]),
+            format_credits(m["units"]),
+            money(m["revenue"], currency),
+            money(m["revenue_net"], currency),
+            format_usd(m["cost_usd"]),
+            format_usd(m["margin_usd"]) if m["margin_usd"] is not None else "n/a",
+            format_usd(m["net_margin_usd"]) if m["net_margin_usd"] is not None else "n/a",
+        )
     console = Console(width=max(160, Console().width))
     console.print(table)
+    if plans:
+        console.print(by_plan)
     for customer_id, note in notes.items():
         console.print(f"{customer_id}: {note}", soft_wrap=True)
 

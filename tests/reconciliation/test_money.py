@@ -648,3 +648,40 @@ class TestNetPerCreditFromStripesPayloads:
         # 22,200 credits (one per cent), 2,220 clawed back unused: (21,526 - 2,156) / 19,980 = 19,370 / 19,980.
         out = 2220 + (-64)  # refund_settlements keeps settlement_minor 2220 and fee_minor -64
         assert net_per_credit(21526, out, 22200, 2220) == Decimal(19370) / Decimal(19980)
+
+
+class TestMarginPerPlan:
+    def test_rows_name_the_customers_plan_and_sum_per_plan(self, engine: Engine) -> None:
+        from ledger.models import Account, Subscription
+        from reconciliation.margin import margin_by_plan
+
+        start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=1)
+        with session_factory().begin() as s:
+            for customer in ("cus_pro_a", "cus_pro_b", "cus_prepaid"):
+                grant_credits(s, customer, units=1000, source=GrantSource.TOP_UP, idempotency_key=f"g-{customer}",
+                              amount_minor=1000, currency="usd")  # fmt: skip
+        with session_factory().begin() as s:
+            ids = dict(s.execute(select(Account.customer_id, Account.id)).tuples().all())
+            # cus_pro_a: a canceled Team subscription and an active Pro one (the active one counts).
+            s.add_all([
+                Subscription(subscription_id="sub_a1", account_id=ids["cus_pro_a"], status="canceled",
+                             price="price_team_monthly"),
+                Subscription(subscription_id="sub_a2", account_id=ids["cus_pro_a"], status="active",
+                             price="price_pro_monthly"),
+                Subscription(subscription_id="sub_b", account_id=ids["cus_pro_b"], status="past_due",
+                             price="price_pro_monthly"),
+            ])  # fmt: skip
+        for customer in ("cus_pro_a", "cus_pro_b", "cus_prepaid"):
+            _use(customer, customer, start + timedelta(hours=1), gpt4o_input=1_000_000)  # 750 credits, $2.50
+        with Session(engine) as s:
+            rows = list(margin_rows(s, since=start, until=_until()))
+        assert {r.customer_id: r.plan for r in rows} == {"cus_pro_a": "Pro", "cus_pro_b": "Pro", "cus_prepaid": None}
+        pro, prepaid = margin_by_plan(rows)
+        # Each customer: 750 credits at $10.00 / 1,000 = $7.50, cost $2.50; no balance transaction seen yet, so
+        # net is counted at gross. Pro: two customers, 1,500 credits, $15.00 against $5.00: $10.00 margin.
+        shown = pro.as_dict()
+        assert {k: shown[k] for k in ("plan", "customers", "units", "revenue_currency")} == {
+            "plan": "Pro", "customers": 2, "units": 1500, "revenue_currency": "usd"}  # fmt: skip
+        exact = {k: Decimal(shown[k]) for k in ("revenue", "revenue_net", "cost_usd", "margin_usd", "net_margin_usd")}
+        assert exact == {"revenue": 15, "revenue_net": 15, "cost_usd": 5, "margin_usd": 10, "net_margin_usd": 10}
+        assert (prepaid.plan, len(prepaid.customers), prepaid.units, prepaid.revenue) == (None, 1, 750, Decimal("7.5"))
