@@ -661,7 +661,7 @@ class TestMarginPerPlan:
                 grant_credits(s, customer, units=1000, source=GrantSource.TOP_UP, idempotency_key=f"g-{customer}",
                               amount_minor=1000, currency="usd")  # fmt: skip
         with session_factory().begin() as s:
-            ids = dict(s.execute(select(Account.customer_id, Account.id)).tuples().all())
+            ids = {c: i for c, i in s.execute(select(Account.customer_id, Account.id))}
             # cus_pro_a: a canceled Team subscription and an active Pro one (the active one counts).
             s.add_all([
                 Subscription(subscription_id="sub_a1", account_id=ids["cus_pro_a"], status="canceled",
