@@ -445,13 +445,17 @@ def child(args: argparse.Namespace) -> None:
 
     staging.Stager._flush = timed_flush  # type: ignore[method-assign]
 
+    write_by_step: dict[str, float] = {}
+
     def timed(fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                write_seconds[0] += time.perf_counter() - started
+                spent = time.perf_counter() - started
+                write_seconds[0] += spent
+                write_by_step[fn.__name__] = write_by_step.get(fn.__name__, 0.0) + spent
 
         return wrapper
 
@@ -511,6 +515,7 @@ def child(args: argparse.Namespace) -> None:
                 "staged_rows": sum(len(rows) + len(links) for rows, links in pages)
                 + sum(len(v) for v in kept.values()),
                 "kept_rows": {k: len(v) for k, v in kept.items()},
+                "write_by_step": write_by_step,
                 "baseline_insert": baseline["insert"],
                 "baseline_group_by": baseline["group_by"],
                 "peak_mb": peak_mb,
@@ -691,7 +696,9 @@ def main() -> None:
             flush=True,
         )
         kept = ", ".join(f"{k} {v:,}" for k, v in r["kept_rows"].items())
+        kept_writes = ", ".join(f"{k} {v:.3f}s" for k, v in r["write_by_step"].items())
         print(f"           kept: {kept}; Stripe objects paged {r['stripe_objects']:,}", flush=True)
+        print(f"           of the write: {kept_writes}; the rest is the staged pages' inserts", flush=True)
         slow = sorted(((v, k) for k, v in r["timings"].items() if k != "stripe_paging"), reverse=True)[:4]
         print("           slowest steps: " + ", ".join(f"{k} {v:.3f}s" for v, k in slow), flush=True)
         steps = list(r["memory_by_step"].items())
