@@ -409,10 +409,13 @@ class TestFeesAndBalanceTransactions:
 
 class TestPayouts:
     def test_a_payout_with_a_refund_the_ledger_never_applied_is_found_and_nothing_else(
-        self, engine: Engine, emulator: Emulator
+        self, engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         from ledger.clawback import clawback
+        from reconciliation import checks
 
+        # Two transactions a batch: the payout's six are read in three, each judged while the next is streamed.
+        monkeypatch.setattr(checks, "PAYOUT_BATCH", 2)
         store = emulator.store
         c = store.create_customer().id
         _, applied = _paid_topup(emulator, c, "price_credits_small", 1000)
@@ -685,3 +688,30 @@ class TestMarginPerPlan:
         exact = {k: Decimal(shown[k]) for k in ("revenue", "revenue_net", "cost_usd", "margin_usd", "net_margin_usd")}
         assert exact == {"revenue": 15, "revenue_net": 15, "cost_usd": 5, "margin_usd": 10, "net_margin_usd": 10}
         assert (prepaid.plan, len(prepaid.customers), prepaid.units, prepaid.revenue) == (None, 1, 750, Decimal("7.5"))
+
+
+class TestPayoutsTable:
+    def test_recording_a_payout_again_updates_its_row(self, engine: Engine) -> None:
+        from reconciliation.models import Payout
+        from reconciliation.payouts import list_payouts, record_payouts
+
+        first, later = datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 2, tzinfo=UTC)
+        tie = {"payout": "po_1", "amount": 941, "currency": "usd", "status": "in_transit",
+               "created": "2026-11-30T10:00:00+00:00", "arrival_date": 1764583200, "transactions": 1, "net": 941,
+               "by_type": {"charge": {"count": 1, "amount": 1000, "fee": 59, "net": 941}}, "differences": 0,
+               "tie_out": "ties"}  # fmt: skip
+        with session_factory().begin() as s:
+            assert record_payouts(s, 1, [tie], now=first) == 1
+        with session_factory().begin() as s:
+            record_payouts(s, 2, [{**tie, "status": "paid", "differences": 1, "tie_out": "differs"}], now=later)
+        with Session(engine) as s:
+            (row,) = s.scalars(select(Payout))
+            assert (row.status, row.tie_out, row.differences, row.run_id) == ("paid", "differs", 1, 2)
+            assert (_aware(row.first_seen_at), _aware(row.checked_at)) == (first, later)
+            assert _aware(row.arrival_date) == datetime(2025, 12, 1, 10, 0, tzinfo=UTC)  # Stripe's Unix seconds
+            assert [p.id for p in list_payouts(s, since=datetime(2026, 11, 30, tzinfo=UTC))] == ["po_1"]
+            assert list_payouts(s, until=datetime(2026, 11, 30, tzinfo=UTC)) == []
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
