@@ -16,7 +16,8 @@ transaction, a fee Stripe returned included), spread over the credits the custom
 those clawed back unused. A refund of credits already spent (recorded as debt) lowers the price of the credits
 that were spent; a refund that took back unused credits leaves the others' price alone but for the fee, which
 Stripe keeps (https://docs.stripe.com/refunds#fees). Refunds are known from ``refund_settlements`` (kept by
-reconciliation); a grant with credits clawed back and no refund settlement seen yet counts as fee not known.
+reconciliation); a grant with credits clawed back and no refund settlement seen (a refund not reconciled yet,
+or a lost dispute, whose money is not counted here) is named as not known, its net counted without it.
 Provider cost (USD) is shared among the three in proportion to the credits each funded.
 """
 

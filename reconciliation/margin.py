@@ -105,8 +105,8 @@ def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) 
             )
         if funding.fee_unknown_units:
             notes.append(
-                f"Stripe's fee or refunds not known yet for {format_credits(funding.fee_unknown_units)} credits "
-                "(counted at gross)"
+                f"net revenue may be high: Stripe's fee or what a refund or dispute took back is not known yet for "
+                f"{format_credits(funding.fee_unknown_units)} credits (no balance transaction seen: run reconcile)"
             )
         return per_credit, net_per_credit, "; ".join(notes)
     # Nothing drawn from grants in the window: the customer's average price of what they bought (gross).
