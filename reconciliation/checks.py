@@ -443,10 +443,36 @@ def _units_for(grant: Grant, amount_minor: int, paid_minor: int | None) -> int:
     return min(grant.units, grant.units * min(amount_minor, paid) // paid)
 
 
+def _clawed_enough(ctx: CheckContext) -> dict[str, tuple[int, int | None, int]]:
+    """For each charge refunded in the run's window whose payment was staged: (units, amount, clawed back) of the
+    first paid grant it funded, in one query (what :func:`_grants_for_charge` finds one charge at a time)."""
+    R = StagedStripeObject
+    by_charge, by_payment = aliased(StagedStripeAlias), aliased(StagedStripeAlias)
+    refunded = select(R.ref).where(R.run_id == ctx.run_id, R.object_type == "refund", R.ref.is_not(None)).distinct()
+    stmt = (
+        select(by_charge.key, Grant.id, Grant.units, Grant.amount_minor, Grant.clawed_back)
+        .join(by_payment, (by_payment.run_id == by_charge.run_id) & (by_payment.payment_id == by_charge.payment_id))
+        .join(Grant, Grant.stripe_object_id == by_payment.key)
+        .where(
+            by_charge.run_id == ctx.run_id,
+            by_charge.key.in_(refunded),
+            Grant.source.in_(PAID_SOURCES),
+        )
+        .order_by(by_charge.key, Grant.id)
+    )
+    found: dict[str, tuple[int, int | None, int]] = {}
+    for charge_id, _, units, amount, clawed in ctx.session.execute(stmt):
+        found.setdefault(charge_id, (int(units), amount, int(clawed)))
+    return found
+
+
 def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
     """refund_not_clawed_back: a charge refunded in the window whose grant was not clawed back to match."""
     R = StagedStripeObject
     C = aliased(StagedStripeObject)
+    # The charges whose grant is plainly clawed back enough are told apart in one query; only the rest (a few, or
+    # a charge outside the window) take the per-charge look, which may ask Stripe.
+    first_grants = _clawed_enough(ctx)
     stmt = (
         select(
             R.ref,
@@ -481,6 +507,12 @@ def check_refunds(ctx: CheckContext) -> Iterator[Finding]:
         ch_cust,
     ) in ctx.session.execute(stmt):
         charge_id = str(charge_id)
+        known = first_grants.get(charge_id)
+        if known is not None and refunded is not None:
+            units, amount, clawed = known
+            paid_minor = amount or paid or 0
+            if paid_minor <= 0 or clawed >= min(units, units * min(int(refunded), paid_minor) // paid_minor):
+                continue  # the same rule as _units_for, on the same grant
         grants, charge = _grants_for_charge(ctx, charge_id, None)
         if not grants:
             continue  # no grant at all: payment_without_grant reports the payment itself
@@ -1442,33 +1474,108 @@ def _ledger_side_of(ctx: CheckContext, txn: StagedStripeObject) -> tuple[str | N
     return None, {}, None  # fees, adjustments, the payout itself: only the total
 
 
+# Paid-out balance transactions read per batch: the ones the ledger plainly agrees with are told apart in two
+# queries per batch, so only the few that do not take the per-transaction look (and memory stays one batch).
+PAYOUT_BATCH = 1000
+NOT_TIED_STATUSES = ("failed", "canceled")
+
+
+def _agreeing(ctx: CheckContext, batch: list[tuple[int, str, int, dict[str, Any]]]) -> set[int]:
+    """Ids of staged transactions the ledger plainly agrees with: a charge whose kept settlement has the same
+    amount and fee, a refund the ledger clawed back naming it. The rest take :func:`_ledger_side_of`."""
+    # By the source's own kind: a dispute's withdrawal is an "adjustment" transaction whose source is the dispute.
+    kinds = {row_id: object_type_of(str(d.get("source") or "")) for row_id, _, _, d in batch}
+    charges = {str(d.get("source")) for row_id, _, _, d in batch if kinds[row_id] == "charge"}
+    refunds = {str(d.get("source")) for row_id, _, _, d in batch if kinds[row_id] == "refund"}
+    settled: dict[str, tuple[int, int]] = {}
+    if charges:
+        G = GrantSettlement
+        for charge_id, amount, fee in ctx.session.execute(
+            select(G.charge_id, G.settlement_minor, G.fee_minor).where(G.charge_id.in_(charges))
+        ):
+            settled.setdefault(charge_id, (int(amount), int(fee)))
+    applied: set[str] = set()
+    if refunds:
+        applied = set(
+            ctx.session.scalars(
+                select(Entry.stripe_object_id).where(
+                    Entry.stripe_object_id.in_(refunds), Entry.kind == EntryKind.CLAWBACK
+                )
+            )
+        )
+    fine = set()
+    for row_id, _, amount, detail in batch:
+        source, kind = str(detail.get("source") or ""), kinds[row_id]
+        if kind == "charge":
+            agrees = settled.get(source) == (amount, int(detail.get("fee") or 0))
+        elif kind == "refund":
+            agrees = source in applied
+        else:
+            agrees = kind != "dispute"  # fees, other adjustments, the payout itself: only the total
+        if agrees:
+            fine.add(row_id)
+    return fine
+
+
+def _doubtful(ctx: CheckContext, batch: list[tuple[int, str, int, dict[str, Any]]]) -> list[int]:
+    """Ids in ``batch`` the ledger does not plainly agree with."""
+    fine = _agreeing(ctx, batch) if batch else set()
+    return [row_id for row_id, *_ in batch if row_id not in fine]
+
+
 def check_payouts(ctx: CheckContext) -> Iterator[Finding]:
     """payout_mismatch: a payout whose balance transactions do not add up to it, and each paid-out charge,
-    refund or dispute the ledger has no side for (or a different amount)."""
+    refund or dispute the ledger has no side for (or a different amount). Each payout's tie-out (its sums by
+    transaction type) goes to ``ctx.payouts``, which the engine keeps in the ``payouts`` table."""
     S = StagedStripeObject
     payouts = list(
         ctx.session.scalars(select(S).where(S.run_id == ctx.run_id, S.object_type == "payout").order_by(S.id))
     )
     for po in payouts:
-        txns = list(
-            ctx.session.scalars(
-                select(S).where(S.run_id == ctx.run_id, S.object_type == "payout_txn", S.ref == po.object_id)
-                .order_by(S.id)
-            )
-        )  # fmt: skip
-        paid_out = [t for t in txns if t.status != "payout"]
-        net = sum(int(t.detail.get("net") or 0) for t in paid_out)
         tie: dict[str, Any] = {
             "payout": po.object_id,
             "amount": po.amount,
             "currency": po.currency,
+            "status": po.status,
             "created": _iso(po.created),
             "arrival_date": po.detail.get("arrival_date"),
-            "transactions": len(paid_out),
-            "net": net,
+            "transactions": 0,
+            "net": None,
+            "by_type": {},
             "differences": 0,
+            # Set when the payout is done with: a check stopped half-way leaves it None, and it is not kept.
+            "tie_out": None,
         }
         ctx.payouts.append(tie)
+        if po.status in NOT_TIED_STATUSES:
+            tie["tie_out"] = "not_checked"  # its transactions went back to the balance, to be paid out again
+            continue
+        by_type: dict[str, dict[str, int]] = {}
+        doubtful: list[int] = []
+        batch: list[tuple[int, str, int, dict[str, Any]]] = []
+        txns = (
+            select(S.id, S.status, S.amount, S.detail)
+            .where(S.run_id == ctx.run_id, S.object_type == "payout_txn", S.ref == po.object_id)
+            .order_by(S.id)
+            .execution_options(yield_per=PAYOUT_BATCH)
+        )
+        for row_id, kind, amount, detail in ctx.session.execute(txns):
+            if kind == "payout":
+                continue  # the payout's own transaction: it is what the others must add up to
+            detail = detail or {}
+            sums = by_type.setdefault(str(kind), {"count": 0, "amount": 0, "fee": 0, "net": 0})
+            sums["count"] += 1
+            sums["amount"] += int(amount or 0)
+            sums["fee"] += int(detail.get("fee") or 0)
+            sums["net"] += int(detail.get("net") or 0)
+            batch.append((row_id, str(kind), int(amount or 0), detail))
+            if len(batch) >= PAYOUT_BATCH:
+                doubtful += _doubtful(ctx, batch)
+                batch = []
+        doubtful += _doubtful(ctx, batch)
+        net = sum(x["net"] for x in by_type.values())
+        count = sum(x["count"] for x in by_type.values())
+        tie.update(net=net, transactions=count, by_type=dict(sorted(by_type.items())))
         if net != po.amount:
             tie["differences"] += 1
             yield Finding(
@@ -1480,38 +1587,41 @@ def check_payouts(ctx: CheckContext) -> Iterator[Finding]:
                 unit="minor",
                 expected=net,
                 actual=po.amount,
-                evidence={"stripe": {"payout": po.object_id, "amount": po.amount, "transactions": len(paid_out)}},
+                evidence={"stripe": {"payout": po.object_id, "amount": po.amount, "transactions": count}},
                 occurred_at=_utc(po.created),
             )
-        for t in paid_out:
-            problem, ledger_side, grant = _ledger_side_of(ctx, t)
-            if problem is None:
-                continue
-            tie["differences"] += 1
-            source = t.detail.get("source")
-            yield Finding(
-                kind=MismatchKind.PAYOUT_MISMATCH,
-                identity=f"{po.object_id}|{t.object_id}",
-                summary=f"payout {po.object_id}: {problem}",
-                customer_id=customer_of(ctx, [source], grant),
-                currency=t.currency,
-                unit="minor",
-                expected=t.amount,
-                actual=None,
-                evidence={
-                    "stripe": {
-                        "payout": po.object_id,
-                        "balance_transaction": t.object_id,
-                        "type": t.status,
-                        "source": source,
-                        "amount": t.amount,
-                        "fee": t.detail.get("fee"),
-                        "net": t.detail.get("net"),
+        for start in range(0, len(doubtful), PAYOUT_BATCH):
+            ids = doubtful[start : start + PAYOUT_BATCH]
+            for t in list(ctx.session.scalars(select(S).where(S.id.in_(ids)).order_by(S.id))):
+                problem, ledger_side, grant = _ledger_side_of(ctx, t)
+                if problem is None:
+                    continue
+                tie["differences"] += 1
+                source = t.detail.get("source")
+                yield Finding(
+                    kind=MismatchKind.PAYOUT_MISMATCH,
+                    identity=f"{po.object_id}|{t.object_id}",
+                    summary=f"payout {po.object_id}: {problem}",
+                    customer_id=customer_of(ctx, [source], grant),
+                    currency=t.currency,
+                    unit="minor",
+                    expected=t.amount,
+                    actual=None,
+                    evidence={
+                        "stripe": {
+                            "payout": po.object_id,
+                            "balance_transaction": t.object_id,
+                            "type": t.status,
+                            "source": source,
+                            "amount": t.amount,
+                            "fee": t.detail.get("fee"),
+                            "net": t.detail.get("net"),
+                        },
+                        "ledger": ledger_side,
                     },
-                    "ledger": ledger_side,
-                },
-                occurred_at=_utc(po.created),
-            )
+                    occurred_at=_utc(po.created),
+                )
+        tie["tie_out"] = "differs" if tie["differences"] else "ties"
 
 
 # --- clawbacks that found the credits already spent ------------------------------------------------------------

@@ -181,21 +181,24 @@ def margin_command(
     customer: Annotated[str | None, typer.Option("--customer")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
 ) -> None:
-    """Margin per customer, feature and model: credits sold (gross, and net of Stripe's fees) against provider
-    cost, for [since, until)."""
-    from reconciliation.margin import margin_rows
+    """Margin per customer, feature and model, and per plan: credits sold (gross, and net of Stripe's fees and
+    refunds) against provider cost, for [since, until)."""
+    from reconciliation.margin import margin_by_plan, margin_rows
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     if end <= start:
         raise _fail("--until must be after --since", EXIT_USAGE)
     with unit_of_work() as session:
-        rows = [r.as_dict() for r in margin_rows(session, since=start, until=end, customer_id=customer)]
+        found = list(margin_rows(session, since=start, until=end, customer_id=customer))
+    rows = [r.as_dict() for r in found]
+    plans = [m.as_dict() for m in margin_by_plan(found)]
     if as_json:
-        print_json({"rows": rows})
+        print_json({"rows": rows, "by_plan": plans})
         return
     table = Table(
-        "customer", "feature", "model", "requests", "credits", "revenue", "net revenue", "cost", "margin", "net margin"
-    )
+        "customer", "plan", "feature", "model", "requests", "credits", "revenue", "net revenue", "cost", "margin",
+        "net margin",
+    )  # fmt: skip
     notes: dict[str, str] = {}
 
     def money(value: str, currency: str) -> str:
@@ -206,6 +209,7 @@ def margin_command(
         currency = r["revenue_currency"]
         table.add_row(
             r["customer_id"],
+            r["plan"] or "",
             r["feature"] or "",
             r["model"] or "",
             format_credits(r["requests"]),
@@ -218,8 +222,23 @@ def margin_command(
         )
         if r["note"]:
             notes[r["customer_id"]] = r["note"]
+    by_plan = Table("plan", "customers", "credits", "revenue", "net revenue", "cost", "margin", "net margin")
+    for m in plans:
+        currency = m["revenue_currency"]
+        by_plan.add_row(
+            m["plan"] or "(no subscription)",
+            format_credits(m["customers"]),
+            format_credits(m["units"]),
+            money(m["revenue"], currency),
+            money(m["revenue_net"], currency),
+            format_usd(m["cost_usd"]),
+            format_usd(m["margin_usd"]) if m["margin_usd"] is not None else "n/a",
+            format_usd(m["net_margin_usd"]) if m["net_margin_usd"] is not None else "n/a",
+        )
     console = Console(width=max(160, Console().width))
     console.print(table)
+    if plans:
+        console.print(by_plan)
     for customer_id, note in notes.items():
         console.print(f"{customer_id}: {note}", soft_wrap=True)
 
@@ -276,6 +295,57 @@ def revenue_command(
         for problem in problems:
             console.print(f"does not tie: {problem}", soft_wrap=True)
     if problems:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def payouts_command(
+    since: Annotated[
+        str | None, typer.Option("--since", help="Payouts created at or after (ISO 8601, UTC if no offset).")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Payouts created before (ISO 8601).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (errors too).")] = False,
+) -> None:
+    """Payouts the reconciliation runs tied out, newest first: amount, status, arrival, their balance transactions
+    by type, and whether they tie out to the ledger. Exit 1 if one differs."""
+    from reconciliation.payouts import list_payouts, payout_dict
+
+    start = _parse_time(since, "--since") if since else None
+    end = _parse_time(until, "--until") if until else None
+    if start is not None and end is not None and end <= start:
+        raise _fail("--until must be after --since", EXIT_USAGE)
+    with unit_of_work() as session:
+        rows = [payout_dict(p) for p in list_payouts(session, since=start, until=end, limit=limit)]
+    differ = [r["payout"] for r in rows if r["tie_out"] == "differs"]
+    if as_json:
+        # One object on one line; "ok" true exactly when the exit code is 0.
+        found = {"code": "payouts_differ"} if differ else {}
+        print_json({"payouts": rows, **found}, ok=not differ)
+    else:
+        table = Table("payout", "created", "arrival", "status", "amount", "transactions", "their net", "by type",
+                      "tie-out", "run")  # fmt: skip
+        for r in rows:
+            by_type = ", ".join(
+                f"{kind} {t['count']}: {format_money(t['net'], r['currency'])}" for kind, t in r["by_type"].items()
+            )
+            tie = {"ties": "ties", "differs": f"{r['differences']} difference(s)"}.get(r["tie_out"], "not checked")
+            table.add_row(
+                r["payout"],
+                (r["created"] or "")[:16],
+                (r["arrival_date"] or "")[:10],
+                r["status"],
+                r["amount"],
+                str(r["transactions"]),
+                r["net"] or "",
+                by_type,
+                tie,
+                str(r["run_id"]),
+            )
+        console = Console(width=max(160, Console().width))
+        console.print(table)
+        if not rows:
+            console.print("no payout seen by a reconciliation run in this window")
+    if differ:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -434,4 +504,5 @@ def register(app: typer.Typer) -> None:
     app.command("reconcile")(reconcile_command)
     app.command("margin")(margin_command)
     app.command("revenue")(revenue_command)
+    app.command("payouts")(payouts_command)
     app.add_typer(mismatches_app, name="mismatches")

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ledger.config import BillingConfig, get_billing_config
 from reconciliation import checks
 from reconciliation.models import MismatchKind, ReconciliationRun, RunStatus
+from reconciliation.payouts import record_payouts
 from reconciliation.providers import ProviderReport, parse_reports
 from reconciliation.services import Finding, close_unseen, record_finding
 from reconciliation.staging import ABANDONED_AFTER, Stager, analyze_staging, clear_abandoned_staging, clear_staging
@@ -337,6 +338,8 @@ def reconcile(
                     summary.skipped_checks[name] = f"stopped: {describe_source_error(exc)}"
                 summary.timings[f"check:{name}"] = time.perf_counter() - started
                 tick(f"check:{name}", 0)
+            # Each payout's tie-out, kept for the review page and `billing-reconciler payouts` (upserted by id).
+            record_payouts(session, run_id, [t for t in ctx.payouts if t.get("tie_out")], now=now)
             for future in ctx.prefetched.values():
                 future.result()  # a skipped check's prefetch still finishes before the timings are read
             summary.timings.update(background_timings)  # every prefetch was taken by its check by now
@@ -363,7 +366,7 @@ def reconcile(
                 "timings_seconds": {k: round(v, 3) for k, v in summary.timings.items()},
                 "missed_sources": summary.missed_sources,
                 "skipped_checks": summary.skipped_checks,
-                "payouts": ctx.payouts[:500],
+                "payouts": sum(1 for t in ctx.payouts if t.get("tie_out")),
             }
             if status is RunStatus.PARTIAL:
                 run.error = (

@@ -10,7 +10,14 @@ a window split exactly into:
 - free credits (promotions, adjustments, trials and $0 invoices): no revenue; their provider cost is reported
   apart, per plan, against the billing config's allowance.
 
-Revenue of a paid credit is its grant's own price: the grant's settled money over its units.
+Gross revenue of a paid credit is its grant's own price: the grant's settled money over its units. Net revenue is
+what the grant's money left in the Stripe balance after Stripe's fee and its refunds (each refund's balance
+transaction, a fee Stripe returned included), spread over the credits the customer kept: the grant's units less
+those clawed back unused. A refund of credits already spent (recorded as debt) lowers the price of the credits
+that were spent; a refund that took back unused credits leaves the others' price alone but for the fee, which
+Stripe keeps (https://docs.stripe.com/refunds#fees). Refunds are known from ``refund_settlements`` (kept by
+reconciliation); a grant with credits clawed back and no refund settlement seen (a refund not reconciled yet,
+or a lost dispute, whose money is not counted here) is named as not known, its net counted without it.
 Provider cost (USD) is shared among the three in proportion to the credits each funded.
 """
 
@@ -27,7 +34,16 @@ from sqlalchemy import and_, case, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig
-from ledger.models import PLAN_SOURCES, Allocation, Entry, EntryKind, Grant, GrantSettlement, GrantSource
+from ledger.models import (
+    PLAN_SOURCES,
+    Allocation,
+    Entry,
+    EntryKind,
+    Grant,
+    GrantSettlement,
+    GrantSource,
+    RefundSettlement,
+)
 from ledger.money import to_major
 
 # Grants bought with money: top-ups, renewals and paid changes of plan (a $0 one counts as free).
@@ -57,8 +73,8 @@ class Funding:
 
     paid_units: int = 0
     paid_value_minor: Decimal = Decimal(0)  # settlement currency minor units, exact
-    # The same credits after Stripe's fees (the balance transaction's net); credits whose fee is not known yet
-    # (no balance transaction seen) count at their gross value and are counted in ``fee_unknown_units``.
+    # The same credits after Stripe's fees and refunds (see the module doc); credits whose fee or refund is not
+    # known yet (no balance transaction seen) count at their gross value and are counted in ``fee_unknown_units``.
     paid_net_minor: Decimal = Decimal(0)
     fee_unknown_units: int = 0
     unknown_units: int = 0
@@ -123,6 +139,15 @@ def grant_value_minor(
     return None
 
 
+def net_per_credit(net_minor: int, refunds_out_minor: int, units: int, clawed_unused: int) -> Decimal:
+    """A paid grant's net revenue per credit kept: what its charge left after Stripe's fee (``net_minor``), less
+    what its refunds took from the balance, over its units less those clawed back unused (minor units)."""
+    kept = int(units) - int(clawed_unused)
+    if kept <= 0:
+        return Decimal(0)  # refunded in full before any credit was spent: nothing kept, nothing to price
+    return Decimal(int(net_minor) - int(refunds_out_minor)) / Decimal(kept)
+
+
 def consumption_funding(
     session: Session, *, since: datetime, until: datetime, account_ids: Iterable[int], config: BillingConfig
 ) -> dict[int, Funding]:
@@ -149,6 +174,28 @@ def consumption_funding(
         .subquery("per_grant")
     )
     S = GrantSettlement
+    R = RefundSettlement
+    # What each refund took from the balance: its amount, plus its fee (negative when Stripe returned some).
+    refunds = (
+        select(
+            R.grant_id.label("grant_id"),
+            func.sum(case((func.lower(R.settlement_currency) == currency, R.settlement_minor + R.fee_minor),
+                          else_=0)).label("out"),
+            func.sum(case((func.lower(R.settlement_currency) == currency, 0), else_=1)).label("foreign"),
+        )
+        .group_by(R.grant_id)
+        .subquery("refunds")
+    )  # fmt: skip
+    # Credits clawed back unused (from remaining or frozen): a clawback's debt part was spent, so it is not here.
+    clawed = (
+        select(
+            E.grant_id.label("grant_id"),
+            func.sum(-(E.units + E.debt_delta) - E.frozen_delta).label("unused"),
+        )
+        .where(E.kind == EntryKind.CLAWBACK, E.account_id.in_(ids), E.grant_id.is_not(None))
+        .group_by(E.grant_id)
+        .subquery("clawed")
+    )
     stmt = (
         select(
             per_grant.c.account_id,
@@ -161,9 +208,15 @@ def consumption_funding(
             S.settlement_minor,
             S.settlement_currency,
             S.net_minor,
+            Grant.clawed_back,
+            refunds.c.out,
+            refunds.c.foreign,
+            clawed.c.unused,
         )
         .join(Grant, Grant.id == per_grant.c.grant_id)
         .outerjoin(S, S.grant_id == Grant.id)
+        .outerjoin(refunds, refunds.c.grant_id == Grant.id)
+        .outerjoin(clawed, clawed.c.grant_id == Grant.id)
         .where(per_grant.c.spent != 0)
         .order_by(per_grant.c.account_id, Grant.id)
     )
@@ -179,6 +232,10 @@ def consumption_funding(
         settled,
         settled_currency,
         net,
+        clawed_back,
+        refunds_out,
+        foreign_refunds,
+        clawed_unused,
     ) in session.execute(stmt):
         f = out[account_id]
         spent = int(spent or 0)
@@ -195,9 +252,16 @@ def consumption_funding(
         f.paid_units += spent
         f.paid_value_minor += Decimal(spent) * Decimal(value) / Decimal(int(units))
         net_known = net is not None and (settled_currency or "").lower() == currency
-        if not net_known:
+        # Credits were clawed back (a refund or lost dispute the ledger applied) but no refund settlement was
+        # seen, or one settled in another currency: what left the balance is not known yet.
+        refund_unknown = bool(foreign_refunds) or (int(clawed_back or 0) > 0 and refunds_out is None)
+        if not net_known or refund_unknown:
             f.fee_unknown_units += spent
-        f.paid_net_minor += Decimal(spent) * Decimal(int(net) if net_known else value) / Decimal(int(units))
+        if net_known:
+            per_credit = net_per_credit(int(net), int(refunds_out or 0), int(units), int(clawed_unused or 0))
+        else:
+            per_credit = Decimal(value) / Decimal(int(units))
+        f.paid_net_minor += Decimal(spent) * per_credit
     return dict(out)
 
 
@@ -208,7 +272,7 @@ class MarginSplit:
 
     currency: str
     revenue: Decimal  # settlement currency, major units
-    revenue_net: Decimal  # the same after Stripe's fees
+    revenue_net: Decimal  # the same after Stripe's fees and refunds
     paid_cost_usd: Decimal
     free_cost_usd: Decimal
     unknown_cost_usd: Decimal

@@ -1,5 +1,5 @@
-"""Margin per customer, feature and model for a window: what the credits used were sold for, against what the
-provider charged for the calls.
+"""Margin per customer, feature and model (and per plan) for a window: what the credits used were sold for,
+against what the provider charged for the calls. A customer's plan is its best subscription's (active first).
 
 Revenue is in the Stripe account's settlement currency (``reconciliation.settlement_currency``): a credit is worth
 what its own grant was paid, converted by the charge's balance transaction when paid in another currency (see
@@ -11,7 +11,7 @@ daily roll-up for whole days (see :mod:`reconciliation.usage`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -21,9 +21,10 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from ledger.config import BillingConfig, get_billing_config
-from ledger.models import Account, UsageEnvironment
+from ledger.models import Account, Subscription, UsageEnvironment
 from ledger.money import format_credits, to_major
 from reconciliation.funding import Funding, consumption_funding, paid_grants
+from reconciliation.staging import SUBSCRIPTION_RANK
 from reconciliation.usage import usage_in_window
 
 TEN_DIGITS = Decimal("0.0000000001")
@@ -41,11 +42,15 @@ class MarginRow:
     revenue: Decimal  # settlement currency, major units
     currency: str
     cost_usd: Decimal
-    # Revenue after Stripe's fees (each paid grant's balance transaction net; gross where no fee is known yet).
+    # Revenue after Stripe's fees and refunds (each paid grant's balance transaction net less what its refunds took
+    # from the balance, over the credits kept: see reconciliation.funding); gross where no fee is known yet.
     revenue_net: Decimal = Decimal(0)
     note: str = ""
     # Some credits used were paid in another currency whose settlement is not known: revenue is incomplete.
     unpriced: bool = False
+    # The customer's plan: its best subscription's (active first), named as in the billing config; None when
+    # the customer has no subscription (prepaid credits only).
+    plan: str | None = None
 
     @property
     def comparable(self) -> bool:
@@ -67,6 +72,7 @@ class MarginRow:
         margin = self.margin_usd
         return {
             "customer_id": self.customer_id,
+            "plan": self.plan,
             "feature": self.feature,
             "model": self.model,
             "requests": self.requests,
@@ -84,7 +90,7 @@ class MarginRow:
 
 
 def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) -> tuple[Decimal, Decimal, str]:
-    """(revenue per billed credit, the same after fees, in settlement major units; note) for an account's window."""
+    """(revenue per billed credit, the same after fees and refunds, in settlement major units; note)."""
     if funding is not None and funding.total_units > 0:
         per_credit = to_major(funding.paid_value_minor, currency) / funding.total_units
         net_per_credit = to_major(funding.paid_net_minor, currency) / funding.total_units
@@ -98,13 +104,74 @@ def _price(funding: Funding | None, minor: int, paid_units: int, currency: str) 
                 "settlement yet (run reconcile): left out of revenue"
             )
         if funding.fee_unknown_units:
-            notes.append(f"Stripe's fee not known yet for {format_credits(funding.fee_unknown_units)} credits")
+            notes.append(
+                f"net revenue may be high: Stripe's fee or what a refund or dispute took back is not known yet for "
+                f"{format_credits(funding.fee_unknown_units)} credits (no balance transaction seen: run reconcile)"
+            )
         return per_credit, net_per_credit, "; ".join(notes)
     # Nothing drawn from grants in the window: the customer's average price of what they bought (gross).
     if paid_units:
         average = to_major(minor, currency) / paid_units
         return average, average, "fees not known for credits bought outside the window"
     return Decimal(0), Decimal(0), "no paid credits"
+
+
+def account_plans(session: Session, account_ids: Iterable[int], config: BillingConfig) -> dict[int, str]:
+    """Each account's plan: the plan (config name, else its price) of its best subscription by status."""
+    ids = sorted(set(account_ids))
+    best: dict[int, tuple[int, str]] = {}
+    for start in range(0, len(ids), 1000):
+        stmt = select(Subscription.account_id, Subscription.status, Subscription.price).where(
+            Subscription.account_id.in_(ids[start : start + 1000]), Subscription.price.is_not(None)
+        )
+        for account_id, status, price in session.execute(stmt.order_by(Subscription.subscription_id)):
+            rank = SUBSCRIPTION_RANK.get(str(status), len(SUBSCRIPTION_RANK))
+            if account_id not in best or rank < best[account_id][0]:
+                plan = config.plan_for_price(price)
+                best[account_id] = (rank, (plan.name or plan.price) if plan is not None else str(price))
+    return {account_id: name for account_id, (_, name) in best.items()}
+
+
+@dataclass
+class PlanMargin:
+    """Margin rows of the customers on one plan, summed."""
+
+    plan: str | None
+    currency: str
+    customers: set[str]
+    units: int = 0
+    revenue: Decimal = Decimal(0)
+    revenue_net: Decimal = Decimal(0)
+    cost_usd: Decimal = Decimal(0)
+    comparable: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (Decimals as strings)."""
+        return {
+            "plan": self.plan,
+            "customers": len(self.customers),
+            "units": self.units,
+            "revenue": str(self.revenue),
+            "revenue_net": str(self.revenue_net),
+            "revenue_currency": self.currency,
+            "cost_usd": str(self.cost_usd),
+            "margin_usd": str(self.revenue - self.cost_usd) if self.comparable else None,
+            "net_margin_usd": str(self.revenue_net - self.cost_usd) if self.comparable else None,
+        }
+
+
+def margin_by_plan(rows: Iterable[MarginRow]) -> list[PlanMargin]:
+    """The rows summed per plan (customers without a subscription under None), in plan order."""
+    out: dict[str | None, PlanMargin] = {}
+    for r in rows:
+        m = out.setdefault(r.plan, PlanMargin(plan=r.plan, currency=r.currency, customers=set()))
+        m.customers.add(r.customer_id)
+        m.units += r.units
+        m.revenue += r.revenue
+        m.revenue_net += r.revenue_net
+        m.cost_usd += r.cost_usd
+        m.comparable = m.comparable and r.comparable and not r.unpriced
+    return sorted(out.values(), key=lambda m: (m.plan is None, m.plan or ""))
 
 
 def margin_rows(
@@ -147,6 +214,7 @@ def margin_rows(
     funding = consumption_funding(
         session, since=since, until=until, account_ids={r.account_id for r in rows}, config=config
     )
+    plans = account_plans(session, {r.account_id for r in rows}, config)
     for customer, account, feature, model, n, units, cost, minor, paid_units in rows:
         units = int(units or 0)
         per_credit, net_per_credit, note = _price(funding.get(account), int(minor or 0), int(paid_units or 0), currency)
@@ -164,4 +232,5 @@ def margin_rows(
             cost_usd=Decimal(cost or 0),
             note=note,
             unpriced=bool(funding.get(account) and funding[account].unknown_units),
+            plan=plans.get(account),
         )

@@ -198,3 +198,31 @@ class StagedStripeAlias(Base):
     run_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     payment_id: Mapped[str] = mapped_column(String(255))
+
+
+class Payout(Base):
+    """A Stripe payout as the latest reconciliation run that covered it saw it: its money, status, arrival, the sum
+    of its balance transactions by type, and whether they tie out to it. One row per payout, upserted by each run
+    (re-running a window updates it, never duplicates it)."""
+
+    __tablename__ = "payouts"
+    __table_args__ = (Index("ix_payouts_created", "created"),)
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    # Stripe's status: pending, in_transit, paid, failed, canceled.
+    status: Mapped[str] = mapped_column(String(32))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    arrival_date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The balance transactions it paid out (its own "payout" transaction apart), and the sum of their nets.
+    transactions: Mapped[int] = mapped_column(BigInteger, default=0)
+    net_minor: Mapped[int | None] = mapped_column(BigInteger)
+    # {type: {"count", "amount", "fee", "net"}} in minor units of ``currency`` (charge, refund, adjustment, ...).
+    by_type: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # ties, differs (see ``differences`` and the run's payout_mismatch rows), or not_checked (failed, canceled).
+    tie_out: Mapped[str] = mapped_column(String(16))
+    differences: Mapped[int] = mapped_column(BigInteger, default=0)
+    run_id: Mapped[int] = mapped_column(BigInteger)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -634,8 +634,6 @@ class Stager:
         for page in self._pages(self.stripe.list_payouts(created_gte=since, created_lt=until)):
             objects: list[dict[str, Any]] = []
             for po in page:
-                if po.get("status") in ("failed", "canceled"):
-                    continue
                 objects.append(
                     self._row(
                         "payout",
@@ -645,6 +643,8 @@ class Stager:
                             po.get("balance_transaction"))},
                     )
                 )  # fmt: skip
+                if po.get("status") in ("failed", "canceled"):
+                    continue  # kept with its status; what it carried goes back to the balance, paid out again
                 for txn in self.stripe.list_balance_transactions(payout=po["id"]):
                     objects.append(
                         self._row(
@@ -662,6 +662,10 @@ class Stager:
                             },
                         )
                     )
+                    if len(objects) >= PAGE_ROWS:
+                        # A payout may carry a whole day's transactions: written a page at a time, never held.
+                        self._flush("payout", objects, [])
+                        objects = []
             self._flush("payout", objects, [])
 
     def stage_all(self, since: datetime, until: datetime) -> StagingStats:

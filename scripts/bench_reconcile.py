@@ -4,6 +4,13 @@ For each size it prints the wall time and peak memory of the reconciliation (run
 memory = that process's VmHWM), the time spent paging Stripe, and beside it the time of one
 ``SELECT ... GROUP BY`` over the same ledger entries, with the ratios and the growth factors.
 
+The Stripe side is what a real account shows: every charge and refund has its balance transaction (Stripe's fee,
+net, settlement currency), one top-up in ``REFUND_EVERY`` is partly refunded (and clawed back in the ledger), and
+payouts group the balance transactions, ``PAYOUT_EVERY`` top-ups each, so a payout's transactions are paged
+(100 a page) like a busy account's daily payout. The run stages all of it: the charges' and refunds' balance
+transactions (kept per grant in grant_settlements and refund_settlements), the payouts and what each paid out
+(tied out and kept in the payouts table).
+
 Target: 1M entries in at most 3x that query's time plus the Stripe paging time; peak memory flat (< 300 MB)
 from 10k to 1M.
 
@@ -46,6 +53,8 @@ BENCH_ALL = {
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/br_recon_bench"
 ENTRIES_PER_TOPUP = 100  # one Stripe top-up (session, payment intent, charge, ~4 events) per 100 ledger entries
 TOPUPS_PER_CUSTOMER = 2
+REFUND_EVERY = 20  # one top-up in 20 gets a quarter of its price refunded
+PAYOUT_EVERY = 500  # top-ups (with their refunds) per payout: 1M entries make 20 payouts of ~525 transactions
 USAGE_CHUNK = 1_000  # usage rows per transaction while seeding (the API writes one per transaction)
 MODELS = (
     ("openai", "gpt-4o-2024-08-06", "proj_main", Decimal("0.0000025"), Decimal("0.00001")),
@@ -91,14 +100,17 @@ def build_stripe(store: Any, topups: int) -> list[dict[str, Any]]:
         price = "price_credits_large" if i % 3 == 0 else "price_credits_small"
         cs = store.topup(customer, price)
         store.clock.advance(seconds=60)
-        rows.append(
-            {
-                "customer": customer,
-                "pi": cs.payment_intent,
-                "amount": cs.amount_total,
-                "units": 12000 if price == "price_credits_large" else 1000,
-            }
-        )
+        units = 12000 if price == "price_credits_large" else 1000
+        row = {"customer": customer, "pi": cs.payment_intent, "amount": cs.amount_total, "units": units}
+        if i % REFUND_EVERY == 3:  # the fourth of every 20: the smoke run's ten top-ups have one
+            refund = store.refund(cs, cs.amount_total // 4)
+            # The worker's clawback: credits in proportion to the money refunded.
+            row.update(refund=refund.id, refunded=refund.amount, clawed=units * refund.amount // cs.amount_total)
+        rows.append(row)
+        if (i + 1) % PAYOUT_EVERY == 0:
+            store.create_payout()
+    if topups % PAYOUT_EVERY:
+        store.create_payout()
     return rows
 
 
@@ -119,16 +131,17 @@ def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries:
                 copy.write_row((i, c, 0))
         with cur.copy(
             "COPY grants (id, account_id, source, units, remaining, stripe_object_id, stripe_object_type, "
-            "amount_minor, currency, idempotency_key, reason, actor) FROM STDIN"
+            "amount_minor, currency, idempotency_key, reason, actor, clawed_back, refunded_minor) FROM STDIN"
         ) as copy:
             for n, t in enumerate(topups, start=1):
+                clawed = t.get("clawed", 0)
                 copy.write_row(
                     (
                         n,
                         account_of[t["customer"]],
                         "top_up",
                         t["units"],
-                        t["units"],
+                        t["units"] - clawed,
                         t["pi"],
                         "payment_intent",
                         t["amount"],
@@ -136,6 +149,8 @@ def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries:
                         f"topup:{t['pi']}",
                         "bench",
                         "bench",
+                        clawed,
+                        t.get("refunded", 0),
                     )
                 )
         with cur.copy(
@@ -156,6 +171,21 @@ def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries:
                         "",
                     )
                 )
+                if t.get("refund"):
+                    # The refund's clawback, naming the refund as the worker's does.
+                    copy.write_row(
+                        (
+                            account_of[t["customer"]],
+                            "clawback",
+                            -t["clawed"],
+                            0,
+                            f"clawback:{t['refund']}",
+                            n,
+                            t["refund"],
+                            "bench",
+                            "refund",
+                        )
+                    )
         with cur.copy(
             "COPY stripe_events (event_id, type, api_version, created, livemode, object_kind, object_id, "
             "customer_id, payload, source, status, received_at, processed_at) FROM STDIN"
@@ -185,7 +215,7 @@ def build_ledger(engine: Any, store: Any, topups: list[dict[str, Any]], entries:
     finally:
         raw.close()
 
-    consumes = entries - len(topups)
+    consumes = entries - len(topups) - sum(1 for t in topups if t.get("refund"))
     window_seconds = 27 * 86400
     n_accounts = len(customers)
     cases = " ".join(f"WHEN {i} THEN '{p}'" for i, (p, _m, _s, _ci, _co) in enumerate(MODELS))
@@ -324,9 +354,28 @@ class TimedSource:
         return timed
 
 
-def time_plain_sql(engine: Any, pages: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> dict[str, float]:
+# What the run keeps beyond its scratch rows: each paid grant's and refund's balance transaction, each payout.
+KEPT_TABLES = ("grant_settlements", "refund_settlements", "payouts")
+
+
+def kept_rows(engine: Any) -> dict[str, list[dict[str, Any]]]:
+    """The rows the run wrote to the kept tables (the baseline inserts the same rows)."""
+    from sqlalchemy import MetaData, select
+
+    meta = MetaData()
+    meta.reflect(engine, only=KEPT_TABLES)
+    with engine.connect() as conn:
+        return {name: [dict(r._mapping) for r in conn.execute(select(meta.tables[name]))] for name in KEPT_TABLES}
+
+
+def time_plain_sql(
+    engine: Any,
+    pages: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    kept: dict[str, list[dict[str, Any]]],
+) -> dict[str, float]:
     """The baseline: the same staged rows inserted into tables of the same shape (same pages, same statements),
-    then the ledger's entries and those rows grouped by plain SQL, in one transaction."""
+    the same settlement and payout rows inserted into copies of their tables (plain INSERT, 500 a statement),
+    then the ledger's entries and the staged rows grouped by plain SQL, in one transaction."""
     from sqlalchemy import JSON, Column, MetaData, Table, insert, text
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -337,10 +386,16 @@ def time_plain_sql(engine: Any, pages: list[tuple[list[dict[str, Any]], list[dic
         return Table(name, MetaData(), *[Column(c.name, JSON if c.name == "detail" else c.type) for c in cols])
 
     objects, aliases = shaped(StagedStripeObject, "bench_staged_objects"), shaped(StagedStripeAlias, "bench_aliases")
+    copies = {name: f"bench_{name}" for name in KEPT_TABLES}
     with engine.begin() as conn:
         for table, model in ((objects, StagedStripeObject), (aliases, StagedStripeAlias)):
             conn.execute(text(f"DROP TABLE IF EXISTS {table.name}"))
             conn.execute(text(f"CREATE TABLE {table.name} (LIKE {model.__tablename__} INCLUDING ALL)"))
+        for name, copy in copies.items():
+            conn.execute(text(f"DROP TABLE IF EXISTS {copy}"))
+            conn.execute(text(f"CREATE TABLE {copy} (LIKE {name} INCLUDING ALL)"))
+    meta = MetaData()
+    meta.reflect(engine, only=list(copies.values()))
     with engine.begin() as conn:
         started = time.perf_counter()
         for rows, links in pages:
@@ -348,6 +403,10 @@ def time_plain_sql(engine: Any, pages: list[tuple[list[dict[str, Any]], list[dic
                 conn.execute(insert(objects), rows)
             if links:
                 conn.execute(pg_insert(aliases).on_conflict_do_nothing(index_elements=["run_id", "key"]), links)
+        for name, copy in copies.items():
+            rows = kept[name]
+            for start in range(0, len(rows), 500):
+                conn.execute(insert(meta.tables[copy]), rows[start : start + 500])
         inserted = time.perf_counter() - started
         started = time.perf_counter()
         conn.execute(text("SELECT account_id, kind, count(*), sum(units) FROM entries GROUP BY account_id, kind")).all()
@@ -359,7 +418,7 @@ def time_plain_sql(engine: Any, pages: list[tuple[list[dict[str, Any]], list[dic
         ).all()
         grouped = time.perf_counter() - started
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE bench_staged_objects, bench_aliases"))
+        conn.execute(text("DROP TABLE bench_staged_objects, bench_aliases, " + ", ".join(copies.values())))
     return {"insert": inserted, "group_by": grouped}
 
 
@@ -385,6 +444,32 @@ def child(args: argparse.Namespace) -> None:
         write_seconds[0] += time.perf_counter() - started
 
     staging.Stager._flush = timed_flush  # type: ignore[method-assign]
+
+    write_by_step: dict[str, float] = {}
+
+    def timed(fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - started
+                write_seconds[0] += spent
+                write_by_step[fn.__name__] = write_by_step.get(fn.__name__, 0.0) + spent
+
+        return wrapper
+
+    # The other staging writes: each grant's and refund's settlement (upserts), and the payouts table.
+    kept_writers = {
+        "record_settlements": staging.Stager.record_settlements,
+        "record_refund_settlements": staging.Stager.record_refund_settlements,
+    }
+    for name, fn in kept_writers.items():
+        setattr(staging.Stager, name, timed(fn))
+    from reconciliation import engine as engine_module
+
+    record_payouts = engine_module.record_payouts
+    engine_module.record_payouts = timed(record_payouts)  # type: ignore[assignment]
     # The peak resident memory when each step ends, to tell which step grows if one does.
     memory_by_step: dict[str, float] = {}
     last: list[str] = [""]
@@ -410,11 +495,15 @@ def child(args: argparse.Namespace) -> None:
     memory_by_step[last[0] or "end"] = peak_rss_mb()
     peak_mb = peak_rss_mb()
     staging.Stager._flush = flush  # type: ignore[method-assign]
+    for name, fn in kept_writers.items():
+        setattr(staging.Stager, name, fn)
+    engine_module.record_payouts = record_payouts  # type: ignore[assignment]
     timings = summary.timings
     comparison = sum(
         v for k, v in timings.items() if k == "prepare" or k.startswith("check:") or k == "close_and_clean"
     )
-    baseline = time_plain_sql(engine, pages)
+    kept = kept_rows(engine)
+    baseline = time_plain_sql(engine, pages, kept)
     print(
         json.dumps(
             {
@@ -423,7 +512,10 @@ def child(args: argparse.Namespace) -> None:
                 "fetch": gateway.seconds,
                 "write": write_seconds[0],
                 "comparison": comparison,
-                "staged_rows": sum(len(rows) + len(links) for rows, links in pages),
+                "staged_rows": sum(len(rows) + len(links) for rows, links in pages)
+                + sum(len(v) for v in kept.values()),
+                "kept_rows": {k: len(v) for k, v in kept.items()},
+                "write_by_step": write_by_step,
                 "baseline_insert": baseline["insert"],
                 "baseline_group_by": baseline["group_by"],
                 "peak_mb": peak_mb,
@@ -582,10 +674,14 @@ def main() -> None:
         f"{'compare s':>9} {'plain SQL s':>11} {'ratio':>6} {'peak MB':>8} {'mismatches':>10}"
     )
     print(header)
-    ours = "staging write + comparison: the reconciliation writing the staged Stripe rows, then its checks"
+    ours = (
+        "staging write + comparison: the reconciliation writing the staged Stripe rows (balance transactions and"
+        " payouts included) and the kept settlements and payouts, then its checks"
+    )
     plain = (
-        "plain SQL: the same staged rows inserted into same-shaped tables (same pages), then GROUP BY over the"
-        " ledger's entries and over those rows"
+        "plain SQL: the same staged rows inserted into same-shaped tables (same pages), the same settlement and"
+        " payout rows inserted into copies of their tables, then GROUP BY over the ledger's entries and over the"
+        " staged rows"
     )
     for size in sizes:
         r = run_size(size, args.url, workdir)
@@ -599,6 +695,10 @@ def main() -> None:
             f"{r['mismatches']:>10}",
             flush=True,
         )
+        kept = ", ".join(f"{k} {v:,}" for k, v in r["kept_rows"].items())
+        kept_writes = ", ".join(f"{k} {v:.3f}s" for k, v in r["write_by_step"].items())
+        print(f"           kept: {kept}; Stripe objects paged {r['stripe_objects']:,}", flush=True)
+        print(f"           of the write: {kept_writes}; the rest is the staged pages' inserts", flush=True)
         slow = sorted(((v, k) for k, v in r["timings"].items() if k != "stripe_paging"), reverse=True)[:4]
         print("           slowest steps: " + ", ".join(f"{k} {v:.3f}s" for v, k in slow), flush=True)
         steps = list(r["memory_by_step"].items())
@@ -606,7 +706,7 @@ def main() -> None:
         grew = ", ".join(f"{where} +{mb:.0f}" for mb, where in sorted(growth, reverse=True)[:3] if mb >= 1)
         print(f"           peak memory grew (MB) in: {grew or 'no step'}; at start {steps[0][1]:.0f} MB", flush=True)
         figure(
-            f"reconcile {size:,} entries ({r['staged_rows']:,} staged rows)",
+            f"reconcile {size:,} entries ({r['staged_rows']:,} staged rows, {r['kept_rows']['payouts']} payouts)",
             f"{ours_s:.3f} s (write {r['write']:.3f} + compare {r['comparison']:.3f}); Stripe fetch"
             f" {r['fetch']:.3f} s apart; wall {r['wall']:.3f} s; peak {r['peak_mb']:.0f} MB",
             baseline=f"plain SQL {plain_s:.3f} s (insert {r['baseline_insert']:.3f} + GROUP BY"
@@ -616,7 +716,10 @@ def main() -> None:
             baseline_work=plain,
         )
     print()
-    print("fetch = time inside the Stripe client's list calls (HTTP to the emulator, JSON); write = staging inserts;")
+    print(
+        "fetch = time inside the Stripe client's list calls (HTTP to the emulator, JSON); write = staging inserts"
+        " and the settlement and payout upserts;"
+    )
     print("compare = prepare + every check + closing unseen mismatches and clearing staging")
     print(f"ratio = (write + compare) / plain SQL, where {plain}   (target: <= 3)")
     if len(results) > 1:

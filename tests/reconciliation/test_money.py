@@ -409,10 +409,13 @@ class TestFeesAndBalanceTransactions:
 
 class TestPayouts:
     def test_a_payout_with_a_refund_the_ledger_never_applied_is_found_and_nothing_else(
-        self, engine: Engine, emulator: Emulator
+        self, engine: Engine, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         from ledger.clawback import clawback
+        from reconciliation import checks
 
+        # Two transactions a batch: the payout's six are read in three, each judged while the next is streamed.
+        monkeypatch.setattr(checks, "PAYOUT_BATCH", 2)
         store = emulator.store
         c = store.create_customer().id
         _, applied = _paid_topup(emulator, c, "price_credits_small", 1000)
@@ -437,12 +440,20 @@ class TestPayouts:
         assert m.customer_id == c and m.evidence["stripe"]["type"] == "refund"
         assert m.summary.startswith(f"payout {payout.id}: refund re_") and f"of charge {missed}" in m.summary
         assert m.expected_amount == Decimal(-200)
-        from webhooks.review.revenue_views import payouts_seen
+        from reconciliation.models import Payout
 
         with Session(engine) as s:
-            (seen,) = payouts_seen(s)
-        assert (seen["payout"], seen["amount"], seen["differences"]) == (payout.id, payout.amount, 1)
-        assert seen["transactions"] == 6  # three charges, two refunds, one dispute withdrawal
+            (kept,) = s.scalars(select(Payout))
+        assert (kept.id, kept.amount_minor, kept.differences, kept.tie_out) == (payout.id, payout.amount, 1, "differs")
+        assert kept.transactions == 6  # three charges, two refunds, one dispute withdrawal
+        # By hand: charges $10.00, $10.00, $100.00, fees 59 + 59 + 320 (2.9% + 30c); refunds $3.00 and $2.00, no
+        # fee; the dispute takes $100.00 and Stripe's $15.00 fee. Nets: 941 + 941 + 9,680; -300, -200; -11,500.
+        assert kept.by_type == {
+            "adjustment": {"count": 1, "amount": -10000, "fee": 1500, "net": -11500},
+            "charge": {"count": 3, "amount": 12000, "fee": 438, "net": 11562},
+            "refund": {"count": 2, "amount": -500, "fee": 0, "net": -500},
+        }
+        assert kept.net_minor == payout.amount == 11562 - 500 - 11500
 
     def test_a_payout_that_does_not_add_up(self, engine: Engine, emulator: Emulator) -> None:
         c = emulator.store.create_customer().id
@@ -454,6 +465,49 @@ class TestPayouts:
         (m,) = _mismatches(engine)
         # $10.00 less Stripe's $0.59 fee is $9.41 net; the payout says $9.42.
         assert m.summary == f"payout {payout.id} of $9.42: its transactions net $9.41"
+
+    def test_each_payout_is_kept_once_and_a_later_run_updates_it(
+        self, engine: Engine, emulator: Emulator, cli: CliRunner
+    ) -> None:
+        from reconciliation.models import Payout
+        from worker.cli import app
+
+        store = emulator.store
+        c = store.create_customer().id
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        paid = store.create_payout()
+        store.clock.advance(hours=1)
+        _paid_topup(emulator, c, "price_credits_small", 1000)
+        failed = store.create_payout()
+        store.update(paid.id, status="in_transit")
+        store.update(failed.id, status="failed")
+        _store_events(emulator)
+        assert _run(emulator).counts == {}
+        store.update(paid.id, status="paid")
+        second = _run(emulator)
+        assert second.counts == {}
+
+        with Session(engine) as s:
+            kept = {p.id: p for p in s.scalars(select(Payout))}
+        assert sorted(kept) == sorted([paid.id, failed.id])  # two runs, still one row each
+        ok, bad = kept[paid.id], kept[failed.id]
+        # $10.00 less 59 cents: $9.41; the second run saw it paid.
+        assert (ok.status, ok.amount_minor, ok.net_minor, ok.tie_out, ok.run_id) == (
+            "paid", 941, 941, "ties", second.run_id)  # fmt: skip
+        assert ok.by_type == {"charge": {"count": 1, "amount": 1000, "fee": 59, "net": 941}}
+        assert ok.first_seen_at < ok.checked_at
+        assert (bad.status, bad.tie_out, bad.transactions, bad.net_minor) == ("failed", "not_checked", 0, None)
+
+        listed = cli.invoke(app, ["payouts", "--json"])
+        assert listed.exit_code == 0, listed.output
+        body = json.loads(listed.stdout)
+        assert body["ok"] is True and [p["payout"] for p in body["payouts"]] == [failed.id, paid.id]
+        shown = body["payouts"][1]
+        assert (shown["amount_minor"], shown["amount"], shown["tie_out"]) == (941, "$9.41", "ties")
+        table = cli.invoke(app, ["payouts"])
+        assert table.exit_code == 0 and "$9.41" in table.stdout and "charge 1: $9.41" in table.stdout
+        later = cli.invoke(app, ["payouts", "--since", (emulator.start + timedelta(minutes=30)).isoformat()])
+        assert failed.id in later.stdout and paid.id not in later.stdout
 
 
 class TestRefundSettlements:
@@ -497,3 +551,167 @@ class TestRefundSettlements:
         (m,) = _mismatches(engine)
         assert m.customer_id == c and (m.expected_amount, m.actual_amount) == (Decimal(1000), Decimal(900))
         assert m.summary.startswith(f"refund {refund.id} ($10.00) its balance transaction takes 900 usd")
+
+
+class TestNetRevenueAfterRefunds:
+    """Net revenue is what a grant's money left in the Stripe balance after Stripe's fee and its refunds, over the
+    credits the customer kept. The emulator charges fees as Stripe does (2.9% + 30 cents) and, like Stripe, keeps
+    the fee when a charge is refunded (the refund's balance transaction has no fee)."""
+
+    def _twenty_dollar_topup(self, emulator: Emulator) -> tuple[str, str]:
+        emulator.store.create_price(unit_amount=2000, currency="usd", id="price_credits_twenty")
+        c = emulator.store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_twenty", 2000)  # fallback rate: 2,000 credits
+        return c, charge
+
+    def test_a_twenty_dollar_top_up_with_five_dollars_refunded(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        c, charge = self._twenty_dollar_topup(emulator)
+        _use(c, "u", emulator.start + timedelta(hours=2), gpt4o_input=1_000_000)  # 750 credits, $2.50
+        store.clock.advance(hours=3)
+        refund = store.refund(charge, 500)
+        with session_factory().begin() as s:
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 500, refund.id)  # 500 unused credits
+        _store_events(emulator)
+
+        assert _run(emulator).counts == {}
+        with Session(engine) as s:
+            (row,) = margin_rows(s, since=emulator.start, until=_until())
+        # By hand. Stripe's fee on $20.00: 2.9% x 2000 = 58 cents + 30 = 88 cents; net $19.12.
+        # The $5.00 refund takes $5.00 from the balance and Stripe keeps the 88 cents: $19.12 - $5.00 = $14.12
+        # stayed, for 2,000 - 500 = 1,500 credits kept. The 750 credits used:
+        #   gross: 750 x $20.00 / 2,000 = $7.50 (margin $7.50 - $2.50 = $5.00)
+        #   net:   750 x $14.12 / 1,500 = $7.06 (net margin $7.06 - $2.50 = $4.56)
+        # (After the fee alone it would be 750 x $19.12 / 2,000 = $7.17.)
+        assert (row.units, row.revenue, row.cost_usd) == (750, Decimal("7.5"), Decimal("2.5"))
+        assert row.revenue_net == Decimal("7.06") and row.margin_usd == Decimal("5")
+        assert row.as_dict()["net_margin_usd"] == "4.5600000000" and row.note == ""
+
+    def test_a_refund_of_credits_already_spent_lowers_their_price(self, engine: Engine, emulator: Emulator) -> None:
+        store = emulator.store
+        c = store.create_customer().id
+        _, charge = _paid_topup(emulator, c, "price_credits_small", 1000)  # $10.00, 1,000 credits
+        _use(c, "u", emulator.start + timedelta(hours=2), gpt4o_input=1_000_000)  # 750 credits, $2.50
+        store.clock.advance(hours=3)
+        refund = store.refund(charge, 500)
+        with session_factory().begin() as s:
+            # 500 credits back: the 250 unused, and 250 already spent become debt.
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 500, refund.id)
+        _store_events(emulator)
+        summary = _run(emulator)
+        assert summary.counts == {"clawback_debt": 1}
+        with Session(engine) as s:
+            (row,) = margin_rows(s, since=emulator.start, until=_until())
+        # By hand. Fee on $10.00: 29 + 30 = 59 cents, net $9.41; the refund takes $5.00: $4.41 stayed, for
+        # 1,000 - 250 (clawed back unused) = 750 credits kept, all of them used: net $4.41, gross 750 x 1c = $7.50.
+        assert (row.revenue, row.revenue_net) == (Decimal("7.5"), Decimal("4.41"))
+        assert row.as_dict()["net_margin_usd"] == "1.9100000000"
+
+    def test_clawed_back_credits_without_a_refund_seen_are_named_not_guessed(
+        self, engine: Engine, emulator: Emulator
+    ) -> None:
+        store = emulator.store
+        c, charge = self._twenty_dollar_topup(emulator)
+        _use(c, "u", emulator.start + timedelta(hours=2), gpt4o_input=1_000_000)
+        _store_events(emulator)
+        assert _run(emulator).counts == {}  # the settlement is kept; no refund yet
+        with session_factory().begin() as s:
+            # The ledger applied a refund that no reconciliation run has seen in Stripe yet.
+            b.claw_refund(s, b.grant_of(s, store.get(charge).payment_intent), 500, "re_unseen")
+        with Session(engine) as s:
+            (row,) = margin_rows(s, since=emulator.start, until=_until())
+        # Net of the fee only, over the credits kept, and flagged: 750 x $19.12 / 1,500 = $9.56.
+        assert row.revenue_net == Decimal("9.56")
+        assert "not known yet for 750 credits" in row.note
+
+
+class TestNetPerCreditFromStripesPayloads:
+    def test_the_docs_charge_refunded_in_full_keeps_nothing(self) -> None:
+        from reconciliation.funding import net_per_credit
+
+        resources = json.loads((SHARED / "fixtures/stripe/openapi/fixtures3.json").read_text())["resources"]
+        txn, refund = resources["balance_transaction"], resources["refund"]
+        assert refund["charge"] == txn["source"] and refund["amount"] == txn["amount"] == 100
+        # The docs' $1.00 charge settled with no fee (net $1.00) and was refunded in full: 100 credits bought,
+        # all clawed back unused, none kept: no revenue, and no division by zero.
+        assert net_per_credit(txn["net"], refund["amount"], 100, 100) == 0
+        # Had 40 of them been spent first (60 clawed back unused): nothing stayed, so their net is $0.00 each.
+        assert net_per_credit(txn["net"], refund["amount"], 100, 60) == 0
+        # Had a quarter been refunded (25 cents, 25 credits clawed back): 75 cents for 75 credits, 1 cent each.
+        assert net_per_credit(txn["net"], 25, 100, 25) == Decimal(1)
+
+    def test_a_refund_that_returned_part_of_the_fee(self) -> None:
+        from reconciliation.funding import net_per_credit
+
+        event = json.loads((SHARED / "fixtures/stripe/events/charge.succeeded.dahlia.zulip.json").read_text())
+        charge = event["data"]["object"]
+        assert charge["amount"] == 22200  # $222.00
+        # Say its balance transaction took Stripe's 2.9% + 30c: 644 + 30 = 674 cents, net 21,526. A $22.20 refund
+        # whose balance transaction returns 64 cents of the fee (amount -2220, fee -64, net -2156) takes $21.56.
+        # 22,200 credits (one per cent), 2,220 clawed back unused: (21,526 - 2,156) / 19,980 = 19,370 / 19,980.
+        out = 2220 + (-64)  # refund_settlements keeps settlement_minor 2220 and fee_minor -64
+        assert net_per_credit(21526, out, 22200, 2220) == Decimal(19370) / Decimal(19980)
+
+
+class TestMarginPerPlan:
+    def test_rows_name_the_customers_plan_and_sum_per_plan(self, engine: Engine) -> None:
+        from ledger.models import Account, Subscription
+        from reconciliation.margin import margin_by_plan
+
+        start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=1)
+        with session_factory().begin() as s:
+            for customer in ("cus_pro_a", "cus_pro_b", "cus_prepaid"):
+                grant_credits(s, customer, units=1000, source=GrantSource.TOP_UP, idempotency_key=f"g-{customer}",
+                              amount_minor=1000, currency="usd")  # fmt: skip
+        with session_factory().begin() as s:
+            ids = {c: i for c, i in s.execute(select(Account.customer_id, Account.id))}
+            # cus_pro_a: a canceled Team subscription and an active Pro one (the active one counts).
+            s.add_all([
+                Subscription(subscription_id="sub_a1", account_id=ids["cus_pro_a"], status="canceled",
+                             price="price_team_monthly"),
+                Subscription(subscription_id="sub_a2", account_id=ids["cus_pro_a"], status="active",
+                             price="price_pro_monthly"),
+                Subscription(subscription_id="sub_b", account_id=ids["cus_pro_b"], status="past_due",
+                             price="price_pro_monthly"),
+            ])  # fmt: skip
+        for customer in ("cus_pro_a", "cus_pro_b", "cus_prepaid"):
+            _use(customer, customer, start + timedelta(hours=1), gpt4o_input=1_000_000)  # 750 credits, $2.50
+        with Session(engine) as s:
+            rows = list(margin_rows(s, since=start, until=_until()))
+        assert {r.customer_id: r.plan for r in rows} == {"cus_pro_a": "Pro", "cus_pro_b": "Pro", "cus_prepaid": None}
+        pro, prepaid = margin_by_plan(rows)
+        # Each customer: 750 credits at $10.00 / 1,000 = $7.50, cost $2.50; no balance transaction seen yet, so
+        # net is counted at gross. Pro: two customers, 1,500 credits, $15.00 against $5.00: $10.00 margin.
+        shown = pro.as_dict()
+        assert {k: shown[k] for k in ("plan", "customers", "units", "revenue_currency")} == {
+            "plan": "Pro", "customers": 2, "units": 1500, "revenue_currency": "usd"}  # fmt: skip
+        exact = {k: Decimal(shown[k]) for k in ("revenue", "revenue_net", "cost_usd", "margin_usd", "net_margin_usd")}
+        assert exact == {"revenue": 15, "revenue_net": 15, "cost_usd": 5, "margin_usd": 10, "net_margin_usd": 10}
+        assert (prepaid.plan, len(prepaid.customers), prepaid.units, prepaid.revenue) == (None, 1, 750, Decimal("7.5"))
+
+
+class TestPayoutsTable:
+    def test_recording_a_payout_again_updates_its_row(self, engine: Engine) -> None:
+        from reconciliation.models import Payout
+        from reconciliation.payouts import list_payouts, record_payouts
+
+        first, later = datetime(2026, 12, 1, tzinfo=UTC), datetime(2026, 12, 2, tzinfo=UTC)
+        tie = {"payout": "po_1", "amount": 941, "currency": "usd", "status": "in_transit",
+               "created": "2026-11-30T10:00:00+00:00", "arrival_date": 1764583200, "transactions": 1, "net": 941,
+               "by_type": {"charge": {"count": 1, "amount": 1000, "fee": 59, "net": 941}}, "differences": 0,
+               "tie_out": "ties"}  # fmt: skip
+        with session_factory().begin() as s:
+            assert record_payouts(s, 1, [tie], now=first) == 1
+        with session_factory().begin() as s:
+            record_payouts(s, 2, [{**tie, "status": "paid", "differences": 1, "tie_out": "differs"}], now=later)
+        with Session(engine) as s:
+            (row,) = s.scalars(select(Payout))
+            assert (row.status, row.tie_out, row.differences, row.run_id) == ("paid", "differs", 1, 2)
+            assert (_aware(row.first_seen_at), _aware(row.checked_at)) == (first, later)
+            assert _aware(row.arrival_date) == datetime(2025, 12, 1, 10, 0, tzinfo=UTC)  # Stripe's Unix seconds
+            assert [p.id for p in list_payouts(s, since=datetime(2026, 11, 30, tzinfo=UTC))] == ["po_1"]
+            assert list_payouts(s, until=datetime(2026, 11, 30, tzinfo=UTC)) == []
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value

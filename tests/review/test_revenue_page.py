@@ -57,25 +57,27 @@ class TestCustomerNetMargin:
 
 
 class TestPayoutList:
-    def test_payouts_with_their_tie_out(self, engine: Engine, signed_in: TestClient) -> None:
+    def test_payouts_with_their_tie_out_from_the_payouts_table(self, engine: Engine, signed_in: TestClient) -> None:
         from datetime import UTC, datetime
 
-        from reconciliation.models import ReconciliationRun, RunStatus
+        from reconciliation.payouts import record_payouts
 
         now = datetime.now(UTC)
+        charges = {"charge": {"count": 1, "amount": 1000, "fee": 59, "net": 941}}
         payouts = [
-            {"payout": "po_ok", "amount": 941, "currency": "usd", "created": now.isoformat(), "transactions": 1,
-             "net": 941, "differences": 0},
-            {"payout": "po_bad", "amount": 1041, "currency": "usd", "created": now.isoformat(), "transactions": 1,
-             "net": 941, "differences": 1},
+            {"payout": "po_ok", "amount": 941, "currency": "usd", "status": "paid", "created": now.isoformat(),
+             "arrival_date": int(now.timestamp()), "transactions": 1, "net": 941, "by_type": charges,
+             "differences": 0, "tie_out": "ties"},
+            {"payout": "po_bad", "amount": 1041, "currency": "usd", "status": "in_transit",
+             "created": now.isoformat(), "transactions": 1, "net": 941, "by_type": charges, "differences": 1,
+             "tie_out": "differs"},
+            {"payout": "po_failed", "amount": 500, "currency": "usd", "status": "failed", "created": now.isoformat(),
+             "tie_out": "not_checked"},
         ]  # fmt: skip
         with Session(engine) as s, s.begin():
-            s.add(
-                ReconciliationRun(
-                    since=now, until=now, started_at=now, status=RunStatus.SUCCEEDED, actor="t", counts={},
-                    stats={"payouts": payouts}, provider_reports=[],
-                )
-            )  # fmt: skip
+            record_payouts(s, 7, payouts, now=now)
         html = signed_in.get("/review/revenue").text.split('id="payouts"')[1]
-        assert "po_ok" in html and "ties" in html and "$9.41" in html
-        assert "po_bad" in html and "1 difference" in html and "$10.41" in html
+        assert "po_ok" in html and "ties" in html and "$9.41" in html and "charge 1: $9.41" in html
+        assert "po_bad" in html and "1 difference" in html and "$10.41" in html and "in_transit" in html
+        assert "po_failed" in html and "not checked (failed)" in html
+        assert 'href="/review/mismatches?kind=payout_mismatch&amp;run=7"' in html

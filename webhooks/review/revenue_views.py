@@ -10,7 +10,6 @@ from datetime import UTC, date, datetime
 from html import escape
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -19,7 +18,7 @@ from starlette.responses import Response
 from ledger.db import session_factory
 from ledger.money import format_money, to_major
 from ledger.revenue import Line, Period, revenue_report, verify
-from reconciliation.models import ReconciliationRun
+from reconciliation.payouts import list_payouts, payout_dict
 from webhooks.review.templating import render
 from webhooks.review.views import bad_request
 
@@ -107,14 +106,9 @@ def _context(first: date, last: date) -> dict[str, Any]:
     }
 
 
-def payouts_seen(session: Session, runs: int = 60) -> list[dict[str, Any]]:
-    """Payouts the recent reconciliation runs tied out, newest first (the latest run's word on each)."""
-    seen: dict[str, dict[str, Any]] = {}
-    stmt = select(ReconciliationRun).order_by(ReconciliationRun.id.desc()).limit(runs)
-    for run in session.scalars(stmt):
-        for payout in (run.stats or {}).get("payouts") or []:
-            seen.setdefault(payout["payout"], {**payout, "run_id": run.id})
-    return sorted(seen.values(), key=lambda p: p.get("created") or "", reverse=True)
+def payouts_seen(session: Session, limit: int = 200) -> list[dict[str, Any]]:
+    """The newest payouts in the payouts table, each with its tie-out as the latest run that covered it saw it."""
+    return [payout_dict(p) for p in list_payouts(session, limit=limit)]
 
 
 async def revenue_page(request: Request) -> Response:

@@ -136,7 +136,7 @@ def _margin_summary(
     session: Session, customer_id: str, since: datetime, until: datetime, config: BillingConfig
 ) -> dict[str, Any] | None:
     """The customer's margin over the window as reconciliation counts it: revenue at each grant's own price in the
-    settlement currency, gross and net of Stripe's fees, against provider cost."""
+    settlement currency, gross and net of Stripe's fees and refunds, against provider cost."""
     from reconciliation.margin import margin_rows
 
     rows = list(margin_rows(session, since=since, until=until, customer_id=customer_id, config=config))
