@@ -1,7 +1,7 @@
 """ledger_consume_many applies the common case of a batch set-wise: a few statements for the whole batch.
 
 Revision ID: hot_1
-Revises: money_1
+Revises: money_2
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from alembic import op
 
 revision = "hot_1"
-down_revision = "money_1"
+down_revision = "money_2"
 branch_labels = None
 depends_on = None
 
