@@ -45,6 +45,7 @@ class Reply:
     status: int = 200
     cut_after: int | None = None  # SSE events sent before the connection is dropped
     delay: float = 0.0  # seconds before answering (longer than a client's timeout: no answer)
+    model: str | None = None  # the served model's name, in place of the fixture's (a JSON answer)
 
 
 def sse_events(name: str) -> list[str]:
@@ -106,6 +107,10 @@ class FakeProvider(ProviderApp):
         name = reply.fixture or self._default(route, served.request)
         served.fixture = name
         if name.endswith(".json"):
+            if reply.model is not None:
+                answer = json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+                answer["model"] = reply.model
+                return JSONResponse(answer, headers=answer_headers)
             return Response((FIXTURES / name).read_bytes(), media_type="application/json", headers=answer_headers)
         if reply.cut_after is not None:
             served.outcome = "cut" if not reply.delay else "late"
