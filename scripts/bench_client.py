@@ -3,9 +3,9 @@
 1. Wrapper overhead. The official ``openai`` package calls the fake provider (tests/client/fake_provider.py, its
    own process, replaying a recorded chat completion) directly, and through ``Billing.wrap_openai`` against
    ``billing-reconciler serve`` on PostgreSQL (its own process): the wrapped call adds a hold before and a capture
-   after (``settle="background"``: only the hold; the capture runs after the answer). One caller; the sides take
-   turns call by call (the order rotating), so that other load on the machine weighs on all alike; the figure is
-   p50(wrapped) - p50(unwrapped), target under 5 ms. The hold and capture round trips alone are shown.
+   after (``settle="background"``: only the hold; the capture runs after the answer). One caller, calls in
+   alternating rounds so that other load on the machine weighs on all alike; the figure is p50(wrapped) -
+   p50(unwrapped), target under 5 ms. The hold and capture round trips alone are shown.
 2. Client throughput. ``Billing.record_usage`` from N threads, and ``AsyncBilling.record_usage`` with N tasks,
    against the same server, each beside a baseline in the same run that sends the same requests with bare httpx
    (same bodies, same connection pool size, no parsing, no retry layer): the ratio is what the client costs.
@@ -137,28 +137,27 @@ def overhead(billing_url: str, provider_url: str, calls: int, rounds: int) -> di
         for _ in range(20):  # warm both paths' connections and caches
             client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100)
             wrapped.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100)
-
-        def run_background() -> None:
-            background.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100)
-
-        sides: list[tuple[Callable[[], Any], list[float], str | None]] = [
-            (lambda: client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100), plain_ms, "plain"),
-            (
-                lambda: wrapped.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100),
-                wrapped_ms,
-                "wrapped",
-            ),
-            (run_background, background_ms, None),
-        ]
-        # One call of each side in turn, the order rotating: load from elsewhere on the machine comes and goes in
-        # seconds, so sides measured in blocks of calls would see different machines.
-        for i in range(calls):
-            for j in range(len(sides)):
-                fn, into, cpu_key = sides[(i + j) % len(sides)]
-                timed(fn, into, cpu_key)
-                # The background capture finishes before the next call: each figure is a caller's latency alone.
-                billing.flush()
         per_round = max(1, calls // rounds)
+        for _ in range(rounds):
+            for _ in range(per_round):
+                timed(
+                    lambda: client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100),
+                    plain_ms,
+                    "plain",
+                )
+            for _ in range(per_round):
+                timed(
+                    lambda: wrapped.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100),
+                    wrapped_ms,
+                    "wrapped",
+                )
+            for _ in range(per_round):
+                timed(
+                    lambda: background.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100),
+                    background_ms,
+                )
+                # Each call waits for the previous capture: the figure is the caller's latency, not a backlog.
+                billing.flush()
         for _ in range(per_round):
             key = f"bench_{uuid.uuid4().hex}"
             timed(lambda key=key: billing.place_hold("cus_bench_0", request_id=key, units=300), hold_ms)
