@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anthropic
 import openai
 import pytest
-import uvicorn
-from client_helpers import TOKEN, BillingServer, config_text, free_port
+from client_helpers import TOKEN, BillingServer, config_text
 from fake_provider import FakeProvider
 from sqlalchemy import Engine
 
 from webhooks.client import AsyncBilling, Billing
+from worker.demo.provider import ProviderServer
 
 
 @pytest.fixture(scope="session")
@@ -55,18 +53,9 @@ def async_billing_factory(billing_server: BillingServer) -> Callable[[], AsyncBi
 @pytest.fixture(scope="session")
 def _provider() -> Iterator[tuple[FakeProvider, str]]:
     fake = FakeProvider()
-    port = free_port()
-    config = uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="critical", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the fake provider did not start"
-    yield fake, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    server = ProviderServer(fake.app()).start()
+    yield fake, server.url
+    server.stop()
 
 
 @pytest.fixture

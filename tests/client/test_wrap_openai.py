@@ -40,6 +40,30 @@ class TestChatCompletions:
         # The provider saw our request id, which OpenAI logs with the call.
         assert provider.log[0].headers["x-client-request-id"] == hold["request_id"]
 
+    def test_a_served_name_without_a_price_costs_one_extra_capture_once(
+        self, billing_server: BillingServer, provider, openai_client: openai.OpenAI, pg_engine: Engine
+    ) -> None:
+        # The provider answers under a snapshot name the config does not price (as OpenAI answers gpt-4o as
+        # gpt-4o-2024-08-06): the capture under that name is refused, and the call is charged under the name
+        # requested. The client remembers the name, so later calls capture under the requested name at once.
+        fund("cus_alias", FUNDED)
+        sent: list[str] = []
+        http = httpx.Client(
+            base_url=billing_server.url, event_hooks={"request": [lambda r: sent.append(r.url.path)]}, timeout=10
+        )
+        with Billing(billing_server.url, TOKEN, http=http) as client:
+            oai = client.wrap_openai(openai_client, customer_id="cus_alias")
+            for _ in range(3):
+                provider.script("chat", Reply(model="gpt-4o-2099-01-01"))
+                oai.chat.completions.create(model="gpt-4o-2024-08-06", messages=PROMPT, max_tokens=100)
+            # each call: prompt 14 + completion 37 x 2 = 88, at the requested model's prices
+            assert_settled(client, pg_engine, "cus_alias", funded=FUNDED, charged=3 * 88)
+        http.close()
+        captures = [path for path in sent if path.endswith("/capture")]
+        assert len([p for p in sent if p == "/v1/holds"]) == 3
+        assert len(captures) == 4  # the first call's refused capture, then one capture a call
+        assert captures[0] == captures[1]
+
     def test_cached_and_reasoning_tokens_are_read_from_the_details(self, oai, billing, provider, pg_engine) -> None:
         provider.script("chat", Reply("openai.chat_completion.usage_cached_reasoning.oaispec.json"))
         oai.chat.completions.create(model="gpt-5.4", messages=PROMPT)

@@ -1,7 +1,8 @@
 """``billing-reconciler demo`` end to end, as a new user runs it: its printed summary is checked against the ledger.
 
 The demo runs in a subprocess (as the README's "run" command); then the test opens the demo's database with the
-ledger API and the reconciliation tables and checks every printed figure, the invariants, and that the
+ledger API and the reconciliation tables and checks every printed figure, the invariants, that every AI call made
+through the wrapped SDKs was charged the hand-computed price of the tokens the demo's provider reported, and that the
 discrepancies the demo made on purpose were found, with the right kind, for the right customer or provider day.
 """
 
@@ -26,12 +27,20 @@ from ledger import db
 from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.inbox import EventStatus, StripeEvent
-from ledger.models import Entry, Hold, HoldStatus, UsageRecord
+from ledger.models import Account, Entry, Hold, HoldStatus, UsageRecord
 from ledger.queries import balance_summary
 from reconciliation.models import Mismatch, MismatchStatus, ReconciliationRun
 from tests.conftest import PROVIDER_FIXTURES, postgres_url, redis_url
 
 DEMO_TIMEOUT_SECONDS = 240
+# The example billing config's token prices, credits per million (input, output, cached), copied by hand from
+# ledger/billing.example.toml: the test prices the provider's reported tokens itself.
+PRICES = {
+    "gpt-4o-2024-08-06": (500, 2000, 250),
+    "gpt-4o-mini-2024-07-18": (30, 120, 15),
+    "claude-sonnet-4-20250514": (600, 3000, 60),
+    "claude-3-5-haiku-20241022": (160, 800, 16),
+}
 # Settings the demo must not inherit from the test run: it sets its own.
 CLI = (sys.executable, "-c", "from worker.cli import main; main()")
 SCRUBBED = ("DATABASE_URL", "CELERY_BROKER_URL", "CELERY_TASK_ALWAYS_EAGER", "BILLING_CONFIG")
@@ -68,6 +77,73 @@ def provider_key(m: Mismatch) -> tuple[str, str, str | None] | None:
     if not isinstance(side, dict):
         return None
     return (str(side.get("provider")), str(side.get("day")), side.get("model"))
+
+
+def reported_tokens(provider: str, usage: dict[str, Any]) -> tuple[int, int, int]:
+    """(uncached input, output, cached input) from the provider's own usage fields, as each provider defines them.
+
+    OpenAI's prompt_tokens include the cached ones; Anthropic's input_tokens exclude cache reads (and cache writes
+    are charged as input).
+    """
+    if provider == "openai":
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        return usage["prompt_tokens"] - cached, usage["completion_tokens"], cached
+    return (
+        usage["input_tokens"] + usage["cache_creation_input_tokens"],
+        usage["output_tokens"],
+        usage["cache_read_input_tokens"],
+    )
+
+
+def hand_price(model: str, inp: int, out: int, cached: int) -> int:
+    """Credits for the tokens at the example config's prices, the call's fraction of a credit rounded up."""
+    per_input, per_output, per_cached = PRICES[model]
+    return -(-(inp * per_input + out * per_output + cached * per_cached) // 1_000_000)
+
+
+def check_ai_calls(summary: dict[str, Any]) -> None:
+    """Each AI call made through the wrapped SDKs was held, then captured at the provider's reported tokens."""
+    ai_calls = summary["ai_calls"]
+    assert len(ai_calls) == 11
+    assert {c["provider"] for c in ai_calls} == {"openai", "anthropic"}
+    assert any(c["stream"] for c in ai_calls) and not all(c["stream"] for c in ai_calls)
+    fay = next(c["customer_id"] for c in summary["customers"] if c["name"].startswith("Fay"))
+    assert all(c["customer_id"] != fay for c in ai_calls)  # refused at the hold: the provider was never called
+    with unit_of_work() as session:
+        for customer in {c["customer_id"] for c in ai_calls}:
+            calls = [c for c in ai_calls if c["customer_id"] == customer]
+            # The customer's holds placed by the wrapper (its request ids: call_...), in the order the calls ran.
+            holds = list(
+                session.scalars(
+                    select(Hold)
+                    .join(Account, Account.id == Hold.account_id)
+                    .where(Account.customer_id == customer, Hold.request_id.like("call%"))
+                    .order_by(Hold.id)
+                )
+            )
+            assert [h.request_id for h in holds] == [c["hold"] for c in calls]
+            for call, hold in zip(calls, holds, strict=True):
+                inp, out, cached = reported_tokens(call["provider"], call["reported"])
+                expected = hand_price(call["model"], inp, out, cached)
+                assert hold.status is HoldStatus.CAPTURED
+                assert hold.captured_units == expected == call["charged"], call
+                record = session.scalars(select(UsageRecord).where(UsageRecord.request_id == hold.request_id)).one()
+                assert (record.model, record.input_tokens, record.output_tokens, record.cached_tokens) == (
+                    call["model"],
+                    inp,
+                    out,
+                    cached,
+                )
+                assert (record.user_id, record.feature, record.units) == (call["user_id"], call["feature"], expected)
+                if call["provider"] == "openai":
+                    # The wrapper sent the hold's request id with the call (X-Client-Request-Id).
+                    assert call["client_request_id"] == hold.request_id
+    # The follow-up on the same contract was read from the provider's prompt cache, and charged so.
+    assert any(reported_tokens(c["provider"], c["reported"])[2] >= 1024 for c in ai_calls)
+    # Hand-worked: each of Eve's calls wrote 200,000 output tokens of gpt-4o (2,000 credits per million: 400)
+    # after a prompt of a few tokens (500 per million: a fraction, rounded up to 1): 401, twice.
+    eve = [c for c in ai_calls if c["user_id"] == "eve-u1"]
+    assert [c["charged"] for c in eve] == [401, 401]
 
 
 def check_against_ledger(summary: dict[str, Any]) -> None:
@@ -130,7 +206,8 @@ def check_against_ledger(summary: dict[str, Any]) -> None:
     assert missed == set(withheld)
 
     # The stories behind the balances: a lost dispute after spending is debt; a canceled plan refuses usage.
-    assert customers["eve"]["debt"] == 800 and customers["eve"]["balance"] == -800
+    assert customers["eve"]["debt"] == 802 and customers["eve"]["balance"] == -802  # her two calls, spent
+    check_ai_calls(summary)
     assert customers["fay"]["access_state"] == "canceled" and not customers["fay"]["usage_allowed"]
     assert all(item["found"] for item in summary["deliberate"]), summary["deliberate"]
 

@@ -241,7 +241,6 @@ class Requests:
             params=params,
         )
 
-
     @staticmethod
     def entitlements(customer_id: str, *, user_id: str | None, workspace: str | None) -> Request[Entitlements]:
         params = {k: v for k, v in (("user_id", user_id), ("workspace", workspace)) if v is not None}

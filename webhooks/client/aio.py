@@ -23,7 +23,7 @@ from webhooks.client._base import (
     retry_policy,
     unavailable,
 )
-from webhooks.client.metering import AsyncMetered
+from webhooks.client.metering import AsyncMetered, UnpricedModels
 from webhooks.client.models import (
     Balance,
     BatchResult,
@@ -75,6 +75,8 @@ class AsyncBilling:
         if http is not None:
             self._http.headers.update(headers(token))
         self._pending: set[asyncio.Task[None]] = set()
+        # Served model names the API could not price (a capture then goes under the requested name at once).
+        self.unpriced_models = UnpricedModels()
 
     async def __aenter__(self) -> AsyncBilling:
         return self

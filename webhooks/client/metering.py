@@ -14,6 +14,7 @@ the hold's time-to-live (``ttl_seconds``) releases it: nothing is charged twice,
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -28,6 +29,32 @@ if TYPE_CHECKING:
     from webhooks.client.sync import Billing
 
 log = logging.getLogger("webhooks.client")
+
+
+class UnpricedModels:
+    """Served model names the usage API could not price, remembered so that later calls skip the failing capture.
+
+    OpenAI answers a request for ``gpt-4o`` as ``gpt-4o-2024-08-06``; a config that prices only the name requested
+    refuses a capture under the served name, and the wrapper captures again under the requested one. Without
+    memory that is a third round trip on every call. A name is remembered for ``ttl_seconds`` (a price added to
+    the config meanwhile is used after that).
+    """
+
+    def __init__(self, ttl_seconds: float = 300.0) -> None:
+        self.ttl_seconds = ttl_seconds
+        self._until: dict[tuple[str | None, str], float] = {}
+
+    def __contains__(self, key: tuple[str | None, str | None]) -> bool:
+        provider, model = key
+        if model is None:
+            return False
+        until = self._until.get((provider, model))
+        return until is not None and until > time.monotonic()
+
+    def add(self, provider: str | None, model: str | None) -> None:
+        """Remember that ``model`` (as the provider served it) has no price."""
+        if model is not None:
+            self._until[(provider, model)] = time.monotonic() + self.ttl_seconds
 
 
 def new_request_id() -> str:
@@ -148,6 +175,9 @@ class Call:
         self.usage["model"] = self.fallback_model
         return True
 
+    def _served_model(self) -> tuple[str | None, str | None]:
+        return self.usage.get("provider"), self.usage.get("model")
+
     def _charge_args(self) -> dict[str, Any]:
         # A hold that expired before its capture: the same charge, straight, under the same request id.
         return {
@@ -206,14 +236,19 @@ class Metered:
             except BillingError as exc:
                 log.warning("metering: releasing hold %s failed (its time-to-live will): %r", call.request_id, exc)
             return
+        unpriced = self.billing.unpriced_models
+        if call._served_model() in unpriced:
+            call._with_fallback_model()  # known to be refused under the served name: no failing round trip
         try:
             try:
                 try:
                     call.outcome = self.billing.capture_hold(call.request_id, **call._capture_args())
                 except InvalidRequest:
+                    served = call._served_model()
                     if not call._with_fallback_model():
                         raise
                     call.outcome = self.billing.capture_hold(call.request_id, **call._capture_args())
+                    unpriced.add(*served)
             except HoldNotOpen:
                 call.outcome = self.billing.record_usage(call.customer_id, **call._charge_args())
         except BillingError as exc:
@@ -257,14 +292,19 @@ class AsyncMetered:
             except BillingError as exc:
                 log.warning("metering: releasing hold %s failed (its time-to-live will): %r", call.request_id, exc)
             return
+        unpriced = self.billing.unpriced_models
+        if call._served_model() in unpriced:
+            call._with_fallback_model()  # known to be refused under the served name: no failing round trip
         try:
             try:
                 try:
                     call.outcome = await self.billing.capture_hold(call.request_id, **call._capture_args())
                 except InvalidRequest:
+                    served = call._served_model()
                     if not call._with_fallback_model():
                         raise
                     call.outcome = await self.billing.capture_hold(call.request_id, **call._capture_args())
+                    unpriced.add(*served)
             except HoldNotOpen:
                 call.outcome = await self.billing.record_usage(call.customer_id, **call._charge_args())
         except BillingError as exc:

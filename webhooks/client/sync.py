@@ -23,7 +23,7 @@ from webhooks.client._base import (
     retry_policy,
     unavailable,
 )
-from webhooks.client.metering import Metered
+from webhooks.client.metering import Metered, UnpricedModels
 from webhooks.client.models import (
     Balance,
     BatchResult,
@@ -78,6 +78,8 @@ class Billing:
             self._http.headers.update(headers(token))
         self._settler: ThreadPoolExecutor | None = None
         self._pending: set[Future[None]] = set()
+        # Served model names the API could not price (a capture then goes under the requested name at once).
+        self.unpriced_models = UnpricedModels()
 
     def __enter__(self) -> Billing:
         return self

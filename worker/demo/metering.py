@@ -1,23 +1,28 @@
-"""AI usage metered through the usage API over HTTP, as a product's backend would.
+"""AI usage metered as a product's backend would: AI calls through the official SDKs wrapped by the client.
 
-Two parts: live usage (several models, features and users; holds captured and timed out; a retried request;
-refusals), and usage dated on the days of the sample provider reports, made to match them except for a few
+Two parts. Live usage: real ``openai.OpenAI`` and ``anthropic.Anthropic`` clients, wrapped with
+``Billing.wrap_openai``/``wrap_anthropic`` and pointed at the demo's own provider (``worker.demo.provider``), make
+calls for several customers, models, features and users (plain and streamed, a follow-up read from the prompt
+cache); each is held before, and captured with what the provider reported; a refused customer's call never reaches
+the provider. Beside them, through the same client: a usage record retried with the same request id, an image
+metered with ``billing.metered``, a hold whose call never settles (its time-to-live releases it) and an oversized
+request refused. Then usage dated on the days of the sample provider reports, made to match them except for a few
 deliberate discrepancies, so that the provider reconciliation has something true to confirm and something to find.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from ledger.config import BillingConfig
+from webhooks.client import Billing, BillingError, Capture, Charge, Hold
+from worker.demo.provider import ROUTES, Served, SyntheticProvider
 
 # Which demo customer's product made the calls a provider report bills, by provider and project/workspace.
 FEATURES = {
@@ -28,12 +33,14 @@ FEATURES = {
 }
 REQUESTS_PER_GROUP = 3
 # Calls of the live part that must succeed (the refusals are meant to fail).
-MUST_SUCCEED = ("retry", "usage", "hold", "capture", "hold_timeout")
+MUST_SUCCEED = ("retry", "ai_call", "image", "hold_timeout")
+GPT4O, MINI = "gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18"
+SONNET, HAIKU = "claude-sonnet-4-20250514", "claude-3-5-haiku-20241022"
 
 
 @dataclass
 class Call:
-    """One HTTP call of the demo to the usage API, and what it answered."""
+    """One call of the demo to the usage API (or an AI call's settlement), and what it answered."""
 
     label: str
     method: str
@@ -55,87 +62,183 @@ class Call:
 
 
 @dataclass
+class AICall:
+    """One AI call made through a wrapped SDK client: who it was for, and the usage the provider reported."""
+
+    customer_id: str
+    user_id: str
+    feature: str
+    provider: str
+    model: str
+    stream: bool
+    provider_request_id: str
+    client_request_id: str | None  # the id the wrapper sent (OpenAI's X-Client-Request-Id): the hold's request id
+    reported: dict[str, Any]  # the provider's usage object, as it sent it
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return dict(self.__dict__)
+
+
+@dataclass
 class UsageLog:
-    """Every call made, in order."""
+    """Every call made, in order, and the AI calls the provider served."""
 
     calls: list[Call] = field(default_factory=list)
+    ai_calls: list[AICall] = field(default_factory=list)
 
     def by_label(self, label: str) -> list[Call]:
         """The calls made under ``label``."""
         return [c for c in self.calls if c.label == label]
 
 
-class UsageClient:
-    """The usage API, with the demo's bearer token."""
+def _error_call(label: str, method: str, path: str, exc: BillingError, key: str | None = None) -> Call:
+    body = {"error": {"code": exc.code, "message": exc.message, **exc.details}}
+    return Call(label, method, path, exc.status, body, key)
 
-    def __init__(self, base_url: str, token: str, log: UsageLog) -> None:
-        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
+
+def _result_call(label: str, method: str, path: str, result: Charge | Hold | Capture, key: str | None) -> Call:
+    status = 200 if result.replayed else 201
+    return Call(label, method, path, status, result.model_dump(mode="json", exclude={"replayed"}), key)
+
+
+class DemoClient:
+    """The product's backend of the demo: ``webhooks.client.Billing``, and the SDK clients it wraps."""
+
+    def __init__(self, base_url: str, token: str, provider: SyntheticProvider, provider_url: str, log: UsageLog):
+        try:
+            import anthropic
+            import openai
+        except ImportError as exc:
+            from worker.demo.environment import DemoError
+
+            raise DemoError(
+                f"the demo meters AI calls through the official SDKs ({exc.name} is not installed): "
+                "pip install 'billing-reconciler[demo]'"
+            ) from None
+        self.billing = Billing(base_url, token, retries=3)
+        self.provider = provider
+        # No SDK retries: the demo's provider answers every call, and a retry would be a second call.
+        self.openai = openai.OpenAI(base_url=f"{provider_url}/v1", api_key="sk-demo", max_retries=0)
+        self.anthropic = anthropic.Anthropic(base_url=provider_url, api_key="sk-ant-demo", max_retries=0)
         self.log = log
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self.http.close()
+        """Close the connection pools (after every metered call is settled)."""
+        self.billing.close()
+        self.openai.close()
+        self.anthropic.close()
 
-    def post(self, label: str, path: str, body: dict[str, Any] | None = None, *, key: str | None = None) -> Call:
-        """POST ``body`` (with an Idempotency-Key when given) and record the answer."""
-        headers = {"Idempotency-Key": key} if key else {}
-        response = self.http.post(path, json=body, headers=headers)
-        call = Call(label, "POST", path, response.status_code, _json(response), key)
+    # --- AI calls through the wrapped SDKs --------------------------------------------------------------------
+
+    def ai_call(
+        self,
+        label: str,
+        customer: str,
+        *,
+        user: str,
+        feature: str,
+        provider: str,
+        model: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        stream: bool = False,
+        system: str | None = None,
+    ) -> Call:
+        """One AI call through the wrapped SDK client (held, made, captured); a refusal is logged, not raised."""
+        route = "chat" if provider == "openai" else "messages"
+        path = ROUTES[route]
+        served_before = len(self.provider.log)
+        try:
+            if provider == "openai":
+                client = self.billing.wrap_openai(self.openai, customer_id=customer, user_id=user, feature=feature)
+                answer: Any = client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=max_tokens, stream=stream
+                )
+            else:
+                client = self.billing.wrap_anthropic(
+                    self.anthropic, customer_id=customer, user_id=user, feature=feature
+                )
+                extra = {"system": system} if system else {}
+                answer = client.messages.create(
+                    model=model, messages=messages, max_tokens=max_tokens, stream=stream, **extra
+                )
+            if stream:
+                with answer:
+                    for _ in answer:  # read to the end: the stream is settled when it ends
+                        pass
+        except BillingError as exc:
+            call = _error_call(label, "POST", path, exc)
+            self.log.calls.append(call)
+            return call
+        served: Served = self.provider.log[served_before]
+        assert served.usage is not None, "the demo's provider reports usage on every call it serves"
+        client_id = next((v for k, v in served.headers.items() if k.lower() == "x-client-request-id"), None)
+        self.log.ai_calls.append(
+            AICall(customer, user, feature, provider, model, stream, served.request_id, client_id, served.usage)
+        )
+        call = Call(label, "POST", path, 200, {"provider_request_id": served.request_id, "usage": served.usage})
         self.log.calls.append(call)
         return call
 
-    def get(self, label: str, path: str, **params: Any) -> Call:
-        """GET ``path`` and record the answer."""
-        response = self.http.get(path, params=params)
-        call = Call(label, "GET", path, response.status_code, _json(response))
+    # --- the usage API through the client -----------------------------------------------------------------------
+
+    def record_usage(
+        self, label: str, customer: str, *, request_id: str, units: int | None = None, **usage: Any
+    ) -> Call:
+        """Billing.record_usage, logged; a refusal is logged, not raised."""
+        try:
+            charge = self.billing.record_usage(customer, request_id=request_id, units=units, **usage)
+        except BillingError as exc:
+            call = _error_call(label, "POST", "/v1/usage", exc, request_id)
+        else:
+            call = _result_call(label, "POST", "/v1/usage", charge, request_id)
         self.log.calls.append(call)
         return call
 
+    def place_hold(
+        self, label: str, customer: str, *, request_id: str, units: int, ttl_seconds: int, **usage: Any
+    ) -> Call:
+        """Billing.place_hold, logged."""
+        try:
+            hold = self.billing.place_hold(
+                customer, request_id=request_id, units=units, ttl_seconds=ttl_seconds, **usage
+            )
+        except BillingError as exc:
+            call = _error_call(label, "POST", "/v1/holds", exc, request_id)
+        else:
+            call = _result_call(label, "POST", "/v1/holds", hold, request_id)
+        self.log.calls.append(call)
+        return call
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {"text": response.text[:500]}
-    return data if isinstance(data, dict) else {"data": data}
+    def metered_operation(self, label: str, customer: str, *, operation: str, estimate_units: int, **who: Any) -> Call:
+        """A call that is not an SDK's (an image), metered with ``billing.metered``: held, then captured."""
+        request_id = _key(label)
+        try:
+            with self.billing.metered(customer, estimate_units=estimate_units, request_id=request_id, **who) as call:
+                call.record(operation=operation)
+        except BillingError as exc:
+            logged = _error_call(label, "POST", "/v1/holds", exc, request_id)
+        else:
+            assert isinstance(call.outcome, Capture | Charge)
+            logged = _result_call(label, "POST", f"/v1/holds/{request_id}/capture", call.outcome, request_id)
+        self.log.calls.append(logged)
+        return logged
 
 
 def _key(prefix: str) -> str:
     return f"demo-{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def tokens(
-    customer: str,
-    provider: str,
-    model: str,
-    *,
-    user: str,
-    feature: str,
-    inp: int = 0,
-    out: int = 0,
-    cached: int = 0,
-    workspace: str | None = None,
-    occurred_at: datetime | None = None,
-    cost: Decimal | None = None,
-) -> dict[str, Any]:
-    """A usage body for a token-priced call (money as a decimal string, never a float)."""
-    body: dict[str, Any] = {
-        "customer_id": customer,
-        "provider": provider,
-        "model": model,
-        "user_id": user,
-        "feature": feature,
-        "input_tokens": inp,
-        "output_tokens": out,
-        "cached_tokens": cached,
-    }
-    if workspace is not None:
-        body["workspace"] = workspace
-    if occurred_at is not None:
-        body["occurred_at"] = occurred_at.isoformat()
-    if cost is not None:
-        body["provider_cost_usd"] = str(cost)
-    return body
+def document(topic: str, tokens: int) -> str:
+    """A prompt of about ``tokens`` tokens (four characters each), the same on every run."""
+    line = f"{topic}: 12 GPU-hours, 3 seats, one invoice line. "
+    return (line * (tokens * 4 // len(line) + 1))[: tokens * 4]
+
+
+def ask(topic: str, tokens: int, question: str = "Summarise it.") -> list[dict[str, Any]]:
+    """One user message: a document of about ``tokens`` tokens and a question about it."""
+    return [{"role": "user", "content": document(topic, tokens)}, {"role": "user", "content": question}]
 
 
 # --- live usage ---------------------------------------------------------------------------------------------------
@@ -148,77 +251,87 @@ class LiveOutcome:
     retry_first: Call
     retry_second: Call
     expired_hold_id: str
-    captured_hold: Call | None
     refused_access: Call
     refused_credits: Call
 
 
-def meter_live(client: UsageClient, ids: dict[str, str]) -> LiveOutcome:
-    """Usage at the present time: several models, features and users; holds; a retry; two refusals."""
+def meter_live(client: DemoClient, ids: dict[str, str]) -> LiveOutcome:
+    """Usage at the present time: wrapped AI calls for several models, features and users; a retry; refusals."""
     ada, ben, cleo, dan, eve, fay = (ids[k] for k in ("ada", "ben", "cleo", "dan", "eve", "fay"))
     oa, an = "openai", "anthropic"
-    gpt4o, mini = "gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18"
-    sonnet, haiku = "claude-sonnet-4-20250514", "claude-3-5-haiku-20241022"
 
-    # A retried request: the client timed out and sent the same call again with the same Idempotency-Key.
+    # A usage record retried: the backend timed out and sent it again with the same request id (charged once).
     retry_key = _key("ada-chat")
-    body = tokens(ada, oa, gpt4o, user="ada-u1", feature="chat", inp=42_000, out=18_000, cached=6_000)
-    first = client.post("retry", "/v1/usage", body, key=retry_key)
-    second = client.post("retry", "/v1/usage", body, key=retry_key)
+    usage: dict[str, Any] = {
+        "provider": oa, "model": GPT4O, "user_id": "ada-u1", "feature": "chat",
+        "input_tokens": 42_000, "output_tokens": 18_000, "cached_tokens": 6_000,
+    }  # fmt: skip
+    first = client.record_usage("retry", ada, request_id=retry_key, **usage)
+    second = client.record_usage("retry", ada, request_id=retry_key, **usage)
 
-    for body in (
-        tokens(ada, oa, mini, user="ada-u2", feature="search", inp=120_000, out=30_000),
-        tokens(ada, an, haiku, user="ada-u1", feature="summaries", inp=60_000, out=12_000),
-        tokens(ben, an, sonnet, user="ben-u1", feature="assistant", inp=35_000, out=9_000),
-        tokens(cleo, oa, gpt4o, user="cleo-u1", feature="chat", inp=80_000, out=20_000),
-        tokens(cleo, an, sonnet, user="cleo-u2", feature="assistant", inp=50_000, out=15_000),
-        tokens(cleo, oa, mini, user="cleo-u3", feature="search", inp=200_000, out=40_000),
-        tokens(dan, oa, gpt4o, user="dan-u1", feature="chat", inp=100_000, out=25_000),
-        # Eve spends most of her small pack (two long generations of 800 credits in all) before her dispute.
-        tokens(eve, oa, gpt4o, user="eve-u1", feature="chat", out=200_000),
-        tokens(eve, oa, gpt4o, user="eve-u1", feature="chat", out=200_000),
+    # AI calls through the wrapped SDKs: each held, made against the demo's provider, captured at what it reported.
+    for customer, user, feature, provider, model, prompt, limit, stream in (
+        (ada, "ada-u2", "search", oa, MINI, ask("search index", 120_000), 30_000, True),
+        (ada, "ada-u1", "summaries", an, HAIKU, ask("meeting notes", 60_000), 12_000, False),
+        (ben, "ben-u1", "assistant", an, SONNET, ask("support ticket", 35_000), 9_000, True),
+        (cleo, "cleo-u1", "chat", oa, GPT4O, ask("contract", 80_000), 20_000, False),
+        # The same contract again with another question: the provider reads the document from its prompt cache.
+        (cleo, "cleo-u1", "chat", oa, GPT4O, ask("contract", 80_000, "List the renewal dates."), 2_000, False),
+        (cleo, "cleo-u2", "assistant", an, SONNET, ask("design review", 50_000), 15_000, False),
+        (cleo, "cleo-u3", "search", oa, MINI, ask("product catalogue", 200_000), 40_000, True),
+        (dan, "dan-u1", "chat", oa, GPT4O, ask("quarterly report", 100_000), 25_000, False),
+        (ben, "ben-u2", "assistant", an, SONNET, ask("release notes", 40_000), 20_000, True),
+        # Eve spends most of her small pack (two long generations) before her dispute.
+        (eve, "eve-u1", "chat", oa, GPT4O, [{"role": "user", "content": "Write the long report."}], 200_000, False),
+        (eve, "eve-u1", "chat", oa, GPT4O, [{"role": "user", "content": "Write the appendix."}], 200_000, False),
     ):
-        client.post("usage", "/v1/usage", body, key=_key("usage"))
-    client.post(
-        "usage",
-        "/v1/usage",
-        {"customer_id": cleo, "operation": "image", "user_id": "cleo-u2", "feature": "illustrations"},
-        key=_key("image"),
+        client.ai_call(
+            "ai_call", customer, user=user, feature=feature, provider=provider, model=model, messages=prompt,
+            max_tokens=limit, stream=stream,
+        )  # fmt: skip
+    client.metered_operation(
+        "image", cleo, operation="image", estimate_units=20, user_id="cleo-u2", feature="illustrations"
     )
 
-    # A hold for a call in flight, captured with what the call used: the rest goes back.
-    hold_key = _key("ben-hold")
-    client.post(
-        "hold",
-        "/v1/holds",
-        {"customer_id": ben, "units": 300, "ttl_seconds": 600, "feature": "assistant", "user_id": "ben-u2"},
-        key=hold_key,
-    )
-    captured = client.post(
-        "capture",
-        f"/v1/holds/{hold_key}/capture",
-        {"provider": an, "model": sonnet, "input_tokens": 40_000, "output_tokens": 20_000, "user_id": "ben-u2"},
-    )
-
-    # A hold whose call never comes back: it expires after a second and the expiry sweep releases it.
+    # A hold whose call never settles (its process died): it expires after a second and the expiry sweep releases it.
     expiring_key = _key("ben-timeout")
-    client.post(
-        "hold_timeout",
-        "/v1/holds",
-        {"customer_id": ben, "units": 250, "ttl_seconds": 1, "feature": "assistant", "user_id": "ben-u1"},
-        key=expiring_key,
+    client.place_hold(
+        "hold_timeout", ben, request_id=expiring_key, units=250, ttl_seconds=1, feature="assistant", user_id="ben-u1"
     )
 
-    refused_access = client.post(
-        "refused_access", "/v1/usage", tokens(fay, oa, mini, user="fay-u1", feature="search", inp=1000), key=_key("fay")
+    # Fay's plan was canceled: the wrapper's hold is refused, and the provider is never called.
+    refused_access = client.ai_call(
+        "refused_access", fay, user="fay-u1", feature="search", provider=oa, model=MINI,
+        messages=ask("search index", 1_000), max_tokens=500,
+    )  # fmt: skip
+    refused_credits = client.record_usage(
+        "refused_credits", dan, request_id=_key("dan-big"), units=1_000_000, user_id="dan-u1", feature="batch-export"
     )
-    refused_credits = client.post(
-        "refused_credits",
-        "/v1/usage",
-        {"customer_id": dan, "units": 1_000_000, "user_id": "dan-u1", "feature": "batch-export"},
-        key=_key("dan-big"),
-    )
-    return LiveOutcome(first, second, expiring_key, captured, refused_access, refused_credits)
+    return LiveOutcome(first, second, expiring_key, refused_access, refused_credits)
+
+
+def settled_ai_calls(session: Any, log: UsageLog) -> list[dict[str, Any]]:
+    """Each AI call beside its hold as the ledger keeps it (a customer's wrapped calls are held in order)."""
+    from sqlalchemy import select
+
+    from ledger.models import Account, Hold
+
+    by_customer: dict[str, Iterator[Any]] = {}
+    rows = []
+    for ai in log.ai_calls:
+        if ai.customer_id not in by_customer:
+            holds = session.execute(
+                select(Hold.request_id, Hold.status, Hold.captured_units)
+                .join(Account, Account.id == Hold.account_id)
+                .where(Account.customer_id == ai.customer_id, Hold.request_id.like("call\\_%", escape="\\"))
+                .order_by(Hold.id)
+            ).all()
+            by_customer[ai.customer_id] = iter(holds)
+        request_id, status, captured = next(by_customer[ai.customer_id])
+        rows.append(
+            {**ai.as_dict(), "hold": request_id, "hold_status": getattr(status, "value", status), "charged": captured}
+        )
+    return rows
 
 
 # --- usage on the provider reports' days --------------------------------------------------------------------------
@@ -351,7 +464,7 @@ def _split_money(total: Decimal, n: int) -> list[Decimal]:
     return [part] * (n - 1) + [total - part * (n - 1)]
 
 
-def meter_provider_days(client: UsageClient, plan: ProviderPlan, owners: dict[tuple[str, str | None], str]) -> int:
+def meter_provider_days(client: DemoClient, plan: ProviderPlan, owners: dict[tuple[str, str | None], str]) -> int:
     """Record the planned usage, dated on the reports' days; return how many calls were made."""
     calls = 0
     for item in plan.metered:
@@ -366,39 +479,25 @@ def meter_provider_days(client: UsageClient, plan: ProviderPlan, owners: dict[tu
         if g.model is None:
             # A priced extra with no tokens (web search): charged in credits at cost, one call.
             units = int((cost * 100).to_integral_value(rounding=ROUND_CEILING))
-            body = {
-                "customer_id": customer,
-                "provider": g.provider,
-                "operation": "web_search",
-                "units": units,
-                "user_id": f"{customer}-tools",
-                "feature": "web-search",
-                "provider_cost_usd": str(cost),
-                "occurred_at": datetime.combine(g.day, time(12), tzinfo=UTC).isoformat(),
-            }
-            if g.scope is not None:
-                body["workspace"] = g.scope
-            client.post("provider_day", "/v1/usage", body, key=_key("web"))
+            web: dict[str, Any] = {"workspace": g.scope} if g.scope is not None else {}
+            client.record_usage(
+                "provider_day", customer, request_id=_key("web"), units=units, provider=g.provider,
+                operation="web_search", user_id=f"{customer}-tools", feature="web-search", cost_usd=cost,
+                occurred_at=datetime.combine(g.day, time(12), tzinfo=UTC), **web,
+            )  # fmt: skip
             calls += 1
             continue
         n = REQUESTS_PER_GROUP
         for i, (a, b, c, money) in enumerate(
             zip(_split(inp, n), _split(out, n), _split(cached, n), _split_money(cost, n), strict=True)
         ):
-            body = tokens(
-                customer,
-                g.provider,
-                g.model,
-                user=f"{customer.removeprefix('cus_demo').lower()}-u{i + 1}",
-                feature=feature,
-                inp=a,
-                out=b,
-                cached=c,
-                workspace=g.scope,
-                occurred_at=datetime.combine(g.day, time(9 + 3 * i), tzinfo=UTC),
-                cost=money,
-            )
-            call = client.post("provider_day", "/v1/usage", body, key=_key("day"))
+            scope: dict[str, Any] = {"workspace": g.scope} if g.scope is not None else {}
+            call = client.record_usage(
+                "provider_day", customer, request_id=_key("day"), provider=g.provider, model=g.model,
+                user_id=f"{customer.removeprefix('cus_demo').lower()}-u{i + 1}", feature=feature,
+                input_tokens=a, output_tokens=b, cached_tokens=c, cost_usd=money,
+                occurred_at=datetime.combine(g.day, time(9 + 3 * i), tzinfo=UTC), **scope,
+            )  # fmt: skip
             if call.status not in (200, 201):
                 raise RuntimeError(f"the usage API refused provider-day usage: {call.status} {call.body}")
             calls += 1

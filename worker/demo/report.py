@@ -45,6 +45,22 @@ def balance_row(summary: BalanceSummary, customer: DemoCustomer) -> dict[str, An
 EVIDENCE_KEYS = {"id", "source", "usage_records", "provider_cost_usd", "amount", "status", "type"}
 
 
+def provider_tokens(provider: str, usage: dict[str, Any]) -> dict[str, int]:
+    """Uncached input, cached input and output tokens of a provider's usage object (its own field names)."""
+    if provider == "openai":
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        return {
+            "input_tokens": int(usage["prompt_tokens"]) - cached,
+            "cached_tokens": cached,
+            "output_tokens": int(usage["completion_tokens"]),
+        }
+    return {
+        "input_tokens": int(usage["input_tokens"]) + int(usage.get("cache_creation_input_tokens") or 0),
+        "cached_tokens": int(usage.get("cache_read_input_tokens") or 0),
+        "output_tokens": int(usage["output_tokens"]),
+    }
+
+
 def usage_by_model(session: Session, customer_ids: list[str]) -> list[dict[str, Any]]:
     """Usage of the demo's customers by model (through the ledger's usage report): calls, tokens, credits, cost."""
     totals: dict[str, dict[str, Any]] = {}
@@ -194,6 +210,32 @@ def print_summary(console: Console, summary: dict[str, Any], story: StripeStory)
     console.print(balances)
     for c in story.customers:
         console.print(f"  [dim]{c.name}: {c.story}[/dim]")
+
+    ai = Table(
+        title="AI calls through the wrapped openai / anthropic SDKs: what the provider reported, what was charged",
+        title_justify="left",
+    )
+    for column in ("customer", "user", "feature", "model", "stream", "input", "cached", "output", "charged", "hold"):
+        ai.add_column(column, justify="right" if column in ("input", "cached", "output", "charged") else "left")
+    for row in summary["ai_calls"]:
+        reported = provider_tokens(row["provider"], row["reported"])
+        ai.add_row(
+            row["customer_id"],
+            row["user_id"],
+            row["feature"],
+            row["model"],
+            "yes" if row["stream"] else "",
+            format_credits(reported["input_tokens"]),
+            format_credits(reported["cached_tokens"]),
+            format_credits(reported["output_tokens"]),
+            format_credits(row["charged"]),
+            row["hold_status"],
+        )
+    console.print(ai)
+    console.print(
+        "  [dim]input: uncached prompt tokens; each call was held before it was made and captured at the usage "
+        "the provider reported, priced by the billing config[/dim]"
+    )
 
     usage = Table(title="Usage metered through the usage API, by model", title_justify="left")
     for column in ("model", "calls", "input tokens", "output tokens", "credits", "provider cost (USD)"):

@@ -1,7 +1,8 @@
 """``billing-reconciler demo``: the whole system, end to end, in one command.
 
 The steps: start the Stripe emulator, the receiver and a worker; deliver two months of signed Stripe webhooks
-(duplicated and shuffled, two pieces held back); meter AI usage through the usage API; reconcile against the
+(duplicated and shuffled, two pieces held back); meter AI calls made with the official openai and anthropic SDKs,
+wrapped by the client, against the demo's own provider (and more usage through the client); reconcile against the
 emulator and against the sample provider reports; print balances and mismatches; keep serving the review pages.
 """
 
@@ -31,6 +32,7 @@ from ledger.queries import balance_summary
 from worker.demo import environment as env
 from worker.demo import metering, report
 from worker.demo.environment import DemoError
+from worker.demo.provider import ProviderServer, SyntheticProvider
 from worker.demo.stripe_script import eve_loses_a_dispute, make_story, window_end
 
 INBOX_TIMEOUT_SECONDS = 90.0
@@ -234,10 +236,13 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
             statuses = wait_for_inbox(delivered_ids, alive=alive, timeout=INBOX_TIMEOUT_SECONDS)
         progress.done("worker applied the events: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
 
-        # --- usage through the usage API -------------------------------------------------------------------
+        # --- AI calls through the wrapped SDKs, and the usage API through the client ------------------------
         ids = {c.key: c.customer_id for c in story.customers}
+        ai_provider = SyntheticProvider()
+        provider_server = ProviderServer(ai_provider.app(), host=options.host).start()
+        stack.callback(provider_server.stop)
         usage_log = metering.UsageLog()
-        client = metering.UsageClient(receiver.url, creds.api_token, usage_log)
+        client = metering.DemoClient(receiver.url, creds.api_token, ai_provider, provider_server.url, usage_log)
         stack.callback(client.close)
         live = metering.meter_live(client, ids)
         failed_calls = [c for c in usage_log.calls if c.label in metering.MUST_SUCCEED and c.status not in (200, 201)]
@@ -249,9 +254,10 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
                 exit_code=1,
             )
         progress.done(
-            f"metered {sum(1 for c in usage_log.calls if c.label == 'usage')} AI calls over the usage API; "
-            f"retry with the same Idempotency-Key: {live.retry_first.status} then {live.retry_second.status}; "
-            f"Fay refused {live.refused_access.status}, Dan's oversized call {live.refused_credits.status}"
+            f"metered {len(usage_log.ai_calls)} AI calls made with the openai and anthropic SDKs wrapped by the "
+            f"client, against the demo's provider at {provider_server.url}; a retried usage record: "
+            f"{live.retry_first.status} then {live.retry_second.status}; Fay refused {live.refused_access.status} "
+            f"(the provider never called), Dan's oversized call {live.refused_credits.status}"
         )
         with progress.step("waiting for the timed-out hold to be released by the expiry sweep..."):
             hold_status = wait_for_hold_release(live.expired_hold_id, alive=alive)
@@ -320,6 +326,7 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
             violations = check_ledger(session)
             mismatches = report.open_mismatches(session)
             usage_by_model = report.usage_by_model(session, [c.customer_id for c in story.customers])
+            ai_calls = metering.settled_ai_calls(session, usage_log)
         summary: dict[str, Any] = {
             "backend": backend.label,
             "database_url": report.safe_url(backend.database_url),
@@ -348,7 +355,9 @@ def run_demo(options: DemoOptions, *, emit: Callable[[dict[str, Any]], None] = l
                 "expired_hold": {"request_id": live.expired_hold_id, "status": hold_status.value},
                 "refused": [live.refused_access.as_dict(), live.refused_credits.as_dict()],
                 "calls": len(usage_log.calls),
+                "provider": provider_server.url,
             },
+            "ai_calls": ai_calls,
             "reconciliation": {
                 "runs": [r.as_dict() for r in runs],
                 "open_mismatches_by_kind": dict(sorted(Counter(m["kind"] for m in mismatches).items())),

@@ -1,7 +1,7 @@
 """ledger_consume_many applies the common case of a batch set-wise: a few statements for the whole batch.
 
 Revision ID: hot_1
-Revises: money_2
+Revises: client_2
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from alembic import op
 
 revision = "hot_1"
-down_revision = "money_2"
+down_revision = "client_2"
 branch_labels = None
 depends_on = None
 
@@ -245,39 +245,13 @@ def many_function(*, limited: bool) -> str:
 
 MANY_FUNCTION = many_function(limited=False)
 
-# The access policy as PL/pgSQL: the same answers as migration subs_2's SQL function, but its plan is kept for the
-# session, where the SQL function was planned again in every statement that called it (about 0.1 ms a call,
-# measured with auto_explain: a quarter of a lone ledger_consume).
-SPENDABLE_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION ledger_spendable(p_state text, p_grace timestamptz, p_now timestamptz)
-RETURNS text[] LANGUAGE plpgsql STABLE AS $fn$
-DECLARE
-    v_key text := CASE WHEN p_state = 'past_due' AND p_grace IS NOT NULL AND p_now >= p_grace
-                       THEN 'past_due_after_grace' ELSE p_state END;
-    v_found boolean;
-    v_sources text;
-BEGIN
-    SELECT true, p.sources INTO v_found, v_sources FROM ledger_access_policy p WHERE p.policy_key = v_key;
-    IF v_found IS NULL THEN
-        RETURN CASE v_key WHEN 'suspended' THEN '{}'::text[]
-                          WHEN 'canceled' THEN '{adjustment,promotion,top_up}'::text[]
-                          WHEN 'past_due_after_grace' THEN '{adjustment,promotion,top_up}'::text[] END;
-    END IF;
-    RETURN CASE WHEN v_sources IS NULL THEN NULL ELSE string_to_array(v_sources, ',') END;
-END
-$fn$;
-"""
-
-
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(SPENDABLE_FUNCTION)
         op.execute(MANY_FUNCTION)
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(_sibling("0013_subs_access_policy").SPENDABLE_FUNCTION)
         op.execute(_sibling("0008_ledger_consume_many").MANY_FUNCTION)
 
 
