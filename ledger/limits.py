@@ -553,6 +553,12 @@ def reserve_limits(
     prepared = prepare_limits(session, customer_id, request, now=now, plans=plans, config=config)
     if prepared is None:
         return []
+    return take_room(session, prepared)
+
+
+def take_room(session: Session, prepared: PreparedLimits) -> list[Reservation]:
+    """Take the room of prepared rows in the caller's transaction (all or nothing); raise LimitExceeded."""
+    customer_id, request = prepared.customer_id, prepared.request
     for limit, row in zip(prepared.limits, prepared.rows, strict=True):
         if request.amount(limit.measure) > limit.maximum:  # more than a whole window holds: refused unwritten
             _refuse(session, customer_id, limit, request, row["scope_value"], (row["window_start"], row["window_end"]))
@@ -682,6 +688,69 @@ def release_limits(
     ]
     _give_back(session, taken, request)
     return len(taken)
+
+
+def _settled(name: str) -> Any:
+    # The cost column stores 10^-10 USD as an integer on both backends: its delta is added as that integer.
+    column = type_coerce(COUNTERS.c[name], BigInteger) if name == "cost_usd" else COUNTERS.c[name]
+    moved = column + bindparam(name + "_delta", type_=BigInteger)
+    return case((moved >= 0, moved), else_=0)
+
+
+_SETTLE = (
+    update(COUNTERS)
+    .where(
+        and_(
+            COUNTERS.c.limit_name == bindparam("l_name"),
+            COUNTERS.c.scope_value == bindparam("s_value"),
+            COUNTERS.c.window_start == bindparam("w_start"),
+        )
+    )
+    .values({name: _settled(name) for name in MEASURE_COLUMNS.values()})
+)
+
+
+def settle_limits(
+    session: Session,
+    rows: Sequence[dict[str, Any]] | None,
+    *,
+    requests: int | None = None,
+    units: int | None = None,
+    tokens: int | None = None,
+    cost_usd: int | None = None,
+) -> int:
+    """Move the counters a hold reserved (``rows`` as stored on it) from what it took to what it settled at.
+
+    A release settles at zero (the room goes back, in the windows it was taken in); a capture keeps the request
+    and settles the units at what was captured (tokens and cost at the capture's usage, when it reports one).
+    None keeps what was taken; cost in 10^-10 USD. Counters never go below zero; a capture above what was held
+    is counted even past a maximum (the call was served). Return how many counters were named.
+    """
+    if not rows:
+        return 0
+    settled = {"requests": requests, "units": units, "tokens": tokens, "cost_usd": cost_usd}
+    params = [
+        {
+            "l_name": row["limit_name"],
+            "s_value": row["scope_value"],
+            "w_start": datetime.fromisoformat(row["window_start"]),
+            **{
+                f"{name}_delta": (int(row[name]) if value is None else value) - int(row[name])
+                for name, value in settled.items()
+            },
+        }
+        for row in rows
+    ]
+    run(session, _SETTLE, params if len(params) > 1 else params[0])
+    return len(params)
+
+
+def limit_usage_of_capture(usage: UsageInput | None, config: BillingConfig | None = None) -> tuple[int, int] | None:
+    """The tokens and cost (10^-10 USD) a capture's usage reports, for settling a hold's limits; None without."""
+    if usage is None:
+        return None
+    request = limit_request(usage, units=0, config=config)
+    return request.tokens, int(request.cost_usd * _COST_SCALE)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,352 @@
+"""Holds take limit room: a hold keeps the limit rows it reserved; capture settles them, release and expiry give
+them back; PostgreSQL's hold functions do it in their own statement.
+
+Revision ID: limits_2
+Revises: money_1
+
+``holds.limit_rows`` is what the hold took, as ``limits_reserve`` takes it (ledger.limits.PreparedLimits.as_json:
+limit name, scope value, window, the request's requests / units / tokens / cost in 10^-10 USD): the counters to
+settle are named by the hold itself, so a release in another window, or after the config changed, gives back
+exactly the room that was taken, in the window it was taken in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "limits_2"
+down_revision = "money_1"
+branch_labels = None
+depends_on = None
+
+OLD_HOLD = "ledger_hold(text, text, text, bigint, text, text, timestamptz, timestamptz)"
+OLD_CAPTURE = "ledger_capture(text, bigint, text, text, timestamptz, jsonb)"
+NEW_HOLD = "ledger_hold(text, text, text, bigint, text, text, timestamptz, timestamptz, jsonb)"
+NEW_CAPTURE = "ledger_capture(text, bigint, text, text, timestamptz, jsonb, jsonb)"
+
+# ledger.limits.settle_limits, server-side: move each counter a hold reserved from what the hold took to what it
+# settled at (NULL: what it took, unchanged); never below zero. Every counter named is the hold's customer's, and
+# every caller holds that customer's account lock, so settlements of one customer cannot deadlock each other.
+SETTLE_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION limits_settle(
+    p_rows jsonb, p_requests bigint, p_units bigint, p_tokens bigint, p_cost bigint
+) RETURNS void LANGUAGE sql AS $fn$
+    UPDATE limit_counters c
+       SET requests = greatest(c.requests + coalesce(p_requests, r.requests) - r.requests, 0),
+           units = greatest(c.units + coalesce(p_units, r.units) - r.units, 0),
+           tokens = greatest(c.tokens + coalesce(p_tokens, r.tokens) - r.tokens, 0),
+           cost_usd = greatest(c.cost_usd + coalesce(p_cost, r.cost_usd) - r.cost_usd, 0)
+      FROM jsonb_to_recordset(p_rows) AS r(limit_name text, scope_value text, window_start timestamptz,
+                                          requests bigint, units bigint, tokens bigint, cost_usd bigint)
+     WHERE c.limit_name = r.limit_name AND c.scope_value = r.scope_value AND c.window_start = r.window_start
+$fn$;
+"""
+
+# ledger_hold as in 0013, taking room in the limits (``p_limits``: the rows, NULL when no limit applies) after
+# the draw, as ledger.holds' portable path does: a request the balance cannot cover is refused as insufficient
+# first; one a limit refuses gives its grant draw back (lapsed grants it expired stay expired: that is true
+# whatever this hold does) and answers ``limit_exceeded`` with the refused limit and what its counter held.
+HOLD_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION ledger_hold(
+    p_customer text, p_request_id text, p_key text, p_units bigint, p_hash text, p_actor text, p_now timestamptz,
+    p_expires_at timestamptz, p_limits jsonb,
+    OUT status text, OUT hold_units bigint, OUT expires_at timestamptz, OUT balance_after bigint,
+    OUT available bigint, OUT access_state text, OUT request_hash text, OUT limit_name text, OUT limit_used bigint
+) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    a record;
+    o record;
+    d record;
+    r record;
+    v_hold bigint;
+    v_entry bigint;
+    v_balance bigint;
+BEGIN
+    SELECT x.id, x.balance, x.held, x.debt, x.overdraft_limit, x.access_state, x.grace_until INTO a
+      FROM accounts x WHERE x.customer_id = p_customer FOR NO KEY UPDATE;
+    IF a.id IS NULL THEN
+        status := 'unknown_customer';
+        RETURN;
+    END IF;
+    access_state := a.access_state;
+    -- After the lock (a fresh snapshot): a concurrent first attempt of this request is seen once it committed.
+    SELECT x.balance_after, x.request_hash INTO o FROM entries x WHERE x.idempotency_key = p_key;
+    IF FOUND THEN
+        status := 'replay';
+        request_hash := o.request_hash;
+        balance_after := o.balance_after;
+        SELECT h.units, h.expires_at INTO hold_units, expires_at FROM holds h WHERE h.request_id = p_request_id;
+        RETURN;
+    END IF;
+    IF cardinality(ledger_spendable(a.access_state, a.grace_until, p_now)) = 0 THEN
+        status := 'access_refused';
+        RETURN;
+    END IF;
+    d := ledger_draw(a.id, a.balance, a.overdraft_limit, p_units, p_now, false);
+    IF NOT d.ok THEN
+        -- Refused as access when the credits the policy keeps from this state would have covered it.
+        status := CASE WHEN d.available < p_units AND d.unrestricted >= p_units THEN 'access_refused'
+                       ELSE 'insufficient' END;
+        available := d.available;
+        RETURN;
+    END IF;
+    IF p_limits IS NOT NULL THEN
+        r := limits_reserve(p_customer, p_limits);
+        IF r.refused IS NOT NULL THEN
+            UPDATE grants SET remaining = grants.remaining + t.take
+              FROM unnest(d.grant_ids, d.grant_units) AS t(id, take) WHERE grants.id = t.id;
+            IF d.balance <> a.balance THEN
+                UPDATE accounts SET balance = d.balance, updated_at = p_now WHERE id = a.id;
+            END IF;
+            status := 'limit_exceeded';
+            limit_name := r.refused;
+            limit_used := r.used;
+            RETURN;
+        END IF;
+    END IF;
+    INSERT INTO holds (account_id, request_id, units, captured_units, shortfall, status, expires_at, limit_rows)
+         VALUES (a.id, p_request_id, d.drawn, 0, 0, 'open', p_expires_at, p_limits)
+      RETURNING id INTO v_hold;
+    v_balance := d.balance - d.drawn;
+    INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
+                         request_hash, grant_id, hold_id, actor, reason)
+         VALUES (a.id, 'hold', -d.drawn, v_balance, d.uncovered, 0, p_key, p_hash,
+                 CASE WHEN array_length(d.grant_ids, 1) = 1 THEN d.grant_ids[1] END, v_hold, p_actor, 'hold placed')
+      RETURNING id INTO v_entry;
+    IF array_length(d.grant_ids, 1) > 1 THEN
+        INSERT INTO allocations (entry_id, grant_id, units)
+             SELECT v_entry, t.id, -t.take FROM unnest(d.grant_ids, d.grant_units) WITH ORDINALITY AS t(id, take, n)
+              ORDER BY t.n;
+    END IF;
+    UPDATE accounts SET balance = v_balance, held = a.held + d.drawn, debt = a.debt + d.uncovered, updated_at = p_now
+     WHERE id = a.id;
+    status := 'ok';
+    hold_units := d.drawn;
+    expires_at := p_expires_at;
+    balance_after := v_balance;
+    request_hash := p_hash;
+END
+$fn$;
+"""
+
+# ledger_capture as in 0009, settling the hold's limit room: the request stays counted, the units counter ends at
+# what was captured, tokens and cost at the capture's usage when it reports one (``p_limit_usage``:
+# {"tokens", "cost_usd" in 10^-10 USD}), else at the hold's estimate. Never refused: the call was served.
+CAPTURE_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION ledger_capture(
+    p_request_id text, p_wanted bigint, p_hash text, p_actor text, p_now timestamptz, p_usage jsonb,
+    p_limit_usage jsonb,
+    OUT status text, OUT customer_id text, OUT held bigint, OUT captured bigint, OUT released bigint,
+    OUT shortfall bigint, OUT balance_after bigint, OUT hold_status text, OUT request_hash text
+) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    h record;
+    a record;
+    o record;
+    d record;
+    b record;
+    v_account bigint;
+    v_wanted bigint;
+    v_extra bigint := 0;
+    v_uncovered bigint := 0;
+    v_ids bigint[] := '{}';
+    v_takes bigint[] := '{}';
+    v_balance bigint;
+    v_debt bigint;
+    v_usage bigint;
+    v_entry bigint;
+    v_key text := 'capture:' || p_request_id;
+BEGIN
+    SELECT x.account_id INTO v_account FROM holds x WHERE x.request_id = p_request_id;
+    IF v_account IS NULL THEN
+        status := 'unknown_hold';
+        RETURN;
+    END IF;
+    SELECT x.id, x.customer_id, x.balance, x.held, x.debt, x.overdraft_limit INTO a
+      FROM accounts x WHERE x.id = v_account FOR NO KEY UPDATE;
+    customer_id := a.customer_id;
+    -- Re-read under the account lock.
+    SELECT x.id, x.units, x.captured_units, x.shortfall, x.status, x.limit_rows INTO h
+      FROM holds x WHERE x.request_id = p_request_id;
+    hold_status := h.status;
+    SELECT x.request_hash INTO o FROM entries x WHERE x.idempotency_key = v_key;
+    IF FOUND THEN
+        status := 'replay';
+        request_hash := o.request_hash;
+        held := h.units;
+        captured := h.captured_units;
+        released := greatest(0, h.units - h.captured_units);
+        shortfall := h.shortfall;
+        SELECT x.balance_after INTO balance_after FROM entries x
+         WHERE x.idempotency_key IN (v_key, 'capture-release:' || p_request_id) ORDER BY x.id DESC LIMIT 1;
+        RETURN;
+    END IF;
+    IF h.status <> 'open' THEN
+        status := 'not_open';
+        RETURN;
+    END IF;
+    v_wanted := coalesce(p_wanted, h.units);
+    held := h.units;
+    v_balance := a.balance;
+    v_debt := a.debt;
+    shortfall := 0;
+    IF v_wanted > held THEN
+        -- The call used more than was held: charge what the balance (and overdraft) allows, report the rest.
+        d := ledger_draw(a.id, a.balance, a.overdraft_limit, v_wanted - held, p_now, true);
+        v_extra := d.drawn;
+        v_uncovered := d.uncovered;
+        v_ids := d.grant_ids;
+        v_takes := d.grant_units;
+        v_balance := d.balance;
+        shortfall := v_wanted - held - v_extra;
+    END IF;
+    captured := least(v_wanted, held) + v_extra;
+    IF p_usage IS NOT NULL THEN
+        INSERT INTO usage_records (account_id, request_id, user_id, workspace, feature, provider, model, operation,
+                                   input_tokens, output_tokens, cached_tokens, provider_cost_usd, units, billable,
+                                   environment, occurred_at)
+             VALUES (a.id, p_request_id, p_usage->>'user_id', p_usage->>'workspace', p_usage->>'feature',
+                     p_usage->>'provider', p_usage->>'model', p_usage->>'operation',
+                     (p_usage->>'input_tokens')::bigint, (p_usage->>'output_tokens')::bigint,
+                     (p_usage->>'cached_tokens')::bigint, (p_usage->>'provider_cost_usd')::numeric, captured,
+                     (p_usage->>'billable')::boolean, p_usage->>'environment',
+                     coalesce((p_usage->>'occurred_at')::timestamptz, p_now))
+          RETURNING id INTO v_usage;
+    END IF;
+    v_balance := v_balance - v_extra;
+    v_debt := v_debt + v_uncovered;
+    INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
+                         request_hash, grant_id, hold_id, usage_id, actor, reason)
+         VALUES (a.id, 'capture', -v_extra, v_balance, v_uncovered, 0, v_key, p_hash,
+                 CASE WHEN array_length(v_ids, 1) = 1 THEN v_ids[1] END, h.id, v_usage, p_actor,
+                 'captured ' || captured || ' of ' || held || ' held'
+                 || CASE WHEN shortfall > 0 THEN ', ' || shortfall || ' short' ELSE '' END)
+      RETURNING id INTO v_entry;
+    IF array_length(v_ids, 1) > 1 THEN
+        INSERT INTO allocations (entry_id, grant_id, units)
+             SELECT v_entry, t.id, -t.take FROM unnest(v_ids, v_takes) WITH ORDINALITY AS t(id, take, n) ORDER BY t.n;
+    END IF;
+    released := held - least(v_wanted, held);
+    IF released > 0 THEN
+        b := ledger_give_back(a.id, 'hold:' || p_request_id, released, v_debt);
+        v_balance := v_balance + released;
+        v_debt := v_debt - b.debt_back;
+        PERFORM ledger_release_entry(a.id, 'capture-release:' || p_request_id, released, b.debt_back, v_balance,
+                                     h.id, p_actor, 'unused part of a captured hold', b.grant_ids, b.grant_units);
+    END IF;
+    IF h.limit_rows IS NOT NULL THEN
+        PERFORM limits_settle(h.limit_rows, NULL, captured, (p_limit_usage->>'tokens')::bigint,
+                              (p_limit_usage->>'cost_usd')::bigint);
+    END IF;
+    UPDATE holds SET status = 'captured', captured_units = captured, shortfall = ledger_capture.shortfall,
+                     settled_at = p_now, usage_id = v_usage
+     WHERE id = h.id;
+    UPDATE accounts SET balance = v_balance, held = a.held - ledger_capture.held, debt = v_debt, updated_at = p_now
+     WHERE id = a.id;
+    status := 'ok';
+    hold_status := 'captured';
+    balance_after := v_balance;
+    request_hash := p_hash;
+END
+$fn$;
+"""
+
+# ledger_release as in 0009, giving the hold's limit room back in the windows it was taken in.
+RELEASE_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION ledger_release(
+    p_request_id text, p_actor text, p_now timestamptz,
+    OUT status text, OUT customer_id text, OUT hold_units bigint, OUT hold_status text, OUT expires_at timestamptz,
+    OUT balance_after bigint
+) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    h record;
+    a record;
+    b record;
+    v_account bigint;
+    v_balance bigint;
+BEGIN
+    SELECT x.account_id INTO v_account FROM holds x WHERE x.request_id = p_request_id;
+    IF v_account IS NULL THEN
+        status := 'unknown_hold';
+        RETURN;
+    END IF;
+    SELECT x.id, x.customer_id, x.balance, x.held, x.debt INTO a FROM accounts x WHERE x.id = v_account
+       FOR NO KEY UPDATE;
+    customer_id := a.customer_id;
+    SELECT x.id, x.units, x.status, x.expires_at, x.limit_rows INTO h FROM holds x WHERE x.request_id = p_request_id;
+    hold_units := h.units;
+    hold_status := h.status;
+    expires_at := h.expires_at;
+    IF h.status IN ('released', 'expired') THEN
+        status := 'replay';
+        SELECT x.balance_after INTO balance_after FROM entries x
+         WHERE x.idempotency_key IN ('hold:' || p_request_id, 'capture:' || p_request_id, 'release:' || p_request_id)
+         ORDER BY x.id DESC LIMIT 1;
+        RETURN;
+    END IF;
+    IF h.status = 'captured' THEN
+        status := 'not_open';
+        RETURN;
+    END IF;
+    b := ledger_give_back(a.id, 'hold:' || p_request_id, h.units, a.debt);
+    v_balance := a.balance + h.units;
+    PERFORM ledger_release_entry(a.id, 'release:' || p_request_id, h.units, b.debt_back, v_balance, h.id, p_actor,
+                                 'hold released', b.grant_ids, b.grant_units);
+    IF h.limit_rows IS NOT NULL THEN
+        PERFORM limits_settle(h.limit_rows, 0, 0, 0, 0);
+    END IF;
+    UPDATE holds SET status = 'released', settled_at = p_now WHERE id = h.id;
+    UPDATE accounts SET balance = v_balance, held = a.held - h.units, debt = a.debt - b.debt_back, updated_at = p_now
+     WHERE id = a.id;
+    status := 'ok';
+    hold_status := 'released';
+    balance_after := v_balance;
+END
+$fn$;
+"""
+
+
+def upgrade() -> None:
+    op.add_column(
+        "holds", sa.Column("limit_rows", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True)
+    )
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(f"DROP FUNCTION IF EXISTS {OLD_HOLD}")
+        op.execute(f"DROP FUNCTION IF EXISTS {OLD_CAPTURE}")
+        op.execute(SETTLE_FUNCTION)
+        op.execute(HOLD_FUNCTION)
+        op.execute(CAPTURE_FUNCTION)
+        op.execute(RELEASE_FUNCTION)
+
+
+def _sibling(name: str) -> Any:
+    """Another migration's module (to restore the functions as it created them)."""
+    spec = importlib.util.spec_from_file_location(f"_migration_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        holds, access = _sibling("0009_ledger_holds"), _sibling("0013_subs_access_policy")
+        op.execute(f"DROP FUNCTION IF EXISTS {NEW_HOLD}")
+        op.execute(f"DROP FUNCTION IF EXISTS {NEW_CAPTURE}")
+        op.execute("DROP FUNCTION IF EXISTS limits_settle(jsonb, bigint, bigint, bigint, bigint)")
+        # capture and release as they were (and 0009's draw and hold, which 0013's replace next)
+        op.execute("DROP FUNCTION IF EXISTS ledger_draw(bigint, bigint, bigint, bigint, timestamptz, boolean)")
+        op.execute(holds.FUNCTIONS)
+        op.execute(access.DRAW_FUNCTION)
+        op.execute(access.HOLD_FUNCTION)
+    with op.batch_alter_table("holds") as batch:
+        batch.drop_column("limit_rows")
