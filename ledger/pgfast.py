@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,15 @@ _CALL = (
     "SELECT status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
     "grant_ids, grant_units FROM ledger_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
 )
+# The form that also takes the request's limit rows (migration 0016): limits reserved in the same statement.
+LIMITED_SIGNATURE = "ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb, jsonb)"
+_CALL_LIMITED = (
+    "SELECT status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
+    "grant_ids, grant_units, limit_name, limit_used "
+    "FROM ledger_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+)
+# What a refusal by a limit is, given the refused limit's name and what its counter held (ledger.limits builds it).
+LimitRefusal = Callable[[str, int], LedgerError]
 MANY_SIGNATURE = "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[])"
 _CALL_MANY = (
     "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
@@ -135,6 +144,35 @@ def consume(session: Session, request: Consumption) -> ConsumeResult:
     if not result.replayed and session.identity_map:
         forget_moved(session, [g for g, _ in result.funded_by])
     return result
+
+
+def consume_limited(
+    session: Session, request: Consumption, limit_rows: str | None, refusal: LimitRefusal | None
+) -> ConsumeResult:
+    """Consume and take the request's limit room (``limit_rows``) in one ``ledger_consume`` call, in the
+    session's transaction; a limit's refusal is ``refusal``'s error, with nothing written."""
+    row = call(session, _CALL_LIMITED, (*_params(request), limit_rows))
+    result = _result(row, request, refusal)
+    if not result.replayed and session.identity_map:
+        forget_moved(session, [g for g, _ in result.funded_by])
+    return result
+
+
+def consume_limited_autocommit(
+    engine: Engine, request: Consumption, limit_rows: str | None, refusal: LimitRefusal | None
+) -> ConsumeOutcome:
+    """:func:`consume_limited` as a transaction of its own (one statement in autocommit); a refusal is returned."""
+    try:
+        (row,) = _in_autocommit(engine, _CALL_LIMITED, (*_params(request), limit_rows))
+    except DBAPIError as exc:
+        refused = refused_request(exc, request.request_id)
+        if refused is None:
+            raise
+        return refused
+    try:
+        return _result(row, request, refusal)
+    except LedgerError as exc:
+        return exc
 
 
 def consume_many_autocommit(engine: Engine, requests: Sequence[Consumption]) -> list[ConsumeOutcome]:
@@ -294,10 +332,12 @@ def _outcome(row: Any, request: Consumption) -> ConsumeOutcome:
         return exc
 
 
-def _result(row: Any, request: Consumption) -> ConsumeResult:
+def _result(row: Any, request: Consumption, refusal: LimitRefusal | None = None) -> ConsumeResult:
     """The function's row as the ledger's result, or its refusal as the ledger's error."""
     customer_id, request_id = request.customer_id, request.request_id
-    status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row
+    status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row[:10]
+    if status == "limit_exceeded" and refusal is not None:
+        raise refusal(row[10], row[11])
     if status == "unknown_customer":
         raise UnknownCustomer(customer_id)
     if status == "access_refused":

@@ -29,6 +29,7 @@ OLD_HOLD = "ledger_hold(text, text, text, bigint, text, text, timestamptz, times
 OLD_CAPTURE = "ledger_capture(text, bigint, text, text, timestamptz, jsonb)"
 NEW_HOLD = "ledger_hold(text, text, text, bigint, text, text, timestamptz, timestamptz, jsonb)"
 NEW_CAPTURE = "ledger_capture(text, bigint, text, text, timestamptz, jsonb, jsonb)"
+LIMITED_CONSUME = "ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb, jsonb)"
 
 # ledger.limits.settle_limits, server-side: move each counter a hold reserved from what the hold took to what it
 # settled at (NULL: what it took, unchanged); never below zero. Every counter named is the hold's customer's, and
@@ -314,6 +315,271 @@ END
 $fn$;
 """
 
+# ledger_consume (as in 0013) with the low-balance check, and a second form that also takes the request's limits
+# in the same statement (``p_limits``: ledger.limits.PreparedLimits.as_json), as ledger.consume's portable path does
+# in the consumption's savepoint: after the replay, access and balance checks, before anything is written (on the
+# fast path, after the conditional draw, which a refusal undoes). A replay takes no room.
+CONSUME_TEMPLATE = r"""CREATE OR REPLACE FUNCTION ledger_consume(
+    p_customer text, p_request_id text, p_key text, p_units bigint, p_hash text,
+    p_actor text, p_reason text, p_now timestamptz, p_usage jsonb{limit_param},
+    OUT status text, OUT entry_id bigint, OUT balance_after bigint, OUT usage_id bigint, OUT units bigint,
+    OUT available bigint, OUT access_state text, OUT request_hash text, OUT grant_ids bigint[],
+    OUT grant_units bigint[]{limit_outs}
+) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_account bigint;
+    v_balance bigint;
+    v_debt bigint;
+    v_overdraft bigint;
+    v_state text;
+    v_grace timestamptz;
+    v_orig bigint;
+    v_gids bigint[];
+    v_grem bigint[];
+    v_gexp timestamptz[];
+    o record;
+    v_lapsed bigint := 0;
+    v_need bigint := 0;
+    v_take bigint;
+    v_ids bigint[] := '{{}}';
+    v_takes bigint[] := '{{}}';
+    v_lapsed_ids bigint[] := '{{}}';
+    v_lapsed_units bigint[] := '{{}}';
+    v_entry bigint;
+    v_usage bigint;
+    v_grant bigint;
+    v_allowed text[];
+    v_gsrc text[];
+    v_allowed_sum bigint := 0;
+    i int;
+    r record;
+    v_threshold bigint;
+    v_before bigint;
+    v_after bigint;
+BEGIN
+    -- Fast path, the common case: no debt, no lapsed grant, access allowed, and the first grant in draw order
+    -- covers it all. Its outcome is what the general path would give; it only takes fewer statements.
+    -- The conditional UPDATE takes the account's row lock and applies the guard in one statement (a concurrent
+    -- consumer waits, then the guard is re-checked against the row it committed), so nothing can overdraw.
+    IF p_units > 0 THEN
+        UPDATE accounts a SET balance = a.balance - p_units, updated_at = p_now
+         WHERE a.customer_id = p_customer AND a.debt = 0 AND a.balance + a.overdraft_limit >= p_units
+           -- Only a state that may spend every grant source takes the fast path (the access policy).
+           AND ledger_spendable(a.access_state, a.grace_until, p_now) IS NULL
+           -- Lapsed grants still holding units are expired by the general path first, as the Python path does.
+           AND NOT EXISTS (SELECT 1 FROM grants x WHERE x.account_id = a.id AND x.remaining > 0
+                                                    AND x.expires_at <= p_now)
+        RETURNING a.id, a.balance, a.access_state, a.overdraft_limit
+             INTO v_account, v_balance, v_state, v_overdraft;
+        IF v_account IS NOT NULL THEN
+            -- A fresh snapshot, taken under the lock: a committed first attempt of this request is seen.
+            UPDATE grants g SET remaining = g.remaining - p_units
+             WHERE g.id = (SELECT d.id FROM grants d
+                            WHERE d.account_id = v_account AND d.remaining > 0
+                              AND (d.expires_at IS NULL OR d.expires_at > p_now)
+                            ORDER BY d.priority DESC, d.expires_at ASC NULLS LAST, d.id LIMIT 1)
+               AND g.remaining >= p_units
+               AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.idempotency_key = p_key)
+            RETURNING g.id INTO v_grant;
+            IF v_grant IS NOT NULL THEN{reserve_fast}
+                IF p_usage IS NOT NULL THEN
+                    INSERT INTO usage_records (account_id, request_id, user_id, workspace, feature, provider, model,
+                                               operation, input_tokens, output_tokens, cached_tokens,
+                                               provider_cost_usd, units, billable, environment, occurred_at)
+                         VALUES (v_account, p_request_id, p_usage->>'user_id', p_usage->>'workspace',
+                                 p_usage->>'feature', p_usage->>'provider', p_usage->>'model', p_usage->>'operation',
+                                 (p_usage->>'input_tokens')::bigint, (p_usage->>'output_tokens')::bigint,
+                                 (p_usage->>'cached_tokens')::bigint, (p_usage->>'provider_cost_usd')::numeric,
+                                 p_units, (p_usage->>'billable')::boolean, p_usage->>'environment',
+                                 coalesce((p_usage->>'occurred_at')::timestamptz, p_now))
+                      RETURNING id INTO v_usage;
+                END IF;
+                INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta,
+                                     idempotency_key, request_hash, grant_id, usage_id, actor, reason)
+                     VALUES (v_account, 'consume', -p_units, v_balance, 0, 0, p_key, p_hash, v_grant, v_usage,
+                             p_actor, p_reason)
+                  RETURNING id INTO v_entry;{notice_fast}
+                SELECT 'ok'::text, v_entry, v_balance, v_usage, p_units, NULL::bigint, v_state, p_hash,
+                       ARRAY[v_grant], ARRAY[p_units]
+                  INTO status, entry_id, balance_after, usage_id, units, available, access_state, request_hash,
+                       grant_ids, grant_units;
+                RETURN;
+            END IF;
+            -- Not the simple case (a retry, or more than one grant to draw): undo, take the general path.
+            UPDATE accounts SET balance = balance + p_units WHERE id = v_account;
+            v_account := NULL;
+        END IF;
+    END IF;
+    -- General path. The row lock serializes every movement on this account: no read-then-write race.
+    SELECT a.id, a.balance, a.debt, a.overdraft_limit, a.access_state, a.grace_until
+      INTO v_account, v_balance, v_debt, v_overdraft, v_state, v_grace
+      FROM accounts a WHERE a.customer_id = p_customer FOR NO KEY UPDATE;
+    IF v_account IS NULL THEN
+        SELECT 'unknown_customer'::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+            NULL::bigint, NULL::text, NULL::text, NULL::bigint[], NULL::bigint[]
+          INTO status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, grant_ids, grant_units;
+        RETURN;
+    END IF;
+    -- After the lock (a fresh snapshot): a concurrent first attempt of this request is seen once it committed.
+    -- Draw order: higher priority first, then earliest expiry (never-expiring last), then oldest.
+    SELECT (SELECT e.id FROM entries e WHERE e.idempotency_key = p_key),
+           array_agg(g.id ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.id),
+           array_agg(g.remaining ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.id),
+           array_agg(g.expires_at ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.id),
+           array_agg(g.source ORDER BY g.priority DESC, g.expires_at ASC NULLS LAST, g.id)
+      INTO v_orig, v_gids, v_grem, v_gexp, v_gsrc
+      FROM grants g WHERE g.account_id = v_account AND g.remaining > 0;
+    IF v_orig IS NOT NULL THEN
+        SELECT e.id, e.units, e.debt_delta, e.balance_after, e.usage_id, e.request_hash, e.grant_id INTO o
+          FROM entries e WHERE e.id = v_orig;
+        SELECT array_agg(al.grant_id ORDER BY al.id), array_agg(-al.units ORDER BY al.id) INTO v_ids, v_takes
+          FROM allocations al WHERE al.entry_id = o.id;
+        IF v_ids IS NULL THEN  -- no allocation rows: the entry's one grant (if any) moved all of it
+            IF o.grant_id IS NOT NULL AND o.units + o.debt_delta <> 0 THEN
+                v_ids := ARRAY[o.grant_id];
+                v_takes := ARRAY[-(o.units + o.debt_delta)];
+            ELSE
+                v_ids := '{{}}';
+                v_takes := '{{}}';
+            END IF;
+        END IF;
+        SELECT 'replay'::text, o.id, o.balance_after, o.usage_id, -o.units, NULL::bigint, v_state,
+            o.request_hash::text, v_ids, v_takes
+          INTO status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, grant_ids, grant_units;
+        RETURN;
+    END IF;
+    -- The access policy: NULL spends every grant source, an empty list none (refused), else only those listed.
+    v_allowed := ledger_spendable(v_state, v_grace, p_now);
+    IF cardinality(v_allowed) = 0 THEN
+        SELECT 'access_refused'::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+            NULL::bigint, v_state, NULL::text, NULL::bigint[], NULL::bigint[]
+          INTO status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, grant_ids, grant_units;
+        RETURN;
+    END IF;{reserve_zero}
+    IF p_units > 0 THEN
+        v_need := p_units;
+        FOR i IN 1 .. coalesce(array_length(v_gids, 1), 0) LOOP
+            IF v_gexp[i] IS NOT NULL AND v_gexp[i] <= p_now THEN
+                v_lapsed_ids := v_lapsed_ids || v_gids[i];
+                v_lapsed_units := v_lapsed_units || v_grem[i];
+                v_lapsed := v_lapsed + v_grem[i];
+            ELSIF v_allowed IS NULL OR v_gsrc[i] = ANY(v_allowed) THEN
+                v_allowed_sum := v_allowed_sum + v_grem[i];
+                IF v_need > 0 THEN
+                    v_take := least(v_need, v_grem[i]);
+                    v_ids := v_ids || v_gids[i];
+                    v_takes := v_takes || v_take;
+                    v_need := v_need - v_take;
+                END IF;
+            END IF;
+        END LOOP;
+        -- Limited to some sources: what they hold (no overdraft, no new debt); refused as access when the
+        -- credits it may not spend would have covered it.
+        IF v_allowed IS NOT NULL AND least(v_allowed_sum, v_balance - v_lapsed) < p_units THEN
+            SELECT CASE WHEN v_balance - v_lapsed + v_overdraft >= p_units THEN 'access_refused' ELSE 'insufficient' END,
+                NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+                greatest(0, least(v_allowed_sum, v_balance - v_lapsed)), v_state, NULL::text, NULL::bigint[],
+                NULL::bigint[]
+              INTO status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, grant_ids, grant_units;
+            RETURN;
+        END IF;
+        IF v_balance - v_lapsed + v_overdraft < p_units THEN
+            SELECT 'insufficient'::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+                greatest(0, v_balance - v_lapsed + v_overdraft), v_state, NULL::text, NULL::bigint[], NULL::bigint[]
+              INTO status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, grant_ids, grant_units;
+            RETURN;
+        END IF;{reserve_general}
+        FOR i IN 1 .. coalesce(array_length(v_lapsed_ids, 1), 0) LOOP
+            UPDATE grants SET remaining = 0, expired_at = p_now WHERE id = v_lapsed_ids[i];
+            v_balance := v_balance - v_lapsed_units[i];
+            INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
+                                 grant_id, actor, reason)
+                 VALUES (v_account, 'expire', -v_lapsed_units[i], v_balance, 0, 0,
+                         'expire:' || v_lapsed_ids[i] || ':' || v_lapsed_units[i] || ':' || p_now::text,
+                         v_lapsed_ids[i], 'system', 'grant expired');
+        END LOOP;
+        IF array_length(v_ids, 1) = 1 THEN
+            UPDATE grants SET remaining = remaining - v_takes[1] WHERE id = v_ids[1];
+        ELSIF array_length(v_ids, 1) > 1 THEN
+            UPDATE grants SET remaining = grants.remaining - t.take
+              FROM unnest(v_ids, v_takes) AS t(id, take) WHERE grants.id = t.id;
+        END IF;
+    END IF;
+    IF p_usage IS NOT NULL THEN
+        INSERT INTO usage_records (account_id, request_id, user_id, workspace, feature, provider, model, operation,
+                                   input_tokens, output_tokens, cached_tokens, provider_cost_usd, units, billable,
+                                   environment, occurred_at)
+             VALUES (v_account, p_request_id, p_usage->>'user_id', p_usage->>'workspace', p_usage->>'feature',
+                     p_usage->>'provider', p_usage->>'model', p_usage->>'operation',
+                     (p_usage->>'input_tokens')::bigint, (p_usage->>'output_tokens')::bigint,
+                     (p_usage->>'cached_tokens')::bigint, (p_usage->>'provider_cost_usd')::numeric, p_units,
+                     (p_usage->>'billable')::boolean, p_usage->>'environment',
+                     coalesce((p_usage->>'occurred_at')::timestamptz, p_now))
+          RETURNING id INTO v_usage;
+    END IF;
+    v_balance := v_balance - p_units;
+    -- One grant funding the whole draw is named by the entry (no allocation row); several get one row each.
+    INSERT INTO entries (account_id, kind, units, balance_after, debt_delta, frozen_delta, idempotency_key,
+                         request_hash, grant_id, usage_id, actor, reason)
+         VALUES (v_account, 'consume', -p_units, v_balance, v_need, 0, p_key, p_hash,
+                 CASE WHEN array_length(v_ids, 1) = 1 THEN v_ids[1] END, v_usage, p_actor, p_reason)
+      RETURNING id INTO v_entry;
+    IF array_length(v_ids, 1) > 1 THEN
+        INSERT INTO allocations (entry_id, grant_id, units)
+             SELECT v_entry, t.id, -t.take FROM unnest(v_ids, v_takes) WITH ORDINALITY AS t(id, take, n) ORDER BY t.n;
+    END IF;
+    UPDATE accounts SET balance = v_balance, debt = v_debt + v_need, updated_at = p_now WHERE id = v_account;{notice}
+    SELECT 'ok'::text, v_entry, v_balance, v_usage, p_units, NULL::bigint, v_state, p_hash, v_ids, v_takes
+      INTO status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, grant_ids, grant_units;
+END
+$fn$
+"""
+
+_RESERVE = """
+    IF p_limits IS NOT NULL{also} THEN
+        r := limits_reserve(p_customer, p_limits);
+        IF r.refused IS NOT NULL THEN
+            {undo}status := 'limit_exceeded';
+            access_state := v_state;
+            limit_name := r.refused;
+            limit_used := r.used;
+            RETURN;
+        END IF;
+    END IF;"""
+# balance.low / balance.depleted (ledger.outbox.note_balance): one primary-key probe for the threshold; the outbox
+# is written only when this consumption took the spendable balance across it, or to zero.
+_NOTICE = """
+    IF p_units > 0 THEN
+        v_before := greatest(0, v_balance + p_units + v_overdraft);
+        v_after := greatest(0, v_balance + v_overdraft);
+        SELECT t.effective_units INTO v_threshold FROM balance_thresholds t WHERE t.account_id = v_account;
+        IF (v_after < v_threshold AND v_threshold <= v_before) OR (v_after <= 0 AND v_before > 0) THEN
+            PERFORM balance_notice(v_account, p_customer, v_before, v_after, 'usage');
+        END IF;
+    END IF;"""
+
+
+def _indented(text: str, spaces: int) -> str:
+    return "\n".join((" " * spaces + line) if line.strip() else line for line in text.split("\n"))
+
+
+def consume_function(*, limited: bool) -> str:
+    """ledger_consume's text: the 9-argument form, or (``limited``) the form taking the request's limits too."""
+    fast_undo = (
+        "UPDATE grants SET remaining = remaining + p_units WHERE id = v_grant;\n"
+        "            UPDATE accounts SET balance = balance + p_units WHERE id = v_account;\n            "
+    )
+    return CONSUME_TEMPLATE.format(
+        limit_param=", p_limits jsonb" if limited else "",
+        limit_outs=", OUT limit_name text, OUT limit_used bigint" if limited else "",
+        reserve_fast=_indented(_RESERVE.format(also="", undo=fast_undo), 12) if limited else "",
+        reserve_zero=_RESERVE.format(also=" AND p_units = 0", undo="") if limited else "",
+        reserve_general=_indented(_RESERVE.format(also="", undo=""), 4) if limited else "",
+        notice_fast=_indented(_NOTICE, 12),
+        notice=_NOTICE,
+    )
+
+
 
 def upgrade() -> None:
     op.add_column(
@@ -326,6 +592,8 @@ def upgrade() -> None:
         op.execute(HOLD_FUNCTION)
         op.execute(CAPTURE_FUNCTION)
         op.execute(RELEASE_FUNCTION)
+        op.execute(consume_function(limited=False))
+        op.execute(consume_function(limited=True))
 
 
 def _sibling(name: str) -> Any:
@@ -342,6 +610,8 @@ def downgrade() -> None:
         holds, access = _sibling("0009_ledger_holds"), _sibling("0013_subs_access_policy")
         op.execute(f"DROP FUNCTION IF EXISTS {NEW_HOLD}")
         op.execute(f"DROP FUNCTION IF EXISTS {NEW_CAPTURE}")
+        op.execute(f"DROP FUNCTION IF EXISTS {LIMITED_CONSUME}")
+        op.execute(access.CONSUME_FUNCTION)
         op.execute("DROP FUNCTION IF EXISTS limits_settle(jsonb, bigint, bigint, bigint, bigint)")
         # capture and release as they were (and 0009's draw and hold, which 0013's replace next)
         op.execute("DROP FUNCTION IF EXISTS ledger_draw(bigint, bigint, bigint, bigint, timestamptz, boolean)")
