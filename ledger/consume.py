@@ -192,7 +192,7 @@ def _prepare(session: Session, request: Consumption, config: BillingConfig) -> l
     return limits.prepare_limits(session, request.customer_id, counted, now=request.now, config=config)
 
 
-def _limit_args(prepared: limits.PreparedLimits | None) -> tuple[str | None, pgfast.LimitRefusal | None]:
+def _limit_args(prepared: limits.PreparedLimits | None) -> pgfast.Limited:
     if prepared is None:
         return None, None
     return prepared.as_json(), prepared.refusal
@@ -201,7 +201,7 @@ def _limit_args(prepared: limits.PreparedLimits | None) -> tuple[str | None, pgf
 def _apply_limited_autocommit(
     engine: Engine, requests: Sequence[Consumption], config: BillingConfig
 ) -> list[ConsumeOutcome]:
-    """Each consumption as one statement in autocommit that also takes its limits' room (PostgreSQL)."""
+    """The consumptions in one statement that also takes each one's limit room (PostgreSQL), as without limits."""
     prepared: list[limits.PreparedLimits | LedgerError | None] = []
     # The plans and suspension are read here when the config has entitlements, plan limits or suspending plans;
     # otherwise the session never touches the database.
@@ -211,12 +211,14 @@ def _apply_limited_autocommit(
                 prepared.append(_prepare(session, request, config))
             except LedgerError as exc:
                 prepared.append(exc)
+    chosen = [(i, rows) for i, rows in enumerate(prepared) if not isinstance(rows, LedgerError)]
+    applied = pgfast.consume_many_autocommit(
+        engine, [requests[i] for i, _ in chosen], [_limit_args(rows) for _, rows in chosen]
+    )
+    by_position = {i: outcome for (i, _), outcome in zip(chosen, applied, strict=True)}
     outcomes: list[ConsumeOutcome] = []
-    for request, rows in zip(requests, prepared, strict=True):
-        if isinstance(rows, LedgerError):
-            outcomes.append(rows)
-        else:
-            outcomes.append(pgfast.consume_limited_autocommit(engine, request, *_limit_args(rows)))
+    for i, rows in enumerate(prepared):
+        outcomes.append(rows if isinstance(rows, LedgerError) else by_position[i])
     return outcomes
 
 

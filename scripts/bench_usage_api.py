@@ -17,6 +17,12 @@ prepared``), each statement its own transaction as the API sends it: ``ledger_co
 pair is pgbench's transaction); ``ledger_consume_many`` with 100 random accounts a call (8 clients). The ratios
 say what share of the database's own rate the API delivers with HTTP, JSON, auth and Python on top.
 
+``--limits`` measures instead what limits cost (issue 14's target: at most 15% of the consume rate):
+``POST /v1/usage`` with attributed usage (operation, user, model, provider cost) at 64 connections, against a
+server whose billing config has three limits that apply to every call (requests per customer per hour, tokens per
+user per day, the cost of gpt-4* models per month; maxima never reached) and one notification endpoint, beside the
+same calls against a server with no config; the two alternate, ``--rounds`` times each, 1 worker.
+
 ``--sqlite`` also measures the embedded default (a SQLite file, 1,000 accounts, 1 worker; no target). ``--quick``
 uses small sizes (a smoke run: the figures mean little). Needs pgbench and PostgreSQL.
 
@@ -53,6 +59,31 @@ TARGET_USAGE_RATIO = 0.60
 TARGET_P99_MS = 50.0
 TARGET_HOLD_RATIO = 0.40
 TARGET_BATCH_RATE = 20_000.0
+TARGET_LIMITS_COST = 0.15
+# Three limits every benchmark call falls under (maxima never reached) and one notification endpoint.
+LIMITS_CONFIG = """
+[[limits]]
+name = "requests-per-customer-hourly"
+window = "hour"
+max_requests = 1000000000000
+
+[[limits]]
+name = "tokens-per-user-daily"
+scope = "user"
+window = "day"
+max_tokens = 1000000000000000
+
+[[limits]]
+name = "gpt4-cost-monthly"
+model = "gpt-4*"
+window = "month"
+max_cost_usd = "100000000"
+
+[[notifications.endpoints]]
+url = "http://127.0.0.1:9/billing-events"
+events = ["*"]
+secret_env = "BENCH_NOTIFY_SECRET"
+"""
 
 # Sizes for scripts/bench_all.py: smoke runs every path in seconds, with few connections (the test suite runs it
 # beside other scripts on one PostgreSQL server).
@@ -98,6 +129,15 @@ async def _drive(options: dict[str, Any]) -> dict[str, Any]:
             account, run.encode(), conn, n, suffix.encode()
         )
 
+    def attributed_body(conn: int, n: int) -> bytes:
+        # A call as a product reports it: who, what, which model, its tokens and provider cost.
+        account = rng.randint(1, accounts)
+        return (
+            b'{"customer_id":"bench_%d","request_id":"%s-%d-%d","units":1,"operation":"chat","user_id":"u_%d",'
+            b'"provider":"openai","model":"gpt-4o-2024-08-06","input_tokens":1200,"output_tokens":300,'
+            b'"provider_cost_usd":"0.0072"}' % (account, run.encode(), conn, n, rng.randint(1, 20))
+        )
+
     async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
         writer.write(request)
         return await _read_response(reader)
@@ -113,6 +153,9 @@ async def _drive(options: dict[str, Any]) -> dict[str, Any]:
                 ok, units = status == 200, 1
             elif mode == "usage":
                 status, _ = await exchange(reader, writer, _post("/v1/usage", usage_body(conn, n)))
+                ok, units = status == 201, 1
+            elif mode == "usage_attributed":
+                status, _ = await exchange(reader, writer, _post("/v1/usage", attributed_body(conn, n)))
                 ok, units = status == 201, 1
             elif mode == "hold_capture":
                 status, _ = await exchange(reader, writer, _post("/v1/holds", usage_body(conn, n)))
@@ -187,11 +230,15 @@ def _free_port() -> int:
 class Server:
     """``billing-reconciler serve`` in a subprocess."""
 
-    def __init__(self, database_url: str, workers: int) -> None:
+    def __init__(self, database_url: str, workers: int, billing_config: Path | None = None) -> None:
         self.port = _free_port()
         self.metrics_dir = tempfile.mkdtemp(prefix="bench-usage-metrics-")
         env = {**os.environ, "DATABASE_URL": database_url, "API_TOKENS": TOKEN, "LOG_LEVEL": "WARNING",
                "CELERY_BROKER_URL": ""}  # fmt: skip
+        env.pop("BILLING_CONFIG", None)
+        if billing_config is not None:
+            env["BILLING_CONFIG"] = str(billing_config)
+            env["BENCH_NOTIFY_SECRET"] = "whsec_bench"
         if workers > 1:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         command = [sys.executable, "-c", "from worker.cli import main; main()", "serve", "--port", str(self.port)]
@@ -339,6 +386,74 @@ def measure_workers(url: str, workers: int, args: argparse.Namespace) -> dict[st
     return figures
 
 
+def measure_limits(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Attributed consumption against a server with three limits and one endpoint, and against one with none."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-usage-limits-"))
+    config = workdir / "billing.toml"
+    config.write_text(LIMITS_CONFIG, encoding="utf-8")
+    runs: dict[str, list[dict[str, Any]]] = {"none": [], "limits": []}
+    try:
+        for _ in range(args.rounds):
+            for side in ("none", "limits"):
+                server = Server(url, 1, config if side == "limits" else None)
+                try:
+                    runs[side].append(run_loadgen(server.port, "usage_attributed", args,
+                                                  connections=args.connections, accounts=args.accounts))  # fmt: skip
+                finally:
+                    server.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        counters = conn.execute(text("SELECT count(*), coalesce(sum(requests), 0) FROM limit_counters")).one()
+    engine.dispose()
+    return {"runs": runs, "counters": counters[0], "counted_requests": int(counters[1])}
+
+
+def report_limits(results: dict[str, Any]) -> list[str]:
+    """Print the limits comparison as figures and its verdict."""
+    from benchkit import figure, machine_load
+
+    runs = results["limits"]["runs"]
+    total = {side: sum(r["rate"] for r in runs[side]) / len(runs[side]) for side in runs}
+    p99 = {side: max(r["p99_ms"] for r in runs[side]) for side in runs}
+    ratio = total["limits"] / total["none"]
+    cost = 1 - ratio
+    conns = results["connections"]
+    print(f"\n{machine_load()}")
+    for side in ("none", "limits"):
+        rates = ", ".join(f"{r['rate']:,.0f}" for r in runs[side])
+        failed = {k: v for r in runs[side] for k, v in r["outcomes"].items() if k != "ok"}
+        note = f"; not ok: {failed}" if failed else ""
+        print(f"{side:>7}: {rates} req/s by round (p99 up to {p99[side]:.1f} ms){note}")
+    work = (
+        f"POST /v1/usage with attributed usage (operation, user, model, tokens, provider cost), {conns} "
+        "connections, 1 worker; billing config with 3 limits on every call (requests/customer/hour, "
+        "tokens/user/day, gpt-4* cost/month) and 1 notification endpoint: one ledger_consume statement that also "
+        "takes the 3 counters"
+    )
+    baseline_work = (
+        f"the same calls, {conns} connections, 1 worker, no billing config: one ledger_consume statement; "
+        f"the two sides alternate, {len(runs['none'])} rounds each"
+    )
+    figure(
+        "usage API consumption with 3 limits + 1 endpoint (req/s)",
+        f"{total['limits']:,.0f}",
+        baseline=f"{total['none']:,.0f} req/s without",
+        ratio=ratio,
+        work=work,
+        baseline_work=baseline_work,
+    )
+    print(f"limit counters written: {results['limits']['counters']}, requests counted: "
+          f"{results['limits']['counted_requests']:,}")  # fmt: skip
+    verdict = (f"limits cost {cost:.1%} of the consume rate (target <= {TARGET_LIMITS_COST:.0%}): "
+               f"{'met' if cost <= TARGET_LIMITS_COST else 'NOT met'}")  # fmt: skip
+    print("verdict:", verdict)
+    return [verdict]
+
+
 def measure_sqlite(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-usage-sqlite-"))
     url = f"sqlite:///{workdir / 'billing.db'}"
@@ -425,6 +540,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--workers", default="1,2", help="server worker counts to measure")
     parser.add_argument("--sqlite", action="store_true", help="also measure the embedded SQLite default")
+    parser.add_argument("--limits", action="store_true",
+                        help="measure only what three limits and a notification endpoint cost the usage API")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each side with --limits")
     parser.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
@@ -445,6 +563,13 @@ def main() -> None:
     }  # fmt: skip
     try:
         seed(url, args.accounts)
+        if args.limits:
+            results["limits"] = measure_limits(url, args)
+            results["load"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            results["verdicts"] = report_limits(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return
         for workers in (int(w) for w in args.workers.split(",")):
             results["postgres"].append(measure_workers(url, workers, args))
         if args.sqlite:

@@ -376,6 +376,8 @@ class TestConfig:
             ('[[limits]]\nname = "a"\nscope = "team"\nwindow = "day"\nmax_requests = 1\n', "limits.0.scope"),
             ('[[limits]]\nname = "a"\nwindow = "day"\nmax_cost_usd = 0.1\n', "limits.0.max_cost_usd"),
             ('[[limits]]\nname = "a"\nwindow = "day"\nmax_requests = -1\n', "limits.0.max_requests"),
+            # Counters are BIGINTs, a cost in 10^-10 USD: 10^9 USD would not fit one (at most ~9.2 x 10^8).
+            ('[[limits]]\nname = "a"\nwindow = "day"\nmax_cost_usd = "1000000000"\n', "limits.0.max_cost_usd"),
             ('[[limits]]\nname = "a"\nwindow = "day"\nmax_requests = 1\n' * 2, "limits.name: duplicate"),
             ('[[limits]]\nname = "a"\nplans = ["nope"]\nwindow = "day"\nmax_requests = 1\n', "limits.0.plans"),
             ('[[plans]]\nprice = "p"\ncredits_per_period = 1\nlow_balance_units = 5\nlow_balance_share = "0.1"\n',

@@ -30,6 +30,9 @@ OLD_CAPTURE = "ledger_capture(text, bigint, text, text, timestamptz, jsonb)"
 NEW_HOLD = "ledger_hold(text, text, text, bigint, text, text, timestamptz, timestamptz, jsonb)"
 NEW_CAPTURE = "ledger_capture(text, bigint, text, text, timestamptz, jsonb, jsonb)"
 LIMITED_CONSUME = "ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb, jsonb)"
+LIMITED_MANY = (
+    "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[], jsonb)"
+)
 
 # ledger.limits.settle_limits, server-side: move each counter a hold reserved from what the hold took to what it
 # settled at (NULL: what it took, unchanged); never below zero. Every counter named is the hold's customer's, and
@@ -580,6 +583,46 @@ def consume_function(*, limited: bool) -> str:
     )
 
 
+# ledger_consume_many (0008) with each item's limit rows: the batch the usage API's writer groups, in one statement
+# as without limits (each item one ledger_consume taking its limits; a refusal is that item's status). The items'
+# rows come as one JSON array (an item's element null when no limit applies), not a jsonb[]: the driver quotes
+# every element of a text array character by character, which cost more than the limits themselves.
+MANY_LIMITED_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION ledger_consume_many(
+    p_customers text[], p_request_ids text[], p_keys text[], p_units bigint[], p_hashes text[], p_actors text[],
+    p_reasons text[], p_nows timestamptz[], p_usages jsonb[], p_limits jsonb
+) RETURNS TABLE (
+    idx integer, status text, entry_id bigint, balance_after bigint, usage_id bigint, units bigint,
+    available bigint, access_state text, request_hash text, grant_ids bigint[], grant_units bigint[],
+    limit_name text, limit_used bigint
+) LANGUAGE plpgsql AS $fn$
+DECLARE
+    i integer;
+    r record;
+BEGIN
+    FOR i IN SELECT t.n FROM unnest(p_customers) WITH ORDINALITY AS t(c, n) ORDER BY t.c COLLATE "C", t.n LOOP
+        SELECT c.* INTO r
+          FROM ledger_consume(p_customers[i], p_request_ids[i], p_keys[i], p_units[i], p_hashes[i], p_actors[i],
+                              p_reasons[i], p_nows[i], p_usages[i], nullif(p_limits -> (i - 1), 'null')) c;
+        idx := i;
+        status := r.status;
+        entry_id := r.entry_id;
+        balance_after := r.balance_after;
+        usage_id := r.usage_id;
+        units := r.units;
+        available := r.available;
+        access_state := r.access_state;
+        request_hash := r.request_hash;
+        grant_ids := r.grant_ids;
+        grant_units := r.grant_units;
+        limit_name := r.limit_name;
+        limit_used := r.limit_used;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+"""
+
 
 def upgrade() -> None:
     op.add_column(
@@ -594,6 +637,7 @@ def upgrade() -> None:
         op.execute(RELEASE_FUNCTION)
         op.execute(consume_function(limited=False))
         op.execute(consume_function(limited=True))
+        op.execute(MANY_LIMITED_FUNCTION)
 
 
 def _sibling(name: str) -> Any:
@@ -610,6 +654,7 @@ def downgrade() -> None:
         holds, access = _sibling("0009_ledger_holds"), _sibling("0013_subs_access_policy")
         op.execute(f"DROP FUNCTION IF EXISTS {NEW_HOLD}")
         op.execute(f"DROP FUNCTION IF EXISTS {NEW_CAPTURE}")
+        op.execute(f"DROP FUNCTION IF EXISTS {LIMITED_MANY}")
         op.execute(f"DROP FUNCTION IF EXISTS {LIMITED_CONSUME}")
         op.execute(access.CONSUME_FUNCTION)
         op.execute("DROP FUNCTION IF EXISTS limits_settle(jsonb, bigint, bigint, bigint, bigint)")
