@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from typing import Any, NoReturn
 
 from sqlalchemy import BigInteger, Table, and_, bindparam, case, select, type_coerce, update
@@ -154,7 +155,32 @@ def applies(limit: Limit, plans: Sequence[str], request: LimitRequest) -> bool:
 
 def applicable_limits(config: BillingConfig, plans: Sequence[str], request: LimitRequest) -> list[Limit]:
     """The limits of the config that cover this request, by name (the order counters are locked in)."""
-    return sorted((limit for limit in config.limits if applies(limit, plans, request)), key=lambda lim: lim.name)
+    return [limit for limit in _facts(config).by_name if applies(limit, plans, request)]
+
+
+@dataclass(frozen=True)
+class _ConfigFacts:
+    """What every consumption asks of the config, worked out once per config (it is read once, at start-up)."""
+
+    config: BillingConfig
+    by_name: tuple[Limit, ...]
+    needs_plans: bool
+    suspends: bool
+
+
+_FACTS: dict[int, _ConfigFacts] = {}
+
+
+def _facts(config: BillingConfig) -> _ConfigFacts:
+    found = _FACTS.get(id(config))
+    if found is None or found.config is not config:
+        found = _FACTS[id(config)] = _ConfigFacts(
+            config,
+            tuple(sorted(config.limits, key=lambda lim: lim.name)),
+            _needs_plans_of(config),
+            _suspends_of(config),
+        )
+    return found
 
 
 def _add_month(moment: datetime) -> datetime:
@@ -229,13 +255,21 @@ def enforced(config: BillingConfig) -> bool:
 
 
 def _needs_plans(config: BillingConfig) -> bool:
+    return _facts(config).needs_plans
+
+
+def _suspends(config: BillingConfig) -> bool:
+    return _facts(config).suspends
+
+
+def _needs_plans_of(config: BillingConfig) -> bool:
     return any(lim.plans is not None or lim.window is LimitWindow.BILLING_PERIOD for lim in config.limits) or any(
         p.allow_operations is not None or p.allow_features is not None or p.allow_models is not None
         for p in config.plans
     )
 
 
-def _suspends(config: BillingConfig) -> bool:
+def _suspends_of(config: BillingConfig) -> bool:
     return any(p.on_spike is OnSpike.SUSPEND for p in config.plans)
 
 
@@ -380,6 +414,12 @@ def _reserve_statement(dialect: Any) -> Any:
 
 _RESERVE = for_each_backend(_reserve_statement)
 _COST_SCALE = Decimal(10) ** 10
+_quote = json.encoder.encode_basestring_ascii
+
+
+@lru_cache(maxsize=1024)
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
 
 
 def _stored_maximum(limit: Limit) -> int:
@@ -442,17 +482,19 @@ class PreparedLimits:
 
     def as_json(self) -> str:
         """The rows as ``limits_reserve(customer, rows jsonb)`` takes them: integers, cost in 10^-10 USD."""
-        return json.dumps(
-            [
-                {
-                    **row,
-                    "window_start": row["window_start"].isoformat(),
-                    "window_end": row["window_end"].isoformat(),
-                    "cost_usd": int(row["cost_usd"] * _COST_SCALE),
-                    "scope": limit.scope.value,
-                }
+        # Written out directly (every consumption under a limit sends it): names JSON-quoted, windows' ISO text
+        # cached, amounts integers (validated).
+        return (
+            "["
+            + ",".join(
+                f'{{"limit_name":{_quote(row["limit_name"])},"scope_value":{_quote(row["scope_value"])},'
+                f'"window_start":"{_iso(row["window_start"])}","window_end":"{_iso(row["window_end"])}",'
+                f'"requests":{int(row["requests"])},"units":{int(row["units"])},"tokens":{int(row["tokens"])},'
+                f'"cost_usd":{int(row["cost_usd"] * _COST_SCALE)},"measure":"{row["measure"]}",'
+                f'"maximum":{int(row["maximum"])},"scope":"{limit.scope.value}"}}'
                 for limit, row in zip(self.limits, self.rows, strict=True)
-            ]
+            )
+            + "]"
         )
 
     def reservations(self, used: Sequence[int | Decimal]) -> list[Reservation]:
