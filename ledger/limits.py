@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from ledger import pgfast
 from ledger.config import BillingConfig, Limit, LimitMeasure, LimitScope, LimitWindow, OnSpike, get_billing_config
 from ledger.errors import AccessRefused, InvalidRequest, LimitExceeded, NotEntitled
-from ledger.models import Grant, GrantSource, LimitCounter, UsageSuspension
+from ledger.models import Grant, GrantSource, LimitCounter, Subscription, UsageSuspension
 from ledger.outbox import emit
 from ledger.posting import ACCOUNTS, as_utc, for_each_backend, run
 from ledger.pricing import UsageInput, provider_cost
@@ -40,6 +40,7 @@ from ledger.pricing import UsageInput, provider_cost
 COUNTERS: Table = LimitCounter.__table__  # type: ignore[assignment]
 SUSPENSIONS: Table = UsageSuspension.__table__  # type: ignore[assignment]
 GRANTS: Table = Grant.__table__  # type: ignore[assignment]
+SUBSCRIPTIONS: Table = Subscription.__table__  # type: ignore[assignment]
 MEASURE_COLUMNS = {
     LimitMeasure.REQUESTS: "requests",
     LimitMeasure.UNITS: "units",
@@ -276,17 +277,58 @@ def _suspends_of(config: BillingConfig) -> bool:
 # --- reads ------------------------------------------------------------------------------------------------------
 
 
+# Subscription statuses under which a customer is on the subscription's plan (past_due included: its access
+# policy decides what it may spend, its plan still says what it may use).
+LIVE_STATUSES = ("active", "trialing", "past_due")
+
+
 def customer_plans(
     session: Session, customer_id: str, now: datetime, *, config: BillingConfig | None = None
 ) -> CustomerPlans:
-    """The plans a customer is on now and the current period, from its renewal grants covering ``now``.
+    """The plans a customer is on now and the current period: from its subscriptions (those live now), else,
+    for a customer with no subscription on record, from its renewal grants covering ``now``."""
+    config = config or get_billing_config()
+    if not config.plans:
+        return CustomerPlans()
+    found = _plans_from_subscriptions(session, customer_id, now, config)
+    if found is not None:
+        return found
+    return _plans_from_renewals(session, customer_id, now, config)
+
+
+def _plans_from_subscriptions(
+    session: Session, customer_id: str, now: datetime, config: BillingConfig
+) -> CustomerPlans | None:
+    """The configured plans of the customer's live subscriptions (the period: the first one's containing ``now``);
+    None when no subscription of the customer has a status on record."""
+    rows = session.execute(
+        select(SUBSCRIPTIONS.c.status, SUBSCRIPTIONS.c.price, SUBSCRIPTIONS.c.current_period_start,
+               SUBSCRIPTIONS.c.current_period_end)
+        .join(ACCOUNTS, ACCOUNTS.c.id == SUBSCRIPTIONS.c.account_id)
+        .where(ACCOUNTS.c.customer_id == customer_id, SUBSCRIPTIONS.c.status.is_not(None))
+        .order_by(SUBSCRIPTIONS.c.subscription_id)
+    ).all()  # fmt: skip
+    if not rows:
+        return None
+    plans: list[str] = []
+    period: tuple[datetime, datetime] | None = None
+    for row in rows:
+        plan = config.plan_for_price(row.price)
+        if row.status not in LIVE_STATUSES or plan is None or plan.price in plans:
+            continue
+        plans.append(plan.price)
+        start, end = as_utc(row.current_period_start), as_utc(row.current_period_end)
+        if period is None and start is not None and end is not None and start <= now < end:
+            period = (start, end)
+    return CustomerPlans(tuple(plans), period)
+
+
+def _plans_from_renewals(session: Session, customer_id: str, now: datetime, config: BillingConfig) -> CustomerPlans:
+    """The plans named by the customer's renewal grants covering ``now``, and their period.
 
     A renewal grant records its period and names its plan at the start of its reason (the invoice handler
     writes ``"<plan name or price> subscription_cycle in_..."``).
     """
-    config = config or get_billing_config()
-    if not config.plans:
-        return CustomerPlans()
     rows = session.execute(
         select(GRANTS.c.reason, GRANTS.c.period_start, GRANTS.c.period_end)
         .join(ACCOUNTS, ACCOUNTS.c.id == GRANTS.c.account_id)
