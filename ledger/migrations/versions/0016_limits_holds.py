@@ -623,6 +623,104 @@ END
 $fn$;
 """
 
+# limits_reserve (0014) as a loop over the request's rows, in limit-name order (the lock order): an UPDATE of the
+# counter by its key, guarded by the maximum (the common case: one index probe and a HOT update per limit); a new
+# window's counter inserted (ON CONFLICT DO NOTHING, then the guarded UPDATE again: a concurrent reservation may
+# have created it first). Measured against 0014's one multi-row INSERT ... ON CONFLICT DO UPDATE with its CTEs,
+# which cost more than the three updates themselves. The same results: all or none, the first refused row and
+# its counter's value, limit.reached once when a counter reaches its maximum.
+RESERVE_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION limits_reserve(
+    p_customer text, p_rows jsonb, OUT refused text, OUT used bigint, OUT counters bigint[]
+) LANGUAGE plpgsql AS $fn$
+DECLARE
+    r record;
+    v_used bigint;
+    v_amount bigint;
+    v_reached int[] := '{}';
+    i int := 0;
+BEGIN
+    counters := '{}';
+    FOR r IN SELECT * FROM jsonb_to_recordset(p_rows) AS x(
+                 limit_name text, scope_value text, window_start timestamptz, window_end timestamptz,
+                 requests bigint, units bigint, tokens bigint, cost_usd bigint, measure text, maximum bigint,
+                 scope text) LOOP
+        i := i + 1;
+        v_used := NULL;
+        v_amount := CASE r.measure WHEN 'requests' THEN r.requests WHEN 'units' THEN r.units
+                                   WHEN 'tokens' THEN r.tokens ELSE r.cost_usd END;
+        UPDATE limit_counters c
+           SET requests = c.requests + r.requests, units = c.units + r.units, tokens = c.tokens + r.tokens,
+               cost_usd = c.cost_usd + r.cost_usd, measure = r.measure, maximum = r.maximum
+         WHERE c.limit_name = r.limit_name AND c.scope_value = r.scope_value AND c.window_start = r.window_start
+           AND CASE r.measure WHEN 'requests' THEN c.requests WHEN 'units' THEN c.units WHEN 'tokens' THEN c.tokens
+                              ELSE c.cost_usd END + v_amount <= r.maximum
+        RETURNING CASE c.measure WHEN 'requests' THEN c.requests WHEN 'units' THEN c.units
+                                 WHEN 'tokens' THEN c.tokens ELSE c.cost_usd END INTO v_used;
+        IF NOT FOUND AND v_amount <= r.maximum THEN
+            -- A new window (or scope value): its counter starts at this request.
+            INSERT INTO limit_counters (limit_name, scope_value, window_start, window_end, requests, units,
+                                        tokens, cost_usd, measure, maximum)
+                 VALUES (r.limit_name, r.scope_value, r.window_start, r.window_end, r.requests, r.units,
+                         r.tokens, r.cost_usd, r.measure, r.maximum)
+            ON CONFLICT (limit_name, scope_value, window_start) DO NOTHING
+            RETURNING v_amount INTO v_used;
+            IF NOT FOUND THEN
+                -- A concurrent reservation created it first (this statement's snapshot sees it committed).
+                UPDATE limit_counters c
+                   SET requests = c.requests + r.requests, units = c.units + r.units, tokens = c.tokens + r.tokens,
+                       cost_usd = c.cost_usd + r.cost_usd, measure = r.measure, maximum = r.maximum
+                 WHERE c.limit_name = r.limit_name AND c.scope_value = r.scope_value AND c.window_start = r.window_start
+                   AND CASE r.measure WHEN 'requests' THEN c.requests WHEN 'units' THEN c.units WHEN 'tokens' THEN c.tokens
+                                      ELSE c.cost_usd END + v_amount <= r.maximum
+                RETURNING CASE c.measure WHEN 'requests' THEN c.requests WHEN 'units' THEN c.units
+                                         WHEN 'tokens' THEN c.tokens ELSE c.cost_usd END INTO v_used;
+            END IF;
+        END IF;
+        IF v_used IS NULL THEN
+            refused := r.limit_name;
+            EXIT;
+        END IF;
+        counters := counters || v_used;
+        IF v_used >= r.maximum AND v_used - v_amount < r.maximum THEN
+            v_reached := v_reached || i;
+        END IF;
+    END LOOP;
+    IF refused IS NULL THEN
+        IF cardinality(v_reached) > 0 THEN
+            INSERT INTO outbox (event_id, type, customer_id, data, created_at)
+            SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''), 'limit.reached', p_customer,
+                   json_build_object('limit', q.limit_name, 'scope', q.scope, 'scope_value', q.scope_value,
+                                     'measure', q.measure, 'used', outbox_amount(q.measure, counters[q.pos::int]),
+                                     'maximum', outbox_amount(q.measure, q.maximum),
+                                     'window_start', outbox_iso(q.window_start), 'reset_at', outbox_iso(q.window_end)),
+                   clock_timestamp()
+              FROM ROWS FROM (jsonb_to_recordset(p_rows) AS (limit_name text, scope_value text,
+                       window_start timestamptz, window_end timestamptz, measure text, maximum bigint, scope text))
+                   WITH ORDINALITY AS q(limit_name, scope_value, window_start, window_end, measure, maximum, scope, pos)
+             WHERE q.pos = ANY (v_reached) ORDER BY q.pos;
+        END IF;
+        RETURN;
+    END IF;
+    counters := NULL;
+    -- Refused: give back what the rows before it took (all or none); answer the refused one and its use.
+    UPDATE limit_counters c
+       SET requests = greatest(c.requests - x.requests, 0), units = greatest(c.units - x.units, 0),
+           tokens = greatest(c.tokens - x.tokens, 0), cost_usd = greatest(c.cost_usd - x.cost_usd, 0)
+      FROM ROWS FROM (jsonb_to_recordset(p_rows) AS (limit_name text, scope_value text, window_start timestamptz,
+                                                     requests bigint, units bigint, tokens bigint, cost_usd bigint))
+           WITH ORDINALITY AS x(limit_name, scope_value, window_start, requests, units, tokens, cost_usd, pos)
+     WHERE x.pos < i AND c.limit_name = x.limit_name AND c.scope_value = x.scope_value
+       AND c.window_start = x.window_start;
+    SELECT CASE r.measure WHEN 'requests' THEN c.requests WHEN 'units' THEN c.units WHEN 'tokens' THEN c.tokens
+                          ELSE c.cost_usd END INTO used
+      FROM limit_counters c
+     WHERE c.limit_name = r.limit_name AND c.scope_value = r.scope_value AND c.window_start = r.window_start;
+    used := coalesce(used, 0);
+END
+$fn$;
+"""
+
 
 def upgrade() -> None:
     op.add_column(
@@ -632,6 +730,7 @@ def upgrade() -> None:
         op.execute(f"DROP FUNCTION IF EXISTS {OLD_HOLD}")
         op.execute(f"DROP FUNCTION IF EXISTS {OLD_CAPTURE}")
         op.execute(SETTLE_FUNCTION)
+        op.execute(RESERVE_FUNCTION)
         op.execute(HOLD_FUNCTION)
         op.execute(CAPTURE_FUNCTION)
         op.execute(RELEASE_FUNCTION)
@@ -658,6 +757,7 @@ def downgrade() -> None:
         op.execute(f"DROP FUNCTION IF EXISTS {LIMITED_CONSUME}")
         op.execute(access.CONSUME_FUNCTION)
         op.execute("DROP FUNCTION IF EXISTS limits_settle(jsonb, bigint, bigint, bigint, bigint)")
+        op.execute(_sibling("0014_notify_limits_outbox").PG_LIMIT_FUNCTIONS)
         # capture and release as they were (and 0009's draw and hold, which 0013's replace next)
         op.execute("DROP FUNCTION IF EXISTS ledger_draw(bigint, bigint, bigint, bigint, timestamptz, boolean)")
         op.execute(holds.FUNCTIONS)
