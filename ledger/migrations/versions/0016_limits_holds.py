@@ -727,6 +727,10 @@ def upgrade() -> None:
         "holds", sa.Column("limit_rows", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True)
     )
     if op.get_bind().dialect.name == "postgresql":
+        # Every consumption under a limit updates its counters: with 70% fill half the updates found no room on
+        # their page (measured: 48% HOT), so each also wrote all three indexes. A counter is a small row per scope
+        # value and window; 20% fill keeps its new versions on its page (measured: 98% HOT).
+        op.execute("ALTER TABLE limit_counters SET (fillfactor = 20)")
         op.execute(f"DROP FUNCTION IF EXISTS {OLD_HOLD}")
         op.execute(f"DROP FUNCTION IF EXISTS {OLD_CAPTURE}")
         op.execute(SETTLE_FUNCTION)
@@ -750,6 +754,7 @@ def _sibling(name: str) -> Any:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE limit_counters SET (fillfactor = 70)")
         holds, access = _sibling("0009_ledger_holds"), _sibling("0013_subs_access_policy")
         op.execute(f"DROP FUNCTION IF EXISTS {NEW_HOLD}")
         op.execute(f"DROP FUNCTION IF EXISTS {NEW_CAPTURE}")
