@@ -21,7 +21,9 @@ say what share of the database's own rate the API delivers with HTTP, JSON, auth
 ``POST /v1/usage`` with attributed usage (operation, user, model, provider cost) at 64 connections, against a
 server whose billing config has three limits that apply to every call (requests per customer per hour, tokens per
 user per day, the cost of gpt-4* models per month; maxima never reached) and one notification endpoint, beside the
-same calls against a server with no config; the two alternate, ``--rounds`` times each, 1 worker.
+same calls against a server with no config; the two alternate, ``--rounds`` times each, 1 worker. Measured in the
+steady state: the windows' counters (2 per customer, 1 per customer and user) exist beforehand, as they do after a
+window's first calls (creating one is an insert instead of an update, once per scope value and window).
 
 ``--sqlite`` also measures the embedded default (a SQLite file, 1,000 accounts, 1 worker; no target). ``--quick``
 uses small sizes (a smoke run: the figures mean little). Needs pgbench and PostgreSQL.
@@ -392,6 +394,7 @@ def measure_limits(url: str, args: argparse.Namespace) -> dict[str, Any]:
     config = workdir / "billing.toml"
     config.write_text(LIMITS_CONFIG, encoding="utf-8")
     runs: dict[str, list[dict[str, Any]]] = {"none": [], "limits": []}
+    prime_counters(url, args.accounts)
     try:
         for _ in range(args.rounds):
             for side in ("none", "limits"):
@@ -410,6 +413,36 @@ def measure_limits(url: str, args: argparse.Namespace) -> dict[str, Any]:
         counters = conn.execute(text("SELECT count(*), coalesce(sum(requests), 0) FROM limit_counters")).one()
     engine.dispose()
     return {"runs": runs, "counters": counters[0], "counted_requests": int(counters[1])}
+
+
+def prime_counters(url: str, accounts: int) -> None:
+    """Create this hour's, day's and month's counters of LIMITS_CONFIG at zero for every customer and user."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, text
+
+    from ledger.config import LimitWindow
+    from ledger.limits import window_bounds
+
+    now = datetime.now(UTC)
+    bounds = {w: window_bounds(w, now) for w in (LimitWindow.HOUR, LimitWindow.DAY, LimitWindow.MONTH)}
+    rows = [
+        ("requests-per-customer-hourly", "", LimitWindow.HOUR, "requests", 10**12),
+        ("gpt4-cost-monthly", "", LimitWindow.MONTH, "cost_usd", 10**18),
+    ] + [("tokens-per-user-daily", f"/user:u_{u}", LimitWindow.DAY, "tokens", 10**15) for u in range(1, 21)]
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for name, suffix, window, measure, maximum in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO limit_counters (limit_name, scope_value, window_start, window_end, measure, maximum) "
+                    "SELECT :name, 'bench_' || g || :suffix, :start, :end, :measure, :maximum "
+                    "FROM generate_series(1, :n) g ON CONFLICT DO NOTHING"
+                ),
+                {"name": name, "suffix": suffix, "start": bounds[window][0], "end": bounds[window][1],
+                 "measure": measure, "maximum": maximum, "n": accounts},
+            )  # fmt: skip
+    engine.dispose()
 
 
 def report_limits(results: dict[str, Any]) -> list[str]:
