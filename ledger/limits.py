@@ -5,8 +5,11 @@ use per window (a UTC calendar hour, day or month, or the customer's billing per
 (limit, scope value, window) has a counter row; :func:`reserve_limits` adds a request to every applicable
 counter with a conditional upsert (``... ON CONFLICT DO UPDATE ... WHERE used + n <= max``), so under any number
 of concurrent requests at most the maximum passes, on PostgreSQL as on SQLite. It runs in the caller's
-transaction (the consumption's, or the hold's): a refused or rolled-back consumption takes no room, and
-:func:`release_limits` gives a released hold's room back.
+transaction (the consumption's, or the hold's): a refused or rolled-back consumption takes no room. A hold keeps
+the rows it took (``holds.limit_rows``): :func:`settle_limits` moves them to what a capture used, or gives them back
+on release or expiry, in the windows they were taken in. On PostgreSQL the ledger functions do all of it in their
+own statement (``ledger_consume`` / ``ledger_hold`` calling ``limits_reserve``, ``ledger_capture`` /
+``ledger_release`` calling ``limits_settle``).
 
 Entitlements (``allow_operations``, ``allow_features``, ``allow_models`` on a plan) say what a plan may use at
 all; a customer on several plans may use what any of them allows.
