@@ -740,7 +740,15 @@ def upgrade() -> None:
         op.execute(RELEASE_FUNCTION)
         op.execute(consume_function(limited=False))
         op.execute(consume_function(limited=True))
-        op.execute(MANY_LIMITED_FUNCTION)
+        op.execute(_many_limited())
+
+
+def _many_limited() -> str:
+    """ledger_consume_many's limited form: hot_1's set-wise one (0018, on main, written to take these rows) when
+    this migration runs after it, else the item-by-item one above. Both call the limited ledger_consume."""
+    if Path(__file__).with_name("0018_hot_consume_many_set.py").exists():
+        return str(_sibling("0018_hot_consume_many_set").many_function(limited=True))
+    return MANY_LIMITED_FUNCTION
 
 
 def _sibling(name: str) -> Any:
