@@ -33,6 +33,7 @@ from ledger.errors import (
     UnknownHold,
 )
 from ledger.models import EntryKind, Hold, HoldStatus
+from ledger.outbox import note_balance
 from ledger.portable import debit, find_original, insert_usage
 from ledger.posting import (
     ENTRIES,
@@ -340,9 +341,23 @@ def _place_hold_rows(session: Session, request: HoldRequest) -> HoldResult:
         allocations=[(g, -u) for g, u in funded],
     )
     save_account(session, account)
+    _note_drop(session, account, drawn, balance_after, cause="hold")
     return HoldResult(
         request_id, customer_id, drawn, HoldStatus.OPEN, request.expires_at, balance_after, replayed=False
     )
+
+
+def _note_drop(session: Session, account: LockedAccount, units: int, balance_after: int, *, cause: str) -> None:
+    """balance.low / balance.depleted when drawing ``units`` took the spendable balance across a line."""
+    if units:
+        note_balance(
+            session,
+            account_id=account.id,
+            customer_id=account.customer_id,
+            before=max(0, balance_after + units + account.overdraft_limit),
+            after=max(0, balance_after + account.overdraft_limit),
+            cause=cause,
+        )
 
 
 def _give_back(
@@ -565,6 +580,7 @@ def _capture_portable(session: Session, request: CaptureRequest) -> CaptureResul
     )
     tokens, cost = request.limit_usage if request.limit_usage is not None else (None, None)
     limits.settle_limits(session, hold.limit_rows, units=captured, tokens=tokens, cost_usd=cost)
+    _note_drop(session, account, extra, balance_after, cause="capture")  # extra > 0 releases nothing below
     released = held - min(wanted, held)
     if released:
         balance_after = _give_back(

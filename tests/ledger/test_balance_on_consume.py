@@ -141,3 +141,32 @@ class TestLimitedConsumptionIsOneStatement:
         with unit_of_work() as session:
             (status,) = limits.limit_usage(session, customer, now=utcnow())
         assert status.used == 6
+
+
+class TestCrossingOnHolds:
+    def test_hold_release_hold_capture_hand_worked(self, ledger_engine: Engine) -> None:
+        from ledger.holds import capture_hold_standalone, place_hold_standalone, release_hold_standalone
+
+        customer = customer_with_threshold(300)
+        place_hold_standalone(customer, request_id=unique("h"), units=150)  # 300 -> 150: above 100, nothing
+        second = unique("h")
+        place_hold_standalone(customer, request_id=second, units=60)  # 150 -> 90: low
+        release_hold_standalone(second)  # 90 -> 150: back above
+        third = unique("h")
+        place_hold_standalone(customer, request_id=third, units=100)  # 150 -> 50: low again
+        # The call used 160 of 100 held: 50 more are drawn (all there is), 10 short: 50 -> 0, depleted.
+        captured = capture_hold_standalone(third, units=160)
+        assert (captured.captured, captured.shortfall) == (150, 10)
+        assert [(t, d["balance_before"], d["balance"], d["cause"]) for t, d in crossings(customer)] == [
+            ("balance.low", 150, 90, "hold"),
+            ("balance.low", 150, 50, "hold"),
+            ("balance.depleted", 50, 0, "capture"),
+        ]
+
+    def test_refused_hold_emits_nothing(self, ledger_engine: Engine) -> None:
+        from ledger.holds import place_hold_standalone
+
+        customer = customer_with_threshold(120)
+        with pytest.raises(InsufficientCredits):
+            place_hold_standalone(customer, request_id=unique("h"), units=121)
+        assert crossings(customer) == []

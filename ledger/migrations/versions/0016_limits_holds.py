@@ -72,6 +72,7 @@ DECLARE
     v_hold bigint;
     v_entry bigint;
     v_balance bigint;
+    v_threshold bigint;
 BEGIN
     SELECT x.id, x.balance, x.held, x.debt, x.overdraft_limit, x.access_state, x.grace_until INTO a
       FROM accounts x WHERE x.customer_id = p_customer FOR NO KEY UPDATE;
@@ -131,6 +132,16 @@ BEGIN
     END IF;
     UPDATE accounts SET balance = v_balance, held = a.held + d.drawn, debt = a.debt + d.uncovered, updated_at = p_now
      WHERE id = a.id;
+    -- balance.low / balance.depleted when the hold took the spendable balance across a line (as ledger_consume).
+    IF d.drawn > 0 THEN
+        SELECT t.effective_units INTO v_threshold FROM balance_thresholds t WHERE t.account_id = a.id;
+        IF (greatest(0, v_balance + a.overdraft_limit) < v_threshold
+            AND v_threshold <= greatest(0, v_balance + d.drawn + a.overdraft_limit))
+           OR (v_balance + a.overdraft_limit <= 0 AND v_balance + d.drawn + a.overdraft_limit > 0) THEN
+            PERFORM balance_notice(a.id, p_customer, greatest(0, v_balance + d.drawn + a.overdraft_limit),
+                                   greatest(0, v_balance + a.overdraft_limit), 'hold');
+        END IF;
+    END IF;
     status := 'ok';
     hold_units := d.drawn;
     expires_at := p_expires_at;
@@ -168,6 +179,7 @@ DECLARE
     v_usage bigint;
     v_entry bigint;
     v_key text := 'capture:' || p_request_id;
+    v_threshold bigint;
 BEGIN
     SELECT x.account_id INTO v_account FROM holds x WHERE x.request_id = p_request_id;
     IF v_account IS NULL THEN
@@ -255,6 +267,16 @@ BEGIN
      WHERE id = h.id;
     UPDATE accounts SET balance = v_balance, held = a.held - ledger_capture.held, debt = v_debt, updated_at = p_now
      WHERE id = a.id;
+    -- A capture above what was held draws more (and then releases nothing): it may cross a line too.
+    IF v_extra > 0 THEN
+        SELECT t.effective_units INTO v_threshold FROM balance_thresholds t WHERE t.account_id = a.id;
+        IF (greatest(0, v_balance + a.overdraft_limit) < v_threshold
+            AND v_threshold <= greatest(0, v_balance + v_extra + a.overdraft_limit))
+           OR (v_balance + a.overdraft_limit <= 0 AND v_balance + v_extra + a.overdraft_limit > 0) THEN
+            PERFORM balance_notice(a.id, a.customer_id, greatest(0, v_balance + v_extra + a.overdraft_limit),
+                                   greatest(0, v_balance + a.overdraft_limit), 'capture');
+        END IF;
+    END IF;
     status := 'ok';
     hold_status := 'captured';
     balance_after := v_balance;
