@@ -228,10 +228,11 @@ class Limit(_Strict):
     provider: str | None = Field(default=None, min_length=1)
     model: str | None = Field(default=None, min_length=1)
     window: LimitWindow
-    max_requests: int | None = Field(default=None, ge=0)
-    max_units: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_cost_usd: Decimal | None = Field(default=None, ge=0)
+    # Counters are BIGINTs (a cost in 10^-10 USD): a maximum must fit one.
+    max_requests: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_units: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_tokens: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_cost_usd: Decimal | None = Field(default=None, ge=0, le=Decimal(900_000_000))
 
     @field_validator("max_cost_usd", mode="before")
     @classmethod

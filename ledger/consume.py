@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ledger import limits, pgfast, portable
-from ledger.config import get_billing_config
+from ledger.config import BillingConfig, get_billing_config
 from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption, key_taken
 from ledger.db import get_engine, unit_of_work
 from ledger.errors import InvalidRequest, LedgerError
@@ -102,8 +103,16 @@ def consume(
     In the caller's unit of work (the caller commits). Raises the ledger's errors with nothing written.
     """
     request = price_consumption(ConsumeInput(customer_id, request_id, units, usage, actor, reason))
-    if not limits.enforced(get_billing_config()):
+    config = get_billing_config()
+    if not limits.enforced(config):
         return _apply(session, request)
+    if pgfast.installed(session, pgfast.LIMITED_SIGNATURE):
+        # One statement consumes and takes the limits' room (atomic: a refusal writes nothing).
+        prepared = _prepare(session, request, config)
+        try:
+            return pgfast.consume_limited(session, request, *_limit_args(prepared))
+        except IntegrityError as exc:
+            raise key_taken(exc, request.request_id) or exc from exc
     outcome = _apply_alone(session, request, limited=True)
     if isinstance(outcome, LedgerError):
         raise outcome
@@ -161,9 +170,12 @@ def consume_batch(items: Sequence[ConsumeInput]) -> list[ConsumeOutcome]:
     if priced:
         requests = [request for _, request in priced]
         engine = get_engine()
-        limited = limits.enforced(get_billing_config())
+        config = get_billing_config()
+        limited = limits.enforced(config)
         if pgfast.enabled_for(engine) and not limited:
             applied = pgfast.consume_many_autocommit(engine, requests)
+        elif limited and pgfast.installed_for(engine, pgfast.LIMITED_SIGNATURE):
+            applied = _apply_limited_autocommit(engine, requests, config)
         else:
             # Limits are counted in the consumption's own transaction: one unit of work, a savepoint per item.
             with unit_of_work() as session:
@@ -171,6 +183,42 @@ def consume_batch(items: Sequence[ConsumeInput]) -> list[ConsumeOutcome]:
         for (index, _), outcome in zip(priced, applied, strict=True):
             outcomes[index] = outcome
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _prepare(session: Session, request: Consumption, config: BillingConfig) -> limits.PreparedLimits | None:
+    """Check entitlements and suspension and build the request's limit rows (reads only if the config needs)."""
+    counted = limits.limit_request(request.usage, units=request.charge, config=config)
+    return limits.prepare_limits(session, request.customer_id, counted, now=request.now, config=config)
+
+
+def _limit_args(prepared: limits.PreparedLimits | None) -> pgfast.Limited:
+    if prepared is None:
+        return None, None
+    return prepared.as_json(), prepared.refusal
+
+
+def _apply_limited_autocommit(
+    engine: Engine, requests: Sequence[Consumption], config: BillingConfig
+) -> list[ConsumeOutcome]:
+    """The consumptions in one statement that also takes each one's limit room (PostgreSQL), as without limits."""
+    prepared: list[limits.PreparedLimits | LedgerError | None] = []
+    # The plans and suspension are read here when the config has entitlements, plan limits or suspending plans;
+    # otherwise the session never touches the database.
+    with unit_of_work() as session:
+        for request in requests:
+            try:
+                prepared.append(_prepare(session, request, config))
+            except LedgerError as exc:
+                prepared.append(exc)
+    chosen = [(i, rows) for i, rows in enumerate(prepared) if not isinstance(rows, LedgerError)]
+    applied = pgfast.consume_many_autocommit(
+        engine, [requests[i] for i, _ in chosen], [_limit_args(rows) for _, rows in chosen]
+    )
+    by_position = {i: outcome for (i, _), outcome in zip(chosen, applied, strict=True)}
+    outcomes: list[ConsumeOutcome] = []
+    for i, rows in enumerate(prepared):
+        outcomes.append(rows if isinstance(rows, LedgerError) else by_position[i])
+    return outcomes
 
 
 def _apply_alone(session: Session, request: Consumption, *, limited: bool) -> ConsumeOutcome:

@@ -16,8 +16,9 @@ from sqlalchemy import Table, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from ledger import pgfast
+from ledger import limits, pgfast
 from ledger.access import describe_refusal, spendable_sources
+from ledger.config import get_billing_config
 from ledger.consume import charge_for
 from ledger.consumption import usage_row
 from ledger.db import get_engine, unit_of_work
@@ -31,6 +32,7 @@ from ledger.errors import (
     UnknownHold,
 )
 from ledger.models import EntryKind, Hold, HoldStatus
+from ledger.outbox import note_balance
 from ledger.portable import debit, find_original, insert_usage
 from ledger.posting import (
     ENTRIES,
@@ -53,14 +55,15 @@ from ledger.pricing import UsageInput
 HOLDS: Table = Hold.__table__  # type: ignore[assignment]
 
 # PostgreSQL's holds, one round trip each (migration 0009): the same rules as the portable path below.
-HOLD_SIGNATURE = "ledger_hold(text, text, text, bigint, text, text, timestamptz, timestamptz)"
+# Migration 0016 gave the hold and capture functions their limits (the hold's rows; the capture's usage).
+HOLD_SIGNATURE = "ledger_hold(text, text, text, bigint, text, text, timestamptz, timestamptz, jsonb)"
 _HOLD_CALL = (
-    "SELECT status, hold_units, expires_at, balance_after, available, access_state, request_hash"
-    " FROM ledger_hold(%s, %s, %s, %s, %s, %s, %s, %s)"
+    "SELECT status, hold_units, expires_at, balance_after, available, access_state, request_hash, limit_name,"
+    " limit_used FROM ledger_hold(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
 )
 _CAPTURE_CALL = (
     "SELECT status, customer_id, held, captured, released, shortfall, balance_after, hold_status, request_hash"
-    " FROM ledger_capture(%s, %s, %s, %s, %s, %s::jsonb)"
+    " FROM ledger_capture(%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
 )
 _RELEASE_CALL = (
     "SELECT status, customer_id, hold_units, hold_status, expires_at, balance_after FROM ledger_release(%s, %s, %s)"
@@ -144,6 +147,8 @@ class HoldRequest:
     actor: str
     now: datetime
     expires_at: datetime
+    # What the hold counts against limits (its usage's attribution, the units held), when any are configured.
+    counted: limits.LimitRequest | None = None
 
 
 def price_hold(
@@ -160,9 +165,19 @@ def price_hold(
         ttl_seconds=ttl_seconds,
     )
     now = utcnow()
+    charge = charge_for(units, usage)
+    config = get_billing_config()
+    counted = limits.limit_request(usage, units=charge, config=config) if limits.enforced(config) else None
     return HoldRequest(
-        customer_id, request_id, charge_for(units, usage), digest, actor, now, now + timedelta(seconds=ttl_seconds)
+        customer_id, request_id, charge, digest, actor, now, now + timedelta(seconds=ttl_seconds), counted
     )
+
+
+def _prepare_limits(session: Session, request: HoldRequest) -> limits.PreparedLimits | None:
+    """Check entitlements and suspension, and build the rows of the limits the hold counts against."""
+    if request.counted is None:
+        return None
+    return limits.prepare_limits(session, request.customer_id, request.counted, now=request.now)
 
 
 def place_hold(
@@ -180,10 +195,17 @@ def place_hold(
         customer_id, request_id=request_id, units=units, ttl_seconds=ttl_seconds, usage=usage, actor=actor
     )
     if pgfast.installed(session, HOLD_SIGNATURE):
-        row = _keyed(request_id, lambda: pgfast.call(session, _HOLD_CALL, _hold_params(request)))
-        pgfast.forget_moved(session, [])
-        return _placed(row, request)
+        return _place_hold_function(session, request)
     return _place_hold_portable(session, request)
+
+
+def _place_hold_function(session: Session, request: HoldRequest) -> HoldResult:
+    """The hold through ``ledger_hold``, its limits taken in the same statement."""
+    prepared = _prepare_limits(session, request)
+    params = _hold_params(request, prepared)
+    row = _keyed(request.request_id, lambda: pgfast.call(session, _HOLD_CALL, params))
+    pgfast.forget_moved(session, [])
+    return _placed(row, request, prepared)
 
 
 def place_hold_standalone(
@@ -200,17 +222,22 @@ def place_hold_standalone(
         customer_id, request_id=request_id, units=units, ttl_seconds=ttl_seconds, usage=usage, actor=actor
     )
     engine = get_engine()
-    if pgfast.installed_for(engine, HOLD_SIGNATURE):
-        row = _keyed(request_id, lambda: pgfast.call_autocommit(engine, _HOLD_CALL, _hold_params(request)))
-        return _placed(row, request)
+    function = pgfast.installed_for(engine, HOLD_SIGNATURE)
+    if function and request.counted is None:
+        params = _hold_params(request, None)
+        row = _keyed(request_id, lambda: pgfast.call_autocommit(engine, _HOLD_CALL, params))
+        return _placed(row, request, None)
+    # With limits, the plans and suspension are read in the hold's own transaction.
     with unit_of_work() as session:
+        if function:
+            return _place_hold_function(session, request)
         return _place_hold_portable(session, request)
 
 
-def _hold_params(request: HoldRequest) -> tuple[Any, ...]:
+def _hold_params(request: HoldRequest, prepared: limits.PreparedLimits | None) -> tuple[Any, ...]:
     return (
         request.customer_id, request.request_id, _hold_key(request.request_id), request.charge, request.digest,
-        request.actor, request.now, request.expires_at,
+        request.actor, request.now, request.expires_at, prepared.as_json() if prepared is not None else None,
     )  # fmt: skip
 
 
@@ -225,8 +252,10 @@ def _keyed(request_id: str, call: Any) -> Any:
         raise refusal from exc
 
 
-def _placed(row: Any, request: HoldRequest) -> HoldResult:
-    status, units, expires_at, balance_after, available, state, original_hash = row
+def _placed(row: Any, request: HoldRequest, prepared: limits.PreparedLimits | None) -> HoldResult:
+    status, units, expires_at, balance_after, available, state, original_hash, limit_name, limit_used = row
+    if status == "limit_exceeded" and prepared is not None:
+        raise prepared.refusal(limit_name, limit_used)
     if status == "unknown_customer":
         raise UnknownCustomer(request.customer_id)
     if status == "access_refused":
@@ -247,6 +276,20 @@ def _placed(row: Any, request: HoldRequest) -> HoldResult:
 
 
 def _place_hold_portable(session: Session, request: HoldRequest) -> HoldResult:
+    if request.counted is None:
+        return _place_hold_rows(session, request)
+    # A limit refusing the hold after its draw undoes the draw: the hold is a savepoint of its own.
+    savepoint = session.begin_nested()
+    try:
+        result = _place_hold_rows(session, request)
+    except BaseException:
+        savepoint.rollback()
+        raise
+    savepoint.commit()
+    return result
+
+
+def _place_hold_rows(session: Session, request: HoldRequest) -> HoldResult:
     customer_id, request_id, now = request.customer_id, request.request_id, request.now
     account = lock_account(session, customer_id)
     original = find_original(session, _hold_key(request_id))
@@ -264,8 +307,12 @@ def _place_hold_portable(session: Session, request: HoldRequest) -> HoldResult:
             balance_after=original.balance_after,
             replayed=True,
         )
+    prepared = _prepare_limits(session, request)
     sources = check_access(account, now)
     drawn, funded, uncovered = debit(session, account, request.charge, now, sources=sources)
+    # After the draw, as ledger_hold: a hold the balance cannot cover is refused as insufficient first.
+    if prepared is not None:
+        limits.take_room(session, prepared)
     hold_id: int = session.execute(
         insert(HOLDS)
         .values(
@@ -274,6 +321,7 @@ def _place_hold_portable(session: Session, request: HoldRequest) -> HoldResult:
             units=drawn,
             status=HoldStatus.OPEN,
             expires_at=request.expires_at,
+            limit_rows=json.loads(prepared.as_json()) if prepared is not None else None,
         )
         .returning(HOLDS.c.id)
     ).scalar_one()
@@ -292,9 +340,23 @@ def _place_hold_portable(session: Session, request: HoldRequest) -> HoldResult:
         allocations=[(g, -u) for g, u in funded],
     )
     save_account(session, account)
+    _note_drop(session, account, drawn, balance_after, cause="hold")
     return HoldResult(
         request_id, customer_id, drawn, HoldStatus.OPEN, request.expires_at, balance_after, replayed=False
     )
+
+
+def _note_drop(session: Session, account: LockedAccount, units: int, balance_after: int, *, cause: str) -> None:
+    """balance.low / balance.depleted when drawing ``units`` took the spendable balance across a line."""
+    if units:
+        note_balance(
+            session,
+            account_id=account.id,
+            customer_id=account.customer_id,
+            before=max(0, balance_after + units + account.overdraft_limit),
+            after=max(0, balance_after + account.overdraft_limit),
+            cause=cause,
+        )
 
 
 def _give_back(
@@ -335,6 +397,8 @@ class CaptureRequest:
     actor: str
     now: datetime
     note: str = ""
+    # The tokens and cost (10^-10 USD) the capture's usage reports, to settle the hold's limits; None: unknown.
+    limit_usage: tuple[int, int] | None = None
 
 
 def price_capture(
@@ -349,7 +413,9 @@ def price_capture(
         **({"note": note} if note else {}),  # without a note, the digest of captures stored before notes existed
     )
     wanted = None if units is None and usage is None else charge_for(units, usage)
-    return CaptureRequest(request_id, wanted, usage, digest, actor, utcnow(), note)
+    config = get_billing_config()
+    counted = limits.limit_usage_of_capture(usage, config) if config.limits else None
+    return CaptureRequest(request_id, wanted, usage, digest, actor, utcnow(), note, counted)
 
 
 @dataclass(frozen=True)
@@ -422,7 +488,10 @@ def _capture_params(request: CaptureRequest) -> tuple[Any, ...]:
     if request.usage is not None:
         # The function records the units it captured; the row's other fields are the usage's.
         usage_json = json.dumps(usage_row(0, request.request_id, request.usage, 0, request.now), default=str)
-    return (request.request_id, request.wanted, request.digest, request.actor, request.now, usage_json)
+    limit_usage = None
+    if request.limit_usage is not None:
+        limit_usage = json.dumps({"tokens": request.limit_usage[0], "cost_usd": request.limit_usage[1]})
+    return (request.request_id, request.wanted, request.digest, request.actor, request.now, usage_json, limit_usage)
 
 
 def _hold_ids(session: Session, request_id: str) -> list[int]:
@@ -508,6 +577,9 @@ def _capture_portable(session: Session, request: CaptureRequest) -> CaptureResul
         + (f"; {request.note}" if request.note else ""),
         allocations=[(g, -u) for g, u in funded],
     )
+    tokens, cost = request.limit_usage if request.limit_usage is not None else (None, None)
+    limits.settle_limits(session, hold.limit_rows, units=captured, tokens=tokens, cost_usd=cost)
+    _note_drop(session, account, extra, balance_after, cause="capture")  # extra > 0 releases nothing below
     released = held - min(wanted, held)
     if released:
         balance_after = _give_back(
@@ -559,6 +631,7 @@ def _release(
         reason="hold expired" if status is HoldStatus.EXPIRED else note.describe() if note else "hold released",
     )
     account.held -= hold.units
+    limits.settle_limits(session, hold.limit_rows, requests=0, units=0, tokens=0, cost_usd=0)
     noted = {}
     if note is not None:
         noted = {

@@ -5,8 +5,11 @@ use per window (a UTC calendar hour, day or month, or the customer's billing per
 (limit, scope value, window) has a counter row; :func:`reserve_limits` adds a request to every applicable
 counter with a conditional upsert (``... ON CONFLICT DO UPDATE ... WHERE used + n <= max``), so under any number
 of concurrent requests at most the maximum passes, on PostgreSQL as on SQLite. It runs in the caller's
-transaction (the consumption's, or the hold's): a refused or rolled-back consumption takes no room, and
-:func:`release_limits` gives a released hold's room back.
+transaction (the consumption's, or the hold's): a refused or rolled-back consumption takes no room. A hold keeps
+the rows it took (``holds.limit_rows``): :func:`settle_limits` moves them to what a capture used, or gives them back
+on release or expiry, in the windows they were taken in. On PostgreSQL the ledger functions do all of it in their
+own statement (``ledger_consume`` / ``ledger_hold`` calling ``limits_reserve``, ``ledger_capture`` /
+``ledger_release`` calling ``limits_settle``).
 
 Entitlements (``allow_operations``, ``allow_features``, ``allow_models`` on a plan) say what a plan may use at
 all; a customer on several plans may use what any of them allows.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from typing import Any, NoReturn
 
 from sqlalchemy import BigInteger, Table, and_, bindparam, case, select, type_coerce, update
@@ -31,7 +35,7 @@ from sqlalchemy.orm import Session
 from ledger import pgfast
 from ledger.config import BillingConfig, Limit, LimitMeasure, LimitScope, LimitWindow, OnSpike, get_billing_config
 from ledger.errors import AccessRefused, InvalidRequest, LimitExceeded, NotEntitled
-from ledger.models import Grant, GrantSource, LimitCounter, UsageSuspension
+from ledger.models import Grant, GrantSource, LimitCounter, Subscription, UsageSuspension
 from ledger.outbox import emit
 from ledger.posting import ACCOUNTS, as_utc, for_each_backend, run
 from ledger.pricing import UsageInput, provider_cost
@@ -39,6 +43,7 @@ from ledger.pricing import UsageInput, provider_cost
 COUNTERS: Table = LimitCounter.__table__  # type: ignore[assignment]
 SUSPENSIONS: Table = UsageSuspension.__table__  # type: ignore[assignment]
 GRANTS: Table = Grant.__table__  # type: ignore[assignment]
+SUBSCRIPTIONS: Table = Subscription.__table__  # type: ignore[assignment]
 MEASURE_COLUMNS = {
     LimitMeasure.REQUESTS: "requests",
     LimitMeasure.UNITS: "units",
@@ -154,7 +159,32 @@ def applies(limit: Limit, plans: Sequence[str], request: LimitRequest) -> bool:
 
 def applicable_limits(config: BillingConfig, plans: Sequence[str], request: LimitRequest) -> list[Limit]:
     """The limits of the config that cover this request, by name (the order counters are locked in)."""
-    return sorted((limit for limit in config.limits if applies(limit, plans, request)), key=lambda lim: lim.name)
+    return [limit for limit in _facts(config).by_name if applies(limit, plans, request)]
+
+
+@dataclass(frozen=True)
+class _ConfigFacts:
+    """What every consumption asks of the config, worked out once per config (it is read once, at start-up)."""
+
+    config: BillingConfig
+    by_name: tuple[Limit, ...]
+    needs_plans: bool
+    suspends: bool
+
+
+_FACTS: dict[int, _ConfigFacts] = {}
+
+
+def _facts(config: BillingConfig) -> _ConfigFacts:
+    found = _FACTS.get(id(config))
+    if found is None or found.config is not config:
+        found = _FACTS[id(config)] = _ConfigFacts(
+            config,
+            tuple(sorted(config.limits, key=lambda lim: lim.name)),
+            _needs_plans_of(config),
+            _suspends_of(config),
+        )
+    return found
 
 
 def _add_month(moment: datetime) -> datetime:
@@ -229,30 +259,79 @@ def enforced(config: BillingConfig) -> bool:
 
 
 def _needs_plans(config: BillingConfig) -> bool:
+    return _facts(config).needs_plans
+
+
+def _suspends(config: BillingConfig) -> bool:
+    return _facts(config).suspends
+
+
+def _needs_plans_of(config: BillingConfig) -> bool:
     return any(lim.plans is not None or lim.window is LimitWindow.BILLING_PERIOD for lim in config.limits) or any(
         p.allow_operations is not None or p.allow_features is not None or p.allow_models is not None
         for p in config.plans
     )
 
 
-def _suspends(config: BillingConfig) -> bool:
+def _suspends_of(config: BillingConfig) -> bool:
     return any(p.on_spike is OnSpike.SUSPEND for p in config.plans)
 
 
 # --- reads ------------------------------------------------------------------------------------------------------
 
 
+# Subscription statuses under which a customer is on the subscription's plan (past_due included: its access
+# policy decides what it may spend, its plan still says what it may use).
+LIVE_STATUSES = ("active", "trialing", "past_due")
+
+
 def customer_plans(
     session: Session, customer_id: str, now: datetime, *, config: BillingConfig | None = None
 ) -> CustomerPlans:
-    """The plans a customer is on now and the current period, from its renewal grants covering ``now``.
+    """The plans a customer is on now and the current period: from its subscriptions (those live now), else,
+    for a customer with no subscription on record, from its renewal grants covering ``now``."""
+    config = config or get_billing_config()
+    if not config.plans:
+        return CustomerPlans()
+    found = _plans_from_subscriptions(session, customer_id, now, config)
+    if found is not None:
+        return found
+    return _plans_from_renewals(session, customer_id, now, config)
+
+
+def _plans_from_subscriptions(
+    session: Session, customer_id: str, now: datetime, config: BillingConfig
+) -> CustomerPlans | None:
+    """The configured plans of the customer's live subscriptions (the period: the first one's containing ``now``);
+    None when no subscription of the customer has a status on record."""
+    rows = session.execute(
+        select(SUBSCRIPTIONS.c.status, SUBSCRIPTIONS.c.price, SUBSCRIPTIONS.c.current_period_start,
+               SUBSCRIPTIONS.c.current_period_end)
+        .join(ACCOUNTS, ACCOUNTS.c.id == SUBSCRIPTIONS.c.account_id)
+        .where(ACCOUNTS.c.customer_id == customer_id, SUBSCRIPTIONS.c.status.is_not(None))
+        .order_by(SUBSCRIPTIONS.c.subscription_id)
+    ).all()  # fmt: skip
+    if not rows:
+        return None
+    plans: list[str] = []
+    period: tuple[datetime, datetime] | None = None
+    for row in rows:
+        plan = config.plan_for_price(row.price)
+        if row.status not in LIVE_STATUSES or plan is None or plan.price in plans:
+            continue
+        plans.append(plan.price)
+        start, end = as_utc(row.current_period_start), as_utc(row.current_period_end)
+        if period is None and start is not None and end is not None and start <= now < end:
+            period = (start, end)
+    return CustomerPlans(tuple(plans), period)
+
+
+def _plans_from_renewals(session: Session, customer_id: str, now: datetime, config: BillingConfig) -> CustomerPlans:
+    """The plans named by the customer's renewal grants covering ``now``, and their period.
 
     A renewal grant records its period and names its plan at the start of its reason (the invoice handler
     writes ``"<plan name or price> subscription_cycle in_..."``).
     """
-    config = config or get_billing_config()
-    if not config.plans:
-        return CustomerPlans()
     rows = session.execute(
         select(GRANTS.c.reason, GRANTS.c.period_start, GRANTS.c.period_end)
         .join(ACCOUNTS, ACCOUNTS.c.id == GRANTS.c.account_id)
@@ -380,6 +459,12 @@ def _reserve_statement(dialect: Any) -> Any:
 
 _RESERVE = for_each_backend(_reserve_statement)
 _COST_SCALE = Decimal(10) ** 10
+_quote = json.encoder.encode_basestring_ascii
+
+
+@lru_cache(maxsize=1024)
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
 
 
 def _stored_maximum(limit: Limit) -> int:
@@ -442,17 +527,19 @@ class PreparedLimits:
 
     def as_json(self) -> str:
         """The rows as ``limits_reserve(customer, rows jsonb)`` takes them: integers, cost in 10^-10 USD."""
-        return json.dumps(
-            [
-                {
-                    **row,
-                    "window_start": row["window_start"].isoformat(),
-                    "window_end": row["window_end"].isoformat(),
-                    "cost_usd": int(row["cost_usd"] * _COST_SCALE),
-                    "scope": limit.scope.value,
-                }
+        # Written out directly (every consumption under a limit sends it): names JSON-quoted, windows' ISO text
+        # cached, amounts integers (validated).
+        return (
+            "["
+            + ",".join(
+                f'{{"limit_name":{_quote(row["limit_name"])},"scope_value":{_quote(row["scope_value"])},'
+                f'"window_start":"{_iso(row["window_start"])}","window_end":"{_iso(row["window_end"])}",'
+                f'"requests":{int(row["requests"])},"units":{int(row["units"])},"tokens":{int(row["tokens"])},'
+                f'"cost_usd":{int(row["cost_usd"] * _COST_SCALE)},"measure":"{row["measure"]}",'
+                f'"maximum":{int(row["maximum"])},"scope":"{limit.scope.value}"}}'
                 for limit, row in zip(self.limits, self.rows, strict=True)
-            ]
+            )
+            + "]"
         )
 
     def reservations(self, used: Sequence[int | Decimal]) -> list[Reservation]:
@@ -553,6 +640,12 @@ def reserve_limits(
     prepared = prepare_limits(session, customer_id, request, now=now, plans=plans, config=config)
     if prepared is None:
         return []
+    return take_room(session, prepared)
+
+
+def take_room(session: Session, prepared: PreparedLimits) -> list[Reservation]:
+    """Take the room of prepared rows in the caller's transaction (all or nothing); raise LimitExceeded."""
+    customer_id, request = prepared.customer_id, prepared.request
     for limit, row in zip(prepared.limits, prepared.rows, strict=True):
         if request.amount(limit.measure) > limit.maximum:  # more than a whole window holds: refused unwritten
             _refuse(session, customer_id, limit, request, row["scope_value"], (row["window_start"], row["window_end"]))
@@ -682,6 +775,69 @@ def release_limits(
     ]
     _give_back(session, taken, request)
     return len(taken)
+
+
+def _settled(name: str) -> Any:
+    # The cost column stores 10^-10 USD as an integer on both backends: its delta is added as that integer.
+    column = type_coerce(COUNTERS.c[name], BigInteger) if name == "cost_usd" else COUNTERS.c[name]
+    moved = column + bindparam(name + "_delta", type_=BigInteger)
+    return case((moved >= 0, moved), else_=0)
+
+
+_SETTLE = (
+    update(COUNTERS)
+    .where(
+        and_(
+            COUNTERS.c.limit_name == bindparam("l_name"),
+            COUNTERS.c.scope_value == bindparam("s_value"),
+            COUNTERS.c.window_start == bindparam("w_start"),
+        )
+    )
+    .values({name: _settled(name) for name in MEASURE_COLUMNS.values()})
+)
+
+
+def settle_limits(
+    session: Session,
+    rows: Sequence[dict[str, Any]] | None,
+    *,
+    requests: int | None = None,
+    units: int | None = None,
+    tokens: int | None = None,
+    cost_usd: int | None = None,
+) -> int:
+    """Move the counters a hold reserved (``rows`` as stored on it) from what it took to what it settled at.
+
+    A release settles at zero (the room goes back, in the windows it was taken in); a capture keeps the request
+    and settles the units at what was captured (tokens and cost at the capture's usage, when it reports one).
+    None keeps what was taken; cost in 10^-10 USD. Counters never go below zero; a capture above what was held
+    is counted even past a maximum (the call was served). Return how many counters were named.
+    """
+    if not rows:
+        return 0
+    settled = {"requests": requests, "units": units, "tokens": tokens, "cost_usd": cost_usd}
+    params = [
+        {
+            "l_name": row["limit_name"],
+            "s_value": row["scope_value"],
+            "w_start": datetime.fromisoformat(row["window_start"]),
+            **{
+                f"{name}_delta": (int(row[name]) if value is None else value) - int(row[name])
+                for name, value in settled.items()
+            },
+        }
+        for row in rows
+    ]
+    run(session, _SETTLE, params if len(params) > 1 else params[0])
+    return len(params)
+
+
+def limit_usage_of_capture(usage: UsageInput | None, config: BillingConfig | None = None) -> tuple[int, int] | None:
+    """The tokens and cost (10^-10 USD) a capture's usage reports, for settling a hold's limits; None without."""
+    if usage is None:
+        return None
+    request = limit_request(usage, units=0, config=config)
+    return request.tokens, int(request.cost_usd * _COST_SCALE)
 
 
 @dataclass(frozen=True)

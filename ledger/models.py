@@ -42,6 +42,7 @@ from sqlalchemy import (
     func,
     type_coerce,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -288,6 +289,9 @@ class Hold(Base):
     provider: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(255))
     provider_request_id: Mapped[str | None] = mapped_column(String(255))
+    # The limit room the hold took (ledger.limits.PreparedLimits.as_json's rows, None when no limit applied):
+    # capture settles it, release and expiry give it back, in the windows it was taken in.
+    limit_rows: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
 
 
 class UsageRecord(Base):
@@ -473,7 +477,8 @@ class LimitCounter(Base):
     __table_args__ = (
         UniqueConstraint("limit_name", "scope_value", "window_start", name="uq_limit_counters_key"),
         Index("ix_limit_counters_window_end", "window_end"),
-        {"postgresql_with": {"fillfactor": 70}},
+        # Every reservation updates its counters: 20% fill keeps their new versions on their page (HOT updates).
+        {"postgresql_with": {"fillfactor": 20}},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -589,6 +594,8 @@ class UsageSuspension(Base):
     lifted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lifted_by: Mapped[str | None] = mapped_column(String(255))
     lift_note: Mapped[str | None] = mapped_column(Text)
+
+
 class GrantSettlement(Base):
     """What Stripe's balance transaction says a paid grant's charge settled as: the money in the account's
     settlement currency, the exchange rate, Stripe's fee and the net. Written by reconciliation from the charge it

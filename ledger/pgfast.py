@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,25 @@ _CALL = (
     "SELECT status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
     "grant_ids, grant_units FROM ledger_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
 )
+# The form that also takes the request's limit rows (migration 0016): limits reserved in the same statement.
+LIMITED_SIGNATURE = "ledger_consume(text, text, text, bigint, text, text, text, timestamptz, jsonb, jsonb)"
+_CALL_LIMITED = (
+    "SELECT status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
+    "grant_ids, grant_units, limit_name, limit_used "
+    "FROM ledger_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+)
+# What a refusal by a limit is, given the refused limit's name and what its counter held (ledger.limits builds it).
+LimitRefusal = Callable[[str, int], LedgerError]
+MANY_LIMITED_SIGNATURE = (
+    "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[], jsonb)"
+)
+_CALL_MANY_LIMITED = (
+    "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
+    "grant_ids, grant_units, limit_name, limit_used "
+    "FROM ledger_consume_many(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[], %s::jsonb)"
+)
+# A consumption's limit rows (PreparedLimits.as_json, None when no limit applies) and its refusal's error.
+Limited = tuple[str | None, "LimitRefusal | None"]
 MANY_SIGNATURE = "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[])"
 _CALL_MANY = (
     "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
@@ -145,26 +164,50 @@ def consume(session: Session, request: Consumption) -> ConsumeResult:
     return result
 
 
-def consume_many_autocommit(engine: Engine, requests: Sequence[Consumption]) -> list[ConsumeOutcome]:
+def consume_limited(
+    session: Session, request: Consumption, limit_rows: str | None, refusal: LimitRefusal | None
+) -> ConsumeResult:
+    """Consume and take the request's limit room (``limit_rows``) in one ``ledger_consume`` call, in the
+    session's transaction; a limit's refusal is ``refusal``'s error, with nothing written."""
+    row = call(session, _CALL_LIMITED, (*_params(request), limit_rows))
+    result = _result(row, request, refusal)
+    if not result.replayed and session.identity_map:
+        forget_moved(session, [g for g, _ in result.funded_by])
+    return result
+
+
+def consume_many_autocommit(
+    engine: Engine, requests: Sequence[Consumption], limited: Sequence[Limited] | None = None
+) -> list[ConsumeOutcome]:
     """Apply consumptions as one transaction of their own; one outcome per request, in order, committed.
 
     A single statement in autocommit is atomic: the function's row locks, checks and writes commit together
     when it ends, or not at all if it fails. So one round trip does what BEGIN, the call and COMMIT do in three,
     with the same outcome, and no session is needed. A batch is one ``ledger_consume_many`` call, which locks
     its accounts in one order (customer id), so concurrent batches cannot deadlock each other.
+
+    ``limited`` (one per request) gives each consumption's limit rows: each is then taken in its consumption's
+    statement (``ledger_consume`` with limits, ``ledger_consume_many`` with limits, migration 0016).
     """
+    many = MANY_SIGNATURE if limited is None else MANY_LIMITED_SIGNATURE
+    limits_of: Sequence[Limited | None] = limited if limited is not None else [None] * len(requests)
     if len(requests) == 1:
-        return [_alone(engine, requests[0])]
-    if not installed_for(engine, MANY_SIGNATURE):  # a database migrated before 0008
-        return [_alone(engine, request) for request in requests]
+        return [_alone(engine, requests[0], limits_of[0])]
+    if not installed_for(engine, many):  # a database migrated before 0008
+        return [_alone(engine, request, rows) for request, rows in zip(requests, limits_of, strict=True)]
     batch, after = _split_cross_customer_repeats(requests)
     outcomes: dict[int, ConsumeOutcome] = {}
     if len(batch) == 1:
-        outcomes[batch[0]] = _alone(engine, requests[batch[0]])
+        outcomes[batch[0]] = _alone(engine, requests[batch[0]], limits_of[batch[0]])
     elif batch:
         chosen = [requests[i] for i in batch]
         try:
-            rows = _in_autocommit(engine, _CALL_MANY, _many_params(chosen))
+            if limited is None:
+                rows = _in_autocommit(engine, _CALL_MANY, _many_params(chosen))
+            else:
+                # One JSON array of the items' rows (see migration 0016): no per-element array quoting.
+                limit_rows = "[" + ",".join(limited[i][0] or "null" for i in batch) + "]"
+                rows = _in_autocommit(engine, _CALL_MANY_LIMITED, (*_many_params(chosen), limit_rows))
         except DBAPIError as exc:
             if exc.connection_invalidated or not isinstance(exc.orig, _ONE_ITEM_REFUSED):
                 raise
@@ -174,13 +217,13 @@ def consume_many_autocommit(engine: Engine, requests: Sequence[Consumption]) -> 
             rows = None
         if rows is None:
             for i in batch:
-                outcomes[i] = _alone(engine, requests[i])
+                outcomes[i] = _alone(engine, requests[i], limits_of[i])
         else:
             for row in rows:
                 position = batch[row[0] - 1]
-                outcomes[position] = _outcome(row[1:], requests[position])
+                outcomes[position] = _outcome(row[1:], requests[position], limits_of[position])
     for i in after:
-        outcomes[i] = _alone(engine, requests[i])
+        outcomes[i] = _alone(engine, requests[i], limits_of[i])
     return [outcomes[i] for i in range(len(requests))]
 
 
@@ -215,16 +258,19 @@ def _split_cross_customer_repeats(requests: Sequence[Consumption]) -> tuple[list
     return batch, after
 
 
-def _alone(engine: Engine, request: Consumption) -> ConsumeOutcome:
-    """One consumption as its own statement; a refusal is its outcome."""
+def _alone(engine: Engine, request: Consumption, limited: Limited | None = None) -> ConsumeOutcome:
+    """One consumption as its own statement (taking its limits' room when ``limited``); a refusal is its outcome."""
     try:
-        (row,) = _in_autocommit(engine, _CALL, _params(request))
+        if limited is None:
+            (row,) = _in_autocommit(engine, _CALL, _params(request))
+        else:
+            (row,) = _in_autocommit(engine, _CALL_LIMITED, (*_params(request), limited[0]))
     except DBAPIError as exc:
         refusal = refused_request(exc, request.request_id)
         if refusal is None:
             raise
         return refusal
-    return _outcome(row, request)
+    return _outcome(row, request, limited)
 
 
 def refused_request(exc: DBAPIError, request_id: str) -> LedgerError | None:
@@ -299,18 +345,20 @@ def _many_params(requests: Sequence[Consumption]) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _outcome(row: Any, request: Consumption) -> ConsumeOutcome:
+def _outcome(row: Any, request: Consumption, limited: Limited | None = None) -> ConsumeOutcome:
     """The function's row as the ledger's result, or its refusal as the ledger's error (returned, not raised)."""
     try:
-        return _result(row, request)
+        return _result(row, request, limited[1] if limited is not None else None)
     except LedgerError as exc:
         return exc
 
 
-def _result(row: Any, request: Consumption) -> ConsumeResult:
+def _result(row: Any, request: Consumption, refusal: LimitRefusal | None = None) -> ConsumeResult:
     """The function's row as the ledger's result, or its refusal as the ledger's error."""
     customer_id, request_id = request.customer_id, request.request_id
-    status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row
+    status, entry_id, balance_after, usage_id, units, available, state, original_hash, grant_ids, grant_units = row[:10]
+    if status == "limit_exceeded" and refusal is not None:
+        raise refusal(row[10], row[11])
     if status == "unknown_customer":
         raise UnknownCustomer(customer_id)
     if status == "access_refused":

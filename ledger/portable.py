@@ -17,6 +17,7 @@ from ledger.access import policy_key, refusal_reason
 from ledger.consumption import ConsumeResult, Consumption, usage_row
 from ledger.errors import AccessRefused, IdempotencyConflict, InsufficientCredits
 from ledger.models import EntryKind, UsageRecord
+from ledger.outbox import note_balance
 from ledger.posting import (
     ENTRIES,
     LockedAccount,
@@ -141,6 +142,16 @@ def consume(session: Session, request: Consumption) -> ConsumeResult:
         allocations=[(g, -u) for g, u in funded],
     )
     save_account(session, account)
+    if drawn:
+        # balance.low / balance.depleted when this consumption crossed the line (as ledger_consume does).
+        note_balance(
+            session,
+            account_id=account.id,
+            customer_id=account.customer_id,
+            before=max(0, balance_after + drawn + account.overdraft_limit),
+            after=max(0, balance_after + account.overdraft_limit),
+            cause="usage",
+        )
     return ConsumeResult(
         request_id=request.request_id,
         customer_id=request.customer_id,

@@ -21,6 +21,14 @@ prepared``), each statement its own transaction as the API sends it: ``ledger_co
 pair is pgbench's transaction); ``ledger_consume_many`` with 100 random accounts a call (8 clients). The ratios
 say what share of the database's own rate the API delivers with HTTP, JSON, auth and Python on top.
 
+``--limits`` measures instead what limits cost (issue 14's target: at most 15% of the consume rate):
+``POST /v1/usage`` with attributed usage (operation, user, model, provider cost) at 64 connections, against a
+server whose billing config has three limits that apply to every call (requests per customer per hour, tokens per
+user per day, the cost of gpt-4* models per month; maxima never reached) and one notification endpoint, beside the
+same calls against a server with no config; the two alternate, ``--rounds`` times each, 1 worker. Measured in the
+steady state: the windows' counters (2 per customer, 1 per customer and user) exist beforehand, as they do after a
+window's first calls (creating one is an insert instead of an update, once per scope value and window).
+
 ``--sqlite`` also measures the embedded default (a SQLite file, 1,000 accounts, 1 worker; no target). ``--quick``
 uses small sizes (a smoke run: the figures mean little). Needs pgbench and PostgreSQL.
 
@@ -56,6 +64,31 @@ TARGET_P99_MS = 50.0
 TARGET_HOLD_RATIO = 0.40
 TARGET_BATCH_RATE = 20_000.0
 OPEN_LOOP_SHARES = (0.5, 0.8)  # open-loop arrival rates of POST /v1/usage, as shares of the closed loop's maximum
+TARGET_LIMITS_COST = 0.15
+# Three limits every benchmark call falls under (maxima never reached) and one notification endpoint.
+LIMITS_CONFIG = """
+[[limits]]
+name = "requests-per-customer-hourly"
+window = "hour"
+max_requests = 1000000000000
+
+[[limits]]
+name = "tokens-per-user-daily"
+scope = "user"
+window = "day"
+max_tokens = 1000000000000000
+
+[[limits]]
+name = "gpt4-cost-monthly"
+model = "gpt-4*"
+window = "month"
+max_cost_usd = "100000000"
+
+[[notifications.endpoints]]
+url = "http://127.0.0.1:9/billing-events"
+events = ["*"]
+secret_env = "BENCH_NOTIFY_SECRET"
+"""
 
 # Sizes for scripts/bench_all.py: smoke runs every path in seconds, with few connections (the test suite runs it
 # beside other scripts on one PostgreSQL server).
@@ -96,6 +129,16 @@ def _drive(options: dict[str, Any]) -> dict[str, Any]:
     def usage(n: int) -> bytes:
         return _post("/v1/usage", usage_body(n))
 
+    def usage_attributed(n: int) -> bytes:
+        # A call as a product reports it: who, what, which model, its tokens and provider cost.
+        account = rng.randint(1, accounts)
+        return _post(
+            "/v1/usage",
+            b'{"customer_id":"bench_%d","request_id":"%s-%d","units":1,"operation":"chat","user_id":"u_%d",'
+            b'"provider":"openai","model":"gpt-4o-2024-08-06","input_tokens":1200,"output_tokens":300,'
+            b'"provider_cost_usd":"0.0072"}' % (account, run.encode(), n, rng.randint(1, 20)),
+        )
+
     def hold_capture(n: int) -> Exchange:
         status, _body = yield _post("/v1/holds", usage_body(n))
         if status == 201:  # the hold's id is its request id
@@ -105,7 +148,7 @@ def _drive(options: dict[str, Any]) -> dict[str, Any]:
         events = b",".join(usage_body(n, f"-{k}") for k in range(batch))
         return _post("/v1/usage/batch", b'{"events":[%s]}' % events)
 
-    wanted = {"healthz": 200, "usage": 201, "hold_capture": 200, "batch": 200}[mode]
+    wanted = {"healthz": 200, "usage": 201, "usage_attributed": 201, "hold_capture": 200, "batch": 200}[mode]
 
     def classify(status: int, body: bytes) -> str:
         if status == wanted and (mode != "batch" or body.count(b'"status":201') == batch):
@@ -113,7 +156,8 @@ def _drive(options: dict[str, Any]) -> dict[str, Any]:
         return f"status {status}"
 
     makers: dict[str, MakeRequest] = {
-        "healthz": healthz, "usage": usage, "hold_capture": hold_capture, "batch": usage_batch,
+        "healthz": healthz, "usage": usage, "usage_attributed": usage_attributed, "hold_capture": hold_capture,
+        "batch": usage_batch,
     }  # fmt: skip
     make = makers[mode]
     common: dict[str, Any] = {
@@ -171,9 +215,13 @@ def run_loadgen(
 # --- server and database -----------------------------------------------------------------------------------------
 
 
-def server_env(database_url: str) -> dict[str, str]:
-    """The server's settings: the database, the benchmark's API token, no broker, quiet logs."""
-    return {"DATABASE_URL": database_url, "API_TOKENS": TOKEN, "LOG_LEVEL": "WARNING", "CELERY_BROKER_URL": ""}
+def server_env(database_url: str, billing_config: Path | None = None) -> dict[str, str]:
+    """The server's settings: the database, the benchmark's API token, no broker, quiet logs (and a billing config
+    with its notification secret, when given; else the shipped example's, which has no limits)."""
+    env = {"DATABASE_URL": database_url, "API_TOKENS": TOKEN, "LOG_LEVEL": "WARNING", "CELERY_BROKER_URL": ""}
+    if billing_config is not None:
+        env.update(BILLING_CONFIG=str(billing_config), BENCH_NOTIFY_SECRET="whsec_bench")
+    return env
 
 
 def seed(url: str, accounts: int) -> None:
@@ -259,6 +307,104 @@ def measure_workers(url: str, workers: int, args: argparse.Namespace) -> dict[st
             pgbench_tps(url, PGBENCH_BATCH, args.batch_clients, args, args.accounts) * args.batch
         )
     return figures
+
+
+def measure_limits(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Attributed consumption against a server with three limits and one endpoint, and against one with none."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-usage-limits-"))
+    config = workdir / "billing.toml"
+    config.write_text(LIMITS_CONFIG, encoding="utf-8")
+    runs: dict[str, list[dict[str, Any]]] = {"none": [], "limits": []}
+    prime_counters(url, args.accounts)
+    os.environ.pop("BILLING_CONFIG", None)  # the side without limits runs on the shipped example (no limits)
+    try:
+        for _ in range(args.rounds):
+            for side in ("none", "limits"):
+                env = server_env(url, config if side == "limits" else None)
+                with Server(env, workers=1) as server:
+                    runs[side].append(run_loadgen(server.port, "usage_attributed", args,
+                                                  connections=args.connections, accounts=args.accounts))  # fmt: skip
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        counters = conn.execute(text("SELECT count(*), coalesce(sum(requests), 0) FROM limit_counters")).one()
+    engine.dispose()
+    return {"runs": runs, "counters": counters[0], "counted_requests": int(counters[1])}
+
+
+def prime_counters(url: str, accounts: int) -> None:
+    """Create this hour's, day's and month's counters of LIMITS_CONFIG at zero for every customer and user."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import create_engine, text
+
+    from ledger.config import LimitWindow
+    from ledger.limits import window_bounds
+
+    now = datetime.now(UTC)
+    bounds = {w: window_bounds(w, now) for w in (LimitWindow.HOUR, LimitWindow.DAY, LimitWindow.MONTH)}
+    rows = [
+        ("requests-per-customer-hourly", "", LimitWindow.HOUR, "requests", 10**12),
+        ("gpt4-cost-monthly", "", LimitWindow.MONTH, "cost_usd", 10**18),
+    ] + [("tokens-per-user-daily", f"/user:u_{u}", LimitWindow.DAY, "tokens", 10**15) for u in range(1, 21)]
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for name, suffix, window, measure, maximum in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO limit_counters (limit_name, scope_value, window_start, window_end, measure, maximum) "
+                    "SELECT :name, 'bench_' || g || :suffix, :start, :end, :measure, :maximum "
+                    "FROM generate_series(1, :n) g ON CONFLICT DO NOTHING"
+                ),
+                {"name": name, "suffix": suffix, "start": bounds[window][0], "end": bounds[window][1],
+                 "measure": measure, "maximum": maximum, "n": accounts},
+            )  # fmt: skip
+    engine.dispose()
+
+
+def report_limits(results: dict[str, Any]) -> list[str]:
+    """Print the limits comparison as figures and its verdict."""
+    from benchkit import figure, machine_load
+
+    runs = results["limits"]["runs"]
+    total = {side: sum(r["rate"] for r in runs[side]) / len(runs[side]) for side in runs}
+    p99 = {side: max(r["p99_ms"] for r in runs[side]) for side in runs}
+    ratio = total["limits"] / total["none"]
+    cost = 1 - ratio
+    conns = results["connections"]
+    print(f"\n{machine_load()}")
+    for side in ("none", "limits"):
+        rates = ", ".join(f"{r['rate']:,.0f}" for r in runs[side])
+        failed = {k: v for r in runs[side] for k, v in r["outcomes"].items() if k != "ok"}
+        note = f"; not ok: {failed}" if failed else ""
+        print(f"{side:>7}: {rates} req/s by round (p99 up to {p99[side]:.1f} ms){note}")
+    work = (
+        f"POST /v1/usage with attributed usage (operation, user, model, tokens, provider cost), {conns} "
+        "connections, 1 worker; billing config with 3 limits on every call (requests/customer/hour, "
+        "tokens/user/day, gpt-4* cost/month) and 1 notification endpoint: one ledger_consume statement that also "
+        "takes the 3 counters"
+    )
+    baseline_work = (
+        f"the same calls, {conns} connections, 1 worker, no billing config: one ledger_consume statement; "
+        f"the two sides alternate, {len(runs['none'])} rounds each"
+    )
+    figure(
+        "usage API consumption with 3 limits + 1 endpoint (req/s)",
+        f"{total['limits']:,.0f}",
+        baseline=f"{total['none']:,.0f} req/s without",
+        ratio=ratio,
+        work=work,
+        baseline_work=baseline_work,
+    )
+    print(f"limit counters written: {results['limits']['counters']}, requests counted: "
+          f"{results['limits']['counted_requests']:,}")  # fmt: skip
+    verdict = (f"limits cost {cost:.1%} of the consume rate (target <= {TARGET_LIMITS_COST:.0%}): "
+               f"{'met' if cost <= TARGET_LIMITS_COST else 'NOT met'}")  # fmt: skip
+    print("verdict:", verdict)
+    return [verdict]
 
 
 def measure_sqlite(args: argparse.Namespace) -> dict[str, Any]:
@@ -444,6 +590,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--workers", default="1,2", help="server worker counts to measure")
     parser.add_argument("--sqlite", action="store_true", help="also measure the embedded SQLite default")
+    parser.add_argument("--limits", action="store_true",
+                        help="measure only what three limits and a notification endpoint cost the usage API")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each side with --limits")
     parser.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
@@ -464,6 +613,13 @@ def main() -> None:
     }  # fmt: skip
     try:
         seed(url, args.accounts)
+        if args.limits:
+            results["limits"] = measure_limits(url, args)
+            results["load"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            results["verdicts"] = report_limits(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return
         for workers in (int(w) for w in args.workers.split(",")):
             results["postgres"].append(measure_workers(url, workers, args))
         if args.sqlite:

@@ -351,10 +351,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         401: "No valid bearer token",
         402: "Insufficient credits (the error carries `available`)",
-        403: "The customer's access state refuses usage",
+        403: "The customer's access state refuses usage, or its plans do not include the call (`not_entitled`)",
         404: "Unknown customer or hold",
         409: "The idempotency key was used with another body, or the hold is not open",
         422: "Invalid body",
+        429: "A limit refuses the call (`limit_exceeded`: the limit, what was used, the maximum, its reset time)",
     }.items()
 }
 

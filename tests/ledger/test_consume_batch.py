@@ -23,9 +23,9 @@ from ledger.accounts import open_account, set_access_state
 from ledger.check import check_ledger
 from ledger.consume import ConsumeInput, consume_batch, consume_standalone
 from ledger.db import unit_of_work
-from ledger.errors import IdempotencyConflict, InsufficientCredits, LedgerError
+from ledger.errors import IdempotencyConflict, InsufficientCredits, LedgerError, LimitExceeded
 from ledger.grants import grant_credits
-from ledger.models import AccessState, Account, Entry, Grant, GrantSource, UsageRecord
+from ledger.models import AccessState, Account, Entry, Grant, GrantSource, LimitCounter, UsageRecord
 from ledger.pricing import UsageInput
 
 CUSTOMERS = 4  # the fourth is suspended; index 4 is a customer that does not exist
@@ -53,9 +53,7 @@ def _world(prefix: str) -> tuple[list[str], dict[str, list[int]]]:
 
 
 def _items(prefix: str, customers: list[str], history: list[tuple[int, int, int, str]]) -> list[ConsumeInput]:
-    return [
-        ConsumeInput(customers[c], f"{prefix}-r{r}", units=units, reason=reason) for c, r, units, reason in history
-    ]
+    return [ConsumeInput(customers[c], f"{prefix}-r{r}", units=units, reason=reason) for c, r, units, reason in history]
 
 
 def _normal(outcome: Any, grants: dict[str, list[int]]) -> tuple[Any, ...]:
@@ -231,3 +229,84 @@ def _race(customers: list[str], request_id: str) -> list[str]:
     for thread in threads:
         thread.join()
     return seen
+
+
+# Two limits a history reaches: 10 requests per customer per day, 9 units per user (or customer, without one) a day.
+TIGHT_LIMITS = """
+[[limits]]
+name = "requests-per-customer"
+window = "day"
+max_requests = 10
+
+[[limits]]
+name = "units-per-user"
+scope = "user"
+window = "day"
+max_units = 9
+"""
+# (customer index, request id index, units, user index): users 0-1, or none (index 2: counted under the customer)
+LIMITED_ITEM = st.tuples(st.integers(0, 2), st.integers(0, 9), st.integers(1, 4), st.integers(0, 2))
+
+
+class TestBatchUnderLimitsEqualsOneByOne:
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(steps=st.lists(LIMITED_ITEM, min_size=1, max_size=24), cut=st.integers(2, 12))
+    # Room for all of a batch (taken together on PostgreSQL), then a batch that reaches the maxima.
+    @example(steps=[(0, n, 1, n % 2) for n in range(6)] + [(1, n, 2, 2) for n in range(3)], cut=9)
+    @example(steps=[(c, n, 4, n % 3) for n in range(8) for c in range(3)], cut=12)
+    def test_same_outcomes_same_ledger_same_counters(
+        self,
+        ledger_engine: Engine,
+        billing_config_file: Any,
+        steps: list[tuple[int, int, int, int]],
+        cut: int,
+    ) -> None:
+        billing_config_file(TIGHT_LIMITS)
+        prefix = unique("L")
+        worlds = {side: _world(f"{prefix}{side}") for side in ("b", "s")}
+
+        def items(side: str) -> list[ConsumeInput]:
+            customers = worlds[side][0]
+            return [
+                ConsumeInput(customers[c], f"{prefix}{side}-r{r}", units=units,
+                             usage=UsageInput(feature="chat", user_id=None if u == 2 else f"u{u}"))
+                for c, r, units, u in steps
+            ]  # fmt: skip
+
+        # One call per customer and user alone opens the day's counters (as a window's first calls do), so the
+        # batches meet counters that exist: room for the whole batch, or not.
+        for side in ("b", "s"):
+            _one_by_one([
+                ConsumeInput(customer, f"{prefix}{side}-open-{c}-{u}", units=1,
+                             usage=UsageInput(feature="chat", user_id=None if u == 2 else f"u{u}"))
+                for c, customer in enumerate(worlds[side][0][:3]) for u in range(3)
+            ])  # fmt: skip
+        batched: list[Any] = []
+        for start in range(0, len(steps), cut):
+            batched.extend(consume_batch(items("b")[start : start + cut]))
+        single = _one_by_one(items("s"))
+
+        def normal(outcome: Any, grants: dict[str, list[int]]) -> tuple[Any, ...]:
+            if isinstance(outcome, LimitExceeded):
+                return ("LimitExceeded", outcome.limit, outcome.used, outcome.maximum)
+            return _normal(outcome, grants)
+
+        assert [normal(o, worlds["b"][1]) for o in batched] == [normal(o, worlds["s"][1]) for o in single]
+        assert _state(worlds["b"][0]) == _state(worlds["s"][0])
+        assert _counters(worlds["b"][0]) == _counters(worlds["s"][0])
+        with unit_of_work() as session:
+            assert check_ledger(session) == []
+
+
+def _counters(customers: list[str]) -> list[tuple[Any, ...]]:
+    """Each limit counter of these customers, names taken out: (limit, customer index, scope, requests, units)."""
+    with unit_of_work() as session:
+        rows = session.execute(
+            select(LimitCounter.limit_name, LimitCounter.scope_value, LimitCounter.requests, LimitCounter.units)
+        ).all()
+    found = []
+    for name, scope_value, requests, units in rows:
+        owner, _, scope = scope_value.partition("/")
+        if owner in customers:
+            found.append((name, customers.index(owner), scope, requests, units))
+    return sorted(found)

@@ -319,6 +319,67 @@ max_units = 100
             assert customer_plans(session, customer, end + timedelta(seconds=1), config=cfg) == CustomerPlans()
 
 
+class TestPlansFromSubscriptions:
+    """A customer's plans come from its subscriptions (issue 13's table); renewal grants only when it has none."""
+
+    START, END = datetime(2026, 3, 5, 8, tzinfo=UTC), datetime(2026, 4, 5, 8, tzinfo=UTC)
+
+    def subscribe(self, customer: str, subscription_id: str, price: str, status: str) -> None:
+        from ledger.models import AccessState
+        from ledger.subscriptions import SubscriptionFacts, record_subscription
+
+        facts = SubscriptionFacts(subscription_id, status, price, current_period_start=self.START,
+                                  current_period_end=self.END)  # fmt: skip
+        with unit_of_work() as session:
+            record_subscription(session, customer, facts, access=AccessState.ACTIVE, as_of=NOW, source="test")
+
+    def renewal(self, customer: str, reason: str) -> None:
+        from ledger.grants import grant_credits
+
+        with unit_of_work() as session:
+            grant_credits(
+                session, customer, units=2000, source=GrantSource.RENEWAL, idempotency_key=unique("renewal"),
+                reason=reason, period_start=datetime(2026, 3, 1, tzinfo=UTC),
+                period_end=datetime(2026, 4, 1, tzinfo=UTC),
+            )  # fmt: skip
+
+    def plans(self, customer: str, cfg: BillingConfig) -> CustomerPlans:
+        with unit_of_work() as session:
+            return customer_plans(session, customer, NOW, config=cfg)
+
+    def test_subscriptions_win_over_renewal_grants(self, ledger_engine: Engine) -> None:
+        cfg = config("")
+        customer = unique("cus")
+        self.renewal(customer, "Pro subscription_cycle in_1 (subscription sub_old)")
+        assert self.plans(customer, cfg) == CustomerPlans(
+            ("price_pro",), (datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC))
+        )
+        self.subscribe(customer, unique("sub"), "price_free", "active")
+        assert self.plans(customer, cfg) == CustomerPlans(("price_free",), (self.START, self.END))
+
+    def test_live_statuses_only_and_several_plans(self, ledger_engine: Engine) -> None:
+        cfg = config("")
+        customer = unique("cus")
+        self.subscribe(customer, "sub_a", "price_pro", "canceled")
+        assert self.plans(customer, cfg) == CustomerPlans()  # on record, none live: no plan (no fallback)
+        self.subscribe(customer, "sub_b", "price_free", "trialing")
+        self.subscribe(customer, "sub_c", "price_pro", "past_due")
+        self.subscribe(customer, "sub_d", "price_unknown", "active")  # not a plan of the config
+        assert set(self.plans(customer, cfg).plans) == {"price_free", "price_pro"}
+
+    def test_entitlements_follow_the_subscription(self, ledger_engine: Engine) -> None:
+        cfg = config(ONE_LIMIT)
+        customer = unique("cus")
+        self.subscribe(customer, unique("sub"), "price_free", "active")
+        gpt4 = LimitRequest(operation="text", model="gpt-4o")
+        with unit_of_work() as session, pytest.raises(NotEntitled) as info:
+            reserve_limits(session, customer, gpt4, now=NOW, config=cfg)
+        assert (info.value.code, info.value.what) == ("not_entitled", "model")
+        with unit_of_work() as session:
+            assert reserve_limits(session, customer, LimitRequest(operation="text", model="gpt-4o-mini"),
+                                  now=NOW, config=cfg) == []  # fmt: skip
+
+
 @pytest.mark.postgres
 class TestRace:
     @pytest.mark.parametrize("in_function", [True, False], ids=["limits_reserve", "portable"])
@@ -376,6 +437,8 @@ class TestConfig:
             ('[[limits]]\nname = "a"\nscope = "team"\nwindow = "day"\nmax_requests = 1\n', "limits.0.scope"),
             ('[[limits]]\nname = "a"\nwindow = "day"\nmax_cost_usd = 0.1\n', "limits.0.max_cost_usd"),
             ('[[limits]]\nname = "a"\nwindow = "day"\nmax_requests = -1\n', "limits.0.max_requests"),
+            # Counters are BIGINTs, a cost in 10^-10 USD: 10^9 USD would not fit one (at most ~9.2 x 10^8).
+            ('[[limits]]\nname = "a"\nwindow = "day"\nmax_cost_usd = "1000000000"\n', "limits.0.max_cost_usd"),
             ('[[limits]]\nname = "a"\nwindow = "day"\nmax_requests = 1\n' * 2, "limits.name: duplicate"),
             ('[[limits]]\nname = "a"\nplans = ["nope"]\nwindow = "day"\nmax_requests = 1\n', "limits.0.plans"),
             ('[[plans]]\nprice = "p"\ncredits_per_period = 1\nlow_balance_units = 5\nlow_balance_share = "0.1"\n',

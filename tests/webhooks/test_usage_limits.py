@@ -94,6 +94,35 @@ class TestLimitOnUsage:
         assert consumed("cus_b") == IMAGES_PER_USER
 
 
+class TestLimitOnHolds:
+    def test_holds_take_room_capture_settles_release_gives_back(
+        self, limited: None, client: TestClient, engine: Engine
+    ) -> None:
+        fund("cus_h", 1000)
+
+        def place(n: int) -> httpx.Response:
+            body = {"customer_id": "cus_h", "request_id": f"h-{n}", "operation": "image", "user_id": "u_1",
+                    "units": 50}  # fmt: skip
+            return client.post("/v1/holds", json=body, headers=AUTH)
+
+        assert [place(n).status_code for n in range(IMAGES_PER_USER + 1)] == [201] * IMAGES_PER_USER + [429]
+        refused = place(9).json()["error"]
+        assert (refused["code"], refused["limit"], refused["used"], refused["maximum"]) == (
+            "limit_exceeded", "images-per-user-daily", IMAGES_PER_USER, IMAGES_PER_USER,
+        )  # fmt: skip
+        # A release gives its slot back (a repeated release does not give it twice); a capture keeps its slot.
+        assert client.post("/v1/holds/h-0/release", headers=AUTH).status_code == 200
+        assert client.post("/v1/holds/h-0/release", headers=AUTH).status_code == 200
+        assert client.post("/v1/holds/h-1/capture", json={"units": 20}, headers=AUTH).status_code == 200
+        assert place(10).status_code == 201
+        assert place(11).status_code == 429
+        with unit_of_work() as session:
+            assert check_ledger(session) == []
+            counter = session.execute(select(LimitCounter)).scalar_one()
+        # h-1 captured 20 of 50, h-2 and h-10 hold 50 each: three requests, 120 units.
+        assert (counter.requests, counter.units) == (IMAGES_PER_USER, 20 + 50 + 50)
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 class TestLimitRace:

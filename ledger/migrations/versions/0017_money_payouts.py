@@ -1,7 +1,7 @@
 """payouts: each Stripe payout a reconciliation run saw, with its balance transactions' sums and tie-out.
 
 Revision ID: money_2
-Revises: money_1
+Revises: limits_2
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "money_2"
-down_revision = "money_1"
+down_revision = "limits_2"
 branch_labels = None
 depends_on = None
 

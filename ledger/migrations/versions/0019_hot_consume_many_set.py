@@ -248,11 +248,13 @@ MANY_FUNCTION = many_function(limited=False)
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(MANY_FUNCTION)
+        op.execute(many_function(limited=True))
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_sibling("0008_ledger_consume_many").MANY_FUNCTION)
+        op.execute(_sibling("0016_limits_holds").MANY_LIMITED_FUNCTION)
 
 
 def _sibling(name: str) -> Any:
