@@ -261,9 +261,9 @@ PGBENCH_HOLD_CAPTURE = """\\set aid random(1, {accounts})
 \\set k random(1, 1000000000000)
 SELECT status FROM ledger_hold('bench_' || :aid::text, 'pgh-' || :client_id::text || '-' || :k::text,
   'hold:' || 'pgh-' || :client_id::text || '-' || :k::text, 1, 'pgbench', 'pgbench', now(),
-  now() + interval '10 minutes');
+  now() + interval '10 minutes', NULL);
 SELECT status FROM ledger_capture('pgh-' || :client_id::text || '-' || :k::text, NULL, 'pgbench', 'pgbench',
-  now(), NULL);
+  now(), NULL, NULL);
 """
 PGBENCH_BATCH = """\\set k random(1, 1000000000000)
 SELECT count(*) FROM (

@@ -193,6 +193,7 @@ class TestWhereMoneyIsShown:
                      "actual": "0", "unit": "minor", "currency": "jpy", "summary": "s", "evidence": "e"},
                 ],
             },
+            "ai_calls": [],
             "deliberate": [],
             "ledger_check": {"violations": []},
             "urls": {"review": "r", "usage_api": "u", "openapi": "o", "stripe_emulator": "s"},
