@@ -95,7 +95,7 @@ secret_env = "BENCH_NOTIFY_SECRET"
 BENCH_ALL = {
     "smoke": ["--quick", "--connections", "8", "--clients", "4", "--batch-clients", "2"],
     "quick": ["--quick"],
-    "full": [],
+    "full": ["--sqlite"],
 }
 
 
