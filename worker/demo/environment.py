@@ -18,8 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +30,7 @@ from ledger import db
 from ledger.config import EXAMPLE_CONFIG_PATH, get_billing_config
 from ledger.migrate import migrate
 from ledger.settings import DEFAULT_DATABASE_URL, get_settings
+from worker.demo.serving import ThreadedServer
 
 DEMO_USER = "demo"
 WORKDIR_MARKER = ".billing-demo-workdir"
@@ -279,43 +278,16 @@ def check_broker(url: str) -> None:
 # --- the receiver -----------------------------------------------------------------------------------------------
 
 
-class Receiver:
+class Receiver(ThreadedServer):
     """``webhooks.app`` served by uvicorn in a thread of this process."""
 
     def __init__(self, sock: socket.socket) -> None:
-        import uvicorn
-
         from webhooks.app import create_app
 
-        self.sock = sock
-        config = uvicorn.Config(
-            create_app(), log_level="warning", access_log=False, lifespan="on", loop="asyncio", log_config=None
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        super().__init__(create_app(), sock, name="receiver", log_level="warning", lifespan="on", loop="asyncio")
 
-    @property
-    def url(self) -> str:
-        """The receiver's base address."""
-        host, port = self.sock.getsockname()[:2]
-        return f"http://{host}:{port}"
-
-    def start(self, timeout: float = 20.0) -> Receiver:
-        """Serve, and wait until the server accepts requests."""
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise DemoError("the receiver did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        """Finish in-flight requests and stop."""
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+    def not_started(self) -> Exception:
+        return DemoError("the receiver did not start")
 
 
 # --- the worker process (PostgreSQL + Redis) --------------------------------------------------------------------

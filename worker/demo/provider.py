@@ -23,14 +23,12 @@ or the ``message_start`` ... ``message_delta`` ... ``message_stop`` event stream
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import json
 import math
 import socket
 import threading
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +37,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from worker.demo.serving import ThreadedServer
 
 ROUTES = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
 # OpenAI's error document ({"error": {"message", "type", "param", "code"}}, the API reference's Error schema) and
@@ -329,38 +329,12 @@ def _words(text: str) -> list[str]:
 # --- serving ------------------------------------------------------------------------------------------------------
 
 
-class ProviderServer:
-    """An ASGI app served by uvicorn on a thread of this process, on ``port`` (0: any free one)."""
+class ProviderServer(ThreadedServer):
+    """An ASGI app served by uvicorn on a thread of this process, on ``port`` (0: any free one); its ``url`` is the
+    base address (the OpenAI SDK's base_url is this plus ``/v1``)."""
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        config = uvicorn.Config(app, log_level="critical", access_log=False, lifespan="off", log_config=None)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """The base address (``http://host:port``; the OpenAI SDK's base_url is this plus ``/v1``)."""
-        host, port = self.sock.getsockname()[:2]
-        return f"http://{host}:{port}"
-
-    def start(self, timeout: float = 20.0) -> ProviderServer:
-        """Serve, and wait until the server accepts requests."""
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the fake provider did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        """Finish in-flight requests and stop."""
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        super().__init__(app, sock, name="fake provider", log_level="critical", lifespan="off")
