@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from ledger.accounts import open_account, set_overdraft_limit
 from ledger.consume import ConsumeResult, UsageInput, consume
 from ledger.db import unit_of_work
+from ledger.errors import LimitExceeded
 from ledger.grants import GrantResult, grant_credits
 from ledger.holds import HoldResult, place_hold
 from ledger.models import Account, Entry, Grant, GrantSource, UsageEnvironment
@@ -118,3 +123,39 @@ def grant_remaining(grant_id: int) -> tuple[int, int]:
     with unit_of_work() as session:
         grant = session.get_one(Grant, grant_id)
         return grant.remaining, grant.frozen
+
+
+def race_at_limit(
+    clients: int, attempt: Callable[[int], object], on_thread: Callable[[], None] = lambda: None
+) -> tuple[list[object], list[LimitExceeded], list[BaseException]]:
+    """``clients`` threads released at once, each calling ``attempt(i)`` once; what passed, what a limit refused,
+    and any other error. A thread whose database connection slot was not free (a shared server) retries."""
+    barrier = threading.Barrier(clients)
+    passed: list[object] = []
+    refused: list[LimitExceeded] = []
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        on_thread()
+        barrier.wait()
+        for _ in range(200):
+            try:
+                passed.append(attempt(i))
+            except LimitExceeded as exc:
+                refused.append(exc)
+            except OperationalError as exc:
+                if "too many clients" in str(exc):
+                    time.sleep(0.05)
+                    continue
+                errors.append(exc)
+            except BaseException as exc:  # reported to the caller
+                errors.append(exc)
+            return
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return passed, refused, errors
+

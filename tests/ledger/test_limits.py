@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 import tomllib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -11,7 +9,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
-from sqlalchemy.exc import OperationalError
 
 from ledger import pgfast
 from ledger.accounts import open_account
@@ -34,7 +31,7 @@ from ledger.limits import (
     window_bounds,
 )
 from ledger.models import GrantSource, OutboxEvent
-from tests.ledger.factories import make_grant, unique
+from tests.ledger.factories import make_grant, race_at_limit, unique
 
 PLANS = """
 [[plans]]
@@ -388,37 +385,14 @@ class TestRace:
         limit = 17
         cfg = config(ONE_LIMIT.replace("max_requests = 3", f"max_requests = {limit}"))
         customer = unique("cus")
-        barrier = threading.Barrier(64)
-        passed: list[int] = []
-        refused: list[int] = []
-        errors: list[BaseException] = []
+        request = LimitRequest(operation="image", user_id="u1" if with_user else None)
 
-        def client(i: int) -> None:
-            request = LimitRequest(operation="image", user_id="u1" if with_user else None)
-            pgfast.use_function(in_function)
-            barrier.wait()
-            for _ in range(200):
-                try:
-                    with unit_of_work() as session:
-                        reserve_limits(session, customer, request, now=NOW, config=cfg)
-                    passed.append(i)
-                except LimitExceeded:
-                    refused.append(i)
-                except OperationalError as exc:
-                    # The server is shared: when its connection slots run out, this client retries, as one would.
-                    if "too many clients" in str(exc):
-                        time.sleep(0.05)
-                        continue
-                    errors.append(exc)
-                except BaseException as exc:  # reported below
-                    errors.append(exc)
-                return
+        def reserve(i: int) -> int:
+            with unit_of_work() as session:
+                reserve_limits(session, customer, request, now=NOW, config=cfg)
+            return i
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        passed, refused, errors = race_at_limit(64, reserve, on_thread=lambda: pgfast.use_function(in_function))
         assert errors == []
         assert (len(passed), len(refused)) == (limit, 64 - limit)
         with unit_of_work() as session:

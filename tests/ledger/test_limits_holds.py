@@ -4,16 +4,13 @@ functions and through the portable path, and under 64 concurrent clients on Post
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from factories import account_state, make_account, make_grant, make_usage, unique
+from factories import account_state, make_account, make_grant, make_usage, race_at_limit, unique
 from sqlalchemy import Engine, func, select, update
-from sqlalchemy.exc import OperationalError
 
 from ledger import pgfast
 from ledger.check import check_ledger
@@ -271,37 +268,13 @@ class TestHoldRace:
         limit = 17
         billing_config_file(CONFIG.replace(f"max_requests = {IMAGES}", f"max_requests = {limit}"))
         customer = funded(100_000)
-        barrier = threading.Barrier(64)
-        placed: list[str] = []
-        refused: list[LimitExceeded] = []
-        errors: list[BaseException] = []
-
-        def client(i: int) -> None:
-            pgfast.use_function(in_function)
-            barrier.wait()
-            for _ in range(200):
-                try:
-                    result = place_hold_standalone(
-                        customer, request_id=f"race-{i}", units=5, usage=image("u1" if with_user else None)
-                    )
-                    placed.append(result.request_id)
-                except LimitExceeded as exc:
-                    refused.append(exc)
-                except OperationalError as exc:
-                    # The server is shared: when its connection slots run out, this client retries, as one would.
-                    if "too many clients" in str(exc):
-                        time.sleep(0.05)
-                        continue
-                    errors.append(exc)
-                except BaseException as exc:  # reported below
-                    errors.append(exc)
-                return
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        placed, refused, errors = race_at_limit(
+            64,
+            lambda i: place_hold_standalone(
+                customer, request_id=f"race-{i}", units=5, usage=image("u1" if with_user else None)
+            ).request_id,
+            on_thread=lambda: pgfast.use_function(in_function),
+        )
         assert errors == []
         assert (len(placed), len(refused)) == (limit, 64 - limit)
         assert {exc.limit for exc in refused} == {"images-per-user-daily"}
