@@ -55,20 +55,25 @@ _CALL_LIMITED = (
 )
 # What a refusal by a limit is, given the refused limit's name and what its counter held (ledger.limits builds it).
 LimitRefusal = Callable[[str, int], LedgerError]
+# The batch calls take their arrays as array literals (see _many_params), each cast to its type.
 MANY_LIMITED_SIGNATURE = (
     "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[], jsonb)"
 )
 _CALL_MANY_LIMITED = (
     "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
     "grant_ids, grant_units, limit_name, limit_used "
-    "FROM ledger_consume_many(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[], %s::jsonb)"
+    "FROM ledger_consume_many("
+    "%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], "
+    "%s::jsonb[], %s::jsonb)"
 )
 # A consumption's limit rows (PreparedLimits.as_json, None when no limit applies) and its refusal's error.
 Limited = tuple[str | None, "LimitRefusal | None"]
 MANY_SIGNATURE = "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[])"
 _CALL_MANY = (
     "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
-    "grant_ids, grant_units FROM ledger_consume_many(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[])"
+    "grant_ids, grant_units FROM ledger_consume_many("
+    "%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], "
+    "%s::jsonb[])"
 )
 
 # The errors one item of a batch can cause; each item then runs alone (see consume_many_autocommit).
@@ -337,12 +342,28 @@ def _params(request: Consumption) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _many_params(requests: Sequence[Consumption]) -> tuple[Any, ...]:
+def _many_params(requests: Sequence[Consumption]) -> tuple[str, ...]:
+    """The batch's columns as PostgreSQL array literals.
+
+    psycopg adapts a list element by element in Python (~2 µs each: 9 columns of up to 1,000 items made it the
+    batch path's largest cost in py-spy); a literal is one string built by ``join``, parsed by the server in C.
+    """
     return (
-        [r.customer_id for r in requests], [r.request_id for r in requests], [r.key for r in requests],
-        [r.charge for r in requests], [r.digest for r in requests], [r.actor for r in requests],
-        [r.reason for r in requests], [r.now for r in requests], [_usage_json(r) for r in requests],
+        array_literal([r.customer_id for r in requests]), array_literal([r.request_id for r in requests]),
+        array_literal([r.key for r in requests]), "{" + ",".join([str(r.charge) for r in requests]) + "}",
+        array_literal([r.digest for r in requests]), array_literal([r.actor for r in requests]),
+        array_literal([r.reason for r in requests]), array_literal([r.now.isoformat() for r in requests]),
+        array_literal([_usage_json(r) for r in requests]),
     )  # fmt: skip
+
+
+def array_literal(values: Sequence[str | None]) -> str:
+    """A PostgreSQL array literal of ``values``: each element quoted and escaped, None as NULL."""
+    return (
+        "{"
+        + ",".join("NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+        + "}"
+    )
 
 
 def _outcome(row: Any, request: Consumption, limited: Limited | None = None) -> ConsumeOutcome:

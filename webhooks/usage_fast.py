@@ -37,7 +37,7 @@ _MAX_FAST_BATCH_BODY = 2 * 1024 * 1024
 _REPLAYED_HEADER = ((b"idempotent-replayed", b"true"),)
 _DUMP: dict[type[Any], TypeAdapter[Any]] = {
     model: TypeAdapter(model)
-    for model in (api.ConsumeResponse, api.HoldResponse, api.CaptureResponse, api.UsageBatchResponse)
+    for model in (api.ConsumeResponse, api.HoldResponse, api.CaptureResponse)
 }
 _ERROR: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 _CONSUME = TypeAdapter(api.ConsumeRequest)
@@ -98,7 +98,8 @@ class UsageEndpoints:
             await send_json(send, status, _ERROR.dump_json(error))
             return
         extra = _REPLAYED_HEADER if replayed else ()
-        await send_json(send, status, _DUMP[type(answer)].dump_json(answer), headers=extra)
+        payload = answer if isinstance(answer, bytes) else _DUMP[type(answer)].dump_json(answer)
+        await send_json(send, status, payload, headers=extra)
 
     async def _apply(self, path: str, body: bytes, json_body: bool, key: bytes | None) -> tuple[int, Any, bool]:
         """Parse, apply on the writer, and give (status, response model, replayed); _Decline hands over."""

@@ -22,6 +22,7 @@ from ledger.check import check_ledger
 from ledger.db import unit_of_work
 from ledger.grants import grant_credits
 from ledger.models import AccessState, Account, Entry, EntryKind, GrantSource
+from webhooks.api import UsageBatchResponse
 from worker.cli import app as cli
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -67,6 +68,8 @@ class TestBatchResults:
                          "idempotency_conflict", "idempotency_conflict", "invalid_request", "invalid_request",
                          "invalid_request"]  # fmt: skip
         assert results[0]["body"]["balance_after"] == 85
+        # The answer is exactly what the response model serializes (it is built from plain dicts).
+        assert UsageBatchResponse.model_validate_json(response.content).model_dump_json().encode() == response.content
         assert results[2]["body"]["error"]["available"] == 85 and results[2]["body"]["error"]["requested"] == 1000
         assert results[3]["body"]["error"]["access_state"] == "suspended"
         # The single call now answers what the batch answered (a created event is replayed: 200, the same body).
