@@ -55,7 +55,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import Server, drop_database, figure, machine_load, run_pgbench, scratch_database  # noqa: E402
+from benchkit import (  # noqa: E402
+    Server,
+    autovacuum,
+    drop_database,
+    figure,
+    machine_load,
+    run_pgbench,
+    scratch_database,
+    vacuum,
+)
 
 START_UNITS = 10**12
 TOKEN = "tok_bench"
@@ -279,6 +288,7 @@ SELECT count(*) FROM (
 
 def pgbench_tps(url: str, template: str, clients: int, args: argparse.Namespace, accounts: int) -> float:
     """Transactions per second pgbench reaches with ``template`` (prepared statements, ``clients`` clients)."""
+    vacuum(url)
     return run_pgbench(url, template.format(accounts=accounts, batch=args.batch), clients, args.duration).tps
 
 
@@ -290,6 +300,7 @@ def measure_workers(url: str, workers: int, args: argparse.Namespace) -> dict[st
         figures: dict[str, Any] = {"workers": workers}
 
         def load(mode: str, connections: int, rate: float | None = None) -> dict[str, Any]:
+            vacuum(url)  # every run, HTTP or pgbench, starts on tables as autovacuum keeps them
             return run_loadgen(server.port, mode, args, connections=connections, accounts=args.accounts, rate=rate)
 
         figures["healthz"] = load("healthz", args.connections)
@@ -502,6 +513,8 @@ def print_figures(results: dict[str, Any]) -> None:
 def report(results: dict[str, Any]) -> list[str]:
     """Print the table, the figures and one verdict line per target; return the verdicts."""
     print(f"\nmachine load (1/5/15 min) at the end: {results['load']}")
+    print(f"server autovacuum: {results.get('autovacuum', '?')}; every run (HTTP and pgbench) starts after VACUUM "
+          "(ANALYZE) of the tables the runs update, as autovacuum keeps them")  # fmt: skip
     print(f"{'what':<52}{'rate':>12}{'p50 ms':>9}{'p99 ms':>9}  baseline in the same run")
     verdicts: list[str] = []
     by_workers = {f["workers"]: f for f in results["postgres"]}
@@ -613,6 +626,7 @@ def main() -> None:
     }  # fmt: skip
     try:
         seed(url, args.accounts)
+        results["autovacuum"] = autovacuum(url)
         if args.limits:
             results["limits"] = measure_limits(url, args)
             results["load"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
