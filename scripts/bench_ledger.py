@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import drop_database as drop_scratch_database
-from benchkit import figure, machine_load, run_pgbench, scratch_database
+from benchkit import figure, machine_load, run_pgbench, scratch_database, vacuum
 
 from ledger import db
 from ledger.settings import get_settings
@@ -406,10 +406,14 @@ def main() -> int:
         function_script = FUNCTION_SCRIPT_IN_TRANSACTION if args.session else FUNCTION_SCRIPT
         for scenario in scenarios:
             for workers in levels:
+                # Each run starts on tables as autovacuum keeps them (this machine's server runs without it).
+                vacuum(ledger_url.render_as_string(hide_password=False))
                 ledger_rate, layout = run_ledger(
                     ledger_url, scenario, workers, args.seconds, args.processes, args.session, warmup
                 )
+                vacuum(pgbench_url.render_as_string(hide_password=False))
                 baseline_tps = pgbench_tps(pgbench_url, scenario, workers, args.seconds, PGBENCH_SCRIPT, args.accounts)
+                vacuum(ledger_url.render_as_string(hide_password=False))
                 function_tps = pgbench_tps(ledger_url, scenario, workers, args.seconds, function_script, args.accounts)
                 rows.append((scenario, workers, ledger_rate, baseline_tps, function_tps, layout))
                 print(
