@@ -52,7 +52,7 @@ class Wire:
         self._timeout = timeout
         # As httpx verifies by default (certifi's certificates, SSL_CERT_FILE/SSL_CERT_DIR honoured).
         self._context: ssl.SSLContext | None = httpx.create_ssl_context() if self._https else None
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Connection | _TLSConnection] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -78,6 +78,7 @@ class Wire:
             request_headers["Content-Length"] = "0"
         connection = self._checkout()
         try:
+            connection.hold_head = body is not None
             connection.request(method, target, body=body, headers=request_headers)
             answer = connection.getresponse()
             content = answer.read()
@@ -90,7 +91,7 @@ class Wire:
             self._checkin(connection)
         return httpx.Response(answer.status, headers=answer.getheaders(), content=content)
 
-    def _checkout(self) -> http.client.HTTPConnection:
+    def _checkout(self) -> _Connection | _TLSConnection:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the client is closed")
@@ -100,10 +101,10 @@ class Wire:
                     return connection
                 connection.close()
         if self._context is not None:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._context)
-        return _NoDelayConnection(self._host, self._port, timeout=self._timeout)
+            return _TLSConnection(self._host, self._port, timeout=self._timeout, context=self._context)
+        return _Connection(self._host, self._port, timeout=self._timeout)
 
-    def _checkin(self, connection: http.client.HTTPConnection) -> None:
+    def _checkin(self, connection: _Connection | _TLSConnection) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < MAX_IDLE:
                 self._idle.append(connection)
@@ -119,9 +120,30 @@ class Wire:
             connection.close()
 
 
-class _NoDelayConnection(http.client.HTTPConnection):
-    """An HTTP connection that sends each request at once (no Nagle delay behind the previous one's ACK)."""
+class _OneWrite:
+    """Sends a request's head and body in one write: ``http.client`` writes them apart, so the server reads (and
+    its event loop wakes for) the head, then the body; one segment is one wake-up, and never a Nagle delay."""
 
+    hold_head = False
+    _head: bytes | None = None
+
+    def send(self, data: Any) -> None:
+        if self.hold_head:
+            self.hold_head = False
+            self._head = bytes(data)
+            return
+        if self._head is not None:
+            data, self._head = self._head + bytes(data), None
+        super().send(data)  # type: ignore[misc]
+
+
+class _Connection(_OneWrite, http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _TLSConnection(_OneWrite, http.client.HTTPSConnection):
     def connect(self) -> None:
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
