@@ -1,4 +1,4 @@
-"""The sync client's own keep-alive connections (webhooks.client._wire), against a small local HTTP/1.1 server
+"""The sync client's keep-alive connections (webhooks.client._wire: urllib3's pool), against a local HTTP/1.1 server
 that records what arrives: what is sent, connection reuse, a connection the server closed while idle, retries."""
 
 from __future__ import annotations
@@ -148,29 +148,3 @@ class TestWire:
         assert not suits("unix:///tmp/billing.sock")
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
         assert not suits("https://billing.internal")
-
-
-class SentWrites:
-    """A socket that records each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def sendall(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-
-class TestOneWrite:
-    def test_a_requests_head_and_body_go_in_one_write(self) -> None:
-        from webhooks.client._wire import _Connection
-
-        connection = _Connection("billing.internal", 80)
-        sock = SentWrites()
-        connection.sock = sock  # type: ignore[assignment]
-        connection.hold_head = True
-        connection.request("POST", "/v1/holds", body=b'{"units":5}', headers={"Content-Type": "application/json"})
-        assert len(sock.writes) == 1
-        head, body = sock.writes[0].split(b"\r\n\r\n")
-        assert head.startswith(b"POST /v1/holds HTTP/1.1\r\n")
-        assert b"Content-Length: 11" in head
-        assert body == b'{"units":5}'
