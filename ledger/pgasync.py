@@ -6,6 +6,10 @@ costs two thread hand-offs (event loop to thread and back, each a wake-up on a b
 checkout around a statement that takes well under a millisecond. Here the event loop sends the statement itself and
 waits for the answer on the connection's socket. The statement, its parameters, its atomicity and its durability
 are the same: the answer is read only after PostgreSQL committed it (``synchronous_commit`` as configured).
+
+Why not ``psycopg_pool``: its connections are opened by background workers that retry on their own schedule, so
+during an outage a request waits out the pool's time-out; here a connection is opened by the request that needs
+it, and a refused one is that request's 503 at once, as on the writers' threads (SQLAlchemy's pool).
 """
 
 from __future__ import annotations
