@@ -8,9 +8,10 @@ the hold drew from.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.exc import DBAPIError
@@ -28,6 +29,7 @@ from ledger.errors import (
     IdempotencyConflict,
     InsufficientCredits,
     InvalidRequest,
+    LedgerError,
     UnknownCustomer,
     UnknownHold,
 )
@@ -53,6 +55,7 @@ from ledger.posting import (
 from ledger.pricing import UsageInput
 
 HOLDS: Table = Hold.__table__  # type: ignore[assignment]
+R = TypeVar("R")
 
 # PostgreSQL's holds, one round trip each (migration 0009): the same rules as the portable path below.
 # Migration 0016 gave the hold and capture functions their limits (the hold's rows; the capture's usage).
@@ -232,6 +235,45 @@ def place_hold_standalone(
         if function:
             return _place_hold_function(session, request)
         return _place_hold_portable(session, request)
+
+
+@dataclass(frozen=True)
+class Statement(Generic[R]):
+    """A standalone hold movement that is one call of a ledger function, for a caller that sends it itself (the
+    usage API, from its event loop: :mod:`ledger.pgasync`): run ``sql`` with ``params`` in autocommit, then
+    ``result(row)`` is what the ``*_standalone`` function returns, and ``refusal`` its error for a database error."""
+
+    sql: str
+    params: tuple[Any, ...]
+    request_id: str
+    read: Callable[[Any], R]
+
+    def result(self, row: Any) -> R:
+        """The movement's result from the function's row, or the ledger's error (a refusal)."""
+        return self.read(row)
+
+    def refusal(self, exc: DBAPIError) -> LedgerError | None:
+        """The ledger's error for a database error that refused the request's input; None: not a refusal."""
+        return pgfast.refused_request(exc, self.request_id)
+
+
+def hold_statement(
+    customer_id: str,
+    *,
+    request_id: str,
+    units: int | None = None,
+    ttl_seconds: int = 600,
+    usage: UsageInput | None = None,
+    actor: str = "api",
+) -> Statement[HoldResult] | None:
+    """:func:`place_hold_standalone` as its one statement, when it is one (PostgreSQL, ``ledger_hold`` known to be
+    installed, no limit to read first); None: call :func:`place_hold_standalone`. A refused request raises here."""
+    request = price_hold(
+        customer_id, request_id=request_id, units=units, ttl_seconds=ttl_seconds, usage=usage, actor=actor
+    )
+    if request.counted is not None or not pgfast.known_installed(get_engine(), HOLD_SIGNATURE):
+        return None
+    return Statement(_HOLD_CALL, _hold_params(request, None), request_id, lambda row: _placed(row, request, None))
 
 
 def _hold_params(request: HoldRequest, prepared: limits.PreparedLimits | None) -> tuple[Any, ...]:
@@ -481,6 +523,16 @@ def capture_hold_standalone(
         return _captured(row, request)
     with unit_of_work() as session:
         return _capture_portable(session, request)
+
+
+def capture_statement(
+    request_id: str, *, units: int | None = None, usage: UsageInput | None = None, actor: str = "api", note: str = ""
+) -> Statement[CaptureResult] | None:
+    """:func:`capture_hold_standalone` as its one statement, when it is one (see :func:`hold_statement`)."""
+    request = price_capture(request_id, units=units, usage=usage, actor=actor, note=note)
+    if note or not pgfast.known_installed(get_engine(), HOLD_SIGNATURE):
+        return None
+    return Statement(_CAPTURE_CALL, _capture_params(request), request_id, lambda row: _captured(row, request))
 
 
 def _capture_params(request: CaptureRequest) -> tuple[Any, ...]:

@@ -133,6 +133,15 @@ def installed_for(engine: Engine, signature: str) -> bool:
     return known
 
 
+def known_installed(engine: Engine, signature: str) -> bool | None:
+    """:func:`installed_for` without a round trip: None while ``engine``'s database was not asked yet."""
+    if not getattr(_switch, "on", True):
+        return False
+    if engine.dialect.name != "postgresql":
+        return False
+    return _installed.get(engine, {}).get(signature)
+
+
 def _look_up(engine: Engine, signature: str, connection: Connection) -> bool:
     """Whether the function is installed on ``engine``'s database; remembered per engine."""
     known = engine.dialect.name == "postgresql" and bool(

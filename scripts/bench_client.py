@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -118,10 +119,37 @@ def overhead(billing_url: str, provider_url: str, calls: int, rounds: int) -> di
     hold_ms: list[float] = []
     cpu: dict[str, float] = {"plain": 0.0, "wrapped": 0.0}
     capture_ms: list[float] = []
+    # The stages of each wrapped call (inline settlement): its hold and capture requests (Billing.send) and the
+    # provider call, timed where they happen; the rest of the call is the wrapper's own work.
+    stage: dict[str, list[float]] = {"hold": [], "provider": [], "capture": [], "own": []}
+    current: dict[str, float] | None = None
     with (
         Billing(billing_url, TOKEN) as billing,
         openai.OpenAI(base_url=f"{provider_url}/v1", api_key="sk-bench", max_retries=0) as client,
     ):
+        send, create = billing.send, client.chat.completions.create
+
+        def timed_send(request: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return send(request)
+            finally:
+                if current is not None:
+                    kind = "hold" if request.path == "/v1/holds" else "capture"
+                    current[kind] = current.get(kind, 0.0) + (time.perf_counter() - start) * 1000
+
+        def timed_create(_resource: Any, **request: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return create(**request)
+            finally:
+                if current is not None:
+                    current["provider"] = current.get("provider", 0.0) + (time.perf_counter() - start) * 1000
+
+        # Instance attributes, set before wrapping: the unwrapped calls pay the same (negligible) timing.
+        billing.send = timed_send  # type: ignore[method-assign]
+        completions = client.chat.completions
+        completions.create = types.MethodType(timed_create, completions)  # type: ignore[method-assign]
         wrapped = billing.wrap_openai(client, customer_id="cus_bench_0", feature="bench")
         background = billing.wrap_openai(client, customer_id="cus_bench_0", feature="bench", settle="background")
 
@@ -144,11 +172,16 @@ def overhead(billing_url: str, provider_url: str, calls: int, rounds: int) -> di
                     "plain",
                 )
             for _ in range(per_round):
+                current = {}
                 timed(
                     lambda: wrapped.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100),
                     wrapped_ms,
                     "wrapped",
                 )
+                for kind in ("hold", "provider", "capture"):
+                    stage[kind].append(current.get(kind, 0.0))
+                stage["own"].append(wrapped_ms[-1] - sum(current.values()))
+                current = None
             for _ in range(per_round):
                 timed(
                     lambda: background.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100),
@@ -170,6 +203,7 @@ def overhead(billing_url: str, provider_url: str, calls: int, rounds: int) -> di
         "hold_p50": statistics.median(hold_ms),
         "capture_p50": statistics.median(capture_ms),
         "n": float(len(plain_ms)),
+        **{f"stage_{kind}_p50": statistics.median(values) for kind, values in stage.items()},
         # The caller's own CPU per call (this process): what the client costs, apart from waiting for servers.
         "plain_cpu": cpu["plain"] * 1000 / len(plain_ms),
         "wrapped_cpu": cpu["wrapped"] * 1000 / len(wrapped_ms),
@@ -346,6 +380,16 @@ def main() -> None:
             f"   added at p50: {added:.2f} ms"
             f" (hold alone p50 {o['hold_p50']:.2f} ms, capture {o['capture_p50']:.2f} ms)"
         )
+        print(
+            f"   stages of a wrapped call, p50: hold {o['stage_hold_p50']:.2f} ms,"
+            f" provider {o['stage_provider_p50']:.2f} ms (unwrapped {o['plain_p50']:.2f}),"
+            f" capture {o['stage_capture_p50']:.2f} ms,"
+            f" the wrapper's own work {o['stage_own_p50']:.2f} ms"
+        )
+        print(
+            f"   caller CPU per call: unwrapped {o['plain_cpu']:.2f} ms, wrapped {o['wrapped_cpu']:.2f} ms"
+            f" (+{o['wrapped_cpu'] - o['plain_cpu']:.2f} ms: two requests to the usage API and the wrapper's work)"
+        )
 
         client_rate, bare_rate = sync_throughput(billing_url, args.threads, args.seconds, customers, args.rounds)
         sync_client_rate, sync_bare_rate = client_rate, bare_rate
@@ -367,10 +411,6 @@ def main() -> None:
             f"   ratio {client_rate / bare_rate:.2f}   (batches of 100, 1 caller)"
         )
         print(f"   added at p50 with settle=background: {added_background:.2f} ms")
-        print(
-            f"   caller CPU per call: unwrapped {o['plain_cpu']:.2f} ms, wrapped {o['wrapped_cpu']:.2f} ms"
-            " (the rest of the added latency is waiting for the usage API)"
-        )
         figure(
             "metering wrapper, chat.completions.create, 1 caller: added latency at p50",
             f"+{added:.2f} ms (settle=background: +{added_background:.2f} ms)",

@@ -36,7 +36,10 @@ from ledger.holds import (
     CaptureResult,
     HoldResult,
     ReleaseNote,
+    Statement,
     capture_hold_standalone,
+    capture_statement,
+    hold_statement,
     place_hold_standalone,
     release_hold_standalone,
 )
@@ -532,6 +535,19 @@ def apply_hold(body: HoldRequest, request_id: str) -> HoldResult:
 def apply_capture(hold_id: str, body: CaptureRequest) -> CaptureResult:
     """Capture a hold as a body asks, as a unit of work of its own."""
     return capture_hold_standalone(hold_id, units=body.units, usage=body.usage_input(), note=body.note)
+
+
+def hold_as_statement(body: HoldRequest, request_id: str) -> Statement[HoldResult] | None:
+    """:func:`apply_hold` as one statement to send from the event loop, when it is one (None: apply_hold)."""
+    usage = body.usage_input()
+    return hold_statement(
+        body.customer_id, request_id=request_id, units=body.units, ttl_seconds=body.ttl_seconds, usage=usage
+    )
+
+
+def capture_as_statement(hold_id: str, body: CaptureRequest) -> Statement[CaptureResult] | None:
+    """:func:`apply_capture` as one statement to send from the event loop, when it is one (None: apply_capture)."""
+    return capture_statement(hold_id, units=body.units, usage=body.usage_input(), note=body.note)
 
 
 def apply_release(hold_id: str, body: ReleaseRequest | None = None) -> HoldResult:

@@ -114,7 +114,10 @@ class UsageEndpoints:
             return 200, await api.apply_usage_batch(batch, self.writer), False
         if path == "/v1/holds":
             hold = _HOLD.validate_json(_json(body, json_body))
-            placed = await self.writer.run(api.apply_hold, hold, _request_id(hold.request_id, key))
+            request_id = _request_id(hold.request_id, key)
+            placed = await self.writer.run_statement(
+                api.hold_as_statement(hold, request_id), api.apply_hold, hold, request_id
+            )
             return api.replayed_status(placed.replayed), api.hold_response(placed), placed.replayed
         match = _HOLD_ACTION.match(path)
         if match is None:
@@ -122,7 +125,9 @@ class UsageEndpoints:
         hold_id, action = match.groups()
         if action == "capture":
             capture = _CAPTURE.validate_json(_json(body, json_body)) if body else api.CaptureRequest()
-            captured = await self.writer.run(api.apply_capture, hold_id, capture)
+            captured = await self.writer.run_statement(
+                api.capture_as_statement(hold_id, capture), api.apply_capture, hold_id, capture
+            )
             return 200, api.capture_response(captured), captured.replayed
         release = _RELEASE.validate_json(_json(body, json_body)) if body else None
         released = await self.writer.run(api.apply_release, hold_id, release)

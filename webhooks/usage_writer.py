@@ -9,16 +9,23 @@ threads (:meth:`UsageWriter.run`), one unit of work each.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
 from ledger.consume import ConsumeInput, ConsumeOutcome, consume_batch
+from ledger.db import get_engine
+from ledger.holds import Statement
+from ledger.pgasync import AutocommitPool
 from webhooks import metrics
 from webhooks.group_commit import GroupCommit, Pending
 
 log = structlog.get_logger(__name__)
 
+R = TypeVar("R")
 ApplyBatch = Callable[[Sequence[ConsumeInput]], list[ConsumeOutcome]]
 
 
@@ -43,10 +50,45 @@ class UsageWriter(GroupCommit[ConsumeInput, ConsumeOutcome]):
             name="usage-writer",
         )  # fmt: skip
         self._apply = apply
+        # Holds and captures sent from the event loop (ledger.pgasync); as many connections as threads above.
+        self._statements: AutocommitPool | None = None
+        self._statements_loop: asyncio.AbstractEventLoop | None = None
 
     async def apply_batch(self, items: Sequence[ConsumeInput]) -> list[ConsumeOutcome]:
         """Apply a batch the caller already formed (POST /v1/usage/batch) as one unit, on the writers' threads."""
         return await self.run(self._apply, items)
+
+    async def run_statement(self, statement: Statement[R] | None, write: Callable[..., R], *args: Any) -> R:
+        """A hold movement: its one statement sent from the event loop when it is one, else ``write(*args)`` on the
+        writers' threads. Either way one transaction of its own, answered after its commit."""
+        if statement is None:
+            return await self.run(write, *args)
+        pool = self._statement_pool()
+        try:
+            row = await pool.fetchone(statement.sql, statement.params)
+        except DBAPIError as exc:
+            refusal = statement.refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
+        return statement.result(row)
+
+    def _statement_pool(self) -> AutocommitPool:
+        loop, engine = asyncio.get_running_loop(), get_engine()
+        pool = self._statements
+        if pool is None or pool.engine is not engine or self._statements_loop is not loop:
+            if pool is not None:
+                pool.abandon()  # another loop's (a test client's) or another engine's: not usable here
+            pool = self._statements = AutocommitPool(engine, size=self._threads)
+            self._statements_loop = loop
+        return pool
+
+    async def aclose(self) -> None:
+        """Drain, stop the writers, and close the statements' connections."""
+        await super().aclose()
+        pool, self._statements, self._statements_loop = self._statements, None, None
+        if pool is not None:
+            await pool.aclose()
 
     def _timed_out(self) -> Exception:
         return UsageUnavailable(f"applying the usage took longer than {self._timeout:g}s")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
 import httpx
 from tenacity import Retrying
 
+from webhooks.client import _wire
 from webhooks.client._base import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
@@ -67,7 +68,14 @@ class Billing:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
+        self._retry_policy = retry_policy(retries)
         self._owns_http = http is None
+        # Its own connections: the lean keep-alive pool (webhooks.client._wire), where it does what httpx would.
+        self._wire = (
+            _wire.Wire(self.base_url, headers(token), timeout=timeout)
+            if http is None and _wire.suits(self.base_url)
+            else None
+        )
         self._http = http or httpx.Client(
             base_url=self.base_url,
             headers=headers(token),
@@ -92,6 +100,8 @@ class Billing:
         self.flush()
         if self._settler is not None:
             self._settler.shutdown()
+        if self._wire is not None:
+            self._wire.close()
         if self._owns_http:
             self._http.close()
 
@@ -119,11 +129,24 @@ class Billing:
     def send(self, request: Request[T]) -> T:
         """Send one request, retrying what is transient; return its parsed result or raise its error."""
         try:
-            for attempt in Retrying(**retry_policy(self.retries)):
+            for attempt in Retrying(**self._retry_policy):
                 with attempt:
-                    response = self._http.request(
-                        request.method, request.path, json=request.json, params=request.params, headers=request.headers
-                    )
+                    if self._wire is not None:
+                        response = self._wire.request(
+                            request.method,
+                            request.path,
+                            json_body=request.json,
+                            params=request.params,
+                            headers=request.headers,
+                        )
+                    else:
+                        response = self._http.request(
+                            request.method,
+                            request.path,
+                            json=request.json,
+                            params=request.params,
+                            headers=request.headers,
+                        )
                     return request.parse(check(response))
         except (TransientError, httpx.TransportError) as exc:
             raise unavailable(exc, request) from exc
