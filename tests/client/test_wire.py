@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,6 +29,7 @@ class Recorder(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[dict[str, Any]] = []
         self.connections = 0
+        self.closed = threading.Semaphore(0)  # released once per connection closed after its answer
         self.answers: list[tuple[int, dict[str, Any]]] = []
         self.close_after_each = close_after_each
 
@@ -67,6 +69,7 @@ class Handler(BaseHTTPRequestHandler):
             # As a server whose keep-alive time-out passed: the connection is closed without a word.
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
+            self.server.closed.release()
 
     do_GET = do_POST = _answer
 
@@ -120,6 +123,10 @@ class TestWire:
         with Billing(closing_recorder.url, "tok_1", retries=0) as billing:
             for i in range(3):
                 assert billing.send(Request("POST", "/v1/usage", _json, json={"request_id": f"r{i}"})) == {"ok": True}
+                # The next request goes once the server has closed this connection (as after a keep-alive
+                # time-out), not in the instant between its answer and its close.
+                assert closing_recorder.closed.acquire(timeout=5)
+                time.sleep(0.05)
         # Each request once, each on a fresh connection, none lost to the closed one (no retries were allowed).
         assert [json.loads(r["body"])["request_id"] for r in closing_recorder.requests] == ["r0", "r1", "r2"]
         assert closing_recorder.connections == 3
