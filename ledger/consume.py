@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,6 +24,7 @@ from ledger.config import BillingConfig, get_billing_config
 from ledger.consumption import ConsumeOutcome, ConsumeResult, Consumption, key_taken
 from ledger.db import get_engine, unit_of_work
 from ledger.errors import InvalidRequest, LedgerError
+from ledger.models import Entry
 from ledger.posting import request_hash, require_key, require_positive, utcnow
 from ledger.pricing import UsageInput, price_usage
 
@@ -108,7 +109,12 @@ def consume(
         return _apply(session, request)
     if pgfast.installed(session, pgfast.LIMITED_SIGNATURE):
         # One statement consumes and takes the limits' room (atomic: a refusal writes nothing).
-        prepared = _prepare(session, request, config)
+        try:
+            prepared = _prepare(session, request, config)
+        except LedgerError:
+            if not _taken_keys(session, [request.key]):
+                raise
+            return _apply(session, request)  # a replay: its first answer, whatever the plan says now
         try:
             return pgfast.consume_limited(session, request, *_limit_args(prepared))
         except IntegrityError as exc:
@@ -210,6 +216,15 @@ def _apply_limited_autocommit(
                 prepared.append(_prepare(session, request, config))
             except LedgerError as exc:
                 prepared.append(exc)
+        refused = [i for i, rows in enumerate(prepared) if isinstance(rows, LedgerError)]
+        if refused:
+            # A replay is recognized before the entitlements and suspension that refused it (as the portable path
+            # does): a retry after the customer's plan changed gets its first answer. Its key is taken, so the
+            # consumption without limits replays it (or answers a conflict), and takes no room.
+            taken = _taken_keys(session, [requests[i].key for i in refused])
+            for i in refused:
+                if requests[i].key in taken:
+                    prepared[i] = None
     chosen = [(i, rows) for i, rows in enumerate(prepared) if not isinstance(rows, LedgerError)]
     applied = pgfast.consume_many_autocommit(
         engine, [requests[i] for i, _ in chosen], [_limit_args(rows) for _, rows in chosen]
@@ -219,6 +234,11 @@ def _apply_limited_autocommit(
     for i, rows in enumerate(prepared):
         outcomes.append(rows if isinstance(rows, LedgerError) else by_position[i])
     return outcomes
+
+
+def _taken_keys(session: Session, keys: Sequence[str]) -> set[str]:
+    """Which of these consumption keys an entry already has (a replay, or another customer's conflict)."""
+    return set(session.scalars(select(Entry.idempotency_key).where(Entry.idempotency_key.in_(keys))))
 
 
 def _apply_alone(session: Session, request: Consumption, *, limited: bool) -> ConsumeOutcome:

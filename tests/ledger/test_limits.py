@@ -445,3 +445,69 @@ max_requests = 50
         )
         (limit,) = cfg.limits
         assert (limit.maximum, limit.measure.value, limit.window) == (50, "requests", LimitWindow.DAY)
+
+
+class TestReplayAfterPlanChange:
+    """A retry of a consumption is recognized as a replay before the customer's plan is asked, on every path: its
+    answer is the first one, though the plan the customer is on now would refuse the call."""
+
+    CONFIG = """
+[[limits]]
+name = "requests-daily"
+window = "day"
+max_requests = 100
+"""
+
+    def setup(self, billing_config_file: Any) -> tuple[str, Any]:
+        from ledger.consume import ConsumeInput
+        from ledger.pricing import UsageInput
+
+        billing_config_file(PLANS + self.CONFIG)
+        customer = unique("cus")
+        make_grant(customer_id=customer, units=50)
+        self.subscribe(customer, "price_pro", NOW)
+        gpt4 = UsageInput(operation="text", model="gpt-4o")  # the Pro plan allows it, the Free plan does not
+        return customer, lambda request_id, units=7: ConsumeInput(customer, request_id, units=units, usage=gpt4)
+
+    def subscribe(self, customer: str, price: str, as_of: datetime) -> None:
+        from ledger.models import AccessState
+        from ledger.subscriptions import SubscriptionFacts, record_subscription
+
+        with unit_of_work() as session:
+            facts = SubscriptionFacts("sub_1", "active", price)
+            record_subscription(session, customer, facts, access=AccessState.ACTIVE, as_of=as_of, source="test")
+
+    def to_free_plan(self, customer: str) -> None:
+        self.subscribe(customer, "price_free", NOW + timedelta(minutes=1))
+
+    def test_a_batch_replays_and_refuses_only_the_new_call(
+        self, ledger_engine: Engine, billing_config_file: Any
+    ) -> None:
+        from ledger.consume import consume_batch
+        from ledger.errors import IdempotencyConflict
+
+        customer, call = self.setup(billing_config_file)
+        (first,) = consume_batch([call("r1")])
+        assert (first.units, first.balance_after, first.replayed) == (7, 43, False)
+        self.to_free_plan(customer)
+        again, new, other = consume_batch([call("r1"), call("r2"), call("r1", units=8)])
+        assert (again.units, again.balance_after, again.replayed, again.entry_id) == (7, 43, True, first.entry_id)
+        assert isinstance(new, NotEntitled) and new.what == "model"
+        assert isinstance(other, IdempotencyConflict)  # the same id with another body is still a conflict
+        with unit_of_work() as session:
+            (status,) = limit_usage(session, customer, now=datetime.now(UTC))
+        assert status.used == 1  # the replay took no room
+
+    def test_in_a_unit_of_work(self, ledger_engine: Engine, billing_config_file: Any) -> None:
+        from ledger.consume import consume
+
+        customer, call = self.setup(billing_config_file)
+        item = call("r1")
+        with unit_of_work() as session:
+            first = consume(session, customer, request_id="r1", units=7, usage=item.usage)
+        self.to_free_plan(customer)
+        with unit_of_work() as session:
+            again = consume(session, customer, request_id="r1", units=7, usage=item.usage)
+            assert (again.balance_after, again.replayed, again.entry_id) == (43, True, first.entry_id)
+            with pytest.raises(NotEntitled):
+                consume(session, customer, request_id="r2", units=7, usage=item.usage)

@@ -210,3 +210,25 @@ class TestRefusalShapes:
             ledger_cli._run_alone(True, work)
         assert info.value.exit_code == 6 == ledger_cli.EXIT_LIMIT
         assert get_billing_config() is not None
+
+
+@pytest.mark.usefixtures("configured")
+class TestReplayAfterPlanChange:
+    def test_a_replay_gets_its_first_answer_though_the_plan_now_refuses_the_call(self, client: TestClient) -> None:
+        from ledger.models import AccessState
+        from ledger.subscriptions import SubscriptionFacts, record_subscription
+
+        customer = "cus_replay_plan"
+        subscribe(customer, "Pro", 500)
+        body = {"customer_id": customer, "request_id": "req_1", "operation": "text", "provider": "openai",
+                "model": "gpt-4o-2024-08-06", "input_tokens": 1000, "output_tokens": 100}  # fmt: skip
+        first = client.post("/v1/usage", json=body, headers=AUTH)
+        assert first.status_code == 201
+        with unit_of_work() as session:  # now on Free (its subscription wins over the renewal), no gpt-4o
+            record_subscription(session, customer, SubscriptionFacts("sub_2", "active", "price_free"),
+                                access=AccessState.ACTIVE, as_of=datetime.now(UTC), source="test")  # fmt: skip
+        again = client.post("/v1/usage", json=body, headers=AUTH)
+        assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (200, "true")
+        assert again.json() == first.json()
+        new = client.post("/v1/usage", json={**body, "request_id": "req_2"}, headers=AUTH)
+        assert (new.status_code, new.json()["error"]["code"]) == (403, "not_entitled")
