@@ -310,3 +310,73 @@ def _counters(customers: list[str]) -> list[tuple[Any, ...]]:
         if owner in customers:
             found.append((name, customers.index(owner), scope, requests, units))
     return sorted(found)
+
+
+# A counter per customer (requests a day) and one per user (units a day).
+TWO_LIMITS = """
+[[limits]]
+name = "requests-per-customer"
+window = "day"
+max_requests = 100
+
+[[limits]]
+name = "units-per-user"
+scope = "user"
+window = "day"
+max_units = 50
+"""
+
+
+@pytest.mark.postgres
+class TestBatchTakesCountersTogether:
+    """ledger_consume_many adds a batch's sums to the counters of every customer all of whose counters stay below
+    their maxima; a customer with a counter that does not (new, or the batch would reach its maximum) gets back
+    what its other counters took, and its items go one by one. Worked by hand: the counters after each batch."""
+
+    def test_a_new_counter_or_a_full_one_sends_only_its_customer_item_by_item(
+        self, pg_engine: Engine, billing_config_file: Any
+    ) -> None:
+        billing_config_file(TWO_LIMITS)
+        a, b = unique("A"), unique("B")
+        with unit_of_work() as session:
+            for customer in (a, b):
+                grant_credits(session, customer, units=100, source=GrantSource.TOP_UP,
+                              idempotency_key=f"{customer}-g")  # fmt: skip
+
+        def call(customer: str, n: int, user: str, units: int) -> ConsumeInput:
+            return ConsumeInput(customer, f"{customer}-{n}", units=units, usage=UsageInput(user_id=user))
+
+        # The day's counters of a, a/u1, b and b/u1 exist, each at one request and one unit.
+        _one_by_one([call(a, 0, "u1", 1), call(b, 0, "u1", 1)])
+        # a's u2 has no counter yet: a goes item by item (its two counters taken set-wise are given back first);
+        # b's counters take its items together.
+        outcomes = consume_batch([call(a, 1, "u1", 3), call(b, 1, "u1", 5), call(a, 2, "u2", 4), call(b, 2, "u1", 6)])
+        assert [(o.units, o.balance_after) for o in outcomes] == [(3, 96), (5, 94), (4, 92), (6, 88)]
+        assert _counts(a, b) == {
+            ("requests-per-customer", a): (3, 8), ("units-per-user", f"{a}/user:u1"): (2, 4),
+            ("units-per-user", f"{a}/user:u2"): (1, 4),
+            ("requests-per-customer", b): (3, 12), ("units-per-user", f"{b}/user:u1"): (3, 12),
+        }  # fmt: skip
+        # b/u1 at 12 units: 39 more would reach its maximum (51 > 50: refused one by one), so b's request counter
+        # gives back what the batch took; a's counters (all below their maxima) take a's item together.
+        outcomes = consume_batch([call(a, 3, "u1", 2), call(b, 3, "u1", 39)])
+        assert (outcomes[0].units, outcomes[0].balance_after) == (2, 90)
+        refused = outcomes[1]
+        assert isinstance(refused, LimitExceeded)
+        assert (refused.limit, refused.used, refused.maximum) == ("units-per-user", 12, 50)
+        assert _counts(a, b) == {
+            ("requests-per-customer", a): (4, 10), ("units-per-user", f"{a}/user:u1"): (3, 6),
+            ("units-per-user", f"{a}/user:u2"): (1, 4),
+            ("requests-per-customer", b): (3, 12), ("units-per-user", f"{b}/user:u1"): (3, 12),
+        }  # fmt: skip
+        with unit_of_work() as session:
+            assert check_ledger(session) == []
+
+
+def _counts(*customers: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """(limit, scope value) -> (requests, units) of these customers' counters."""
+    with unit_of_work() as session:
+        rows = session.execute(
+            select(LimitCounter.limit_name, LimitCounter.scope_value, LimitCounter.requests, LimitCounter.units)
+        ).all()
+    return {(n, s): (r, u) for n, s, r, u in rows if s.partition("/")[0] in customers}
