@@ -197,18 +197,24 @@ def window_bounds(
 ) -> tuple[datetime, datetime]:
     """The window containing ``now``: [start, reset). UTC calendar hour, day, month; or the billing period
     (the customer's current subscription period when known and containing ``now``, else the calendar month)."""
-    now = now.astimezone(UTC)
-    if window is LimitWindow.HOUR:
-        start = now.replace(minute=0, second=0, microsecond=0)
-        return start, start + timedelta(hours=1)
-    if window is LimitWindow.DAY:
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start, start + timedelta(days=1)
     if window is LimitWindow.BILLING_PERIOD and period is not None:
         p_start, p_end = period[0].astimezone(UTC), period[1].astimezone(UTC)
         if p_start <= now < p_end:
             return p_start, p_end
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    # A calendar window depends only on the UTC hour: worked out once per hour (every limited call asks, per limit).
+    return _calendar_window(window, int(now.timestamp()) // 3600)
+
+
+@lru_cache(maxsize=64)
+def _calendar_window(window: LimitWindow, hour: int) -> tuple[datetime, datetime]:
+    """The UTC calendar hour, day or month (a billing period without a known period) containing ``hour``."""
+    now = datetime.fromtimestamp(hour * 3600, UTC)
+    if window is LimitWindow.HOUR:
+        return now, now + timedelta(hours=1)
+    if window is LimitWindow.DAY:
+        start = now.replace(hour=0)
+        return start, start + timedelta(days=1)
+    start = now.replace(day=1, hour=0)
     return start, _add_month(start)
 
 
@@ -463,8 +469,12 @@ _quote = json.encoder.encode_basestring_ascii
 
 
 @lru_cache(maxsize=1024)
-def _iso(moment: datetime) -> str:
-    return moment.isoformat()
+def _window_json(name: str, start: datetime, end: datetime, measure: str, maximum: int, scope: str) -> str:
+    """A limit row's JSON up to its scope value (what every call in the limit's window has in common)."""
+    return (
+        f'{{"limit_name":{_quote(name)},"window_start":"{start.isoformat()}","window_end":"{end.isoformat()}",'
+        f'"measure":"{measure}","maximum":{maximum},"scope":"{scope}","scope_value":'
+    )
 
 
 def _stored_maximum(limit: Limit) -> int:
@@ -527,20 +537,21 @@ class PreparedLimits:
 
     def as_json(self) -> str:
         """The rows as ``limits_reserve(customer, rows jsonb)`` takes them: integers, cost in 10^-10 USD."""
-        # Written out directly (every consumption under a limit sends it): names JSON-quoted, windows' ISO text
-        # cached, amounts integers (validated).
-        return (
-            "["
-            + ",".join(
-                f'{{"limit_name":{_quote(row["limit_name"])},"scope_value":{_quote(row["scope_value"])},'
-                f'"window_start":"{_iso(row["window_start"])}","window_end":"{_iso(row["window_end"])}",'
-                f'"requests":{int(row["requests"])},"units":{int(row["units"])},"tokens":{int(row["tokens"])},'
-                f'"cost_usd":{int(row["cost_usd"] * _COST_SCALE)},"measure":"{row["measure"]}",'
-                f'"maximum":{int(row["maximum"])},"scope":"{limit.scope.value}"}}'
-                for limit, row in zip(self.limits, self.rows, strict=True)
-            )
-            + "]"
+        # Written out directly (every consumption under a limit sends it): a limit's window part cached (the same
+        # for every call in the window), names JSON-quoted, amounts integers (validated; the same in every row).
+        if not self.rows:
+            return "[]"
+        first = self.rows[0]
+        amounts = (
+            f'"requests":{int(first["requests"])},"units":{int(first["units"])},"tokens":{int(first["tokens"])},'
+            f'"cost_usd":{int(first["cost_usd"] * _COST_SCALE)}}}'
         )
+        parts = [
+            _window_json(row["limit_name"], row["window_start"], row["window_end"], row["measure"],
+                         int(row["maximum"]), limit.scope.value) + _quote(row["scope_value"]) + "," + amounts
+            for limit, row in zip(self.limits, self.rows, strict=True)
+        ]  # fmt: skip
+        return "[" + ",".join(parts) + "]"
 
     def reservations(self, used: Sequence[int | Decimal]) -> list[Reservation]:
         """The reservations, given each counter's value after (in the limits' order; cost in 10^-10 USD)."""

@@ -47,10 +47,10 @@ _LIMITED = {
                    max(x.maximum) AS maximum, sum(x.requests)::bigint AS requests, sum(x.units)::bigint AS units,
                    sum(x.tokens)::bigint AS tokens, sum(x.cost_usd)::bigint AS cost_usd
               FROM ROWS FROM (unnest(p_customers), json_array_elements(p_limits)) AS t(c, r)
-             CROSS JOIN LATERAL json_to_recordset(t.r) AS x(
+             CROSS JOIN LATERAL json_to_recordset(CASE WHEN json_typeof(t.r) = 'array' THEN t.r END) AS x(
                    limit_name text, scope_value text, window_start timestamptz, requests bigint, units bigint,
                    tokens bigint, cost_usd bigint, measure text, maximum bigint)
-             WHERE t.c = ANY(v_set) AND json_typeof(t.r) = 'array'
+             WHERE t.c = ANY(v_set)
              GROUP BY t.c, x.limit_name, x.scope_value, x.window_start
         ), taken AS (  -- only while the counter stays below its maximum: no refusal, no limit.reached to emit
             UPDATE limit_counters c
