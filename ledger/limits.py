@@ -170,6 +170,8 @@ class _ConfigFacts:
     by_name: tuple[Limit, ...]
     needs_plans: bool
     suspends: bool
+    # Per limit name: its counter's column and its maximum as the counter stores it.
+    stored: dict[str, tuple[str, int]]
 
 
 _FACTS: dict[int, _ConfigFacts] = {}
@@ -183,6 +185,7 @@ def _facts(config: BillingConfig) -> _ConfigFacts:
             tuple(sorted(config.limits, key=lambda lim: lim.name)),
             _needs_plans_of(config),
             _suspends_of(config),
+            {lim.name: (MEASURE_COLUMNS[lim.measure], _stored_maximum(lim)) for lim in config.limits},
         )
     return found
 
@@ -607,9 +610,12 @@ def prepare_limits(
     limits = applicable_limits(config, plans.plans, request)
     if not limits:
         return None
+    stored = _facts(config).stored
+    cost = Decimal(request.cost_usd)
     rows = []
     for limit in limits:
         start, reset = window_bounds(limit.window, now, plans.period)
+        column, maximum = stored[limit.name]
         rows.append(
             {
                 "limit_name": limit.name,
@@ -619,9 +625,9 @@ def prepare_limits(
                 "requests": request.requests,
                 "units": request.units,
                 "tokens": request.tokens,
-                "cost_usd": Decimal(request.cost_usd),
-                "measure": MEASURE_COLUMNS[limit.measure],
-                "maximum": _stored_maximum(limit),
+                "cost_usd": cost,
+                "measure": column,
+                "maximum": maximum,
             }
         )
     return PreparedLimits(customer_id, request, tuple(limits), tuple(rows))
