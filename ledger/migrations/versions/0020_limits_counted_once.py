@@ -33,8 +33,9 @@ HOT_1_SIGNATURE = (
 # (each counter found once by its key, summed in bigint, not numeric) is the check: a customer any of whose
 # counters it did not take (a new window's counter, or one the batch would take to its maximum or past it) is
 # the rare case, and is undone exactly (the sums subtracted again from the counters it took, by id) and applied
-# item by item, as before. Counters change only under their customer's account lock, which the batch holds, so
-# the undo restores what was there. The outcome of every item is unchanged.
+# item by item, as before (the undo subtracts exactly what the UPDATE added). The outcome of every item is
+# unchanged. The sums go through arrays so that the UPDATE's plan probes the counters' key whatever the table's
+# statistics say.
 _LIMITED = {
     "@LIMITS_PARAM@": ", p_limits json",
     "@LIMIT_COLUMNS@": ",\n    limit_name text, limit_used bigint",
@@ -42,16 +43,30 @@ _LIMITED = {
     "@LIMIT_CONDITION@": "",
     "@LIMIT_WRITE@": """
     IF v_set IS NOT NULL THEN
-        WITH sums AS (  -- each chosen customer's rows, summed per counter (a counter is one customer's)
-            SELECT t.c AS customer, x.limit_name, x.scope_value, x.window_start, max(x.measure) AS measure,
-                   max(x.maximum) AS maximum, sum(x.requests)::bigint AS requests, sum(x.units)::bigint AS units,
-                   sum(x.tokens)::bigint AS tokens, sum(x.cost_usd)::bigint AS cost_usd
-              FROM ROWS FROM (unnest(p_customers), json_array_elements(p_limits)) AS t(c, r)
-             CROSS JOIN LATERAL json_to_recordset(CASE WHEN json_typeof(t.r) = 'array' THEN t.r END) AS x(
-                   limit_name text, scope_value text, window_start timestamptz, requests bigint, units bigint,
-                   tokens bigint, cost_usd bigint, measure text, maximum bigint)
-             WHERE t.c = ANY(v_set)
-             GROUP BY t.c, x.limit_name, x.scope_value, x.window_start
+        -- Each chosen customer's rows, summed per counter (a counter is one customer's), into arrays: the UPDATE
+        -- below then joins an unnest of a few dozen rows to the counters by their key (an index probe each).
+        -- Joined to the JSON functions directly, the planner guesses a thousand rows and, once the counters are
+        -- analyzed, hashes the whole table instead (measured: 44 ms a batch at 44,000 counters).
+        SELECT array_agg(s.customer), array_agg(s.limit_name), array_agg(s.scope_value), array_agg(s.window_start),
+               array_agg(s.measure), array_agg(s.maximum), array_agg(s.requests), array_agg(s.units),
+               array_agg(s.tokens), array_agg(s.cost_usd)
+          INTO v_sum_customers, v_sum_names, v_sum_scopes, v_sum_starts, v_sum_measures, v_sum_maxima,
+               v_sum_requests, v_sum_units, v_sum_tokens, v_sum_cost
+          FROM (SELECT t.c AS customer, x.limit_name, x.scope_value, x.window_start, max(x.measure) AS measure,
+                       max(x.maximum) AS maximum, sum(x.requests)::bigint AS requests,
+                       sum(x.units)::bigint AS units, sum(x.tokens)::bigint AS tokens,
+                       sum(x.cost_usd)::bigint AS cost_usd
+                  FROM ROWS FROM (unnest(p_customers), json_array_elements(p_limits)) AS t(c, r)
+                 CROSS JOIN LATERAL json_to_recordset(CASE WHEN json_typeof(t.r) = 'array' THEN t.r END) AS x(
+                       limit_name text, scope_value text, window_start timestamptz, requests bigint, units bigint,
+                       tokens bigint, cost_usd bigint, measure text, maximum bigint)
+                 WHERE t.c = ANY(v_set)
+                 GROUP BY t.c, x.limit_name, x.scope_value, x.window_start) s;
+        WITH sums AS (
+            SELECT * FROM unnest(v_sum_customers, v_sum_names, v_sum_scopes, v_sum_starts, v_sum_measures,
+                                 v_sum_maxima, v_sum_requests, v_sum_units, v_sum_tokens, v_sum_cost)
+                       AS s(customer, limit_name, scope_value, window_start, measure, maximum, requests, units,
+                            tokens, cost_usd)
         ), taken AS (  -- only while the counter stays below its maximum: no refusal, no limit.reached to emit
             UPDATE limit_counters c
                SET requests = c.requests + s.requests, units = c.units + s.units, tokens = c.tokens + s.tokens,
@@ -89,6 +104,16 @@ _LIMITED = {
     "@LIMIT_ASSIGN@": "\n        limit_name := r.limit_name;\n        limit_used := r.limit_used;",
 }
 _DECLARE = """    v_last timestamptz;
+    v_sum_customers text[];
+    v_sum_names text[];
+    v_sum_scopes text[];
+    v_sum_starts timestamptz[];
+    v_sum_measures text[];
+    v_sum_maxima bigint[];
+    v_sum_requests bigint[];
+    v_sum_units bigint[];
+    v_sum_tokens bigint[];
+    v_sum_cost bigint[];
     v_blocked text[];
     v_undo_ids bigint[];
     v_undo_requests bigint[];
