@@ -204,7 +204,15 @@ def place_hold(
 
 def _place_hold_function(session: Session, request: HoldRequest) -> HoldResult:
     """The hold through ``ledger_hold``, its limits taken in the same statement."""
-    prepared = _prepare_limits(session, request)
+    try:
+        prepared = _prepare_limits(session, request)
+    except LedgerError:
+        # A replay is recognized before the entitlements and suspension that refused it (as the portable path
+        # does): a retry after the customer's plan changed gets the original hold. Its key is taken, so the
+        # function without limits replays it (or answers a conflict) and takes no room.
+        if find_original(session, _hold_key(request.request_id)) is None:
+            raise
+        prepared = None
     params = _hold_params(request, prepared)
     row = _keyed(request.request_id, lambda: pgfast.call(session, _HOLD_CALL, params))
     pgfast.forget_moved(session, [])

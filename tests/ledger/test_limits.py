@@ -511,3 +511,22 @@ max_requests = 100
             assert (again.balance_after, again.replayed, again.entry_id) == (43, True, first.entry_id)
             with pytest.raises(NotEntitled):
                 consume(session, customer, request_id="r2", units=7, usage=item.usage)
+
+    def test_a_hold_replays_and_refuses_only_the_new_one(self, ledger_engine: Engine, billing_config_file: Any) -> None:
+        from ledger.errors import IdempotencyConflict
+        from ledger.holds import place_hold_standalone
+
+        customer, call = self.setup(billing_config_file)
+        usage = call("h1").usage
+        first = place_hold_standalone(customer, request_id="h1", units=7, usage=usage)
+        assert (first.units, first.balance_after, first.replayed) == (7, 43, False)
+        self.to_free_plan(customer)
+        again = place_hold_standalone(customer, request_id="h1", units=7, usage=usage)
+        assert (again.units, again.balance_after, again.replayed) == (7, 43, True)
+        with pytest.raises(NotEntitled):
+            place_hold_standalone(customer, request_id="h2", units=7, usage=usage)
+        with pytest.raises(IdempotencyConflict):  # the same id with another body is still a conflict
+            place_hold_standalone(customer, request_id="h1", units=8, usage=usage)
+        with unit_of_work() as session:
+            (status,) = limit_usage(session, customer, now=datetime.now(UTC))
+        assert status.used == 1  # the replay took no room
