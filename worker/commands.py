@@ -172,6 +172,10 @@ def worker(
 
     get_engine()  # the database is reachable and migrated, or one line says why not (before any process starts)
     argv = ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--queues={queues}"]
+    # Workers share their state through the database, never through broker broadcasts: without gossip, mingle and
+    # event heartbeats they hold no fan-out channels, whose close while Redis was down once crashed the worker
+    # (kombu's _connparams on a closed connection: 'NoneType' object has no attribute 'hostname', celery/kombu#582).
+    argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     if beat:
         argv.append("--beat")
     get_app().worker_main(argv)
