@@ -116,7 +116,8 @@ def consume(
                 raise
             return _apply(session, request)  # a replay: its first answer, whatever the plan says now
         try:
-            return pgfast.consume_limited(session, request, *_limit_args(prepared))
+            limit_rows, refusal, _ = _limit_args(prepared)
+            return pgfast.consume_limited(session, request, limit_rows, refusal)
         except IntegrityError as exc:
             raise key_taken(exc, request.request_id) or exc from exc
     outcome = _apply_alone(session, request, limited=True)
@@ -199,8 +200,8 @@ def _prepare(session: Session, request: Consumption, config: BillingConfig) -> l
 
 def _limit_args(prepared: limits.PreparedLimits | None) -> pgfast.Limited:
     if prepared is None:
-        return None, None
-    return prepared.as_json(), prepared.refusal
+        return None, None, ()
+    return prepared.as_json(), prepared.refusal, prepared.counter_rows()
 
 
 def _apply_limited_autocommit(

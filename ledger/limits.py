@@ -480,6 +480,12 @@ def _window_json(name: str, start: datetime, end: datetime, measure: str, maximu
     )
 
 
+@lru_cache(maxsize=256)
+def _iso(moment: datetime) -> str:
+    """A window's start as the counters' key takes it (the same for every call in the window)."""
+    return moment.isoformat()
+
+
 def _stored_maximum(limit: Limit) -> int:
     """The maximum as the counter stores it: an integer, in 10^-10 USD for a cost limit."""
     return int(limit.maximum * _COST_SCALE) if limit.measure is LimitMeasure.COST_USD else int(limit.maximum)
@@ -555,6 +561,20 @@ class PreparedLimits:
             for limit, row in zip(self.limits, self.rows, strict=True)
         ]  # fmt: skip
         return "[" + ",".join(parts) + "]"
+
+    def counter_rows(self) -> tuple[tuple[str, str, str, str, int, int, int, int, int], ...]:
+        """Each counter as a batch sums them (``ledger.pgfast.CounterRow``): its key, measure and maximum, and what
+        this request adds (cost in 10^-10 USD), in the limits' order."""
+        if not self.rows:
+            return ()
+        first = self.rows[0]
+        requests, units, tokens = int(first["requests"]), int(first["units"]), int(first["tokens"])
+        cost = int(first["cost_usd"] * _COST_SCALE)
+        return tuple(
+            (row["limit_name"], row["scope_value"], _iso(row["window_start"]), row["measure"], int(row["maximum"]),
+             requests, units, tokens, cost)
+            for row in self.rows
+        )  # fmt: skip
 
     def reservations(self, used: Sequence[int | Decimal]) -> list[Reservation]:
         """The reservations, given each counter's value after (in the limits' order; cost in 10^-10 USD)."""

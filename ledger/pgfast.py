@@ -56,20 +56,26 @@ _CALL_LIMITED = (
 # What a refusal by a limit is, given the refused limit's name and what its counter held (ledger.limits builds it).
 LimitRefusal = Callable[[str, int], LedgerError]
 # The batch calls take their arrays as array literals (see _many_params), each cast to its type.
-# Its limit rows are json (migration limits_3): parsed once, set-wise; jsonb's parse of the whole array cost more
-# than the counters' updates.
+# Its items' limit rows are json (migration limits_3), read only by its item-by-item path; the set-wise path takes
+# the batch's sums per counter as arrays (migration limits_4, summed here: see _counter_sums).
 MANY_LIMITED_SIGNATURE = (
-    "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[], json)"
+    "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[], json, "
+    "text[], text[], text[], timestamptz[], text[], bigint[], bigint[], bigint[], bigint[], bigint[])"
 )
 _CALL_MANY_LIMITED = (
     "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
     "grant_ids, grant_units, limit_name, limit_used "
     "FROM ledger_consume_many("
     "%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], "
-    "%s::jsonb[], %s::json)"
+    "%s::jsonb[], %s::json, %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], "
+    "%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
 )
-# A consumption's limit rows (PreparedLimits.as_json, None when no limit applies) and its refusal's error.
-Limited = tuple[str | None, "LimitRefusal | None"]
+# One counter a consumption takes: limit name, scope value, window start (ISO), measure, maximum, and what the
+# consumption adds to it: requests, units, tokens, cost (10^-10 USD). Integers as the counter stores them.
+CounterRow = tuple[str, str, str, str, int, int, int, int, int]
+# A consumption's limit rows (PreparedLimits.as_json, None when no limit applies), its refusal's error, and its
+# counters (PreparedLimits.counter_rows).
+Limited = tuple[str | None, "LimitRefusal | None", tuple[CounterRow, ...]]
 MANY_SIGNATURE = "ledger_consume_many(text[], text[], text[], bigint[], text[], text[], text[], timestamptz[], jsonb[])"
 _CALL_MANY = (
     "SELECT idx, status, entry_id, balance_after, usage_id, units, available, access_state, request_hash, "
@@ -223,7 +229,8 @@ def consume_many_autocommit(
             else:
                 # One JSON array of the items' rows (see migration 0016): no per-element array quoting.
                 limit_rows = "[" + ",".join(limited[i][0] or "null" for i in batch) + "]"
-                rows = _in_autocommit(engine, _CALL_MANY_LIMITED, (*_many_params(chosen), limit_rows))
+                sums = _counter_sums(chosen, [limited[i][2] for i in batch])
+                rows = _in_autocommit(engine, _CALL_MANY_LIMITED, (*_many_params(chosen), limit_rows, *sums))
         except DBAPIError as exc:
             if exc.connection_invalidated or not isinstance(exc.orig, _ONE_ITEM_REFUSED):
                 raise
@@ -365,6 +372,32 @@ def _many_params(requests: Sequence[Consumption]) -> tuple[str, ...]:
         array_literal([r.digest for r in requests]), array_literal([r.actor for r in requests]),
         array_literal([r.reason for r in requests]), array_literal([r.now.isoformat() for r in requests]),
         array_literal([_usage_json(r) for r in requests]),
+    )  # fmt: skip
+
+
+def _counter_sums(requests: Sequence[Consumption], counters: Sequence[tuple[CounterRow, ...]]) -> tuple[str, ...]:
+    """The batch's counters, each once with its customer and the sums of what its items add, as array literals.
+
+    The set-wise path adds these in one guarded UPDATE (migration limits_4). A counter is one customer's (its
+    scope value starts with the customer id), so its items are that customer's.
+    """
+    sums: dict[tuple[str, str, str], list[Any]] = {}
+    for request, rows in zip(requests, counters, strict=True):
+        for name, scope, start, measure, maximum, requests_, units, tokens, cost in rows:
+            total = sums.get((name, scope, start))
+            if total is None:
+                sums[(name, scope, start)] = [request.customer_id, measure, maximum, requests_, units, tokens, cost]
+            else:
+                total[3] += requests_
+                total[4] += units
+                total[5] += tokens
+                total[6] += cost
+    keys, totals = list(sums), list(sums.values())
+    return (
+        array_literal([t[0] for t in totals]), array_literal([k[0] for k in keys]),
+        array_literal([k[1] for k in keys]), array_literal([k[2] for k in keys]),
+        array_literal([t[1] for t in totals]),
+        *("{" + ",".join([str(t[column]) for t in totals]) + "}" for column in (2, 3, 4, 5, 6)),
     )  # fmt: skip
 
 
