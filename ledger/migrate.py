@@ -22,7 +22,9 @@ def alembic_config(url: str | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     if url:
-        cfg.set_main_option("sqlalchemy.url", url)
+        # The config is an INI parser with %-interpolation: a URL's percent-escapes (a password's "%40", a socket
+        # directory's "%2F") would be read as interpolations and refused.
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
 

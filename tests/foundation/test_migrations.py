@@ -9,6 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
 from ledger.db import Base
+from ledger.migrate import alembic_config
 
 for _module in ("ledger.models", "ledger.inbox", "worker.models", "reconciliation.models", "webhooks.review.models"):
     try:
@@ -28,3 +29,10 @@ class TestMigrations:
     def test_every_model_table_exists(self, engine: Engine) -> None:
         tables = set(inspect(engine).get_table_names())
         assert set(Base.metadata.tables) <= tables
+
+
+class TestAlembicConfig:
+    def test_a_url_with_percent_escapes_reaches_alembic_unchanged(self) -> None:
+        # A password's "%40" or a socket directory's "%2F": the INI parser's interpolation refused them before.
+        url = "postgresql+psycopg://billing:p%40ss@/billing?host=%2Fvar%2Frun%2Fpostgresql"
+        assert alembic_config(url).get_main_option("sqlalchemy.url") == url
