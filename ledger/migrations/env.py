@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from ledger.db import Base, make_engine
+from ledger.models import compared_with_models
 
 # Every package's models share one metadata; import them so autogenerate sees all tables.
 for _module in (
@@ -52,7 +53,12 @@ def run_migrations_online() -> None:
 
 def _run(connection: Connection) -> None:
     # Batch mode lets ALTER TABLE work on SQLite, which recreates the table.
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=True,
+        include_object=compared_with_models if connection.dialect.name == "postgresql" else None,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
