@@ -32,16 +32,14 @@ LIMITS_3_SIGNATURE = (
 # and the guarded UPDATE reads them directly. The items' JSON rows still come, read only by the item-by-item
 # path (a blocked customer, a replay, a repeat). Outcomes are unchanged: the same UPDATE is the check, and a
 # customer any of whose counters it did not take is undone exactly and applied item by item.
-_LIMITED = {
+# The other parts (result columns, the item-by-item path's arguments) are limits_3's.
+_CHANGED = {
     "@LIMITS_PARAM@": (
         ", p_limits json,\n    p_counter_customers text[], p_counter_names text[], p_counter_scopes text[],"
         "\n    p_counter_starts timestamptz[], p_counter_measures text[], p_counter_maxima bigint[],"
         "\n    p_counter_requests bigint[], p_counter_units bigint[], p_counter_tokens bigint[],"
         " p_counter_cost bigint[]"
     ),
-    "@LIMIT_COLUMNS@": ",\n    limit_name text, limit_used bigint",
-    "@LIMIT_CTES@": "",
-    "@LIMIT_CONDITION@": "",
     "@LIMIT_WRITE@": """
     IF v_set IS NOT NULL AND p_counter_names IS NOT NULL THEN
         WITH sums AS (  -- one row per counter, summed by the caller; only the customers applied set-wise
@@ -82,9 +80,6 @@ _LIMITED = {
         END IF;
     END IF;
 """,
-    "@LIMIT_OK@": ", NULL::text, NULL::bigint",
-    "@LIMIT_ARG@": ",\n                              CASE WHEN json_typeof(p_limits -> (i - 1)) = 'array' THEN (p_limits -> (i - 1))::jsonb END",
-    "@LIMIT_ASSIGN@": "\n        limit_name := r.limit_name;\n        limit_used := r.limit_used;",
 }
 _DECLARE = """    v_last timestamptz;
     v_blocked text[];
@@ -100,7 +95,7 @@ _DECLARE = """    v_last timestamptz;
 def many_limited_function() -> str:
     """The limited ledger_consume_many as this migration defines it (hot_1's template, its limit parts replaced)."""
     sql: str = _sibling("0019_hot_consume_many_set")._MANY_TEMPLATE
-    for marker, text in _LIMITED.items():
+    for marker, text in {**_sibling("0020_limits_counted_once")._LIMITED, **_CHANGED}.items():
         sql = sql.replace(marker, text)
     return sql.replace("    v_last timestamptz;\n", _DECLARE, 1)
 
