@@ -28,7 +28,8 @@ user per day, the cost of gpt-4* models per month; maxima never reached) and one
 same calls against a server with no config; the two alternate, ``--rounds`` times each after one unmeasured round
 each, 1 worker. Measured in the steady state: the windows' counters (2 per customer, 1 per customer and user)
 exist beforehand, as they do after a window's first calls (creating one is an insert instead of an update, once per
-scope value and window).
+scope value and window). Beside the rates it prints each round's CPU per call, the server's and PostgreSQL's (read
+from /proc), which the machine's other load moves far less than the rates.
 
 ``--sqlite`` also measures the embedded default (a SQLite file, 1,000 accounts, 1 worker; no target). ``--quick``
 uses small sizes (a smoke run: the figures mean little). Needs pgbench and PostgreSQL.
@@ -59,9 +60,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchkit import (  # noqa: E402
     Server,
     autovacuum,
+    cpu_since,
     drop_database,
     figure,
     machine_load,
+    postgres_cpu,
     run_pgbench,
     scratch_database,
     vacuum,
@@ -360,8 +363,16 @@ def measure_limits(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     env = server_env(url, config if side == "limits" else None)
                     vacuum(url)  # the counters analyzed, as autovacuum keeps them (their plan must not depend on it)
                     with Server(env, workers=1) as server:
-                        run = run_loadgen(server.port, "usage_attributed", args if measured else warmup,
-                                          connections=args.connections, accounts=args.accounts)  # fmt: skip
+                        server_before, database_before = server.cpu_seconds(), postgres_cpu()
+                        used = args if measured else warmup
+                        run = run_loadgen(server.port, "usage_attributed", used, connections=args.connections,
+                                          accounts=args.accounts)  # fmt: skip
+                        # CPU per call (the warm-up inside the load generator's run included in both the CPU and
+                        # the count): what each side costs the server and the database, which the machine's other
+                        # load moves far less than the rates.
+                        calls = run["request_rate"] * (used.duration + used.warmup)
+                        run["server_cpu_us"] = 1e6 * (server.cpu_seconds() - server_before) / max(calls, 1)
+                        run["database_cpu_us"] = 1e6 * cpu_since(database_before, postgres_cpu()) / max(calls, 1)
                     if measured:
                         runs[side].append(run)
     finally:
@@ -423,6 +434,9 @@ def report_limits(results: dict[str, Any]) -> list[str]:
         failed = {k: v for r in runs[side] for k, v in r["outcomes"].items() if k != "ok"}
         note = f"; not ok: {failed}" if failed else ""
         print(f"{side:>7}: {rates} req/s by round (p99 up to {p99[side]:.1f} ms){note}")
+        server_cpu = ", ".join(f"{r['server_cpu_us']:.0f}" for r in runs[side])
+        database_cpu = ", ".join(f"{r['database_cpu_us']:.0f}" for r in runs[side])
+        print(f"{'':>7}  CPU per call by round: server {server_cpu} µs; PostgreSQL {database_cpu} µs")
     work = (
         f"POST /v1/usage with attributed usage (operation, user, model, tokens, provider cost), {conns} "
         "connections, 1 worker; billing config with 3 limits on every call (requests/customer/hour, "

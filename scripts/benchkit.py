@@ -161,6 +161,32 @@ class Server:
         self.stop()
 
 
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each PostgreSQL process on this machine (Linux /proc), by pid.
+
+    The difference of two readings (:func:`cpu_since`) is what the database did between them, on whatever
+    connections it had, counted by the kernel: a measure the machine's other load moves far less than a rate.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two :func:`postgres_cpu` readings (a process started in between counts from zero)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 # --- databases -----------------------------------------------------------------------------------------------------
 
 
