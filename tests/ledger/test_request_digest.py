@@ -8,8 +8,12 @@ the request's fields), not by calling the code under test.
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from decimal import Decimal
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ledger.consume import ConsumeInput, consume_digest
 from ledger.pricing import UsageInput
@@ -37,3 +41,20 @@ def test_a_usage_consumption_digest_is_the_documented_one() -> None:
 def test_a_plain_charge_digest_is_the_documented_one() -> None:
     expected = _sha('{"customer_id":"cus_1","reason":"","units":7,"usage":null}')
     assert consume_digest(ConsumeInput("cus_1", "req_1", 7)) == expected
+
+
+@given(
+    customer_id=st.text(max_size=40),
+    reason=st.text(max_size=40),
+    units=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
+)
+def test_a_plain_charge_digest_is_the_sorted_compact_json_of_its_fields(
+    customer_id: str, reason: str, units: int | None
+) -> None:
+    # The definition, written independently of the code under test: json.dumps of the fields, sorted, compact.
+    body = json.dumps(
+        {"customer_id": customer_id, "units": units, "usage": None, "reason": reason},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    assert consume_digest(ConsumeInput(customer_id, "req_1", units, None, "api", reason)) == _sha(body)
