@@ -53,6 +53,20 @@ def request_hash(**params: Any) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def charge_hash(customer_id: str, units: int | None, reason: str) -> str:
+    """``request_hash(customer_id=, units=, usage=None, reason=)``, written out directly for a plain charge.
+
+    The same sorted, compact, ASCII-escaped JSON json.dumps writes (a property test holds the two together): the
+    batch endpoint digests every item, and json.dumps was 3.4 µs of an item's ~15 µs of Python.
+    """
+    shown = "null" if units is None else str(units)
+    body = f'{{"customer_id":{_json_string(customer_id)},"reason":{_json_string(reason)},"units":{shown},"usage":null}}'
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps writes a str as (ensure_ascii)
+
+
 def run(session: Session, statement: Executable, params: Any = None) -> CursorResult[Any]:
     """Execute a Core statement on the session's connection, without the ORM layer.
 
