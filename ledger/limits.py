@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fnmatch import fnmatchcase
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, NoReturn
 
 from sqlalchemy import BigInteger, Table, and_, bindparam, case, select, type_coerce, update
@@ -550,11 +550,8 @@ class PreparedLimits:
         # for every call in the window), names JSON-quoted, amounts integers (validated; the same in every row).
         if not self.rows:
             return "[]"
-        first = self.rows[0]
-        amounts = (
-            f'"requests":{int(first["requests"])},"units":{int(first["units"])},"tokens":{int(first["tokens"])},'
-            f'"cost_usd":{int(first["cost_usd"] * _COST_SCALE)}}}'
-        )
+        requests, units, tokens, cost = self._amounts
+        amounts = f'"requests":{requests},"units":{units},"tokens":{tokens},"cost_usd":{cost}}}'
         parts = [
             _window_json(row["limit_name"], row["window_start"], row["window_end"], row["measure"],
                          int(row["maximum"]), limit.scope.value) + _quote(row["scope_value"]) + "," + amounts
@@ -567,14 +564,19 @@ class PreparedLimits:
         this request adds (cost in 10^-10 USD), in the limits' order."""
         if not self.rows:
             return ()
-        first = self.rows[0]
-        requests, units, tokens = int(first["requests"]), int(first["units"]), int(first["tokens"])
-        cost = int(first["cost_usd"] * _COST_SCALE)
+        requests, units, tokens, cost = self._amounts
         return tuple(
             (row["limit_name"], row["scope_value"], _iso(row["window_start"]), row["measure"], int(row["maximum"]),
              requests, units, tokens, cost)
             for row in self.rows
         )  # fmt: skip
+
+    @cached_property
+    def _amounts(self) -> tuple[int, int, int, int]:
+        """What the request adds to each of its counters (the same in every row): requests, units, tokens, and
+        cost in 10^-10 USD; worked out once for the JSON and the counter rows the consumption sends both of."""
+        first = self.rows[0]
+        return int(first["requests"]), int(first["units"]), int(first["tokens"]), int(first["cost_usd"] * _COST_SCALE)
 
     def reservations(self, used: Sequence[int | Decimal]) -> list[Reservation]:
         """The reservations, given each counter's value after (in the limits' order; cost in 10^-10 USD)."""
