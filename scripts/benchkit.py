@@ -124,20 +124,11 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time used so far by the server and its worker processes (Linux /proc)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        stats: dict[int, tuple[int, float]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+        stats = processes()
         tree = {self.process.pid}
         for _ in range(3):
-            tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
-        return sum(stats[pid][1] for pid in tree if pid in stats)
+            tree |= {pid for pid, (ppid, _, _) in stats.items() if ppid in tree}
+        return sum(stats[pid][2] for pid in tree if pid in stats)
 
     def metric(self, name: str) -> float:
         """The sum of a Prometheus metric's samples named exactly ``name`` on /metrics."""
@@ -161,25 +152,29 @@ class Server:
         self.stop()
 
 
-def postgres_cpu() -> dict[int, float]:
-    """CPU seconds used so far by each PostgreSQL process on this machine (Linux /proc), by pid.
-
-    The difference of two readings (:func:`cpu_since`) is what the database did between them, on whatever
-    connections it had, counted by the kernel: a measure the machine's other load moves far less than a rate.
-    """
+def processes() -> dict[int, tuple[int, str, float]]:
+    """Every process on this machine (Linux /proc), by pid: its parent's pid, its name and its CPU seconds so far."""
     ticks = os.sysconf("SC_CLK_TCK")
-    found: dict[int, float] = {}
+    found: dict[int, tuple[int, str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if (entry / "comm").read_text().strip() != "postgres":
-                continue
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
+        except (OSError, ValueError):
             continue
-        found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+        fields = tail.split()
+        found[int(entry.name)] = (int(fields[1]), head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / ticks)
     return found
+
+
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each PostgreSQL process on this machine, by pid.
+
+    The difference of two readings (:func:`cpu_since`) is what the database did between them, on whatever
+    connections it had, counted by the kernel: a measure the machine's other load moves far less than a rate.
+    """
+    return {pid: seconds for pid, (_, name, seconds) in processes().items() if name == "postgres"}
 
 
 def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
