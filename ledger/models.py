@@ -17,6 +17,7 @@ Invariants, kept in the same transaction as every movement and proved by :mod:`l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -251,9 +252,16 @@ class Entry(Base):
 STATEMENT_CHECKED_KEYS = frozenset({"fk_entries_account_id_accounts", "fk_entries_grant_id_grants"})
 
 
-def compared_with_models(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
-    """Alembic's ``include_object``: every schema object but the keys PostgreSQL checks per statement."""
-    return not (type_ == "foreign_key_constraint" and name in STATEMENT_CHECKED_KEYS)
+def compared_with_models(dialect: str) -> Callable[[object, str | None, str, bool, object], bool] | None:
+    """Alembic's ``include_object`` for a database of ``dialect``: on PostgreSQL every schema object but the keys it
+    checks per statement; elsewhere None (everything compared)."""
+    if dialect != "postgresql":
+        return None
+
+    def include(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+        return not (type_ == "foreign_key_constraint" and name in STATEMENT_CHECKED_KEYS)
+
+    return include
 
 
 class Allocation(Base):

@@ -57,7 +57,7 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=True,
-        include_object=compared_with_models if connection.dialect.name == "postgresql" else None,
+        include_object=compared_with_models(connection.dialect.name),
     )
     with context.begin_transaction():
         context.run_migrations()

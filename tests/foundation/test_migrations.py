@@ -23,7 +23,7 @@ for _module in ("ledger.models", "ledger.inbox", "worker.models", "reconciliatio
 class TestMigrations:
     def test_migrated_schema_matches_models(self, engine: Engine) -> None:
         with engine.connect() as conn:
-            include = compared_with_models if engine.dialect.name == "postgresql" else None
+            include = compared_with_models(engine.dialect.name)
             ctx = MigrationContext.configure(conn, opts={"compare_type": True, "include_object": include})
             diff = compare_metadata(ctx, Base.metadata)
         assert diff == [], f"migrations and models differ: {diff}"
