@@ -34,7 +34,7 @@ class TestEntryReferences:
         account = _account_id(grant.customer_id)
         before = _entry_count()
         with unit_of_work() as session:
-            session.execute(insert(Entry), [_entry(account, grant.grant_id), _entry(account, None)])
+            session.execute(insert(Entry).values([_entry(account, grant.grant_id), _entry(account, None)]))
         assert _entry_count() == before + 2
 
     @pytest.mark.parametrize("missing", ["account", "grant"])
@@ -44,8 +44,8 @@ class TestEntryReferences:
         bad = _entry(account + 1000, None) if missing == "account" else _entry(account, grant.grant_id + 1000)
         before = _entry_count()
         with pytest.raises(IntegrityError), unit_of_work() as session:
-            # A multi-row INSERT: on PostgreSQL one statement, checked once at its end.
-            session.execute(insert(Entry), [_entry(account, grant.grant_id), bad, _entry(account, None)])
+            # One INSERT of three rows (a VALUES list): on PostgreSQL one statement, checked once at its end.
+            session.execute(insert(Entry).values([_entry(account, grant.grant_id), bad, _entry(account, None)]))
         assert _entry_count() == before
 
     def test_an_account_or_grant_that_entries_refer_to_is_not_deleted(self, engine: Engine) -> None:
